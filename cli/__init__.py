@@ -1,0 +1,1 @@
+"""The ``logd`` command line (installed as the ``logd_trio_cli`` package)."""

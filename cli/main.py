@@ -1,0 +1,31 @@
+"""``logd``: the typer application.  Subcommands live in sibling modules."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="logd",
+    help="logd-trio: a fast, durable log transport (Go logd compatible).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    from . import client_cmds, serve_cmd
+
+    serve_cmd.register(app)
+    client_cmds.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

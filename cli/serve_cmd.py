@@ -1,0 +1,83 @@
+"""``logd serve``: flags -> ServerConfig -> one call."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import trio
+import typer
+
+from logd_trio.config import ConfigError, load_config
+from logd_trio.server import run
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on, HOST:PORT [127.0.0.1:1774].")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Data directory [./logs].")] = None,
+    batch_size: Annotated[str | None, typer.Option(
+        help="Maximum request size in bytes (BATCH line + body) [65536].")] = None,
+    partition_size: Annotated[str | None, typer.Option(
+        help="Partition file size before rotation, e.g. 256MiB [2000MiB].")] = None,
+    partitions: Annotated[int | None, typer.Option(help="Partition files kept per topic [8].")] = None,
+    fsync: Annotated[str | None, typer.Option(
+        help="Durability: always (OK means fsynced; group commit), interval, never [always].")] = None,
+    flush_interval: Annotated[str | None, typer.Option(
+        help="fsync period for --fsync interval, Go duration such as 1s or 200ms [1s].")] = None,
+    flush_batches: Annotated[int | None, typer.Option(
+        help="Also fsync after this many batches (0: off) [0].")] = None,
+    topics: Annotated[int | None, typer.Option(help="Maximum number of topics, 'default' included [8].")] = None,
+    topics_whitelist: Annotated[str | None, typer.Option(
+        help="Comma-separated topics allowed (empty: any).")] = None,
+    max_messages: Annotated[int | None, typer.Option(help="Maximum messages per READ/TAIL [50000].")] = None,
+    timeout: Annotated[str | None, typer.Option(
+        help="Time allowed to receive the rest of a request or to send a reply [15s].")] = None,
+    idle_timeout: Annotated[str | None, typer.Option(
+        help="Close connections idle this long; 0 disables [30s].")] = None,
+    shutdown_timeout: Annotated[str | None, typer.Option(
+        help="Grace period for in-flight requests on SIGINT/SIGTERM [15s].")] = None,
+    max_connections: Annotated[int | None, typer.Option(
+        help="Connections beyond this get 'ERR too many connections' [1024].")] = None,
+    max_wait: Annotated[str | None, typer.Option(help="Cap on a long-poll READ's wait [30s].")] = None,
+    pipeline_depth: Annotated[int | None, typer.Option(
+        help="Requests in flight per connection; bounds buffered bytes to depth x batch size [32].")] = None,
+    file_mode: Annotated[str | None, typer.Option(help="Mode of new data files, octal [0600].")] = None,
+    dir_mode: Annotated[str | None, typer.Option(help="Mode of new directories, octal [0700].")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="TOML file of settings (keys as the flags, or under [serve]).")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
+) -> None:
+    """Run the server. Precedence: flags > LOGD_* environment > --config file > defaults."""
+    flags: dict[str, Any] = {
+        "host": host, "workdir": workdir, "batch_size": batch_size, "partition_size": partition_size,
+        "partitions": partitions, "fsync": fsync, "flush_interval": flush_interval,
+        "flush_batches": flush_batches, "topics": topics, "topics_whitelist": topics_whitelist,
+        "max_messages": max_messages, "timeout": timeout, "idle_timeout": idle_timeout,
+        "shutdown_timeout": shutdown_timeout, "max_connections": max_connections, "max_wait": max_wait,
+        "pipeline_depth": pipeline_depth, "file_mode": file_mode, "dir_mode": dir_mode,
+    }
+    try:
+        cfg = load_config(flags=flags, file=config)
+    except ConfigError as e:
+        typer.echo(f"logd serve: {e}", err=True)
+        raise typer.Exit(2) from None
+    _setup_logging(verbose)
+    try:
+        trio.run(run, cfg)
+    except OSError as e:
+        typer.echo(f"logd serve: cannot listen on {cfg.host}: {e.strerror or e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

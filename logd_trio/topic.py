@@ -1,0 +1,249 @@
+"""One task per topic: the only code that appends to the topic's partitions.
+
+Connections send :class:`Append` items over the topic's bounded channel.  The
+topic task writes them to the page cache at once (cheap) and, with
+``fsync=always``, a companion *syncer* task fsyncs in a worker thread while new
+appends keep arriving; every batch covered by a finished fsync is then
+acknowledged together (group commit).  Reads and long-polls are served from
+the connection tasks through :meth:`Topic.read_plan`, which never shows a
+batch before it is acknowledged.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from .config import ServerConfig
+from .errors import NotFound, StorageError
+from .storage import ReadPlan, SyncJob, TopicLog
+
+__all__ = ["Append", "Topic"]
+
+log = logging.getLogger("logd_trio.topic")
+
+# How many appends may queue for one topic before senders wait (backpressure).
+# Each holds at most one max-size batch, so this bounds memory per topic.
+INBOX_SIZE = 64
+
+
+class Append:
+    """One BATCH on its way to the topic, and the slot its answer comes back in."""
+
+    __slots__ = ("count", "done", "error", "frame", "offset")
+
+    def __init__(self, frame: bytes, count: int) -> None:
+        self.frame = frame
+        self.count = count
+        self.offset = -1
+        self.error: str | None = None
+        self.done = trio.Event()
+
+
+class Topic:
+    """A topic's state shared by its task and by the connections that read it."""
+
+    def __init__(self, name: str, tlog: TopicLog, config: ServerConfig,
+                 on_sync: Callable[[int, int], None] | None = None) -> None:
+        self.name = name
+        self.log = tlog
+        self.config = config
+        self._send, self._recv = trio.open_memory_channel[Append](INBOX_SIZE)
+        # Acknowledged (readable) head: batches at or past it are not served yet.
+        self.visible_head = tlog.head
+        self._new_data = trio.Event()
+        self._unacked: collections.deque[tuple[int, Append]] = collections.deque()
+        self._dirty = trio.Event()
+        self._sync_lock = trio.Lock()
+        self._batches_since_sync = 0
+        self._partitions_seen = self._partition_marker()
+        self.on_sync = on_sync
+        self.fsyncs = 0
+        self.synced_batches = 0
+        self.closed = False
+
+    @classmethod
+    def open(cls, root: Path, name: str, config: ServerConfig) -> Topic:
+        """Open (recover) the topic's files; blocking, run it off the Trio thread for big topics."""
+        tlog = TopicLog.open(root, name, partition_size=config.partition_size, partitions=config.partitions,
+                             file_mode=config.file_mode, dir_mode=config.dir_mode)
+        return cls(name, tlog, config)
+
+    # ------------------------------------------------------------ producers
+
+    async def append(self, frame: bytes, count: int) -> Append:
+        """Queue one batch; the caller awaits ``item.done`` for its answer.
+
+        Cancelled while waiting for room in the inbox: nothing was queued.
+        """
+        item = Append(frame, count)
+        await self._send.send(item)
+        return item
+
+    def close_input(self) -> None:
+        """No more appends: the task drains what is queued, syncs and ends."""
+        self._send.close()
+
+    # ------------------------------------------------------------ readers
+
+    @property
+    def first(self) -> int:
+        return self.log.first
+
+    def read_plan(self, offset: int, limit: int) -> ReadPlan:
+        """Plan of the acknowledged batches from ``offset``; raises NotFound."""
+        if offset >= self.visible_head:
+            raise NotFound(offset)
+        return self.log.read_plan(offset, limit)
+
+    async def wait_for_data(self, offset: int) -> None:
+        """Return once the acknowledged head moves past ``offset`` (caller bounds the wait)."""
+        while self.visible_head <= offset and not self.closed:
+            await self._new_data.wait()
+
+    def _publish(self, head: int) -> None:
+        if head > self.visible_head:
+            self.visible_head = head
+            self._new_data.set()
+            self._new_data = trio.Event()
+
+    # ------------------------------------------------------------ the task
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        mode = self.config.fsync
+        try:
+            async with self._recv, trio.open_nursery() as nursery:
+                if mode == "always":
+                    nursery.start_soon(self._syncer_always)
+                elif mode == "interval":
+                    nursery.start_soon(self._syncer_interval)
+                task_status.started()
+                async for item in self._recv:
+                    self._write(item)
+                    while True:  # take everything already queued before yielding
+                        try:
+                            item = self._recv.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        self._write(item)
+                    if mode == "always":
+                        self._dirty.set()
+                    else:
+                        self._ack_all()
+                        if self._needs_early_sync():
+                            await self._sync()
+                # Input closed: wait for the syncer to cover everything, then stop it.
+                if self._unacked:
+                    await self._sync()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.closed = True
+            self._new_data.set()
+            with trio.CancelScope(shield=True):
+                await self._final_sync()
+
+    def _write(self, item: Append) -> None:
+        try:
+            offset = self.log.append(item.frame, item.count)
+        except StorageError as e:
+            item.error = f"storage error: {e}"
+            if self._unacked:  # keep replies in order: fail after what precedes it is acked
+                self._unacked.append((-1, item))
+            else:
+                item.done.set()
+            log.error("topic %s: append failed: %s", self.name, e)
+            return
+        item.offset = offset
+        self._batches_since_sync += 1
+        self._unacked.append((offset + len(item.frame), item))
+
+    def _ack_upto(self, upto: int) -> int:
+        """Answer every queued batch that ends at or before ``upto``; return how many."""
+        unacked = self._unacked
+        head = self.visible_head
+        n = 0
+        while unacked and unacked[0][0] <= upto:
+            end, item = unacked.popleft()
+            if end > head:
+                head = end
+            item.done.set()
+            n += 1
+        self._publish(head)
+        return n
+
+    def _ack_all(self) -> None:
+        self._ack_upto(self.log.head)
+
+    def _partition_marker(self) -> int:
+        return self.log.rotations
+
+    def _needs_early_sync(self) -> bool:
+        fb = self.config.flush_batches
+        if fb and self._batches_since_sync >= fb:
+            return True
+        marker = self._partition_marker()
+        if marker != self._partitions_seen:  # rotation: make the sealed partition durable
+            self._partitions_seen = marker
+            return True
+        return False
+
+    async def _sync(self) -> None:
+        """fsync what is appended and acknowledge what that covers.
+
+        Serialised by a lock: "nothing to sync" then really means every
+        appended batch is durable, so acknowledging up to the head is right.
+        """
+        async with self._sync_lock:
+            await self._sync_locked()
+
+    async def _sync_locked(self) -> None:
+        job: SyncJob | None = self.log.sync_job()
+        self._batches_since_sync = 0
+        if job is None:
+            self._ack_upto(self.log.head)
+            return
+        try:
+            await trio.to_thread.run_sync(job.run)
+        except OSError as e:
+            log.critical("topic %s: fsync failed, batches up to %d are NOT durable: %s", self.name, job.upto, e)
+            self._fail_upto(job.upto, f"storage error: fsync failed: {e.strerror}")
+            return
+        self.fsyncs += 1
+        covered = self._ack_upto(job.upto)
+        self.synced_batches += covered
+        if self.on_sync is not None:
+            self.on_sync(job.upto, covered)
+
+    def _fail_upto(self, upto: int, reason: str) -> None:
+        while self._unacked and self._unacked[0][0] <= upto:
+            _, item = self._unacked.popleft()
+            item.error = item.error or reason
+            item.done.set()
+
+    async def _syncer_always(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            await self._sync()
+
+    async def _syncer_interval(self) -> None:
+        while True:
+            await trio.sleep(self.config.flush_interval)
+            await self._sync()
+
+    async def _final_sync(self) -> None:
+        """Shutdown: everything appended is made durable, then files close."""
+        try:
+            job = self.log.sync_job()
+            if job is not None:
+                await trio.to_thread.run_sync(job.run)
+            self._ack_upto(self.log.head)
+        except OSError as e:
+            log.critical("topic %s: final fsync failed: %s", self.name, e)
+            self._fail_upto(self.log.head, "storage error")
+        finally:
+            self.log.close()
