@@ -106,7 +106,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workdir", Path(self.workdir))
-        self.address  # validates host
+        _ = self.address  # validates host
         for name in ("batch_size", "max_messages", "partition_size", "partitions", "topics",
                      "max_connections", "pipeline_depth"):
             _positive(name, getattr(self, name))

@@ -197,9 +197,8 @@ class RequestParser:
             self._pos = line_end
             raise RequestError(INVALID_REQUEST)
         line = bytes(buf[pos : nl - 1])
-        if line.startswith(b"BATCH"):
-            if line == b"BATCH" or line[5] == 0x20:
-                return self._batch(line, line_end)
+        if line.startswith(b"BATCH") and (line == b"BATCH" or line[5] == 0x20):
+            return self._batch(line, line_end)
         self._pos = line_end
         simple = _SIMPLE.get(line)
         if simple is not None:

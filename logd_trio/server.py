@@ -17,6 +17,7 @@ skips the grace period but still fsyncs every topic.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from collections.abc import Mapping
@@ -174,11 +175,8 @@ async def _serve_connections(
     async def handle(stream: trio.SocketStream) -> None:
         if counters.conns_active >= config.max_connections:
             counters.conns_refused += 1
-            with trio.move_on_after(1):
-                try:
-                    await stream.send_all(b"ERR too many connections\r\n")
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+            with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(b"ERR too many connections\r\n")
             await stream.aclose()
             return
         counters.conns_active += 1
@@ -193,7 +191,10 @@ async def _serve_connections(
             log.info("listening on %s:%d, data in %s, fsync=%s%s", bound[0], bound[1], registry.root.resolve(),
                      config.fsync, f" every {config.flush_interval:g}s" if config.fsync == "interval" else "")
             task_status.started(bound)
-            await (shutdown.wait() if shutdown is not None else trio.sleep_forever())
+            if shutdown is None:
+                await trio.sleep_forever()
+            else:
+                await shutdown.wait()
             log.info("shutting down: no new connections; %d open get %gs to finish",
                      len(conns.open), config.shutdown_timeout)
             accept.cancel_scope.cancel()

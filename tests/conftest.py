@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from logd_trio.config import ServerConfig
 from logd_trio.server import serve
@@ -41,6 +42,12 @@ class RunningServer:
     config: ServerConfig
     scope: trio.CancelScope
     shutdown: trio.Event
+    stopped: trio.Event
+
+    async def stop(self) -> None:
+        """Graceful shutdown, as on SIGTERM; returns once serve() has returned."""
+        self.shutdown.set()
+        await self.stopped.wait()
 
     @property
     def addr(self) -> str:
@@ -50,13 +57,17 @@ class RunningServer:
 async def start_server(nursery: trio.Nursery, config: ServerConfig) -> RunningServer:
     scope = trio.CancelScope()
     shutdown = trio.Event()
+    stopped = trio.Event()
 
     async def runner(task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
-        with scope:
-            await serve(config, shutdown=shutdown, task_status=task_status)
+        try:
+            with scope:
+                await serve(config, shutdown=shutdown, task_status=task_status)
+        finally:
+            stopped.set()
 
     host, port = await nursery.start(runner)
-    return RunningServer(host, port, config, scope, shutdown)
+    return RunningServer(host, port, config, scope, shutdown, stopped)
 
 
 def make_config(workdir: Path, **kw: Any) -> ServerConfig:
@@ -69,3 +80,12 @@ async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Running
     srv = await start_server(nursery, make_config(tmp_path / "data"))
     yield srv
     srv.scope.cancel()
+
+
+@pytest.fixture
+def vclock() -> trio.testing.MockClock:
+    """Virtual time for timeout tests.  It jumps only after 50 ms of real
+    idleness (pytest-trio's autojump_clock jumps at once), so that work the
+    server does in worker threads (topic creation, fsync) completes before
+    virtual time moves on."""
+    return trio.testing.MockClock(autojump_threshold=0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ async def _replay(nursery: trio.Nursery, tmp_path: Path, cases: list[dict[str, A
     srv = await start_server(nursery, make_config(tmp_path / "data", **settings))
     failures = []
     for case in cases:
-        result = await trio.to_thread.run_sync(lambda c=case: run_scenario(srv.host, srv.port, c))
+        result = await trio.to_thread.run_sync(partial(run_scenario, srv.host, srv.port, case))
         if result.status != "PASS":
             failures.append(result.report())
     srv.scope.cancel()

@@ -1,0 +1,282 @@
+"""Server behaviour over real sockets: group commit, pipelining, limits,
+timeouts and long-poll in virtual time, restart, graceful shutdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from logd_trio.storage import TopicLog
+from logd_trio.topic import Topic
+
+from .conftest import RunningServer, make_config, start_server
+from .wire import Wire, batch_request
+
+
+def capture_topics(monkeypatch: pytest.MonkeyPatch) -> dict[str, Topic]:
+    """Record every Topic the server opens (instrumentation, not a mock)."""
+    seen: dict[str, Topic] = {}
+    real_open = Topic.open.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[Topic], root: Path, name: str, config: Any) -> Topic:
+        t: Topic = real_open(cls, root, name, config)
+        seen[name] = t
+        return t
+
+    monkeypatch.setattr(Topic, "open", classmethod(spy))
+    return seen
+
+
+async def test_group_commit_shares_fsyncs_and_never_acks_early(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = capture_topics(monkeypatch)
+    srv = await start_server(nursery, make_config(tmp_path / "d", fsync="always"))
+    # Create the topic, then hook its fsyncs: record the durable point.
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(batch_request("gc", [b"first"]))
+    assert await w.reply() == b"OK 0 1\r\n"
+    durable = [0]
+    tlog: TopicLog = topics["gc"].log
+    tlog.on_fsync = lambda upto: durable.append(max(durable[-1], upto))
+    fsyncs_before = tlog.fsync_count
+
+    writers, per_writer = 8, 25
+    early: list[tuple[int, int]] = []
+    acked: list[tuple[int, bytes]] = []
+
+    async def writer(i: int) -> None:
+        c = await Wire.connect(srv.host, srv.port)
+        reqs = [batch_request("gc", [b"w%d-b%d" % (i, j), b"x" * j]) for j in range(per_writer)]
+        await c.send(b"".join(reqs))  # all pipelined in one write
+        for req in reqs:
+            line = await c.reply()
+            assert line.startswith(b"OK "), line
+            off = int(line.split()[1])
+            end = off + len(req)
+            if durable[-1] < end:  # the OK arrived before an fsync covered the batch
+                early.append((off, durable[-1]))
+            acked.append((off, req))
+        await c.aclose()
+
+    async with trio.open_nursery() as n:
+        for i in range(writers):
+            n.start_soon(writer, i)
+
+    fsyncs = tlog.fsync_count - fsyncs_before
+    assert len(acked) == writers * per_writer
+    assert early == []
+    assert 1 <= fsyncs < writers * per_writer  # shared fsyncs
+    # every acknowledged batch reads back byte-identical at its offset
+    for off, req in acked:
+        await w.send(b"READ gc %d 1\r\n" % off)
+        head, frames = await w.read_reply()
+        assert head == b"OK %d 1\r\n" % off
+        assert frames == [req]
+    stats = await stat_map(w)
+    assert int(stats["fsyncs.total"]) >= fsyncs
+    assert float(stats["fsyncs.batches_per_fsync"]) > 1.0
+    assert int(stats["topic.gc.head"]) == max(o + len(r) for o, r in acked)
+    srv.scope.cancel()
+
+
+async def stat_map(w: Wire) -> dict[str, str]:
+    await w.send(b"STATS\r\n")
+    body = (await w.reply()).split(b"\r\n", 1)[1]
+    return dict(line.decode().split(": ", 1) for line in body.split(b"\r\n") if line)
+
+
+async def test_pipelined_requests_answered_in_order(server: RunningServer) -> None:
+    w = await Wire.connect(server.host, server.port)
+    reqs = []
+    for i in range(200):
+        reqs.append(batch_request("pipe", [b"m%d" % i]))
+        reqs.append(b"PING\r\n")
+    reqs.append(b"READ pipe 0 1\r\n")
+    await w.send(b"".join(reqs))
+    off = 0
+    for i in range(200):
+        assert await w.reply() == b"OK %d 1\r\n" % off
+        assert await w.reply() == b"PONG\r\n"
+        off += len(reqs[2 * i])
+    head, frames = await w.read_reply()
+    assert head == b"OK 0 1\r\n" and frames == [reqs[0]]
+
+
+async def test_stats_and_topics(server: RunningServer) -> None:
+    w = await Wire.connect(server.host, server.port)
+    await w.send(batch_request("st", [b"a"]))
+    await w.reply()
+    stats = await stat_map(w)
+    for key in ("bytes.in", "bytes.out", "conns.active", "conns.total", "requests.batch", "errors.batch",
+                "requests.total", "errors.total", "topics.disallowed", "topics.total", "topic.st.head"):
+        assert key in stats, key
+    assert stats["conns.active"] == "1"
+    assert stats["requests.batch"] == "1"
+    assert stats["topics.total"] == "2"  # default + st
+    keys = list(stats)
+    assert keys == sorted(keys)
+    await w.send(b"TOPICS\r\n")
+    body = await w.reply()
+    assert b"st: 0 %d\r\n" % len(batch_request("st", [b"a"])) in body
+    assert b"default: 0 0\r\n" in body
+
+
+async def test_topic_limits(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await start_server(nursery, make_config(tmp_path / "d", topics=3, topics_whitelist=("a", "b", "c",
+                                                                                              "default")))
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(batch_request("zzz", [b"m"]))
+    assert await w.reply() == b"ERR topic not allowed\r\n"
+    await w.send(batch_request("a", [b"m"]) + batch_request("b", [b"m"]))
+    assert await w.reply() == b"OK 0 1\r\n"
+    assert await w.reply() == b"OK 0 1\r\n"
+    await w.send(batch_request("c", [b"m"]))
+    assert await w.reply() == b"ERR maximum topics allowed\r\n"
+    stats = await stat_map(w)
+    assert stats["topics.disallowed"] == "1"
+    await w.send(b"READ c 0 1\r\n")
+    assert await w.reply() == b"ERR not found\r\n"  # a rejected batch never creates a topic
+
+
+async def test_max_connections(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await start_server(nursery, make_config(tmp_path / "d", max_connections=2))
+    a = await Wire.connect(srv.host, srv.port)
+    b = await Wire.connect(srv.host, srv.port)
+    await a.send(b"PING\r\n")
+    await b.send(b"PING\r\n")
+    assert await a.reply() == await b.reply() == b"PONG\r\n"
+    c = await Wire.connect(srv.host, srv.port)
+    assert await c.reply() == b"ERR too many connections\r\n"
+    assert await c.closed()
+    await a.aclose()
+    with trio.fail_after(5):
+        while True:  # the slot frees once the server sees the close
+            d = await Wire.connect(srv.host, srv.port)
+            await d.send(b"PING\r\n")
+            if await d.reply() == b"PONG\r\n":
+                break
+            await trio.sleep(0.01)
+
+
+async def test_restart_keeps_data_and_offsets(nursery: trio.Nursery, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path / "d", partition_size=300, partitions=3)
+    reqs = [batch_request("r", [b"message %d" % i]) for i in range(20)]
+    srv = await start_server(nursery, cfg)
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(b"".join(reqs[:10]))
+    offs = [int((await w.reply()).split()[1]) for _ in range(10)]
+    await w.aclose()
+    with trio.fail_after(10):
+        await srv.stop()
+    srv2 = await start_server(nursery, cfg)
+    w2 = await Wire.connect(srv2.host, srv2.port)
+    await w2.send(b"".join(reqs[10:]))
+    offs += [int((await w2.reply()).split()[1]) for _ in range(10)]
+    expected = [sum(len(r) for r in reqs[:i]) for i in range(20)]
+    assert offs == expected  # offsets continue across the restart
+    await w2.send(b"TAIL r 50000\r\n")
+    head, frames = await w2.read_reply()
+    first = int(head.split()[1])
+    assert first > 0  # retention removed the oldest partitions ...
+    assert frames == reqs[expected.index(first):]  # ... and the rest is intact, in order
+    await w2.send(b"READ r 0 1\r\n")
+    assert await w2.reply() == b"ERR not found\r\n"
+    srv2.scope.cancel()
+
+
+async def test_graceful_shutdown_answers_inflight_and_stops(nursery: trio.Nursery, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path / "d")
+    srv = await start_server(nursery, cfg)
+    w = await Wire.connect(srv.host, srv.port)
+    reqs = [batch_request("g", [b"%d" % i]) for i in range(50)]
+    await w.send(b"".join(reqs))
+    first = await w.reply()
+    assert first == b"OK 0 1\r\n"
+    srv.shutdown.set()
+    answered = 1
+    while True:
+        try:
+            line = await w.reply()
+        except (EOFError, trio.BrokenResourceError):
+            break
+        assert line.startswith(b"OK ")
+        answered += 1
+    with trio.fail_after(cfg.shutdown_timeout + 5):
+        await srv.stopped.wait()
+    # every answered batch is durable and readable after a restart
+    srv2 = await start_server(nursery, cfg)
+    w2 = await Wire.connect(srv2.host, srv2.port)
+    await w2.send(b"TAIL g 50000\r\n")
+    _, frames = await w2.read_reply()
+    assert frames[:answered] == reqs[:answered]
+    srv2.scope.cancel()
+
+
+async def test_idle_timeout_in_virtual_time(
+    nursery: trio.Nursery, tmp_path: Path, vclock: trio.testing.MockClock
+) -> None:
+    srv = await start_server(nursery, make_config(tmp_path / "d", idle_timeout=30.0))
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(b"PING\r\n")
+    assert await w.reply() == b"PONG\r\n"
+    t0 = trio.current_time()
+    assert await w.closed()
+    assert 30.0 <= trio.current_time() - t0 < 30.5
+
+
+async def test_partial_request_times_out(
+    nursery: trio.Nursery, tmp_path: Path, vclock: trio.testing.MockClock
+) -> None:
+    srv = await start_server(nursery, make_config(tmp_path / "d", timeout=5.0, idle_timeout=100.0))
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(b"BATCH 100 t 0 1\r\nMSG")  # slowloris: never completes
+    t0 = trio.current_time()
+    assert await w.reply() == b"ERR timeout\r\n"
+    assert await w.closed()
+    assert 5.0 <= trio.current_time() - t0 < 5.5
+
+
+async def test_long_poll_waits_then_not_found(
+    nursery: trio.Nursery, tmp_path: Path, vclock: trio.testing.MockClock
+) -> None:
+    srv = await start_server(nursery, make_config(tmp_path / "d", max_wait=10.0, idle_timeout=0))
+    w = await Wire.connect(srv.host, srv.port)
+    req = batch_request("lp", [b"one"])
+    await w.send(req)
+    assert await w.reply() == b"OK 0 1\r\n"
+    head = len(req)
+    t0 = trio.current_time()
+    await w.send(b"READ lp %d 5 2500\r\n" % head)
+    assert await w.reply() == b"ERR not found\r\n"
+    assert trio.current_time() - t0 == pytest.approx(2.5, abs=0.05)
+    t0 = trio.current_time()
+    await w.send(b"READ lp %d 5 600000\r\n" % head)  # capped by max_wait
+    assert await w.reply() == b"ERR not found\r\n"
+    assert trio.current_time() - t0 == pytest.approx(10.0, abs=0.05)
+
+
+async def test_long_poll_wakes_on_new_batch(
+    nursery: trio.Nursery, tmp_path: Path, vclock: trio.testing.MockClock
+) -> None:
+    srv = await start_server(nursery, make_config(tmp_path / "d", fsync="never"))
+    reader = await Wire.connect(srv.host, srv.port)
+    writer = await Wire.connect(srv.host, srv.port)
+    req = batch_request("lw", [b"hello"])
+    t0 = trio.current_time()
+
+    async def write_later() -> None:
+        await trio.sleep(3)
+        await writer.send(req)
+        assert await writer.reply() == b"OK 0 1\r\n"
+
+    nursery.start_soon(write_later)
+    # The topic does not exist yet: the long-poll waits for its first batch.
+    await reader.send(b"READ lw 0 10 20000\r\n")
+    head, frames = await reader.read_reply()
+    assert head == b"OK 0 1\r\n" and frames == [req]
+    assert 3.0 <= trio.current_time() - t0 < 3.5
