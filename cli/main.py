@@ -13,6 +13,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """logd-trio: a fast, durable log transport (Go logd compatible)."""
+
+
 def _register() -> None:
     from . import client_cmds, serve_cmd
 

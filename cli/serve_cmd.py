@@ -23,36 +23,36 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def serve(
-    host: Annotated[str | None, typer.Option(help="Address to listen on, HOST:PORT [127.0.0.1:1774].")] = None,
-    workdir: Annotated[Path | None, typer.Option(help="Data directory [./logs].")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on, HOST:PORT. Default: 127.0.0.1:1774.")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Data directory. Default: ./logs.")] = None,
     batch_size: Annotated[str | None, typer.Option(
-        help="Maximum request size in bytes (BATCH line + body) [65536].")] = None,
+        help="Maximum request size in bytes (BATCH line + body). Default: 65536.")] = None,
     partition_size: Annotated[str | None, typer.Option(
-        help="Partition file size before rotation, e.g. 256MiB [2000MiB].")] = None,
-    partitions: Annotated[int | None, typer.Option(help="Partition files kept per topic [8].")] = None,
+        help="Partition file size before rotation, e.g. 256MiB. Default: 2000MiB.")] = None,
+    partitions: Annotated[int | None, typer.Option(help="Partition files kept per topic. Default: 8.")] = None,
     fsync: Annotated[str | None, typer.Option(
-        help="Durability: always (OK means fsynced; group commit), interval, never [always].")] = None,
+        help="Durability: always (OK means fsynced; group commit), interval, never. Default: always.")] = None,
     flush_interval: Annotated[str | None, typer.Option(
-        help="fsync period for --fsync interval, Go duration such as 1s or 200ms [1s].")] = None,
+        help="fsync period for --fsync interval, Go duration such as 1s or 200ms. Default: 1s.")] = None,
     flush_batches: Annotated[int | None, typer.Option(
-        help="Also fsync after this many batches (0: off) [0].")] = None,
-    topics: Annotated[int | None, typer.Option(help="Maximum number of topics, 'default' included [8].")] = None,
+        help="Also fsync after this many batches (0: off). Default: 0.")] = None,
+    topics: Annotated[int | None, typer.Option(help="Maximum number of topics, 'default' included. Default: 8.")] = None,
     topics_whitelist: Annotated[str | None, typer.Option(
         help="Comma-separated topics allowed (empty: any).")] = None,
-    max_messages: Annotated[int | None, typer.Option(help="Maximum messages per READ/TAIL [50000].")] = None,
+    max_messages: Annotated[int | None, typer.Option(help="Maximum messages per READ/TAIL. Default: 50000.")] = None,
     timeout: Annotated[str | None, typer.Option(
-        help="Time allowed to receive the rest of a request or to send a reply [15s].")] = None,
+        help="Time allowed to receive the rest of a request or to send a reply. Default: 15s.")] = None,
     idle_timeout: Annotated[str | None, typer.Option(
-        help="Close connections idle this long; 0 disables [30s].")] = None,
+        help="Close connections idle this long; 0 disables. Default: 30s.")] = None,
     shutdown_timeout: Annotated[str | None, typer.Option(
-        help="Grace period for in-flight requests on SIGINT/SIGTERM [15s].")] = None,
+        help="Grace period for in-flight requests on SIGINT/SIGTERM. Default: 15s.")] = None,
     max_connections: Annotated[int | None, typer.Option(
-        help="Connections beyond this get 'ERR too many connections' [1024].")] = None,
-    max_wait: Annotated[str | None, typer.Option(help="Cap on a long-poll READ's wait [30s].")] = None,
+        help="Connections beyond this get 'ERR too many connections'. Default: 1024.")] = None,
+    max_wait: Annotated[str | None, typer.Option(help="Cap on a long-poll READ's wait. Default: 30s.")] = None,
     pipeline_depth: Annotated[int | None, typer.Option(
-        help="Requests in flight per connection; bounds buffered bytes to depth x batch size [32].")] = None,
-    file_mode: Annotated[str | None, typer.Option(help="Mode of new data files, octal [0600].")] = None,
-    dir_mode: Annotated[str | None, typer.Option(help="Mode of new directories, octal [0700].")] = None,
+        help="Requests in flight per connection; bounds buffered bytes to depth x batch size. Default: 32.")] = None,
+    file_mode: Annotated[str | None, typer.Option(help="Mode of new data files, octal. Default: 0600.")] = None,
+    dir_mode: Annotated[str | None, typer.Option(help="Mode of new directories, octal. Default: 0700.")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML file of settings (keys as the flags, or under [serve]).")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
