@@ -75,6 +75,10 @@ class Connection:
         self.read_scope = trio.CancelScope()
         self.inflight = 0
         self._on_close = on_close
+        # Set when the peer stops sending (EOF): long-polls then answer at
+        # once instead of holding a connection whose client has gone.
+        self._eof = False
+        self._poll_scope: trio.CancelScope | None = None
 
     def stop_reading(self) -> None:
         """Graceful shutdown: take no new request; in-flight ones still get replies."""
@@ -128,6 +132,9 @@ class Connection:
                     await out.send(_Closing(p.reply_err("timeout")))
                 return
             if n == 0:
+                self._eof = True
+                if self._poll_scope is not None:
+                    self._poll_scope.cancel()
                 return
             counters.bytes_in += n
             parser.receive_data(view[:n])
@@ -141,7 +148,8 @@ class Connection:
         try:
             if isinstance(req, p.Batch):
                 topic = await self.registry.get_or_create(req.topic)
-                item = await topic.append(req.frame, req.count)
+                # No checkpoint per batch: queue all the batches of one receive, then yield once.
+                item = topic.try_append(req.frame, req.count) or await topic.append(req.frame, req.count)
             elif isinstance(req, p.Read | p.Tail):
                 # Resolved by the writer, in order: a READ pipelined after a
                 # BATCH on this connection sees that batch.
@@ -162,7 +170,10 @@ class Connection:
             counters.errors[cmd] += 1
             item = p.reply_err(e.reason)
         self.inflight += 1
-        await out.send(item)
+        try:
+            out.send_nowait(item)
+        except trio.WouldBlock:
+            await out.send(item)
         return True
 
     # ------------------------------------------------------------ writer
@@ -226,12 +237,16 @@ class Connection:
                 pending.clear()
             self.counters.longpoll_waiting += 1
             try:
-                with trio.move_on_after(min(req.wait_ms / 1000, self.config.max_wait)):
+                with trio.move_on_after(min(req.wait_ms / 1000, self.config.max_wait)) as scope:
+                    self._poll_scope = scope
+                    if self._eof:
+                        scope.cancel()
                     while topic is None:
                         await registry.wait_created()
                         topic = registry.get(req.topic)
                     await topic.wait_for_data(req.offset)
             finally:
+                self._poll_scope = None
                 self.counters.longpoll_waiting -= 1
         try:
             if topic is None:

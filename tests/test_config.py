@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from logd_trio_cli.main import app
 from typer.testing import CliRunner
 
 from logd_trio.config import ConfigError, ServerConfig, format_duration, load_config, parse_duration
-from logd_trio_cli.main import app
 
 
 def test_defaults_match_go_and_the_contract() -> None:
@@ -58,9 +58,9 @@ def test_unknown_file_key_and_bad_toml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="colour"):
         load_config(file=f, env={})
     f.write_text("this is = = not toml")
-    with pytest.raises(ConfigError, match="c.toml"):
+    with pytest.raises(ConfigError, match=r"c\.toml"):
         load_config(file=f, env={})
-    with pytest.raises(ConfigError, match="missing.toml"):
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
         load_config(file=tmp_path / "missing.toml", env={})
 
 

@@ -65,7 +65,7 @@ async def _stream_batches(srv: ServerProcess, topic: str, tag: int, acked: dict[
             i += 8
             sent.extend(reqs)
             await w.send(b"".join(reqs))
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     try:
         async with trio.open_nursery() as n:
