@@ -84,6 +84,20 @@ class Topic:
         await self._send.send(item)
         return item
 
+    def try_append(self, frame: bytes, count: int) -> Append | None:
+        """:meth:`append` without a checkpoint; None (nothing queued) when the inbox is full.
+
+        The hot path: a connection queues every batch of one receive before it
+        yields, so the topic task takes them in one wake-up and the acks go out
+        together.  Raises ``trio.ClosedResourceError`` once the input is closed.
+        """
+        item = Append(frame, count)
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            return None
+        return item
+
     def close_input(self) -> None:
         """No more appends: the task drains what is queued, syncs and ends."""
         self._send.close()

@@ -108,10 +108,10 @@ async def test_sigkill_never_loses_acknowledged_batches(nursery: trio.Nursery, t
     topics = await w.reply()
     m = re.search(rb"crash: (\d+) (\d+)\r\n", topics)
     assert m is not None
-    head = int(m.group(2))
-    assert head >= max(o + len(f) for o, f in acked.items())
+    head_offset = int(m.group(2))
+    assert head_offset >= max(o + len(f) for o, f in acked.items())
     await w.send(batch_request("crash", [b"after"]))
-    assert await w.reply() == b"OK %d 1\r\n" % head
+    assert await w.reply() == b"OK %d 1\r\n" % head_offset
     srv.proc.send_signal(signal.SIGTERM)
     with trio.fail_after(20):
         assert await srv.proc.wait() == 0
