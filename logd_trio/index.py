@@ -24,6 +24,7 @@ not cover.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import struct
 
@@ -38,18 +39,49 @@ REC_SIZE = REC.size
 _REC2 = struct.Struct("<QQQQ")
 _HEADER_READ = 4096
 _SAMPLES = 8
+_MAX_HINTS = 256
 
 
 class PartitionIndex:
-    """The records of one partition: ``n_file`` in the index file, then ``pending``."""
+    """The records of one partition: ``n_file`` in the index file, then ``pending``.
 
-    __slots__ = ("fd", "n_file", "pending", "synced_n")
+    A sealed partition's records are read through a read-only ``mmap``
+    (:meth:`seal`); the head's through ``pread``.
+    """
+
+    __slots__ = ("fd", "file_end", "hints", "mm", "mm_n", "n_file", "pending", "synced_n")
 
     def __init__(self, fd: int, n_file: int) -> None:
         self.fd = fd
-        self.n_file = n_file  # records in the file (positions 0 .. n_file*16)
+        self.mm: mmap.mmap | None = None
+        self.mm_n = 0  # records readable through mm
         self.pending = bytearray()  # records not yet written to the file
-        self.synced_n = n_file  # records covered by a captured fsync
+        self.n_file = 0
+        self.file_end = 0
+        self.synced_n = 0
+        # position -> index of the batch starting there, remembered from recent read plans so that
+        # a follower asking for "where my last read ended" costs no search
+        self.hints: dict[int, int] = {}
+        self.reset(n_file)
+
+    def reset(self, n_file: int) -> None:
+        """Declare the first ``n_file`` records of the file valid (recovery)."""
+        self.n_file = self.synced_n = n_file  # records in the file / covered by a captured fsync
+        self.file_end = self.entry(n_file - 1)[0]  # end position of the last record in the file
+
+    def seal(self) -> None:
+        """Map the file read-only for lookups (the partition will not grow any more)."""
+        if self.mm is None and self.n_file > 0:
+            self.mm = mmap.mmap(self.fd, self.n_file * REC_SIZE, access=mmap.ACCESS_READ)
+            self.mm_n = self.n_file
+
+    def close(self) -> None:
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+            self.mm_n = 0
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
     def __len__(self) -> int:
         return self.n_file + len(self.pending) // REC_SIZE
@@ -61,6 +93,10 @@ class PartitionIndex:
         """``(end_i, cum_i)``; ``(0, 0)`` for ``i == -1``."""
         if i < 0:
             return 0, 0
+        if i < self.mm_n:
+            assert self.mm is not None
+            end, cum = REC.unpack_from(self.mm, i * REC_SIZE)
+            return int(end), int(cum)
         if i >= self.n_file:
             end, cum = REC.unpack_from(self.pending, (i - self.n_file) * REC_SIZE)
             return int(end), int(cum)
@@ -92,6 +128,7 @@ class PartitionIndex:
                 os.ftruncate(self.fd, pos)
             raise
         self.n_file += len(data) // REC_SIZE
+        self.file_end = REC.unpack_from(data, len(data) - REC_SIZE)[0]
         del self.pending[:]
 
     def find_start(self, pos: int) -> int:
@@ -101,16 +138,29 @@ class PartitionIndex:
             return -1
         if pos == 0:
             return 0
-        lo, hi = 0, n  # smallest k with end_k >= pos
+        i = self.hints.get(pos)
+        if i is not None:
+            return i if i < n else -1
+        nf = self.n_file
+        if nf and pos == self.file_end:
+            return nf if nf < n else -1
+        lo, hi = (nf, n) if pos > self.file_end else (0, nf)  # smallest k in [lo, hi) with end_k >= pos
+        top = hi
         while lo < hi:
             mid = (lo + hi) // 2
             if self.entry(mid)[0] < pos:
                 lo = mid + 1
             else:
                 hi = mid
-        if lo + 1 < n and self.entry(lo)[0] == pos:
+        if lo < top and lo + 1 < n and self.entry(lo)[0] == pos:
             return lo + 1
         return -1
+
+    def hint(self, pos: int, i: int) -> None:
+        """Remember that batch ``i`` starts (or will start) at ``pos``."""
+        if len(self.hints) >= _MAX_HINTS:
+            self.hints.clear()
+        self.hints[pos] = i
 
     def first_reaching(self, i: int, target: int) -> int:
         """Smallest ``k >= i`` with ``cum_k >= target``; ``len(self)`` if none (galloping search)."""

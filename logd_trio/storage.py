@@ -52,7 +52,7 @@ _PENDING_FLUSH = 64 * 1024
 _INDEX_SYNC_BYTES = 256 * 1024
 # On open, frames in the last this-many indexed bytes of the head partition are
 # re-verified (CRC + framing): the index may reach disk before the log data.
-_VERIFY_TAIL = 256 * 1024
+_VERIFY_TAIL = 64 * 1024
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
@@ -282,7 +282,8 @@ class TopicLog:
                 raise StorageError(f"topic {self.topic}: recovering {self._lpath(start)}: {e}") from e
             if p.size == 0 and not last:
                 self._log.warning("topic %s: removing empty partition %s", self.topic, self._lpath(start))
-                _close_quietly([p.fd, p.idx.fd])
+                _close_quietly([p.fd])
+                p.idx.close()
                 self._unlink(self._lpath(start))
                 self._unlink(self._ipath(start))
                 self._dir_dirty = True
@@ -322,7 +323,7 @@ class TopicLog:
         try:
             return self._recover_files(start, fd, ifd, limit, head=head)
         except BaseException:
-            _close_quietly([fd, ifd])
+            _close_quietly([fd, ifd])  # (no mapping exists before the partition is returned)
             raise
 
     def _recover_files(self, start: int, fd: int, ifd: int, limit: int | None, *, head: bool) -> _Partition:
@@ -344,7 +345,7 @@ class TopicLog:
             n_rec = k + 1
         if n_rec * REC_SIZE != isize:
             os.ftruncate(ifd, n_rec * REC_SIZE)
-        idx.n_file = idx.synced_n = n_rec
+        idx.reset(n_rec)
         scanned = len(idx)
         good, cum = self._scan(fd, idx, end, stop, cum)
         if good < fsize:
@@ -354,9 +355,11 @@ class TopicLog:
         if rebuilt and not head:
             os.fdatasync(ifd)  # a sealed partition's rebuilt index: make the next open fast
             idx.synced_n = idx.n_file
+        p = _Partition(start, fd, idx, good, cum)
+        if not head:
+            self._seal(p)
         if rebuilt > 1000:
             self._log.info("topic %s: %s: %d batches rescanned", self.topic, lpath, rebuilt)
-        p = _Partition(start, fd, idx, good, cum)
         p.synced_size = 0  # durability of what a crashed process left is unknown: first job syncs it
         return p
 
@@ -380,6 +383,8 @@ class TopicLog:
                 buf = buf[i:] + more
                 base += i
                 i = 0
+                if len(idx.pending) >= _PENDING_FLUSH:
+                    idx.flush()  # a rebuild must not hold a whole partition's records in memory
                 continue
             body, end = i + h.header_len, i + need
             try:
@@ -490,7 +495,7 @@ class TopicLog:
         w = _pwrite(fd, frame, pos)
         if w == n:
             return
-        view = memoryview(frame)
+        view = memoryview(frame).cast("B")
         while w < n:
             if w <= 0:
                 raise OSError(errno.EIO, "write made no progress")
@@ -498,6 +503,14 @@ class TopicLog:
             view = view[w:]
             n -= w
             w = _pwrite(fd, view, pos)
+
+    def _seal(self, p: _Partition) -> None:
+        if p.idx.pending:
+            return  # the index write failed: keep using pread + pending
+        try:
+            p.idx.seal()
+        except (OSError, ValueError) as e:  # lookups fall back to pread
+            self._log.warning("topic %s: cannot map index of partition %d: %s", self.topic, p.start, e)
 
     def _flush_index(self, p: _Partition) -> None:
         try:
@@ -550,12 +563,14 @@ class TopicLog:
                 raise StorageError(f"topic {self.topic}: write failed: {e}") from e
             self._needs_truncate = False
         self._flush_index(old)
+        self._seal(old)
         start = self.head
         p = self._create_partition(start)
         try:
             self._write(p.fd, frame, n, 0)
         except OSError as e:
-            _close_quietly([p.fd, p.idx.fd])
+            _close_quietly([p.fd])
+            p.idx.close()
             self._unlink(self._lpath(start))
             self._unlink(self._ipath(start))
             raise StorageError(f"topic {self.topic}: write failed: {e}") from e
@@ -569,7 +584,8 @@ class TopicLog:
         while len(self._parts) > self._pmax:
             gone = self._parts.pop(0)
             del self._starts[0]
-            _close_quietly([gone.fd, gone.idx.fd])
+            _close_quietly([gone.fd])
+            gone.idx.close()
             self._unlink(self._lpath(gone.start))
             self._unlink(self._ipath(gone.start))
         self.first = self._parts[0].start
@@ -593,15 +609,16 @@ class TopicLog:
                 index.append(p)
         if not data and not index and not self._dir_dirty:
             return None
-        dups: list[int] = []
+        data_fds: list[int] = []
+        index_fds: list[int] = []
         try:
-            data_fds = [os.dup(p.fd) for p in data]
-            dups += data_fds
-            index_fds = [os.dup(p.idx.fd) for p in index]
-            dups += index_fds
+            for p in data:
+                data_fds.append(os.dup(p.fd))
+            for p in index:
+                index_fds.append(os.dup(p.idx.fd))
             dir_fd = os.dup(self._dir_fd) if self._dir_dirty else None
         except OSError as e:
-            _close_quietly(dups)
+            _close_quietly(data_fds + index_fds)
             raise StorageError(f"topic {self.topic}: cannot capture sync job: {e}") from e
         for p in data:
             p.synced_size = p.size
@@ -647,6 +664,7 @@ class TopicLog:
                 if k >= len(p.idx):
                     k = len(p.idx) - 1
                 e_end, e_cum = p.idx.entry(k)
+                p.idx.hint(e_end, k + 1)
                 plan.segments.append((os.dup(p.fd), b_end, e_end - b_end))
                 plan.nbatches += k - i + 1
                 plan.nmessages += e_cum - base
@@ -672,7 +690,8 @@ class TopicLog:
     def _close_fds(self) -> None:
         fds = [self._dir_fd]
         for p in self._parts:
-            fds += [p.fd, p.idx.fd]
+            fds.append(p.fd)
+            p.idx.close()
         self._parts = []
         self._starts = []
         _close_quietly(fds)

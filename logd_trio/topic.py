@@ -174,6 +174,7 @@ class Topic:
         item.offset = offset
         self._batches_since_sync += 1
         self._unacked.append((offset + len(item.frame), item))
+        item.frame = b""  # in the page cache now: a pending ack need not pin 64 KB until it is sent
 
     def _ack_upto(self, upto: int) -> int:
         """Answer every queued batch that ends at or before ``upto``; return how many."""

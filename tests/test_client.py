@@ -1,0 +1,254 @@
+"""Client against a real server on port 0 (and, where Go behaviour is the point,
+a tiny scripted peer that answers like Go logd does)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from logd_trio.batch import build_body, build_frame
+from logd_trio.client import Client, RetryPolicy, open_client, parse_address
+from logd_trio.config import ServerConfig
+from logd_trio.errors import (
+    BadReply,
+    ChecksumMismatch,
+    ConnectionLost,
+    InvalidRequest,
+    InvalidTopic,
+    NotFound,
+    Timeout,
+    TopicNotAllowed,
+    Unsupported,
+)
+from logd_trio.server import serve
+
+FAST_RETRY = RetryPolicy(attempts=2, initial=0.01, maximum=0.01)
+
+
+class LocalServer:
+    """A real logd-trio server in the test's nursery that can be stopped and restarted
+    on the same port and data directory."""
+
+    def __init__(self, nursery: trio.Nursery, workdir: Path, **options: Any) -> None:
+        self.nursery = nursery
+        self.config = ServerConfig(host="127.0.0.1:0", workdir=workdir, fsync="never", **options)
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._shutdown: trio.Event | None = None
+        self._done: trio.Event | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        config = dataclasses.replace(self.config, host=f"127.0.0.1:{self.port}")
+        shutdown, done = trio.Event(), trio.Event()
+        self._shutdown, self._done = shutdown, done
+
+        async def runner(task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await serve(config, shutdown=shutdown, task_status=task_status)
+            finally:
+                done.set()
+
+        self.host, self.port = await self.nursery.start(runner)
+
+    async def stop(self) -> None:
+        assert self._shutdown is not None and self._done is not None
+        self._shutdown.set()
+        await self._done.wait()
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[LocalServer]:
+    srv = LocalServer(nursery, tmp_path / "data")
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+async def client(server: LocalServer) -> AsyncIterator[Client]:
+    async with open_client(server.addr, retry=FAST_RETRY) as c:
+        yield c
+
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def scripted_peer(nursery: trio.Nursery, handler: Handler) -> str:
+    """A listener on port 0 whose connections run ``handler`` (a stand-in for another server)."""
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    port = listeners[0].socket.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+async def read_line(stream: trio.SocketStream, buf: bytearray) -> bytes | None:
+    while b"\r\n" not in buf:
+        data = await stream.receive_some(4096)
+        if not data:
+            return None
+        buf += data
+    line, _, rest = bytes(buf).partition(b"\r\n")
+    buf[:] = rest
+    return line
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_parse_address() -> None:
+    assert parse_address("h:1") == ("h", 1)
+    assert parse_address("h") == ("h", 1774)
+    assert parse_address(":9") == ("127.0.0.1", 9)
+    assert parse_address("[::1]:5") == ("::1", 5)
+    with pytest.raises(ValueError):
+        parse_address("h:x")
+
+
+async def test_batch_read_tail_offsets(client: Client) -> None:
+    o1 = await client.batch("t", [b"hello", b"world"])
+    o2 = await client.batch("t", [b"third"])
+    o3 = await client.batch("t", [b"a", b"bb", b"ccc"])
+    f1 = build_frame("t", build_body([b"hello", b"world"]), 2)
+    f2 = build_frame("t", build_body([b"third"]), 1)
+    assert (o1, o2, o3) == (0, len(f1), len(f1) + len(f2))
+    r = await client.read("t", 0, 50000)
+    assert [b.offset for b in r.batches] == [o1, o2, o3]
+    got = [(m.offset, m.delta, m.body) for m in r]
+    assert got == [(o1, 0, b"hello"), (o1, 14, b"world"), (o2, 0, b"third"),
+                   (o3, 0, b"a"), (o3, 10, b"bb"), (o3, 21, b"ccc")]
+    # a read from the middle computes the same offsets
+    r2 = await client.read("t", o2, 2)
+    assert [b.offset for b in r2.batches] == [o2, o3]
+    t = await client.tail("t", 1)
+    assert t.offset == 0 and len(t.batches) == 1
+    with pytest.raises(NotFound):
+        await client.read("t", r.next_offset, 1)  # the head
+    with pytest.raises(NotFound):
+        await client.read("t", 1, 1)  # inside a batch
+    with pytest.raises(NotFound):
+        await client.tail("nothing-here", 1)
+    with pytest.raises(InvalidRequest):
+        await client.read("t", 0, 0)
+    with pytest.raises(InvalidTopic):
+        await client.read("../x", 0, 1)  # refused before sending
+    assert await client.oldest("t") == 0
+    assert await client.oldest("nothing-here") is None
+    assert await client.head("t") == r.next_offset
+
+
+async def test_info_requests(client: Client, server: LocalServer) -> None:
+    info = await client.config()
+    assert info.max_batch_size == 65536
+    assert client.server_info == info
+    stats = await client.stats()
+    assert "requests.total" in stats
+    await client.batch("x", [b"1"])
+    assert (await client.topics())["x"] == (0, len(build_frame("x", build_body([b"1"]), 1)))
+    assert await client.supports_extensions()
+    assert await client.ping() >= 0
+
+
+async def test_topic_not_allowed(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = LocalServer(nursery, tmp_path / "d", topics_whitelist=("ok",))
+    await srv.start()
+    async with open_client(srv.addr) as c:
+        with pytest.raises(TopicNotAllowed):
+            await c.batch("nope", [b"x"])
+        assert await c.batch("ok", [b"x"]) == 0
+    await srv.stop()
+
+
+async def test_nothing_listening_is_connection_lost(nursery: trio.Nursery) -> None:
+    # grab a free port, then close it
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    await listeners[0].aclose()
+    async with open_client(f"127.0.0.1:{port}", retry=FAST_RETRY) as c:
+        with pytest.raises(ConnectionLost, match="cannot connect"):
+            await c.stats()
+
+
+async def test_reconnects_after_server_restart(client: Client, server: LocalServer) -> None:
+    await client.batch("r", [b"before"])
+    await server.stop()
+    with pytest.raises(ConnectionLost):
+        await client.read("r", 0, 1)
+    await server.start()
+    # a stale connection is detected and replaced: no error for idempotent requests
+    assert [m.body for m in await client.read("r", 0, 1)] == [b"before"]
+    assert await client.batch("r", [b"after"]) > 0
+
+
+async def test_request_timeout_and_cancellation_drop_the_connection(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    accepted = []
+
+    async def silent(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    addr = await scripted_peer(nursery, silent)
+    async with open_client(addr, request_timeout=2.0) as c:
+        start = trio.current_time()
+        with pytest.raises(Timeout):
+            await c.stats()
+        assert trio.current_time() - start == pytest.approx(2.0)
+        with trio.move_on_after(1):
+            await c.stats()
+        assert len(accepted) == 2  # the timed-out connection was not reused
+        with pytest.raises(Timeout):
+            await c.stats()
+        assert len(accepted) == 3
+
+
+async def test_go_like_server_without_extensions(nursery: trio.Nursery) -> None:
+    """Go logd closes the connection on an unknown command; the client falls back."""
+    config = b"Host: go\r\nTimeout: 15s\r\nIdleTimeout: 30s\r\nMaxBatchSize: 1000\r\n"
+
+    async def go(stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        while (line := await read_line(stream, buf)) is not None:
+            if line == b"CONFIG":
+                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+            else:
+                await stream.aclose()
+                return
+
+    addr = await scripted_peer(nursery, go)
+    async with open_client(addr, retry=FAST_RETRY) as c:
+        assert not await c.supports_extensions()
+        assert await c.ping() >= 0  # via CONFIG
+        assert (await c.config()).max_batch_size == 1000
+        with pytest.raises(Unsupported):
+            await c.topics()
+        assert await c.head("t") is None
+
+
+async def test_corrupt_and_bad_replies(nursery: trio.Nursery) -> None:
+    body = build_body([b"hello"])
+    replies = {
+        b"READ t 0 1": b"OK 0 1\r\nBATCH %d t 12345 1\r\n%s" % (len(body), body),
+        b"STATS": b"garbage\r\n",
+    }
+
+    async def peer(stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        while (line := await read_line(stream, buf)) is not None:
+            await stream.send_all(replies[line])
+
+    addr = await scripted_peer(nursery, peer)
+    async with open_client(addr, retry=FAST_RETRY) as c:
+        with pytest.raises(ChecksumMismatch):
+            await c.read("t", 0, 1)
+        with pytest.raises(BadReply):
+            await c.stats()

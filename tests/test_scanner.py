@@ -1,0 +1,189 @@
+"""Scanner against a real server: multi-batch offsets, start positions, limit,
+follow (long-poll and polling), checkpoints, retention policy, restarts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from logd_trio.batch import build_body, build_frame
+from logd_trio.checkpoint import FileCheckpoint, MemoryCheckpoint, Position
+from logd_trio.client import Client, open_client
+from logd_trio.errors import CheckpointError, NotFound, OffsetRemoved
+from logd_trio.replies import Message
+
+from .test_client import FAST_RETRY, LocalServer
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[LocalServer]:
+    srv = LocalServer(nursery, tmp_path / "data")
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+async def client(server: LocalServer) -> AsyncIterator[Client]:
+    async with open_client(server.addr, retry=FAST_RETRY) as c:
+        yield c
+
+
+async def scan(client: Client, topic: str, **kw: object) -> list[Message]:
+    out: list[Message] = []
+    async with client.scanner(topic, **kw) as s:
+        async for m in s:
+            out.append(m)
+    return out
+
+
+async def write_batches(client: Client, topic: str, batches: list[list[bytes]]) -> list[Message]:
+    """Write the batches; return the messages with the positions computed independently."""
+    expected: list[Message] = []
+    offset = None
+    for msgs in batches:
+        off = await client.batch(topic, msgs)
+        if offset is not None:
+            assert off == offset
+        body = build_body(msgs)
+        delta = 0
+        for m in msgs:
+            expected.append(Message(topic, off, delta, m))
+            delta += len(b"MSG %d\r\n" % len(m)) + len(m) + 2
+        assert delta == len(body)
+        offset = off + len(build_frame(topic, body, len(msgs)))
+    return expected
+
+
+BATCHES = [[b"a"], [b"bb", b"c\r\nc"], [b"d" * 300, b"", b"e"], [b"f"], [b"g", b"h"]]
+
+
+@pytest.mark.parametrize("read_size", [1, 2, 1000])
+async def test_multi_batch_offsets(client: Client, read_size: int) -> None:
+    expected = await write_batches(client, "mb", BATCHES)
+    assert await scan(client, "mb", read_size=read_size) == expected
+
+
+async def test_start_positions_and_limit(client: Client) -> None:
+    expected = await write_batches(client, "sp", BATCHES)
+    third = expected[3]  # the first message of the third batch
+    assert await scan(client, "sp", offset=third.offset) == expected[3:]
+    assert await scan(client, "sp", offset=third.offset, delta=expected[4].delta) == expected[4:]
+    assert await scan(client, "sp", limit=4) == expected[:4]
+    assert await scan(client, "sp", limit=0) == []
+    with pytest.raises(NotFound):
+        await scan(client, "sp", offset=third.offset + 1)
+
+
+async def test_empty_and_unknown_topics_end_cleanly(client: Client) -> None:
+    assert await scan(client, "default") == []
+    assert await scan(client, "never-written") == []
+    await client.batch("once", [b"x"])
+    assert [m.body for m in await scan(client, "once")] == [b"x"]
+
+
+@pytest.mark.parametrize("longpoll", [True, False])
+async def test_follow_sees_new_messages(
+    client: Client, nursery: trio.Nursery, longpoll: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    if not longpoll:
+        client._extensions = False  # behave as against Go logd: polling
+    got: list[bytes] = []
+    done = trio.Event()
+
+    async def reader() -> None:
+        async with client.scanner("later", follow=True, limit=3, poll_interval=0.5) as s:
+            async for m in s:
+                got.append(m.body)
+        done.set()
+
+    nursery.start_soon(reader)
+    await trio.sleep(2)  # the topic does not exist yet: the reader waits
+    assert got == []
+    await client.batch("later", [b"1"])
+    await trio.sleep(2)
+    assert got == [b"1"]
+    await client.batch("later", [b"2", b"3"])
+    await done.wait()
+    assert got == [b"1", b"2", b"3"]
+
+
+async def test_follow_survives_server_restart(
+    client: Client, server: LocalServer, nursery: trio.Nursery
+) -> None:
+    await client.batch("rs", [b"1"])
+    got: list[bytes] = []
+    seen = [trio.Event(), trio.Event()]
+
+    async def reader() -> None:
+        async with client.scanner("rs", follow=True, limit=2, wait_ms=200) as s:
+            async for m in s:
+                got.append(m.body)
+                seen[len(got) - 1].set()
+
+    nursery.start_soon(reader)
+    await seen[0].wait()
+    await server.stop()
+    await trio.sleep(0.3)
+    await server.start()
+    await client.batch("rs", [b"2"])
+    with trio.fail_after(10):
+        await seen[1].wait()
+    assert got == [b"1", b"2"]
+
+
+async def test_checkpoint_resume_at_least_once(client: Client, tmp_path: Path) -> None:
+    expected = await write_batches(client, "cp", BATCHES)
+    cp = FileCheckpoint(tmp_path / "cp.json")
+    first = await scan(client, "cp", checkpoint=cp, limit=2)
+    assert first == expected[:2]
+    saved = json.loads((tmp_path / "cp.json").read_text())
+    assert saved == {"topic": "cp", "offset": expected[2].offset, "delta": expected[2].delta}
+    rest = await scan(client, "cp", checkpoint=cp)
+    assert rest == expected[2:]
+    assert await scan(client, "cp", checkpoint=cp) == []  # at the end: nothing new
+    assert await scan(client, "cp", checkpoint=cp, from_beginning=True) == expected
+    # a consumer that fails while processing a message sees it again next time
+    mem = MemoryCheckpoint()
+    with pytest.raises(RuntimeError):
+        async with client.scanner("cp", checkpoint=mem) as s:
+            async for m in s:
+                if m == expected[4]:
+                    raise RuntimeError("crash while processing")
+    assert mem.positions["cp"] == Position(expected[4].offset, expected[4].delta)
+    assert (await scan(client, "cp", checkpoint=mem))[0] == expected[4]
+    with pytest.raises(CheckpointError):
+        await scan(client, "other", checkpoint=cp)
+
+
+async def test_retention_policy(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = LocalServer(nursery, tmp_path / "d", partition_size=200, partitions=2)
+    await srv.start()
+    async with open_client(srv.addr, retry=FAST_RETRY) as c:
+        for i in range(20):
+            await c.batch("ret", [b"m%02d" % i + b"x" * 40])
+        oldest = await c.oldest("ret")
+        assert oldest is not None and oldest > 0
+        cp = MemoryCheckpoint()
+        cp.positions["ret"] = Position(0, 0)
+        with pytest.raises(OffsetRemoved):
+            await scan(c, "ret", checkpoint=cp)
+        got = await scan(c, "ret", checkpoint=cp, on_removed="earliest")
+        assert got[0].offset == oldest
+        assert got[-1].body.startswith(b"m19")
+        assert cp.positions["ret"].offset > oldest
+    await srv.stop()
+
+
+async def test_cancelled_next_consumes_nothing(client: Client, autojump_clock: trio.testing.MockClock) -> None:
+    async with client.scanner("cn", follow=True, wait_ms=1000) as s:
+        with trio.move_on_after(3):
+            await s.__anext__()  # nothing there yet: waits, then is cancelled
+        await client.batch("cn", [b"x"])
+        m = await s.__anext__()
+        assert m.body == b"x"
