@@ -642,13 +642,17 @@ class TopicLog:
 
     # ------------------------------------------------------------------ reading
 
-    def read_plan(self, offset: int, limit: int) -> ReadPlan:
+    def read_plan(self, offset: int, limit: int, end: int | None = None) -> ReadPlan:
         """Batches from exactly ``offset`` while the message sum is below ``limit``; may span partitions.
 
-        Raises :class:`NotFound` unless ``offset`` starts a retained batch.
-        The plan owns dup'ed fds: close it.
+        ``end`` (a batch boundary, default the head) hides the batches at and
+        after it: the server passes its acknowledged head so that no reader
+        sees a batch before it is durable.  Raises :class:`NotFound` unless
+        ``offset`` starts a retained batch before ``end``.  The plan owns
+        dup'ed fds: close it.
         """
-        if self._closed or offset < self.first or offset >= self.head:
+        stop = self.head if end is None else min(end, self.head)
+        if self._closed or offset < self.first or offset >= stop:
             raise NotFound(f"offset {offset} not in [{self.first}, {self.head})")
         j = bisect_right(self._starts, offset) - 1
         p = self._parts[j]
@@ -664,6 +668,18 @@ class TopicLog:
                 if k >= len(p.idx):
                     k = len(p.idx) - 1
                 e_end, e_cum = p.idx.entry(k)
+                if p.start + e_end > stop:
+                    # Largest batch in [i, k] that ends at or before ``stop``.
+                    lo, hi = i, k
+                    while lo < hi:
+                        mid = (lo + hi + 1) // 2
+                        if p.start + p.idx.entry(mid)[0] <= stop:
+                            lo = mid
+                        else:
+                            hi = mid - 1
+                    k = lo
+                    e_end, e_cum = p.idx.entry(k)
+                    remaining = 0  # nothing visible beyond this batch
                 p.idx.hint(e_end, k + 1)
                 plan.segments.append((os.dup(p.fd), b_end, e_end - b_end))
                 plan.nbatches += k - i + 1
@@ -674,6 +690,8 @@ class TopicLog:
                 if remaining <= 0 or j >= len(self._parts):
                     break
                 nxt = self._parts[j]
+                if nxt.start >= stop:
+                    break
                 if nxt.start != p.start + p.size or nxt.size == 0:
                     break  # a gap left by recovery: stop here
                 p, i = nxt, 0

@@ -112,7 +112,7 @@ class Topic:
         """Plan of the acknowledged batches from ``offset``; raises NotFound."""
         if offset >= self.visible_head:
             raise NotFound(offset)
-        return self.log.read_plan(offset, limit)
+        return self.log.read_plan(offset, limit, end=self.visible_head)
 
     async def wait_for_data(self, offset: int) -> None:
         """Return once the acknowledged head moves past ``offset`` (caller bounds the wait)."""

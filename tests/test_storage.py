@@ -662,3 +662,21 @@ def test_clean_reopen_scans_only_the_verify_window(tmp_path: Path, monkeypatch: 
     assert all(pos == stop for pos, stop in scanned[:-1])  # sealed partitions: not scanned
     pos, stop = scanned[-1]
     assert stop > 200 and 100 <= stop - pos < 100 + max(len(f) for f in frames)  # head: only the window
+
+
+@pytest.mark.parametrize("psize", [1 << 20, 120])
+def test_read_plan_end_hides_later_batches(tmp_path: Path, psize: int) -> None:
+    """``end`` (the server's acknowledged head) hides batches at and after it."""
+    tl = open_log(tmp_path, partition_size=psize)
+    frames = [frame_of_len(50, seed=i) for i in range(6)]
+    offs = [tl.append(f, 1) for f in frames]
+    with tl.read_plan(0, 100, end=offs[3]) as plan:
+        assert plan.nbatches == 3
+        assert plan_bytes(plan) == b"".join(frames[:3])
+    with tl.read_plan(offs[2], 1, end=offs[3]) as plan:
+        assert plan_bytes(plan) == frames[2]
+    with pytest.raises(NotFound):
+        tl.read_plan(offs[3], 1, end=offs[3])
+    with tl.read_plan(offs[1], 100, end=tl.head) as plan:
+        assert plan_bytes(plan) == b"".join(frames[1:])
+    tl.close()
