@@ -36,7 +36,8 @@ def serve(
         help="fsync period for --fsync interval, Go duration such as 1s or 200ms. Default: 1s.")] = None,
     flush_batches: Annotated[int | None, typer.Option(
         help="Also fsync after this many batches (0: off). Default: 0.")] = None,
-    topics: Annotated[int | None, typer.Option(help="Maximum number of topics, 'default' included. Default: 8.")] = None,
+    topics: Annotated[int | None, typer.Option(
+        help="Maximum number of topics, 'default' included. Default: 8.")] = None,
     topics_whitelist: Annotated[str | None, typer.Option(
         help="Comma-separated topics allowed (empty: any).")] = None,
     max_messages: Annotated[int | None, typer.Option(help="Maximum messages per READ/TAIL. Default: 50000.")] = None,
