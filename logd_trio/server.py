@@ -134,6 +134,8 @@ async def serve(
     ``await nursery.start(serve, config)`` with port 0 gives the real port.
     """
     root = Path(config.workdir)
+    log.info("starting on %s: data in %s, fsync=%s%s", config.host, root.resolve(), config.fsync,
+             f" every {config.flush_interval:g}s" if config.fsync == "interval" else "")
     await trio.to_thread.run_sync(partial(root.mkdir, mode=config.dir_mode, parents=True, exist_ok=True))
     counters = Counters()
     stats_send, stats_recv = trio.open_memory_channel[StatsRequest](16)

@@ -280,3 +280,34 @@ async def test_long_poll_wakes_on_new_batch(
     head, frames = await reader.read_reply()
     assert head == b"OK 0 1\r\n" and frames == [req]
     assert 3.0 <= trio.current_time() - t0 < 3.5
+
+
+async def test_flush_batches_syncs_every_n_batches(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = capture_topics(monkeypatch)
+    srv = await start_server(nursery, make_config(tmp_path / "d", fsync="never", flush_batches=5))
+    w = await Wire.connect(srv.host, srv.port)
+    for i in range(12):  # one at a time: each batch is its own append round
+        await w.send(batch_request("fb", [b"%d" % i]))
+        assert (await w.reply()).startswith(b"OK ")
+    assert topics["fb"].log.fsync_count == 2  # after batch 5 and batch 10
+
+
+async def test_interval_mode_syncs_when_idle(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vclock: trio.testing.MockClock
+) -> None:
+    topics = capture_topics(monkeypatch)
+    srv = await start_server(nursery, make_config(tmp_path / "d", fsync="interval", flush_interval=2.0))
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(batch_request("iv", [b"x"]))
+    assert await w.reply() == b"OK 0 1\r\n"  # acknowledged before any fsync
+    tlog = topics["iv"].log
+    synced_at: list[float] = []
+    tlog.on_fsync = lambda upto: synced_at.append(upto)
+    assert tlog.fsync_count == 0
+    t0 = trio.current_time()
+    while not synced_at:
+        await trio.sleep(0.1)
+    assert trio.current_time() - t0 <= 2.1  # within one interval, with no further traffic
+    assert synced_at[0] == len(batch_request("iv", [b"x"]))
