@@ -19,10 +19,11 @@ def _root() -> None:
 
 
 def _register() -> None:
-    from . import client_cmds, serve_cmd
+    from . import bench_cmd, client_cmds, serve_cmd
 
     serve_cmd.register(app)
     client_cmds.register(app)
+    bench_cmd.register(app)
 
 
 _register()

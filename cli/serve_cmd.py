@@ -51,9 +51,17 @@ def serve(
         help="Connections beyond this get 'ERR too many connections'. Default: 1024.")] = None,
     max_wait: Annotated[str | None, typer.Option(help="Cap on a long-poll READ's wait. Default: 30s.")] = None,
     pipeline_depth: Annotated[int | None, typer.Option(
-        help="Requests in flight per connection; bounds buffered bytes to depth x batch size. Default: 32.")] = None,
+        help="Requests in flight per connection before the server stops reading it. Default: 128.")] = None,
     file_mode: Annotated[str | None, typer.Option(help="Mode of new data files, octal. Default: 0600.")] = None,
     dir_mode: Annotated[str | None, typer.Option(help="Mode of new directories, octal. Default: 0700.")] = None,
+    min_free_space: Annotated[str | None, typer.Option(
+        help="Refuse writes ('ERR storage error: disk nearly full') when less is free, e.g. 1GiB; 0: off. "
+             "Default: 16MiB.")] = None,
+    max_waiters: Annotated[int | None, typer.Option(
+        help="Long-poll READs waiting at once, server-wide; beyond it they answer at once. Default: 1024.")] = None,
+    scrub_rate: Annotated[str | None, typer.Option(
+        help="Bytes/s the background check of old partitions reads (CRC + framing); 0: off. Default: 32MiB.")]
+        = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML file of settings (keys as the flags, or under [serve]).")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
@@ -66,6 +74,7 @@ def serve(
         "max_messages": max_messages, "timeout": timeout, "idle_timeout": idle_timeout,
         "shutdown_timeout": shutdown_timeout, "max_connections": max_connections, "max_wait": max_wait,
         "pipeline_depth": pipeline_depth, "file_mode": file_mode, "dir_mode": dir_mode,
+        "min_free_space": min_free_space, "max_waiters": max_waiters, "scrub_rate": scrub_rate,
     }
     try:
         cfg = load_config(flags=flags, file=config)
@@ -75,9 +84,27 @@ def serve(
     _setup_logging(verbose)
     try:
         trio.run(run, cfg)
-    except OSError as e:
-        typer.echo(f"logd serve: cannot listen on {cfg.host}: {e.strerror or e}", err=True)
+    except (OSError, BaseExceptionGroup) as exc:
+        err = _first_oserror(exc)
+        if err is None:
+            raise
+        if verbose:
+            logging.getLogger("logd_trio").exception("fatal error")
+        where = f" ({err.filename})" if err.filename else f" (listening on {cfg.host})"
+        typer.echo(f"logd serve: {err.strerror or err}{where}", err=True)
         raise typer.Exit(1) from None
+
+
+def _first_oserror(exc: BaseException) -> OSError | None:
+    """The OSError behind a failure, also from inside Trio's exception groups."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _first_oserror(sub)
+            if found is not None:
+                return found
+    return None
 
 
 def register(app: typer.Typer) -> None:

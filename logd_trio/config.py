@@ -100,9 +100,12 @@ class ServerConfig:
     shutdown_timeout: float = 15.0
     max_connections: int = 1024
     max_wait: float = 30.0
-    pipeline_depth: int = 32
+    pipeline_depth: int = 128
     file_mode: int = 0o600
     dir_mode: int = 0o700
+    min_free_space: int = 16 * MIB
+    max_waiters: int = 1024
+    scrub_rate: int = 32 * MIB
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workdir", Path(self.workdir))
@@ -114,8 +117,9 @@ class ServerConfig:
             raise ConfigError(f"batch_size: must be at least 64 bytes, got {self.batch_size}")
         if self.fsync not in FSYNC_MODES:
             raise ConfigError(f"fsync: must be one of {', '.join(FSYNC_MODES)}, got {self.fsync!r}")
-        if self.flush_batches < 0:
-            raise ConfigError(f"flush_batches: must not be negative, got {self.flush_batches}")
+        for name in ("flush_batches", "min_free_space", "max_waiters", "scrub_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         for name in ("flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")
@@ -143,7 +147,7 @@ class ServerConfig:
 _FIELDS: Final = {f.name: f for f in dataclasses.fields(ServerConfig) }
 _DURATIONS: Final = {"flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait"}
 _INTS: Final = {"batch_size", "max_messages", "partition_size", "partitions", "flush_batches", "topics",
-                "max_connections", "pipeline_depth"}
+                "max_connections", "pipeline_depth", "min_free_space", "max_waiters", "scrub_rate"}
 _MODES: Final = {"file_mode", "dir_mode"}
 
 

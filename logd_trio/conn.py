@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from . import protocol as p
-from .errors import NotFound, RequestError
+from .errors import NotFound, RequestError, StorageError
 from .stats import Counters, StatsRequest
-from .storage import ReadPlan
+from .storage import CorruptData, ReadPlan
 from .topic import Append
 
 if TYPE_CHECKING:
@@ -79,6 +79,9 @@ class Connection:
         # once instead of holding a connection whose client has gone.
         self._eof = False
         self._poll_scope: trio.CancelScope | None = None
+        # A batch queued at its topic whose reply slot the reader could not get before it was
+        # stopped (graceful shutdown): the writer answers it last, so no stored batch loses its OK.
+        self._orphan: Append | None = None
 
     def stop_reading(self) -> None:
         """Graceful shutdown: take no new request; in-flight ones still get replies."""
@@ -173,7 +176,12 @@ class Connection:
         try:
             out.send_nowait(item)
         except trio.WouldBlock:
-            await out.send(item)
+            try:
+                await out.send(item)
+            except trio.Cancelled:
+                if isinstance(item, Append):
+                    self._orphan = item
+                raise
         return True
 
     # ------------------------------------------------------------ writer
@@ -192,9 +200,13 @@ class Connection:
                         try:
                             item = await items.receive()
                         except trio.EndOfChannel:
-                            break
+                            if self._orphan is None:
+                                break
+                            item, self._orphan = self._orphan, None
                     except trio.EndOfChannel:
-                        break
+                        if self._orphan is None:
+                            break
+                        item, self._orphan = self._orphan, None
                     if isinstance(item, bytes):
                         pending += item
                     elif isinstance(item, Append):
@@ -231,7 +243,7 @@ class Connection:
         topic = registry.get(req.topic)
         if isinstance(req, p.Read) and req.wait_ms is not None and (
             req.offset == (topic.visible_head if topic is not None else 0)
-        ):
+        ) and self.counters.longpoll_waiting < self.config.max_waiters:  # beyond: answer as a plain READ
             if pending:
                 await self._send_all(pending)
                 pending.clear()
@@ -253,9 +265,15 @@ class Connection:
                 raise NotFound(req.topic)
             offset = req.offset if isinstance(req, p.Read) else topic.first
             plan = topic.read_plan(offset, req.limit)
+            if plan.checks:  # frames of an earlier process the scrub has not verified yet
+                plan = await topic.verify_read(plan, offset, req.limit)
         except NotFound:
             self.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
             pending += b"ERR not found\r\n"
+            return
+        except StorageError as e:  # never send a frame that fails its CRC
+            self.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
+            pending += b"ERR corrupt data\r\n" if isinstance(e, CorruptData) else p.reply_err(f"storage error: {e}")
             return
         await self._send_plan(plan, pending)
         pending.clear()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Mapping
 from functools import partial
@@ -30,7 +31,7 @@ from .config import ServerConfig
 from .conn import Connection
 from .errors import RequestError
 from .stats import Counters, StatsRequest, TopicView, run_stats_task
-from .storage import list_topics
+from .storage import list_topics, make_root
 from .topic import Topic
 
 __all__ = ["Registry", "run", "serve"]
@@ -106,6 +107,11 @@ class Registry:
             t.close_input()
 
 
+def _absolute(path: Path) -> str:
+    """For log lines: no file system access (cwd is known)."""
+    return os.path.abspath(path)
+
+
 class _Connections:
     def __init__(self) -> None:
         self.open: set[Connection] = set()
@@ -134,9 +140,9 @@ async def serve(
     ``await nursery.start(serve, config)`` with port 0 gives the real port.
     """
     root = Path(config.workdir)
-    log.info("starting on %s: data in %s, fsync=%s%s", config.host, root.resolve(), config.fsync,
+    log.info("starting on %s: data in %s, fsync=%s%s", config.host, _absolute(root), config.fsync,
              f" every {config.flush_interval:g}s" if config.fsync == "interval" else "")
-    await trio.to_thread.run_sync(partial(root.mkdir, mode=config.dir_mode, parents=True, exist_ok=True))
+    await trio.to_thread.run_sync(make_root, root, config.dir_mode)  # durably: parents fsynced
     counters = Counters()
     stats_send, stats_recv = trio.open_memory_channel[StatsRequest](16)
     async with trio.open_nursery() as root_nursery:
@@ -190,7 +196,7 @@ async def _serve_connections(
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as accept:
             accept.start_soon(partial(trio.serve_listeners, handle, listeners, handler_nursery=handlers))
-            log.info("listening on %s:%d, data in %s, fsync=%s%s", bound[0], bound[1], registry.root.resolve(),
+            log.info("listening on %s:%d, data in %s, fsync=%s%s", bound[0], bound[1], _absolute(registry.root),
                      config.fsync, f" every {config.flush_interval:g}s" if config.fsync == "interval" else "")
             task_status.started(bound)
             if shutdown is None:

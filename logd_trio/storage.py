@@ -36,9 +36,9 @@ from types import TracebackType
 
 from .batch import count_messages, crc32, parse_frame_header, valid_topic
 from .errors import InvalidBatchError, NotFound, StorageError
-from .index import INDEX_SUFFIX, REC_SIZE, PartitionIndex, validate
+from .index import INDEX_SUFFIX, REC, REC_SIZE, PartitionIndex, validate
 
-__all__ = ["ReadPlan", "SyncJob", "TopicLog", "list_topics"]
+__all__ = ["CorruptData", "ReadPlan", "SyncJob", "TopicLog", "VerifyJob", "list_topics", "make_root"]
 
 LOG_SUFFIX = ".log"
 GO_INDEX_SUFFIX = ".idx"
@@ -53,6 +53,8 @@ _INDEX_SYNC_BYTES = 256 * 1024
 # On open, frames in the last this-many indexed bytes of the head partition are
 # re-verified (CRC + framing): the index may reach disk before the log data.
 _VERIFY_TAIL = 64 * 1024
+# Largest read of one verification step (a bigger single batch is read whole).
+_VERIFY_CHUNK = 4 << 20
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
@@ -79,6 +81,19 @@ def _parse_start(name: str, suffix: str) -> int | None:
     if not stem or not stem.isascii() or not stem.isdigit() or str(int(stem)) != stem:
         return None
     return int(stem)
+
+
+def make_root(root: Path, dir_mode: int = 0o700) -> None:
+    """Create the data directory (and missing parents) durably: each new entry's parent is fsynced."""
+    root = Path(root)
+    if root.is_dir():
+        return
+    make_root(root.parent, dir_mode)
+    try:
+        os.mkdir(root, dir_mode)
+    except FileExistsError:
+        return
+    _fsync_dir(root.parent)
 
 
 def list_topics(root: Path) -> list[str]:
@@ -153,9 +168,16 @@ class SyncJob:
 
 
 class ReadPlan:
-    """Batches to send for one READ: ``segments`` are ``(fd, position, length)`` on dup'ed fds."""
+    """Batches to send for one READ: ``segments`` are ``(fd, position, length)`` on dup'ed fds.
 
-    __slots__ = ("_closed", "nbatches", "nbytes", "nmessages", "offset", "segments")
+    ``checks`` lists ``(partition start, position, end)`` ranges of the plan
+    that were not verified (CRC + framing) since this process opened them:
+    a server must not send the plan before :meth:`TopicLog.verify_job` /
+    :meth:`TopicLog.apply_verification` have checked them and a new plan
+    comes back without checks (see ``docs/durability.md``).
+    """
+
+    __slots__ = ("_closed", "checks", "nbatches", "nbytes", "nmessages", "offset", "segments")
 
     def __init__(self, offset: int) -> None:
         self.offset = offset
@@ -163,6 +185,7 @@ class ReadPlan:
         self.nmessages = 0
         self.nbytes = 0
         self.segments: list[tuple[int, int, int]] = []
+        self.checks: list[tuple[int, int, int]] = []
         self._closed = False
 
     def close(self) -> None:
@@ -180,8 +203,176 @@ class ReadPlan:
         self.close()
 
 
+class CorruptData(StorageError):
+    """A stored batch failed its CRC or framing check; it is never served (``ERR corrupt data``)."""
+
+
+class _Ranges:
+    """Sorted, disjoint, merged half-open ``[a, b)`` position ranges of one partition."""
+
+    __slots__ = ("ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.starts)
+
+    def add(self, a: int, b: int) -> None:
+        if a >= b:
+            return
+        i = bisect_right(self.ends, a - 1)  # first range ending at or after a (touching merges)
+        j = bisect_right(self.starts, b)  # ranges [i, j) overlap or touch [a, b]
+        if i < j:
+            a = min(a, self.starts[i])
+            b = max(b, self.ends[j - 1])
+        self.starts[i:j] = [a]
+        self.ends[i:j] = [b]
+
+    def first_overlap(self, a: int, b: int) -> tuple[int, int] | None:
+        """The first range that overlaps ``[a, b)``, or None."""
+        i = bisect_right(self.ends, a)
+        if a < b and i < len(self.starts) and self.starts[i] < b:
+            return self.starts[i], self.ends[i]
+        return None
+
+    def missing(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The parts of ``[a, b)`` not covered."""
+        out: list[tuple[int, int]] = []
+        i = bisect_right(self.ends, a)
+        while a < b:
+            if i >= len(self.starts) or self.starts[i] >= b:
+                out.append((a, b))
+                break
+            if self.starts[i] > a:
+                out.append((a, self.starts[i]))
+            a = max(a, self.ends[i])
+            i += 1
+        return out
+
+
+def _frame_ok(buf: bytes, s: int, e: int, count: int, topic: bytes) -> bool:
+    """Whether ``buf[s:e]`` is exactly one valid frame (header, CRC, framing) of ``count`` messages of ``topic``."""
+    if e > len(buf) or e <= s:
+        return False
+    try:
+        h = parse_frame_header(buf, s)
+        if h is None or h.frame_len != e - s or h.count != count or h.topic != topic:
+            return False
+        body = s + h.header_len
+        return crc32(memoryview(buf)[body:e]) == h.crc and count_messages(buf, body, e) == count
+    except InvalidBatchError:
+        return False
+
+
+class VerifyJob:
+    """Checks stored batches against their CRC, framing and index record, off the owning thread.
+
+    Built on the owning thread by :meth:`TopicLog.verify_job` or
+    :meth:`TopicLog.scrub_job`; :meth:`run` is blocking and thread-safe (it
+    owns dup'ed fds and copies of the index records); the result goes back
+    with :meth:`TopicLog.apply_verification` on the owning thread.  Bad
+    batches are copied aside (``<start>.log.corrupt-<pos>-<time>``) by ``run``.
+    """
+
+    __slots__ = ("_closed", "_dir", "_file_mode", "_parts", "bad", "checked", "nbytes", "topic")
+
+    # per part: (partition start, dup'ed fd, first position, cum before it, index records)
+    def __init__(self, topic: str, directory: Path, file_mode: int,
+                 parts: list[tuple[int, int, int, int, bytes]]) -> None:
+        self.topic = topic
+        self._dir = directory
+        self._file_mode = file_mode
+        self._parts = parts
+        self._closed = False
+        self.nbytes = 0  # bytes read by run()
+        self.checked: list[tuple[int, int, int]] = []  # (start, a, b): checked by run()
+        self.bad: list[tuple[int, int, int, str]] = []  # (start, a, b, where the bytes were copied)
+
+    def run(self) -> None:
+        """Verify every batch; copy bad ones aside.  Raises OSError only if the log cannot be read."""
+        try:
+            for start, fd, pos, cum, records in self._parts:
+                self._run_part(start, fd, pos, cum, records)
+        finally:
+            self.close()
+
+    def _run_part(self, start: int, fd: int, pos: int, cum: int, records: bytes) -> None:
+        first = pos
+        topic = self.topic.encode("ascii")
+        n = len(records) // REC_SIZE
+        i = 0
+        bad_a = -1
+        while i < n:
+            # one chunk: consecutive batches up to _VERIFY_CHUNK bytes (at least one batch)
+            j = i
+            chunk_end = pos
+            while j < n:
+                end = REC.unpack_from(records, j * REC_SIZE)[0]
+                if j > i and end - pos > _VERIFY_CHUNK:
+                    break
+                chunk_end = end
+                j += 1
+            buf = os.pread(fd, chunk_end - pos, pos) if chunk_end > pos else b""
+            self.nbytes += len(buf)
+            base = pos
+            for k in range(i, j):
+                end, c = REC.unpack_from(records, k * REC_SIZE)
+                ok = c > cum and _frame_ok(buf, pos - base, end - base, c - cum, topic)
+                if not ok and bad_a < 0:
+                    bad_a = pos
+                elif ok and bad_a >= 0:
+                    self._bad(start, bad_a, pos, fd)
+                    bad_a = -1
+                pos, cum = end, c
+            i = j
+        if bad_a >= 0:
+            self._bad(start, bad_a, pos, fd)
+        self.checked.append((start, first, pos))
+
+    def _bad(self, start: int, a: int, b: int, fd: int) -> None:
+        where = "(not copied)"
+        try:
+            where = str(self._copy_aside(start, a, b, fd))
+        except OSError as e:
+            where = f"(copy failed: {e})"
+        self.bad.append((start, a, b, where))
+
+    def _copy_aside(self, start: int, a: int, b: int, fd: int) -> Path:
+        data = os.pread(fd, b - a, a)
+        prefix = f"{start}{CORRUPT_MARK}{a}-"
+        for name in os.listdir(self._dir):  # copied by an earlier run or process: do not copy again
+            if name.startswith(prefix) and (self._dir / name).stat().st_size == len(data):
+                return self._dir / name
+        copy = self._dir / f"{prefix}{int(time.time())}"
+        suffix = 0
+        while True:
+            try:
+                cfd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, self._file_mode)
+                break
+            except FileExistsError:
+                suffix += 1
+                copy = copy.with_name(f"{prefix}{int(time.time())}.{suffix}")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(cfd, view) :]
+            os.fsync(cfd)
+        finally:
+            os.close(cfd)
+        _fsync_dir(self._dir)
+        return copy
+
+    def close(self) -> None:
+        """Close the dup'ed fds (``run`` does it too).  Idempotent."""
+        if not self._closed:
+            self._closed = True
+            _close_quietly([fd for _, fd, _, _, _ in self._parts])
+
+
 class _Partition:
-    __slots__ = ("cum", "fd", "idx", "size", "start", "synced_size")
+    __slots__ = ("bad", "cum", "fd", "idx", "size", "start", "synced_size", "vend", "verified")
 
     def __init__(self, start: int, fd: int, idx: PartitionIndex, size: int, cum: int) -> None:
         self.start = start
@@ -190,6 +381,11 @@ class _Partition:
         self.size = size  # bytes of valid frames
         self.cum = cum  # messages in the partition
         self.synced_size = size  # bytes covered by a captured SyncJob
+        # Frames in [0, vend) come from an earlier process and were trusted through the index:
+        # they are verified (CRC + framing) before being served; ``verified`` holds what was.
+        self.vend = 0
+        self.verified = _Ranges()
+        self.bad = _Ranges()  # batches that failed verification: never served
 
 
 class TopicLog:
@@ -356,6 +552,7 @@ class TopicLog:
             os.fdatasync(ifd)  # a sealed partition's rebuilt index: make the next open fast
             idx.synced_n = idx.n_file
         p = _Partition(start, fd, idx, good, cum)
+        p.vend = min(end, good)  # trusted through the index, not checked: verified before it is served
         if not head:
             self._seal(p)
         if rebuilt > 1000:
@@ -680,6 +877,19 @@ class TopicLog:
                     k = lo
                     e_end, e_cum = p.idx.entry(k)
                     remaining = 0  # nothing visible beyond this batch
+                if p.bad:
+                    hit = p.bad.first_overlap(b_end, e_end)
+                    if hit is not None:  # a batch that failed verification: stop before it
+                        if hit[0] <= b_end:
+                            if plan.segments:
+                                break
+                            raise CorruptData(f"topic {self.topic}: batch at offset {offset} is corrupt")
+                        k = p.idx.last_end_at_most(hit[0])
+                        e_end, e_cum = p.idx.entry(k)
+                        remaining = 0
+                if b_end < p.vend:  # written by an earlier process and not verified yet
+                    for a, b in p.verified.missing(b_end, min(e_end, p.vend)):
+                        plan.checks.append((p.start, a, b))
                 p.idx.hint(e_end, k + 1)
                 plan.segments.append((os.dup(p.fd), b_end, e_end - b_end))
                 plan.nbatches += k - i + 1
@@ -702,6 +912,90 @@ class TopicLog:
             plan.close()
             raise
         return plan
+
+    # ------------------------------------------------------------------ verification
+
+    def _part_at(self, start: int) -> _Partition | None:
+        j = bisect_right(self._starts, start) - 1
+        if j >= 0 and self._starts[j] == start:
+            return self._parts[j]
+        return None
+
+    def _records(self, p: _Partition, i: int, k: int) -> bytes:
+        """Raw index records ``i..k`` of ``p`` (file part with one pread, then pending)."""
+        idx = p.idx
+        out = b""
+        if i < idx.n_file:
+            top = min(k + 1, idx.n_file)
+            out = os.pread(idx.fd, (top - i) * REC_SIZE, i * REC_SIZE)
+            if len(out) != (top - i) * REC_SIZE:
+                raise StorageError(f"topic {self.topic}: index of partition {p.start} shrank")
+            i = top
+        if i <= k:
+            out += bytes(idx.pending[(i - idx.n_file) * REC_SIZE : (k + 1 - idx.n_file) * REC_SIZE])
+        return out
+
+    def verify_job(self, checks: list[tuple[int, int, int]]) -> VerifyJob:
+        """A job checking ``checks`` (``ReadPlan.checks``: batch-aligned ranges); run it anywhere."""
+        parts: list[tuple[int, int, int, int, bytes]] = []
+        try:
+            for start, a, b in checks:
+                p = self._part_at(start)
+                if p is None or self._closed:
+                    continue
+                i = p.idx.find_start(a)
+                k = p.idx.last_end_at_most(b)
+                if i < 0 or k < i:
+                    continue
+                records = self._records(p, i, k)
+                parts.append((start, os.dup(p.fd), a, p.idx.entry(i - 1)[1], records))
+        except OSError as e:
+            _close_quietly([fd for _, fd, _, _, _ in parts])
+            raise StorageError(f"topic {self.topic}: cannot verify: {e}") from e
+        return VerifyJob(self.topic, self._dir, self._file_mode, parts)
+
+    def scrub_job(self, max_bytes: int) -> VerifyJob | None:
+        """The next unverified range (about ``max_bytes``, newest partition first), or None when done."""
+        for p in reversed(self._parts):
+            if p.vend == 0:
+                continue
+            gaps = p.verified.missing(0, p.vend)
+            if not gaps:
+                p.vend = 0
+                p.verified = _Ranges()
+                continue
+            a, b = gaps[0]
+            i = p.idx.find_start(a)
+            k = max(i, p.idx.last_end_at_most(a + max_bytes))
+            b = min(b, p.idx.entry(k)[0])
+            return self.verify_job([(p.start, a, b)])
+        return None
+
+    @property
+    def unverified_bytes(self) -> int:
+        """Bytes of earlier processes' frames not verified yet (the scrub's remaining work)."""
+        return sum(b - a for p in self._parts if p.vend for a, b in p.verified.missing(0, p.vend))
+
+    def apply_verification(self, job: VerifyJob) -> None:
+        """Record a finished job's result (owning thread): verified ranges, bad batches (logged loudly)."""
+        for start, a, b, where in job.bad:
+            p = self._part_at(start)
+            if p is None:
+                continue
+            p.bad.add(a, b)
+            self._log.error(
+                "topic %s: CORRUPTION in %s: the batches at offsets [%d, %d) (positions %d..%d) fail their "
+                "CRC/framing check; they are not served (ERR corrupt data); their bytes were copied to %s",
+                self.topic, self._lpath(start), start + a, start + b, a, b, where,
+            )
+        for start, a, b in job.checked:
+            p = self._part_at(start)
+            if p is None or p.vend == 0:
+                continue
+            p.verified.add(a, b)
+            if not p.verified.missing(0, p.vend):
+                p.vend = 0
+                p.verified = _Ranges()
 
     # ------------------------------------------------------------------ closing
 

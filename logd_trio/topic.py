@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import trio
 
 from .config import ServerConfig
 from .errors import NotFound, StorageError
-from .storage import ReadPlan, SyncJob, TopicLog
+from .storage import ReadPlan, SyncJob, TopicLog, VerifyJob
 
 __all__ = ["Append", "Topic"]
 
@@ -29,6 +31,46 @@ log = logging.getLogger("logd_trio.topic")
 # How many appends may queue for one topic before senders wait (backpressure).
 # Each holds at most one max-size batch, so this bounds memory per topic.
 INBOX_SIZE = 64
+# --min-free-space: statvfs at most this often (seconds), or after this many bytes were appended.
+FREE_SPACE_PERIOD = 0.1
+FREE_SPACE_BYTES = 4 * 1024 * 1024
+# Background scrub: bytes verified per worker-thread call (paced to --scrub-rate).
+SCRUB_CHUNK = 4 * 1024 * 1024
+# Reads verify up to this many unchecked bytes on the Trio thread (page cache: tens of
+# microseconds, cheaper than a thread hop); bigger ranges go to a worker thread.
+INLINE_VERIFY_BYTES = 256 * 1024
+
+
+class _FreeSpace:
+    """The --min-free-space guard: refuses appends that would leave less than ``minimum`` bytes free."""
+
+    __slots__ = ("appended", "free", "minimum", "next_check", "path")
+
+    def __init__(self, path: Path, minimum: int) -> None:
+        self.path = path
+        self.minimum = minimum
+        self.free = 0
+        self.appended = 0  # bytes appended since the last statvfs
+        self.next_check = -math.inf
+
+    def refuse(self, n: int) -> str | None:
+        """The reason to refuse an append of ``n`` bytes, or None.  Cheap: statvfs is rate limited."""
+        if not self.minimum:
+            return None
+        now = trio.current_time()
+        if now >= self.next_check or self.appended >= FREE_SPACE_BYTES:
+            try:
+                st = os.statvfs(self.path)
+            except OSError:
+                return None  # cannot tell: the write itself will say
+            self.free = st.f_bavail * st.f_frsize
+            self.appended = 0
+            self.next_check = now + FREE_SPACE_PERIOD
+        free = self.free - self.appended
+        if free - n < self.minimum:
+            return f"disk nearly full ({max(free, 0)} bytes free, minimum {self.minimum})"
+        self.appended += n
+        return None
 
 
 class Append:
@@ -65,6 +107,7 @@ class Topic:
         self.fsyncs = 0
         self.synced_batches = 0
         self.closed = False
+        self._space = _FreeSpace(Path(config.workdir) / name, config.min_free_space)
 
     @classmethod
     def open(cls, root: Path, name: str, config: ServerConfig) -> Topic:
@@ -114,6 +157,63 @@ class Topic:
             raise NotFound(offset)
         return self.log.read_plan(offset, limit, end=self.visible_head)
 
+    async def verify_read(self, plan: ReadPlan, offset: int, limit: int) -> ReadPlan:
+        """Verify ``plan.checks`` (CRC + framing, in a worker thread), then plan again; closes ``plan``.
+
+        Only reads touching frames of an earlier process that the scrub has
+        not reached yet come here.  The new plan stops before any corrupt
+        batch; raises :class:`~logd_trio.storage.CorruptData` if the batch at
+        ``offset`` is corrupt, :class:`NotFound` if it went away meanwhile.
+        Cancelled: nothing was sent; what was verified stays recorded only
+        if the thread's result was applied.
+        """
+        for _ in range(4):  # converges in one round unless retention or new data interferes
+            small = sum(b - a for _, a, b in plan.checks) <= INLINE_VERIFY_BYTES
+            try:
+                job = self.log.verify_job(plan.checks)
+            finally:
+                plan.close()
+            if small:
+                try:
+                    job.run()
+                except OSError as e:
+                    raise StorageError(f"topic {self.name}: cannot read for verification: {e}") from e
+                self.log.apply_verification(job)
+            else:
+                await self._run_verify(job)
+            plan = self.read_plan(offset, limit)
+            if not plan.checks:
+                return plan
+        plan.close()
+        raise StorageError(f"topic {self.name}: could not verify the read at {offset}")
+
+    async def _run_verify(self, job: VerifyJob) -> None:
+        try:
+            await trio.to_thread.run_sync(job.run)
+        except OSError as e:
+            raise StorageError(f"topic {self.name}: cannot read for verification: {e}") from e
+        finally:
+            job.close()
+        self.log.apply_verification(job)
+
+    async def _scrubber(self) -> None:
+        """Verify, at ``scrub_rate`` bytes/s, the frames an earlier process left and the index vouched for."""
+        rate = self.config.scrub_rate
+        total = self.log.unverified_bytes
+        if rate <= 0 or not total:
+            return
+        log.info("topic %s: verifying %d bytes written before this start (scrub at %d bytes/s)",
+                 self.name, total, rate)
+        t0 = trio.current_time()
+        try:
+            while (job := self.log.scrub_job(SCRUB_CHUNK)) is not None:
+                await self._run_verify(job)
+                await trio.sleep(job.nbytes / rate)
+        except StorageError as e:
+            log.error("topic %s: scrub stopped: %s (reads still verify what they touch)", self.name, e)
+            return
+        log.info("topic %s: scrub done: %d bytes verified in %.1fs", self.name, total, trio.current_time() - t0)
+
     async def wait_for_data(self, offset: int) -> None:
         """Return once the acknowledged head moves past ``offset`` (caller bounds the wait)."""
         while self.visible_head <= offset and not self.closed:
@@ -135,6 +235,7 @@ class Topic:
                     nursery.start_soon(self._syncer_always)
                 elif mode == "interval":
                     nursery.start_soon(self._syncer_interval)
+                nursery.start_soon(self._scrubber)
                 task_status.started()
                 async for item in self._recv:
                     self._write(item)
@@ -162,6 +263,9 @@ class Topic:
 
     def _write(self, item: Append) -> None:
         try:
+            full = self._space.refuse(len(item.frame))
+            if full is not None:
+                raise StorageError(full)
             offset = self.log.append(item.frame, item.count)
         except StorageError as e:
             item.error = f"storage error: {e}"

@@ -114,7 +114,7 @@ class Writer:
         *,
         batch_size: int | None = None,
         flush_interval: float | None = 0.4,
-        max_in_flight: int = 4,
+        max_in_flight: int = 32,
         max_pending: int | None = None,
         on_ack: AckCallback | None = None,
         close_timeout: float = 5.0,

@@ -76,3 +76,15 @@ def test_cli_serve_rejects_bad_config_with_one_line() -> None:
     result = CliRunner().invoke(app, ["serve", "--fsync", "sometimes"])
     assert result.exit_code == 2
     assert "fsync" in result.output and "Traceback" not in result.output
+
+
+def test_cli_serve_port_in_use_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--host", f"127.0.0.1:{port}", "--workdir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "Address already in use" in result.output and "Traceback" not in result.output

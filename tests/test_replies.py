@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import zlib
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,7 +37,7 @@ from logd_trio.replies import (
     error_for_reason,
 )
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+from .conftest import CONFORMANCE
 
 
 def _bytes(value: Any) -> bytes:
