@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from logd_trio.client import Client, RetryPolicy, open_client
 from logd_trio.config import ServerConfig
 from logd_trio.server import serve
 
@@ -75,11 +77,58 @@ def make_config(workdir: Path, **kw: Any) -> ServerConfig:
     return replace(base, **kw)
 
 
+FAST_RETRY = RetryPolicy(attempts=2, initial=0.01, maximum=0.01)
+
+
+class LocalServer:
+    """A real logd-trio server in the test's nursery that can be stopped and restarted
+    on the same port and data directory."""
+
+    def __init__(self, nursery: trio.Nursery, workdir: Path, **options: Any) -> None:
+        self.nursery = nursery
+        self.config = ServerConfig(host="127.0.0.1:0", workdir=workdir, fsync="never", **options)
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._shutdown: trio.Event | None = None
+        self._done: trio.Event | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        config = dataclasses.replace(self.config, host=f"127.0.0.1:{self.port}")
+        shutdown, done = trio.Event(), trio.Event()
+        self._shutdown, self._done = shutdown, done
+
+        async def runner(task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await serve(config, shutdown=shutdown, task_status=task_status)
+            finally:
+                done.set()
+
+        self.host, self.port = await self.nursery.start(runner)
+
+    async def stop(self) -> None:
+        assert self._shutdown is not None and self._done is not None
+        self._shutdown.set()
+        await self._done.wait()
+
+
 @pytest.fixture
-async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RunningServer]:
-    srv = await start_server(nursery, make_config(tmp_path / "data"))
+async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[LocalServer]:
+    srv = LocalServer(nursery, tmp_path / "data")
+    await srv.start()
     yield srv
-    srv.scope.cancel()
+    await srv.stop()
+
+
+@pytest.fixture
+async def client(server: LocalServer) -> AsyncIterator[Client]:
+    async with open_client(server.addr, retry=FAST_RETRY) as c:
+        yield c
+
+
 
 
 @pytest.fixture

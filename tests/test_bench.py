@@ -21,7 +21,7 @@ from logd_trio.batch import build_body, count_messages
 from logd_trio.bench import BenchConfig, BenchError, format_result, make_frame, run_bench
 from logd_trio.errors import InvalidBatchError
 
-from .conftest import RunningServer
+from .conftest import LocalServer
 
 
 def test_make_frame_fits_size() -> None:
@@ -41,7 +41,7 @@ def test_config_validation() -> None:
         BenchConfig(write=False, read=False)
 
 
-async def test_engine_write_then_read(server: RunningServer) -> None:
+async def test_engine_write_then_read(server: LocalServer) -> None:
     config = BenchConfig(host=server.addr, conns=2, topics=2, duration=0.3, size=8192, message_size=100,
                          window=4, read_batches=3)
     result = await run_bench(config)
@@ -62,7 +62,7 @@ async def test_engine_write_then_read(server: RunningServer) -> None:
     assert only_read.write is None and only_read.read is not None and only_read.read.batches > 0
 
 
-async def test_engine_only_read_of_a_missing_topic_fails(server: RunningServer) -> None:
+async def test_engine_only_read_of_a_missing_topic_fails(server: LocalServer) -> None:
     with pytest.raises(BenchError, match="missing or empty"):
         await run_bench(BenchConfig(host=server.addr, duration=0.1, write=False, topic_prefix="nobench_"))
 
@@ -78,7 +78,7 @@ def _app() -> typer.Typer:
     return app
 
 
-async def test_cli_bench_prints_sane_numbers(server: RunningServer) -> None:
+async def test_cli_bench_prints_sane_numbers(server: LocalServer) -> None:
     args = ["bench", "--host", server.addr, "--duration", "300ms", "--size", "16384", "--message-size", "1000",
             "--conns", "2", "--json"]
     # typer's runner calls trio.run itself: run it in a thread beside the test's server.

@@ -4,7 +4,6 @@ follow (long-poll and polling), checkpoints, retention policy, restarts."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,7 @@ from logd_trio.client import Client, open_client
 from logd_trio.errors import CheckpointError, NotFound, OffsetRemoved
 from logd_trio.replies import Message
 
-from .test_client import FAST_RETRY, LocalServer
-
-
-@pytest.fixture
-async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[LocalServer]:
-    srv = LocalServer(nursery, tmp_path / "data")
-    await srv.start()
-    yield srv
-    await srv.stop()
-
-
-@pytest.fixture
-async def client(server: LocalServer) -> AsyncIterator[Client]:
-    async with open_client(server.addr, retry=FAST_RETRY) as c:
-        yield c
+from .conftest import FAST_RETRY, LocalServer
 
 
 async def scan(client: Client, topic: str, **kw: object) -> list[Message]:

@@ -13,7 +13,7 @@ import trio.testing
 from logd_trio.storage import TopicLog
 from logd_trio.topic import Topic
 
-from .conftest import RunningServer, make_config, start_server
+from .conftest import LocalServer, make_config, start_server
 from .wire import Wire, batch_request
 
 
@@ -90,7 +90,7 @@ async def stat_map(w: Wire) -> dict[str, str]:
     return dict(line.decode().split(": ", 1) for line in body.split(b"\r\n") if line)
 
 
-async def test_pipelined_requests_answered_in_order(server: RunningServer) -> None:
+async def test_pipelined_requests_answered_in_order(server: LocalServer) -> None:
     w = await Wire.connect(server.host, server.port)
     reqs = []
     for i in range(200):
@@ -107,7 +107,7 @@ async def test_pipelined_requests_answered_in_order(server: RunningServer) -> No
     assert head == b"OK 0 1\r\n" and frames == [reqs[0]]
 
 
-async def test_stats_and_topics(server: RunningServer) -> None:
+async def test_stats_and_topics(server: LocalServer) -> None:
     w = await Wire.connect(server.host, server.port)
     await w.send(batch_request("st", [b"a"]))
     await w.reply()

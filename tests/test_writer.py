@@ -3,7 +3,6 @@ backpressure, flush on exit, failures kept and retried, cancellation."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,8 @@ from logd_trio.batch import parse_frame_header
 from logd_trio.client import Client, RetryPolicy, open_client
 from logd_trio.errors import ConnectionLost, MessageTooLarge, TopicNotAllowed, WriteFailed, WriterClosed
 
-from .test_client import FAST_RETRY, LocalServer, read_line, scripted_peer
+from .conftest import FAST_RETRY, LocalServer
+from .test_client import read_line, scripted_peer
 
 
 @pytest.fixture
@@ -23,18 +23,6 @@ def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.02)
 
 
-@pytest.fixture
-async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[LocalServer]:
-    srv = LocalServer(nursery, tmp_path / "data")
-    await srv.start()
-    yield srv
-    await srv.stop()
-
-
-@pytest.fixture
-async def client(server: LocalServer) -> AsyncIterator[Client]:
-    async with open_client(server.addr, retry=FAST_RETRY) as c:
-        yield c
 
 
 async def read_all(client: Client, topic: str) -> list[bytes]:
