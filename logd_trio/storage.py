@@ -46,6 +46,8 @@ CORRUPT_MARK = ".log.corrupt-"
 
 _pwrite = os.pwrite
 _SCAN_CHUNK = 1 << 20
+# A rescan logs its progress every this many bytes.
+_PROGRESS_BYTES = 256 << 20
 # Flush pending index records to the page cache once they reach this size.
 _PENDING_FLUSH = 64 * 1024
 # fsync the head partition's index when this many bytes of it are unsynced.
@@ -565,6 +567,7 @@ class TopicLog:
         buf = b""
         base = pos  # file position of buf[0]
         i = 0
+        start, next_report = pos, pos + _PROGRESS_BYTES
         while base + i < stop:
             try:
                 h = parse_frame_header(buf, i)
@@ -582,6 +585,10 @@ class TopicLog:
                 i = 0
                 if len(idx.pending) >= _PENDING_FLUSH:
                     idx.flush()  # a rebuild must not hold a whole partition's records in memory
+                if base >= next_report:  # a long rescan (no usable index) shows progress
+                    self._log.info("topic %s: rescanning: %d of %d MiB checked", self.topic,
+                                   (base - start) >> 20, (stop - start) >> 20)
+                    next_report = base + _PROGRESS_BYTES
                 continue
             body, end = i + h.header_len, i + need
             try:
@@ -877,7 +884,7 @@ class TopicLog:
                     k = lo
                     e_end, e_cum = p.idx.entry(k)
                     remaining = 0  # nothing visible beyond this batch
-                if p.bad:
+                if p.bad.starts:
                     hit = p.bad.first_overlap(b_end, e_end)
                     if hit is not None:  # a batch that failed verification: stop before it
                         if hit[0] <= b_end:

@@ -680,3 +680,21 @@ def test_read_plan_end_hides_later_batches(tmp_path: Path, psize: int) -> None:
     with tl.read_plan(offs[1], 100, end=tl.head) as plan:
         assert plan_bytes(plan) == b"".join(frames[1:])
     tl.close()
+
+
+def test_long_rescan_logs_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(storage, "_PROGRESS_BYTES", 4096)
+    tl = open_log(tmp_path)
+    for i in range(400):
+        tl.append(frame_of_len(100, seed=i), 1)
+    tl.close()
+    for p in (tmp_path / TOPIC).glob("*.index"):
+        p.unlink()  # no index: the whole partition is rescanned
+    monkeypatch.setattr(storage, "_SCAN_CHUNK", 1024)
+    with caplog.at_level(logging.INFO, logger="logd_trio"):
+        tl = TopicLog.open(tmp_path, TOPIC, partition_size=1 << 20, partitions=100,
+                           logger=logging.getLogger("logd_trio.storage"))
+    assert tl.head == 400 * 100
+    assert sum("rescanning:" in r.getMessage() for r in caplog.records) >= 5
+    tl.close()
