@@ -87,6 +87,12 @@ class ServerError(ServerRejected):
     """Any other ``ERR`` reason (Go clients read these as internal errors)."""
 
 
+class CorruptDataReply(ServerError):
+    """``ERR corrupt data``: the batch at the offset failed the server's CRC
+    check (disk damage); the server withholds it.  Read past it from a later
+    offset, or restore the data."""
+
+
 class NotFoundReply(NotFound, ServerRejected):
     """``ERR not found`` as received by the client (also a :class:`NotFound`)."""
 

@@ -41,6 +41,7 @@ from .errors import (
     BadReply,
     ChecksumMismatch,
     ClientError,
+    CorruptDataReply,
     InvalidBatch,
     InvalidBatchError,
     InvalidRequest,
@@ -213,6 +214,7 @@ _REASONS: Final[dict[str, type[ClientError]]] = {
     "request missing topic": InvalidTopic,
     "topic not allowed": TopicNotAllowed,
     "maximum topics allowed": MaxTopics,
+    "corrupt data": CorruptDataReply,
 }
 
 

@@ -15,6 +15,7 @@ import collections
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,6 +108,8 @@ class Topic:
         self.fsyncs = 0
         self.synced_batches = 0
         self.closed = False
+        self._next_error_log = 0.0
+        self._errors_unlogged = 0
         self._space = _FreeSpace(Path(config.workdir) / name, config.min_free_space)
 
     @classmethod
@@ -208,6 +211,9 @@ class Topic:
         try:
             while (job := self.log.scrub_job(SCRUB_CHUNK)) is not None:
                 await self._run_verify(job)
+                if not job.checked:  # the index could not place the range: leave it to the reads
+                    log.warning("topic %s: scrub stopped: cannot locate unverified frames", self.name)
+                    return
                 await trio.sleep(job.nbytes / rate)
         except StorageError as e:
             log.error("topic %s: scrub stopped: %s (reads still verify what they touch)", self.name, e)
@@ -273,7 +279,14 @@ class Topic:
                 self._unacked.append((-1, item))
             else:
                 item.done.set()
-            log.error("topic %s: append failed: %s", self.name, e)
+            now = time.monotonic()
+            if now >= self._next_error_log:  # at most one line a second while the disk refuses
+                log.error("topic %s: append failed: %s (%d more since the last report)", self.name, e,
+                          self._errors_unlogged)
+                self._next_error_log = now + 1.0
+                self._errors_unlogged = 0
+            else:
+                self._errors_unlogged += 1
             return
         item.offset = offset
         self._batches_since_sync += 1

@@ -14,6 +14,7 @@ from logd_trio.batch import build_body, build_frame
 from logd_trio.errors import (
     BadReply,
     ChecksumMismatch,
+    CorruptDataReply,
     InvalidBatch,
     InvalidRequest,
     InvalidTopic,
@@ -251,6 +252,7 @@ def test_read_reply_consumed_frame_by_frame() -> None:
         ("request missing topic", InvalidTopic),
         ("topic not allowed", TopicNotAllowed),
         ("maximum topics allowed", MaxTopics),
+        ("corrupt data", CorruptDataReply),
         ("something else", ServerError),
         ("", ServerError),
     ],
