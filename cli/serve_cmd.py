@@ -11,6 +11,7 @@ import trio
 import typer
 
 from logd_trio.config import ConfigError, load_config
+from logd_trio.errors import LogdError
 from logd_trio.server import run
 
 
@@ -84,24 +85,27 @@ def serve(
     _setup_logging(verbose)
     try:
         trio.run(run, cfg)
-    except (OSError, BaseExceptionGroup) as exc:
-        err = _first_oserror(exc)
+    except (OSError, LogdError, BaseExceptionGroup) as exc:
+        err = _first_error(exc)
         if err is None:
             raise
         if verbose:
             logging.getLogger("logd_trio").exception("fatal error")
-        where = f" ({err.filename})" if err.filename else f" (listening on {cfg.host})"
-        typer.echo(f"logd serve: {err.strerror or err}{where}", err=True)
+        if isinstance(err, OSError):
+            where = f" ({err.filename})" if err.filename else f" (listening on {cfg.host})"
+            typer.echo(f"logd serve: {err.strerror or err}{where}", err=True)
+        else:
+            typer.echo(f"logd serve: {err}", err=True)
         raise typer.Exit(1) from None
 
 
-def _first_oserror(exc: BaseException) -> OSError | None:
-    """The OSError behind a failure, also from inside Trio's exception groups."""
-    if isinstance(exc, OSError):
+def _first_error(exc: BaseException) -> OSError | LogdError | None:
+    """The OSError or storage error behind a failure, also inside Trio's exception groups."""
+    if isinstance(exc, OSError | LogdError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for sub in exc.exceptions:
-            found = _first_oserror(sub)
+            found = _first_error(sub)
             if found is not None:
                 return found
     return None

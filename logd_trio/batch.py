@@ -42,6 +42,8 @@ def valid_topic(name: bytes) -> bool:
 
 def parse_uint(word: bytes) -> int | None:
     """Parse an unsigned ASCII decimal that fits 64 bits; ``None`` otherwise."""
+    if len(word) > 20:
+        word = word.lstrip(b"0") or b"0"  # Go's ParseUint accepts leading zeros
     if not word or len(word) > 20 or not word.isdigit():
         return None
     value = int(word)

@@ -8,6 +8,7 @@ Every bad key or value raises :class:`ConfigError` naming it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -51,6 +52,8 @@ def parse_duration(value: str | float | int, *, key: str = "duration") -> float:
                 pos = m.end()
             if pos != len(text) or not text:
                 raise ConfigError(f"{key}: {value!r} is not a duration (examples: 15s, 1m0s, 200ms)") from None
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{key}: {value!r} is not a finite duration")
     if seconds < 0:
         raise ConfigError(f"{key}: must not be negative, got {value!r}")
     return seconds

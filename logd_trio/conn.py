@@ -32,6 +32,7 @@ __all__ = ["Connection"]
 
 log = logging.getLogger("logd_trio.conn")
 
+RECV_START: Final = 16 * 1024
 RECV_SIZE: Final = 256 * 1024
 SENDFILE_CHUNK: Final = 1 << 20
 # After an error that ends a connection, read and discard what the peer still
@@ -84,8 +85,12 @@ class Connection:
         self._orphan: Append | None = None
 
     def stop_reading(self) -> None:
-        """Graceful shutdown: take no new request; in-flight ones still get replies."""
+        """Graceful shutdown: take no new request; in-flight ones still get replies
+        (a waiting long-poll answers at once, as when its wait runs out)."""
+        self._eof = True
         self.read_scope.cancel()
+        if self._poll_scope is not None:
+            self._poll_scope.cancel()
 
     async def run(self) -> None:
         send, recv = trio.open_memory_channel[_Item](self.config.pipeline_depth)
@@ -97,6 +102,8 @@ class Connection:
                         await self._reader(send)
         except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as eg:
             log.debug("connection ended: %r", eg.exceptions[0])
+        except* Exception as eg:  # a bug must cost one connection, never the server
+            log.error("connection closed after an internal error", exc_info=eg.exceptions[0])
         finally:
             self._on_close(self)
             self.sock.close()
@@ -104,8 +111,9 @@ class Connection:
     # ------------------------------------------------------------ reader
 
     async def _reader(self, out: trio.MemorySendChannel[_Item]) -> None:
-        buf = bytearray(RECV_SIZE)
-        view = memoryview(buf)
+        # Small until the peer fills it (a bulk sender), then RECV_SIZE: idle
+        # connections cost little memory, busy ones few syscalls.
+        view = memoryview(bytearray(RECV_START))
         parser = self.parser
         counters = self.counters
         idle = self.config.idle_timeout or math.inf
@@ -141,6 +149,8 @@ class Connection:
                 return
             counters.bytes_in += n
             parser.receive_data(view[:n])
+            if n == len(view) < RECV_SIZE:
+                view = memoryview(bytearray(RECV_SIZE))
 
     async def _dispatch(self, req: p.Request, out: trio.MemorySendChannel[_Item]) -> bool:
         """Queue the pending reply for ``req``; False when the connection must stop reading."""
@@ -163,15 +173,16 @@ class Connection:
                 await out.send(_Closing(p.REPLY_OK))
                 return False
             else:
-                sr = StatsRequest(req)
-                await self.stats.send(sr)
-                item = sr
+                item = StatsRequest(req)  # sent to the stats task by the writer, in reply order
         except NotFound:
             counters.errors[cmd] += 1
             item = b"ERR not found\r\n"
         except RequestError as e:
             counters.errors[cmd] += 1
             item = p.reply_err(e.reason)
+        except StorageError as e:
+            counters.errors[cmd] += 1
+            item = p.reply_err(f"storage error: {e}")
         self.inflight += 1
         try:
             out.send_nowait(item)
@@ -223,6 +234,7 @@ class Connection:
                     elif isinstance(item, p.Read | p.Tail):
                         await self._read(item, pending)
                     elif isinstance(item, StatsRequest):
+                        await self.stats.send(item)
                         await item.done.wait()
                         pending += item.reply
                     else:
@@ -279,12 +291,15 @@ class Connection:
         pending.clear()
 
     async def _send_all(self, data: bytes | bytearray) -> None:
+        """Send everything; ``--timeout`` bounds each wait for progress, not the whole reply."""
         view = memoryview(data)
         total = len(view)
-        with trio.fail_after(self.config.timeout or math.inf):
+        timeout = self.config.timeout or math.inf
+        with trio.fail_after(timeout) as scope:
             while view:
                 n = await self.sock.send(view)
                 view = view[n:]
+                scope.deadline = trio.current_time() + timeout
         self.counters.bytes_out += total
 
     async def _send_plan(self, plan: ReadPlan, pending: bytearray) -> None:
@@ -293,7 +308,8 @@ class Connection:
             pending += p.reply_read_header(plan.offset, plan.nbatches)
             await self._send_all(pending)
             out_fd = self.sock.fileno()
-            with trio.fail_after(self.config.timeout or math.inf):
+            timeout = self.config.timeout or math.inf
+            with trio.fail_after(timeout) as scope:  # bounds each wait for progress
                 for fd, pos, length in plan.segments:
                     while length:
                         try:
@@ -306,6 +322,7 @@ class Connection:
                         pos += n
                         length -= n
                         self.counters.bytes_out += n
+                        scope.deadline = trio.current_time() + timeout
                     await trio.lowlevel.checkpoint_if_cancelled()
 
     async def _linger_close(self) -> None:

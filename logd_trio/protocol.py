@@ -193,8 +193,12 @@ class RequestParser:
                 self._die("request line too long")
             return NEED_DATA
         line_end = nl + 1
-        if nl == pos or buf[nl - 1] != 0x0D:  # bare LF: the extent is known
-            self._pos = line_end
+        if nl == pos or buf[nl - 1] != 0x0D:  # bare LF
+            if buf.startswith(b"BATCH", pos) and (nl - pos == 5 or buf[pos + 5] in b" \r"):
+                # A BATCH line is followed by a body we cannot delimit: its
+                # bytes must not run as requests.
+                self._die(INVALID_REQUEST)
+            self._pos = line_end  # any other line: its extent is known
             raise RequestError(INVALID_REQUEST)
         line = bytes(buf[pos : nl - 1])
         if line.startswith(b"BATCH") and (line == b"BATCH" or line[5] == 0x20):

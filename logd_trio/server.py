@@ -29,7 +29,7 @@ import trio
 
 from .config import ServerConfig
 from .conn import Connection
-from .errors import RequestError
+from .errors import RequestError, StorageError
 from .stats import Counters, StatsRequest, TopicView, run_stats_task
 from .storage import list_topics, make_root
 from .topic import Topic
@@ -78,7 +78,14 @@ class Registry:
     async def _start(self, name: str) -> Topic:
         event = self._creating[name] = trio.Event()
         try:
-            topic = await trio.to_thread.run_sync(Topic.open, self.root, name, self.config)
+            try:
+                topic = await trio.to_thread.run_sync(Topic.open, self.root, name, self.config)
+            except (OSError, StorageError) as e:
+                # Details (paths) go to the log, not to the client.
+                log.error("cannot open topic %s: %s", name, e)
+                cause = e if isinstance(e, OSError) else e.__cause__
+                why = cause.strerror if isinstance(cause, OSError) and cause.strerror else "see the server log"
+                raise StorageError(f"cannot open topic {name}: {why}") from e
             await self._nursery.start(topic.run)
             self.topics[name] = topic
             self._created.set()

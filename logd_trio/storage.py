@@ -1025,6 +1025,13 @@ class TopicLog:
             self._closed = True
             self._close_fds()
 
+    def close_without_sync(self) -> None:
+        """Close all fds without fsync (after an I/O error, or when shutdown ran
+        out of time): what is on disk is left to recovery.  Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._close_fds()
+
     def __enter__(self) -> TopicLog:
         return self
 

@@ -108,6 +108,7 @@ class Topic:
         self.fsyncs = 0
         self.synced_batches = 0
         self.closed = False
+        self.failed: str | None = None  # set by a failed fsync: the topic refuses writes
         self._next_error_log = 0.0
         self._errors_unlogged = 0
         self._space = _FreeSpace(Path(config.workdir) / name, config.min_free_space)
@@ -215,7 +216,7 @@ class Topic:
                     log.warning("topic %s: scrub stopped: cannot locate unverified frames", self.name)
                     return
                 await trio.sleep(job.nbytes / rate)
-        except StorageError as e:
+        except (StorageError, OSError) as e:
             log.error("topic %s: scrub stopped: %s (reads still verify what they touch)", self.name, e)
             return
         log.info("topic %s: scrub done: %d bytes verified in %.1fs", self.name, total, trio.current_time() - t0)
@@ -269,6 +270,8 @@ class Topic:
 
     def _write(self, item: Append) -> None:
         try:
+            if self.failed is not None:
+                raise StorageError(self.failed)
             full = self._space.refuse(len(item.frame))
             if full is not None:
                 raise StorageError(full)
@@ -333,22 +336,34 @@ class Topic:
             await self._sync_locked()
 
     async def _sync_locked(self) -> None:
-        job: SyncJob | None = self.log.sync_job()
-        self._batches_since_sync = 0
-        if job is None:
-            self._ack_upto(self.log.head)
+        if self.failed is not None:
             return
+        self._batches_since_sync = 0
         try:
+            job: SyncJob | None = self.log.sync_job()
+            if job is None:
+                self._ack_upto(self.log.head)
+                return
             await trio.to_thread.run_sync(job.run)
-        except OSError as e:
-            log.critical("topic %s: fsync failed, batches up to %d are NOT durable: %s", self.name, job.upto, e)
-            self._fail_upto(job.upto, f"storage error: fsync failed: {e.strerror}")
+        except (OSError, StorageError) as e:
+            self._fail_stop(f"fsync failed: {getattr(e, 'strerror', None) or e}")
             return
         self.fsyncs += 1
         covered = self._ack_upto(job.upto)
         self.synced_batches += covered
         if self.on_sync is not None:
             self.on_sync(job.upto, covered)
+
+    def _fail_stop(self, reason: str) -> None:
+        """After a failed fsync nothing written since the last good one can be
+        trusted (Linux drops the dirty pages and reports the error once): fail
+        every unanswered batch, publish nothing more, refuse further writes.
+        Reads of what was acknowledged before keep working; a restart
+        recovers the files."""
+        self.failed = f"topic {self.name} is read-only after an I/O error ({reason}); restart the server"
+        log.critical("topic %s: %s; %d unanswered batches fail; no further writes until a restart",
+                     self.name, reason, len(self._unacked))
+        self._fail_upto(self.log.head, f"storage error: {reason}")
 
     def _fail_upto(self, upto: int, reason: str) -> None:
         while self._unacked and self._unacked[0][0] <= upto:
@@ -368,14 +383,33 @@ class Topic:
             await self._sync()
 
     async def _final_sync(self) -> None:
-        """Shutdown: everything appended is made durable, then files close."""
+        """Shutdown: everything appended is made durable, then files close.
+
+        Runs shielded; bounded by ``shutdown_timeout`` so a hung disk cannot
+        hang the exit (the files are then left to the OS, and recovery on the
+        next start checks them).
+        """
+        if self.failed is not None:
+            self._fail_upto(self.log.head, f"storage error: {self.failed}")
+            self.log.close_without_sync()
+            return
+        with trio.move_on_after(self.config.shutdown_timeout) as scope:
+            try:
+                job = self.log.sync_job()
+                if job is not None:
+                    await trio.to_thread.run_sync(job.run, abandon_on_cancel=True)
+                self._ack_upto(self.log.head)
+            except (OSError, StorageError) as e:
+                log.critical("topic %s: final fsync failed: %s", self.name, e)
+                self._fail_upto(self.log.head, "storage error: final fsync failed")
+                self.log.close_without_sync()
+                return
+        if scope.cancelled_caught:
+            log.critical("topic %s: final fsync still running after %gs: exiting without it", self.name,
+                         self.config.shutdown_timeout)
+            self._fail_upto(self.log.head, "storage error: shutdown")
+            return
         try:
-            job = self.log.sync_job()
-            if job is not None:
-                await trio.to_thread.run_sync(job.run)
-            self._ack_upto(self.log.head)
-        except OSError as e:
-            log.critical("topic %s: final fsync failed: %s", self.name, e)
-            self._fail_upto(self.log.head, "storage error")
-        finally:
-            self.log.close()
+            self.log.close()  # nothing left to sync: closes the files
+        except (OSError, StorageError) as e:
+            log.critical("topic %s: closing files failed: %s", self.name, e)

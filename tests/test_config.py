@@ -41,6 +41,8 @@ def test_precedence(tmp_path: Path) -> None:
         ({"batch_size": "lots"}, "batch_size"),
         ({"partitions": 0}, "partitions"),
         ({"timeout": "15 parsecs"}, "timeout"),
+        ({"timeout": "nan"}, "timeout"),
+        ({"idle_timeout": "inf"}, "idle_timeout"),
         ({"host": "localhost"}, "host"),
         ({"topics_whitelist": "ok,../bad"}, "topics_whitelist"),
         ({"file_mode": "rw"}, "file_mode"),

@@ -26,6 +26,7 @@ OK_CASES: list[tuple[bytes, p.Request]] = [
     (b"READ t 0 1\r\n", p.Read("t", 0, 1)),
     (b"READ a.b-c_D 18446744073709551615 50000\r\n", p.Read("a.b-c_D", 2**64 - 1, 50000)),
     (b"READ t 5 2 300\r\n", p.Read("t", 5, 2, 300)),
+    (b"READ t 0000000000000000000007 0000000000000000000000001\r\n", p.Read("t", 7, 1)),
     (b"TAIL t 0\r\n", p.Tail("t", 1)),
     (b"TAIL t 7\r\n", p.Tail("t", 7)),
     (b"STATS\r\n", p.Stats()),
@@ -73,6 +74,7 @@ ERR_CASES: list[tuple[bytes, str, bool]] = [
     (b"BATCH 10 t 1\r\n", "invalid request", True),
     (b"BATCH 1000000 t 0 1\r\n", "batch too large", True),
     (b"X" * 5000 + b"\r\n", "request line too long", True),
+    (b"BATCH 14 t 1 1\nMSG 5\r\nhello\r\n", "invalid request", True),  # body must not run as requests
 ]
 
 

@@ -311,3 +311,89 @@ async def test_interval_mode_syncs_when_idle(
         await trio.sleep(0.1)
     assert trio.current_time() - t0 <= 2.1  # within one interval, with no further traffic
     assert synced_at[0] == len(batch_request("iv", [b"x"]))
+
+
+# ---------------------------------------------------------------- regressions found in review
+
+
+async def test_topic_that_cannot_be_opened_is_an_error_not_a_crash(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await start_server(nursery, make_config(tmp_path / "d"))
+    (tmp_path / "d" / "blocked").write_bytes(b"a regular file where the topic directory would go")
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(batch_request("blocked", [b"m"]))
+    reply = await w.reply()
+    assert reply.startswith(b"ERR storage error: cannot open topic blocked")
+    other = await Wire.connect(srv.host, srv.port)  # the server is still up for everyone
+    await other.send(b"PING\r\n")
+    assert await other.reply() == b"PONG\r\n"
+
+
+async def test_failed_fsync_makes_the_topic_read_only_and_hides_the_batch(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    real = os.fdatasync
+    failures = [1]
+
+    def flaky(fd: int) -> None:  # fault injection at the OS boundary
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(5, "Input/output error (injected)")
+        real(fd)
+
+    srv = await start_server(nursery, make_config(tmp_path / "d"))
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(batch_request("ff", [b"good"]))
+    assert await w.reply() == b"OK 0 1\r\n"
+    monkeypatch.setattr(os, "fdatasync", flaky)
+    await w.send(batch_request("ff", [b"REJECTED"]))
+    assert (await w.reply()).startswith(b"ERR storage error: fsync failed")
+    await w.send(batch_request("ff", [b"later"]))
+    assert b"read-only after an I/O error" in await w.reply()
+    await w.send(b"READ ff 0 10\r\n")
+    head, frames = await w.read_reply()
+    assert head == b"OK 0 1\r\n" and frames == [batch_request("ff", [b"good"])]  # the failed batch is never served
+
+
+async def test_graceful_shutdown_ends_long_polls_at_once(
+    nursery: trio.Nursery, tmp_path: Path, vclock: trio.testing.MockClock
+) -> None:
+    srv = await start_server(nursery, make_config(tmp_path / "d", shutdown_timeout=60.0))
+    follower = await Wire.connect(srv.host, srv.port)
+    await follower.send(b"READ default 0 10 30000\r\n")
+    await trio.sleep(1)
+    t0 = trio.current_time()
+    await srv.stop()
+    assert trio.current_time() - t0 < 1.0  # not the 60 s grace, nor the 30 s wait
+    assert await follower.reply() == b"ERR not found\r\n"
+
+
+async def test_stats_and_topics_answer_in_request_order(server: LocalServer) -> None:
+    w = await Wire.connect(server.host, server.port)
+    req = batch_request("order", [b"x"])
+    await w.send(req + b"TOPICS\r\n")
+    assert await w.reply() == b"OK 0 1\r\n"
+    assert b"order: 0 %d\r\n" % len(req) in await w.reply()  # TOPICS sees the batch acknowledged before it
+
+
+async def test_timeout_bounds_progress_not_a_whole_slow_read(
+    nursery: trio.Nursery, tmp_path: Path, vclock: trio.testing.MockClock
+) -> None:
+    srv = await start_server(nursery, make_config(tmp_path / "d", timeout=1.0, fsync="never"))
+    w = await Wire.connect(srv.host, srv.port)
+    reqs = [batch_request("slow", [b"z" * 60000]) for _ in range(40)]  # ~2.4 MB of frames
+    for r in reqs:
+        await w.send(r)
+        assert (await w.reply()).startswith(b"OK ")
+    await w.send(b"READ slow 0 50000\r\n")
+    t0 = trio.current_time()
+    got = 0
+    total = len(b"OK 0 40\r\n") + sum(len(r) for r in reqs)
+    while got < total:  # a steady reader slower than the whole reply's --timeout
+        data = await w.stream.receive_some(65536)
+        assert data, "the server closed a connection that kept reading"
+        got += len(data)
+        await trio.sleep(0.05)
+    assert got == total
+    assert trio.current_time() - t0 > 1.0
