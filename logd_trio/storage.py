@@ -342,10 +342,9 @@ class VerifyJob:
         self.bad.append((start, a, b, where))
 
     def _copy_aside(self, start: int, a: int, b: int, fd: int) -> Path:
-        data = os.pread(fd, b - a, a)
         prefix = f"{start}{CORRUPT_MARK}{a}-"
         for name in os.listdir(self._dir):  # copied by an earlier run or process: do not copy again
-            if name.startswith(prefix) and (self._dir / name).stat().st_size == len(data):
+            if name.startswith(prefix) and (self._dir / name).stat().st_size == b - a:
                 return self._dir / name
         copy = self._dir / f"{prefix}{int(time.time())}"
         suffix = 0
@@ -357,9 +356,15 @@ class VerifyJob:
                 suffix += 1
                 copy = copy.with_name(f"{prefix}{int(time.time())}.{suffix}")
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(cfd, view) :]
+            at = a
+            while at < b:  # in chunks: a large damaged range must not be read into memory at once
+                data = os.pread(fd, min(_SCAN_CHUNK, b - at), at)
+                if not data:
+                    break
+                at += len(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(cfd, view) :]
             os.fsync(cfd)
         finally:
             os.close(cfd)

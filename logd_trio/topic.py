@@ -341,9 +341,17 @@ class Topic:
         self._batches_since_sync = 0
         try:
             job: SyncJob | None = self.log.sync_job()
-            if job is None:
-                self._ack_upto(self.log.head)
-                return
+        except StorageError as e:
+            # Nothing was synced or lost (e.g. EMFILE while duplicating fds):
+            # try again shortly; the batches stay unanswered meanwhile.
+            log.error("topic %s: cannot start an fsync, retrying: %s", self.name, e)
+            await trio.sleep(0.1)
+            self._dirty.set()
+            return
+        if job is None:
+            self._ack_upto(self.log.head)
+            return
+        try:
             await trio.to_thread.run_sync(job.run)
         except (OSError, StorageError) as e:
             self._fail_stop(f"fsync failed: {getattr(e, 'strerror', None) or e}")

@@ -397,3 +397,31 @@ async def test_timeout_bounds_progress_not_a_whole_slow_read(
         await trio.sleep(0.05)
     assert got == total
     assert trio.current_time() - t0 > 1.0
+
+
+async def test_fsync_that_cannot_start_is_retried(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE while the topic duplicates fds for an fsync: nothing is lost, the fsync is retried."""
+    import os
+
+    from logd_trio import storage
+
+    srv = await start_server(nursery, make_config(tmp_path / "d"))
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(batch_request("em", [b"first"]))
+    assert await w.reply() == b"OK 0 1\r\n"
+    real_dup = os.dup
+    failures = [2]
+
+    def dup(fd: int) -> int:  # fault injection at the OS boundary
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(24, "Too many open files (injected)")
+        return real_dup(fd)
+
+    monkeypatch.setattr(storage.os, "dup", dup)  # type: ignore[attr-defined]
+    await w.send(batch_request("em", [b"second"]))
+    with trio.fail_after(10):
+        assert (await w.reply()).startswith(b"OK ")
+    assert failures == [0]
