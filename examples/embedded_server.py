@@ -1,9 +1,11 @@
 """Embed a logd-trio server in a Trio application.
 
 Run:  python examples/embedded_server.py
-The server listens on an ephemeral port on 127.0.0.1, the app writes a batch
-to it over a plain socket, reads it back, and shuts the server down cleanly
-(every acknowledged batch fsynced) by setting the shutdown event.
+
+The server runs in the app's nursery on an ephemeral port of 127.0.0.1; the
+app writes through the client library, reads the messages back, and then
+shuts the server down gracefully (every acknowledged batch is fsynced) by
+setting the shutdown event.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ from pathlib import Path
 
 import trio
 
-from logd_trio.batch import build_body
+from logd_trio.client import open_client
 from logd_trio.config import ServerConfig
-from logd_trio.protocol import encode_batch, encode_read
 from logd_trio.server import serve
 
 
@@ -27,13 +28,13 @@ async def main() -> None:
         async with trio.open_nursery() as nursery:
             host, port = await nursery.start(partial(serve, config, shutdown=shutdown))
             print(f"server listening on {host}:{port}")
-            stream = await trio.open_tcp_stream(host, port)
-            async with stream:
-                await stream.send_all(encode_batch("events", build_body([b"hello", b"world"]), 2))
-                print("BATCH ->", (await stream.receive_some()).decode().strip())
-                await stream.send_all(encode_read("events", 0, 10))
-                print("READ  ->", (await stream.receive_some()).decode().replace("\r\n", "\\r\\n"))
-            shutdown.set()  # graceful: stop accepting, drain, fsync, return
+            async with open_client(f"{host}:{port}") as client:
+                offset = await client.batch("events", [b"hello", b"world"])
+                print(f"wrote 2 messages at offset {offset}")
+                async with client.scanner("events", offset=offset) as scanner:
+                    async for msg in scanner:
+                        print(f"read {msg.body!r} (offset {msg.offset}, delta {msg.delta})")
+            shutdown.set()  # graceful: stop accepting, answer in-flight requests, fsync, return
         print("server stopped")
 
 
