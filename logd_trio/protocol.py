@@ -171,18 +171,6 @@ class RequestParser:
             self._pos = 0
         self._buf += data
 
-    def wanted(self) -> int:
-        """How many more bytes the current incomplete request needs at least (>= 1)."""
-        buf, pos = self._buf, self._pos
-        nl = buf.find(b"\n", pos, pos + MAX_LINE)
-        if nl < 0 or not buf.startswith(b"BATCH ", pos):
-            return 1
-        words = bytes(buf[pos : nl - 1]).split(b" ")
-        size = parse_uint(words[1]) if len(words) > 1 else None
-        if size is None:
-            return 1
-        return max(1, nl + 1 + size - len(buf))
-
     def next_event(self) -> Request | NeedData:
         if self._dead is not None:
             raise self._dead
