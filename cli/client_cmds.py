@@ -10,6 +10,7 @@ import base64
 import contextlib
 import io
 import json
+import math
 import os
 import sys
 import traceback
@@ -17,13 +18,13 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, BinaryIO, Final
+from typing import Annotated, BinaryIO, Final, TextIO
 
 import trio
 import typer
 
 from logd_trio.checkpoint import FileCheckpoint
-from logd_trio.client import DEFAULT_ADDRESS, Client, RetryPolicy, open_client
+from logd_trio.client import DEFAULT_ADDRESS, Client, RetryPolicy, open_client, parse_address
 from logd_trio.errors import (
     CheckpointError,
     ConnectionLost,
@@ -52,14 +53,38 @@ EXIT_CODES: Final[tuple[tuple[type[BaseException], int], ...]] = (
     (OSError, 1),
 )
 
-HostOpt = Annotated[str, typer.Option("--host", envvar="LOGD_HOST", help="Server address HOST:PORT.")]
+def _check_host(value: str) -> str:
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def _check_timeout(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter("must be a number of seconds > 0")
+    return value
+
+
+def _check_batch_size(value: int) -> int:
+    if 0 < value < 64:
+        raise typer.BadParameter("must be 0 (the server's maximum) or at least 64")
+    return value
+
+
+HostOpt = Annotated[
+    str, typer.Option("--host", envvar="LOGD_HOST", help="Server address HOST:PORT.", callback=_check_host)
+]
 TopicOpt = Annotated[str, typer.Option("--topic", "-t", help="Topic name.")]
 RetriesOpt = Annotated[
     int, typer.Option("--retries", min=1, help="Connection attempts before giving up (backoff between).")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")]
 TimeoutOpt = Annotated[
-    float | None, typer.Option("--timeout", help="Per-request timeout in seconds (default: none).")
+    float | None,
+    typer.Option("--timeout", help="Seconds to wait for each reply (write: for each acknowledgement); default: none.",
+                 callback=_check_timeout),
 ]
 
 
@@ -87,9 +112,17 @@ def _run(main: Callable[[], Awaitable[None]], verbose: bool) -> None:
     except (LogdError, OSError) as exc:
         if verbose:
             traceback.print_exc()
-        code = next(c for cls, c in EXIT_CODES if isinstance(exc, cls))
         _err(f"logd: error: {exc}")
-        raise typer.Exit(code) from None
+        raise typer.Exit(_exit_code(exc)) from None
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The exit code for ``exc``; a ``WriteFailed`` whose batches all timed out is a ``Timeout``."""
+    if isinstance(exc, WriteFailed) and exc.failed and all(
+        isinstance(getattr(b, "error", None), Timeout) for b in exc.failed
+    ):
+        exc = Timeout()
+    return next(c for cls, c in EXIT_CODES if isinstance(exc, cls))
 
 
 def _client(host: str, retries: int, timeout: float | None) -> AbstractAsyncContextManager[Client]:
@@ -98,19 +131,21 @@ def _client(host: str, retries: int, timeout: float | None) -> AbstractAsyncCont
 
 
 def parse_seconds(text: str) -> float:
-    """``0.4``, ``400ms``, ``2s``, ``1m`` -> seconds."""
+    """``0.4``, ``400ms``, ``2s``, ``1m`` -> seconds (finite, >= 0)."""
     units = (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
     t = text.strip()
+    value: float | None = None
     for suffix, factor in units:
         if t.endswith(suffix):
-            try:
-                return float(t[: -len(suffix)]) * factor
-            except ValueError:
-                break
-    try:
-        return float(t)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a duration (examples: 0.4, 400ms, 2s)") from None
+            with contextlib.suppress(ValueError):
+                value = float(t[: -len(suffix)]) * factor
+            break
+    else:
+        with contextlib.suppress(ValueError):
+            value = float(t)
+    if value is None or not 0 <= value < math.inf:
+        raise typer.BadParameter(f"{text!r} is not a duration >= 0 (examples: 0.4, 400ms, 2s)")
+    return value
 
 
 # ---------------------------------------------------------------- write
@@ -132,7 +167,8 @@ def write(
     host: HostOpt = DEFAULT_ADDRESS,
     topic: TopicOpt = "default",
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Max batch size in bytes (0: the server's max).", min=0)
+        int, typer.Option("--batch-size", help="Max batch size in bytes (0: the server's max).",
+                          callback=_check_batch_size)
     ] = 0,
     flush_interval: Annotated[
         str, typer.Option("--flush-interval", help="Send a partial batch after this long (0.4, 400ms...).")
@@ -147,13 +183,15 @@ def write(
 ) -> None:
     """Write messages: each argument, or each non-empty input line, is one message.
 
-    Prints the offset of each acknowledged batch.  Ctrl-C flushes what was read first.
+    Prints the offset of each acknowledged batch (until stdout is closed: then it
+    goes on writing quietly).  Ctrl-C flushes what was read first.
     """
-    interval = parse_seconds(flush_interval)
-    out = sys.stdout
-
-    def on_ack(offset: int, n: int) -> None:
-        out.write(f"{offset}\n")
+    try:
+        interval = parse_seconds(flush_interval)
+    except typer.BadParameter as exc:
+        exc.param_hint = "'--flush-interval'"
+        raise
+    out = _AckPrinter(sys.stdout)
 
     async def main() -> None:
         start = trio.current_time()
@@ -163,7 +201,8 @@ def write(
         try:
             async with (
                 _client(host, retries, timeout) as client,
-                client.writer(topic, batch_size=batch_size or None, flush_interval=interval, on_ack=on_ack) as w,
+                client.writer(topic, batch_size=batch_size or None, flush_interval=interval, on_ack=out,
+                              ack_timeout=timeout) as w,
             ):
                 writers.append(w)
                 if messages:
@@ -189,6 +228,37 @@ def write(
                  f"({total / elapsed:,.0f} msgs/s, {mb / elapsed:.1f} MB/s)")
 
     _run(main, verbose)
+
+
+class _AckPrinter:
+    """``on_ack`` for ``logd write``: prints each batch's offset.  Once stdout is closed
+    (``logd write | head``) it stops printing, and the writer goes on writing."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.closed = False
+
+    def __call__(self, offset: int, count: int) -> None:
+        if not self.closed:
+            try:
+                self.out.write(f"{offset}\n")
+            except BrokenPipeError:
+                self._gone()
+
+    def flush(self) -> None:
+        if not self.closed:
+            try:
+                self.out.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def _gone(self) -> None:
+        self.closed = True
+        # What is still buffered goes to /dev/null, so interpreter exit does not fail on it.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.out.fileno())
+            os.close(devnull)
 
 
 async def _write_lines(w: Writer, input_file: Path | None) -> tuple[int, int]:

@@ -18,7 +18,8 @@ Timeouts belong to the caller: wrap calls in ``trio.fail_after`` as usual.  A
 Retries: connecting retries with exponential backoff (:class:`RetryPolicy`).
 A request that does not change the log (READ, TAIL, STATS, CONFIG, TOPICS,
 PING) is sent once more on a new connection when the old one turns out to be
-broken.  A BATCH is never re-sent by the client: if the connection breaks
+broken (not after :class:`~logd_trio.errors.BadReply`: a server that sends
+bytes that are not a reply is not asked again).  A BATCH is never re-sent by the client: if the connection breaks
 after it was sent, :class:`~logd_trio.errors.ConnectionLost` is raised and the
 batch may or may not have been stored (the caller decides whether to retry,
 accepting a possible duplicate: at-least-once).
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from .batch import build_body, valid_topic
-from .errors import BadReply, ConnectionLost, InvalidTopic, NotFound, Timeout, Unsupported
+from .errors import BadReply, ConnectionLost, InvalidTopic, MessageTooLarge, NotFound, Timeout, Unsupported
 from .protocol import DEFAULT_MAX_BATCH_SIZE, NEED_DATA, encode_batch, encode_read, encode_tail
 from .replies import (
     DEFAULT_MAX_REPLY,
@@ -264,9 +265,9 @@ class Session:
             try:
                 await conn.send(data)
                 return await conn.receive(kind)
-            except ConnectionLost:
+            except ConnectionLost as exc:
                 await self.aclose()
-                if attempt == 2 or not idempotent:
+                if attempt == 2 or not idempotent or isinstance(exc, BadReply):
                     raise
             except BaseException:
                 await self.aclose()  # cancelled or failed mid-request: the reply stream is out of step
@@ -334,14 +335,22 @@ class Client:
     # ------------------------------------------------------------ requests
 
     async def batch(self, topic: str, messages: Iterable[bytes]) -> int:
-        """Write one batch; returns the offset where it begins.  Never re-sent (see module doc)."""
+        """Write one batch; returns the offset where it begins.  Never re-sent (see module doc).
+
+        :class:`~logd_trio.errors.MessageTooLarge` (nothing sent) when the request would be
+        larger than the server's ``MaxBatchSize``.
+        """
         _check_topic(topic)
         msgs = [bytes(m) for m in messages]
         if not msgs:
             raise ValueError("a batch needs at least one message")
-        reply = await self._session.request(
-            encode_batch(topic, build_body(msgs), len(msgs)), ReplyKind.OFFSET, idempotent=False
-        )
+        request = encode_batch(topic, build_body(msgs), len(msgs))
+        limit = await self.max_batch_size()
+        if len(request) > limit:
+            raise MessageTooLarge(
+                f"a batch of {len(msgs)} message(s) takes {len(request)} bytes; the server accepts at most {limit}"
+            )
+        reply = await self._session.request(request, ReplyKind.OFFSET, idempotent=False)
         _raise_if_error(reply)
         assert isinstance(reply, OffsetReply)
         return reply.offset
@@ -381,6 +390,7 @@ class Client:
         return info
 
     async def max_batch_size(self) -> int:
+        """The server's ``MaxBatchSize`` (CONFIG, asked once; 65536 if it does not say)."""
         if self.server_info is None:
             await self.config()
         assert self.server_info is not None
@@ -413,28 +423,42 @@ class Client:
         return trio.current_time() - start
 
     async def supports_extensions(self) -> bool:
-        """Whether the server speaks PROTOCOL.md Part 3 (probed once with PING on a fresh connection).
+        """Whether the server speaks PROTOCOL.md Part 3 (probed once, on a fresh connection).
 
-        Go logd answers an unknown command by closing the connection, other
-        servers with ``ERR``: both mean "no".
+        The probe sends CONFIG and, once it is answered, PING.  ``PONG`` means yes;
+        an ``ERR`` or another reply means no; Go logd answers an unknown command by
+        closing the connection, which means no when it happens twice in a row right
+        after CONFIG was answered.  Only such definite answers are cached: if the
+        connection is lost before CONFIG is answered, :class:`ConnectionLost` is
+        raised and the next call probes again.
         """
         if self._extensions is None:
             with _deadline(self.request_timeout):
-                conn = await self.connect()
-                try:
-                    with trio.move_on_after(10):
-                        await conn.send(b"PING\r\n")
-                        reply = await conn.receive(ReplyKind.PONG)
-                        self._extensions = isinstance(reply, PongReply)
-                except BadReply:
-                    self._extensions = False
-                except ConnectionLost:
-                    self._extensions = False
-                finally:
-                    await conn.aclose()
-            if self._extensions is None:
-                self._extensions = False
+                answer = await self._probe()
+                if answer is None:  # closed after PING: Go's "no", or a drop at a bad moment
+                    answer = await self._probe()
+            self._extensions = bool(answer)
         return self._extensions
+
+    async def _probe(self) -> bool | None:
+        """One probe: True/False, or None when the connection closed after CONFIG was answered."""
+        conn = await self.connect()
+        try:
+            await conn.send(b"CONFIG\r\n")
+            reply = await conn.receive(ReplyKind.MOK)  # ConnectionLost here: not an answer
+            if isinstance(reply, MokReply):
+                self.server_info = ServerInfo(reply.fields())
+            try:
+                with trio.move_on_after(10):
+                    await conn.send(b"PING\r\n")
+                    return isinstance(await conn.receive(ReplyKind.PONG), PongReply)
+                return False  # it answers CONFIG but not PING
+            except BadReply:
+                return False
+            except ConnectionLost:
+                return None
+        finally:
+            await conn.aclose()
 
     async def oldest(self, topic: str) -> int | None:
         """Offset of the oldest retained batch of ``topic``; ``None`` if it has none."""
@@ -444,10 +468,12 @@ class Client:
             return None
 
     async def head(self, topic: str) -> int | None:
-        """The next offset to be written (TOPICS extension); ``None`` if unknown or no such topic."""
+        """The next offset to be written (TOPICS extension); ``None`` for a topic the server
+        does not have, or when the server lacks the extension (Go logd)."""
         if not await self.supports_extensions():
             return None
-        return (await self.topics()).get(topic, (0, 0))[1]
+        entry = (await self.topics()).get(topic)
+        return None if entry is None else entry[1]
 
     # ------------------------------------------------------------ helpers
 

@@ -10,7 +10,15 @@ nothing).  With ``follow=True`` it waits for new data instead: with the
 long-poll extension (``READ ... <wait_ms>``) on logd-trio, by polling every
 ``poll_interval`` seconds on a Go server.  In follow mode a lost connection
 (a server restart) is retried forever with backoff, resuming at the same
-position.
+position.  :class:`~logd_trio.errors.BadReply` (the server sent something that
+is not a reply) is never retried.
+
+Reply size: one READ asks for at most ``read_size`` messages, and never more
+than ``max_reply // MaxBatchSize`` (the client's reply limit over the server's
+batch size from CONFIG), so a reply of full single-message batches still fits
+in ``max_reply``.  A server that refuses the count (``ERR invalid request``:
+its ``--max-messages`` is lower) is asked again with half as many, down to 1;
+the scanner keeps the size that worked.
 
 Retention: when the position lies before the oldest retained batch,
 ``on_removed="error"`` (default) raises :class:`~logd_trio.errors.OffsetRemoved`
@@ -31,12 +39,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import trio
 
 from .checkpoint import Checkpoint, Position
-from .errors import ConnectionLost, InvalidRequest, NotFound, OffsetRemoved
+from .errors import BadReply, ConnectionLost, InvalidRequest, NotFound, OffsetRemoved
 from .protocol import encode_read, encode_tail
 from .replies import ErrorReply, Message, ReadReply, ReplyKind
 
@@ -101,6 +110,7 @@ class Scanner:
         self._committed: Position | None = None
         self._longpoll: bool | None = None
         self._ended = False
+        self._sized = False  # read_size capped for max_reply yet?
 
     # ------------------------------------------------------------ context and iteration
 
@@ -176,7 +186,14 @@ class Scanner:
         backoff = 0.05
         while True:
             try:
+                if not self._sized:
+                    # At most this many batches (each <= MaxBatchSize) fit in one reply under max_reply.
+                    cap = max(1, self._client.max_reply // await self._client.max_batch_size())
+                    self.read_size = min(self.read_size, cap)
+                    self._sized = True
                 got = await self._fill_once()
+            except BadReply:
+                raise
             except ConnectionLost:
                 if not self.follow:
                     raise
@@ -192,6 +209,16 @@ class Scanner:
         reply = await self._session.request(data, ReplyKind.READ, extra_time=extra)
         assert isinstance(reply, ReadReply | ErrorReply)
         return reply
+
+    async def _read_request(self, encode: Callable[[int], bytes]) -> ReadReply | ErrorReply:
+        """A plain READ/TAIL of ``read_size`` messages; halves ``read_size`` while the server
+        refuses the count (its ``--max-messages`` is lower) and keeps what worked."""
+        while True:
+            reply = await self._request(encode(self.read_size))
+            if self.read_size > 1 and isinstance(reply, ErrorReply) and isinstance(reply.exception(), InvalidRequest):
+                self.read_size //= 2
+                continue
+            return reply
 
     async def _oldest(self) -> int | None:
         reply = await self._request(encode_tail(self.topic, 1))
@@ -228,7 +255,7 @@ class Scanner:
     async def _fill_once(self) -> bool:
         pos = self._fetch
         if pos is None:
-            reply = await self._request(encode_tail(self.topic, self.read_size))
+            reply = await self._read_request(lambda n: encode_tail(self.topic, n))
             if isinstance(reply, ErrorReply):
                 exc = reply.exception()
                 if not isinstance(exc, NotFound):
@@ -241,7 +268,7 @@ class Scanner:
                 reply = waited
             self._take(reply, Position(reply.offset, 0))
             return True
-        reply = await self._request(encode_read(self.topic, pos.offset, self.read_size))
+        reply = await self._read_request(lambda n: encode_read(self.topic, pos.offset, n))
         if isinstance(reply, ReadReply):
             self._take(reply, pos)
             return True
@@ -259,9 +286,9 @@ class Scanner:
             self._fetch = Position(oldest, 0)
             self._verified = True
             return await self._fill_once()
-        if not self._verified:
-            head = await self._client.head(self.topic)
-            if head is not None and pos.offset != head and (oldest is not None or pos.offset != 0):
+        if not self._verified and await self._client.supports_extensions():
+            head = (await self._client.topics()).get(self.topic, (0, 0))[1]  # an unknown topic's head is 0
+            if pos.offset != head and (oldest is not None or pos.offset != 0):
                 raise NotFound(f"offset {pos.offset} is not the start of a batch in topic {self.topic!r}")
         if not self.follow:
             return False

@@ -12,15 +12,26 @@ FIFO order.  When more than ``max_pending`` bytes are queued and not yet sent,
 ``write`` waits (backpressure).
 
 Failures.  A batch the server rejects (``ERR``) or whose connection breaks
-before its reply arrives is appended to :attr:`Writer.failed` as a
-:class:`WriteBatch` with its ``error``; nothing is dropped.  The writer
-reconnects for the next batch.  :meth:`Writer.retry_failed` sends the failed
+before its reply arrives (or, with ``ack_timeout``, whose reply does not come
+in time) is appended to :attr:`Writer.failed` as a :class:`WriteBatch` with
+its ``error``; nothing is dropped.  The writer reconnects for the next batch.
+When connecting fails (after the client's retries), every queued batch fails
+with that error at once, so a dead server costs one retry policy, not one per
+batch.  :meth:`Writer.retry_failed` sends the failed
 batches again (at-least-once: a batch whose reply was lost may have been
 stored, and is then stored twice).  Leaving the ``async with`` block normally
 flushes, and raises :class:`~logd_trio.errors.WriteFailed` if failed batches
 remain (clear ``w.failed`` to accept the loss).
 
-Cancellation.
+An exception raised by ``on_ack`` does not stop the writer: the first one is
+raised from the next :meth:`Writer.flush` / :meth:`Writer.retry_failed`, or
+when the block exits.
+
+Cancellation and Ctrl-C.  ``write``, ``write_many``, ``flush``, the background
+tasks and the exit path are protected from ``KeyboardInterrupt``
+(``trio.lowlevel.enable_ki_protection``): Ctrl-C is raised at the caller's next
+checkpoint instead, as a cancellation would be, so it never leaves a batch half
+built or stops the tasks that the exit flush needs.
 * ``write``: if it returns, the message is queued; if it raises (``Cancelled``,
   ``MessageTooLarge``, ``WriterClosed``), it is not.  It waits only for
   backpressure, and a cancelled wait leaves nothing behind.
@@ -55,7 +66,7 @@ from .errors import (
     WriteFailed,
     WriterClosed,
 )
-from .replies import ErrorReply, OffsetReply, ReplyKind
+from .replies import ErrorReply, OffsetReply, Reply, ReplyKind
 
 if TYPE_CHECKING:
     from .client import Client, Connection
@@ -92,12 +103,14 @@ class WriteBatch:
 class _Link:
     """One connection with the batches sent on it and not yet answered."""
 
-    __slots__ = ("conn", "dead", "inflight")
+    __slots__ = ("conn", "dead", "inflight", "wait")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.inflight: deque[WriteBatch] = deque()
         self.dead = False
+        # the receiver's wait for the next reply (with ack_timeout): the sender arms its deadline
+        self.wait: trio.CancelScope | None = None
 
 
 class Writer:
@@ -118,6 +131,7 @@ class Writer:
         max_pending: int | None = None,
         on_ack: AckCallback | None = None,
         close_timeout: float = 5.0,
+        ack_timeout: float | None = None,
     ) -> None:
         from .client import _check_topic
 
@@ -127,6 +141,8 @@ class Writer:
             raise ValueError("max_in_flight must be at least 1")
         if flush_interval is not None and flush_interval < 0:
             raise ValueError("flush_interval must be >= 0 or None")
+        if ack_timeout is not None and not ack_timeout > 0:
+            raise ValueError("ack_timeout must be > 0 or None")
         self._client = client
         self._requested_batch_size = batch_size
         self.flush_interval = math.inf if flush_interval is None else flush_interval
@@ -134,6 +150,7 @@ class Writer:
         self._max_pending_opt = max_pending
         self.on_ack = on_ack
         self.close_timeout = close_timeout
+        self.ack_timeout = ack_timeout
         self.batch_size = 0
         self.max_pending = 0
         self._body_limit = 0
@@ -159,6 +176,7 @@ class Writer:
         self._crashed = False
         self._scopes: list[trio.CancelScope] = []
         self._nursery: trio.Nursery | None = None
+        self._callback_error: Exception | None = None  # the first exception on_ack raised
         self.failed: list[WriteBatch] = []
         self.acked_batches = 0
         self.acked_messages = 0
@@ -166,6 +184,7 @@ class Writer:
 
     # ------------------------------------------------------------ public API
 
+    @trio.lowlevel.enable_ki_protection
     async def write(self, message: bytes | bytearray | memoryview) -> None:
         """Queue one message (copied).  Returns once queued; see the module doc for cancellation."""
         if self._closing:
@@ -178,28 +197,35 @@ class Writer:
         m = bytes(message)
         head = b"MSG %d\r\n" % len(m)
         framed = len(head) + len(m) + 2
-        sealed = False
-        if self._cur_size + framed > self._body_limit:
-            if self._cur_count:
-                self._seal()
-                sealed = True
-            if framed > self._body_limit:
-                self._seal_alone(head, m)
+        if self._cur_size + framed <= self._body_limit:  # it joins the batch being built
+            self._parts += (head, m, _CRLF)
+            self._cur_size += framed
+            self._queued_bytes += framed
+            self._seq += 1
+            self._cur_count += 1
+            if self._cur_count == 1:
+                self._cur_since = trio.current_time()
                 self._wake()
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return
-        self._parts += (head, m, _CRLF)
-        self._cur_size += framed
-        self._queued_bytes += framed
+            return
+        # Raises MessageTooLarge before anything changes.
+        alone = self._alone(head, m) if framed > self._body_limit else None
+        if self._cur_count:
+            self._seal()
         self._seq += 1
-        self._cur_count += 1
-        if self._cur_count == 1:
+        if alone is not None:
+            alone.last_seq = self._seq
+            self._queued_bytes += len(alone.request)
+            self._sealed.append(alone)
+        else:
+            self._parts = [head, m, _CRLF]
+            self._cur_size = framed
+            self._cur_count = 1
             self._cur_since = trio.current_time()
-            self._wake()
-        if sealed:
-            self._wake()
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._queued_bytes += framed
+        self._wake()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
+    @trio.lowlevel.enable_ki_protection
     async def write_many(self, messages: Iterable[bytes | bytearray | memoryview]) -> int:
         """Queue several messages at once (copied); returns how many.  All or nothing:
 
@@ -217,59 +243,68 @@ class Writer:
                 raise WriterClosed("write_many() on a closed writer")
         msgs = [bytes(m) for m in messages]
         limit = self._body_limit
-        for m in msgs:
-            if len(m) + 28 > limit:  # the precise check for big ones happens in _seal_alone
+        # Messages too big for the conservative limit become batches of their own (this
+        # raises MessageTooLarge for one that cannot fit at all, before anything changes).
+        alone: dict[int, WriteBatch] = {}
+        for i, m in enumerate(msgs):
+            if len(m) + 28 > limit:
                 head = b"MSG %d\r\n" % len(m)
-                body = b"".join((head, m, _CRLF))
-                line = b"BATCH %d %s %d 1\r\n" % (len(body), self._topic_raw, zlib.crc32(body))
-                if len(line) + len(body) > self.batch_size:
-                    raise MessageTooLarge(
-                        f"message of {len(m)} bytes does not fit in a batch of {self.batch_size} bytes"
-                    )
-        parts = self._parts
-        size = self._cur_size
-        count = self._cur_count
-        sealed = False
-        if not count and msgs:
-            self._cur_since = trio.current_time()
-        for m in msgs:
+                if len(head) + len(m) + 2 > limit:
+                    alone[i] = self._alone(head, m)
+        # Build in locals, then commit in one step: the batch being built (``carried``, then
+        # ``parts``) and the writer's counters change together or not at all.
+        carried = self._parts
+        parts: list[bytes] = []
+        size, count, since, seq = self._cur_size, self._cur_count, self._cur_since, self._seq
+        queued = 0
+        sealed: list[WriteBatch] = []
+        now = trio.current_time()
+        for i, m in enumerate(msgs):
+            big = alone.get(i)
             head = b"MSG %d\r\n" % len(m)
             framed = len(head) + len(m) + 2
-            if size + framed > limit:
+            if big is not None or size + framed > limit:
                 if count:
-                    self._cur_size, self._cur_count = size, count
-                    self._seal()
-                    parts = self._parts
-                    size = count = 0
-                    sealed = True
-                    self._cur_since = trio.current_time()
-                if framed > limit:
-                    self._seal_alone(head, m)
+                    batch = self._make_batch(carried + parts if carried else parts, count, seq)
+                    queued += len(batch.request) - size
+                    sealed.append(batch)
+                    carried, parts, size, count = [], [], 0, 0
+                if big is not None:
+                    seq += 1
+                    big.last_seq = seq
+                    queued += len(big.request)
+                    sealed.append(big)
                     continue
+            if not count:
+                since = now
             parts += (head, m, _CRLF)
             size += framed
             count += 1
-            self._seq += 1
-            self._queued_bytes += framed
-        self._cur_size, self._cur_count = size, count
+            seq += 1
+            queued += framed
+        if carried:
+            carried += parts  # still the batch being built: extend it in place
+        else:
+            self._parts = parts
+        self._cur_size, self._cur_count, self._cur_since, self._seq = size, count, since, seq
+        self._queued_bytes += queued
+        self._sealed.extend(sealed)
         self._wake()
         if sealed:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return len(msgs)
 
+    @trio.lowlevel.enable_ki_protection
     async def flush(self) -> None:
-        """Send everything queued so far and wait until each batch is acknowledged or failed."""
-        target = self._seq
-        retrying = list(self._retrying)
-        if self._cur_count:
-            self._seal()
-            self._wake()
-        while self._seq_resolved < target or any(not b.resolved for b in retrying):
-            if self._crashed:
-                raise WriterClosed("the writer's background task failed")
-            await self._progress.wait()
+        """Send everything queued so far and wait until each batch is acknowledged or failed.
+
+        Raises the first exception ``on_ack`` raised since the last time one was raised.
+        """
+        await self._flush_wait()
+        self._raise_callback_error()
         await trio.lowlevel.checkpoint()
 
+    @trio.lowlevel.enable_ki_protection
     async def retry_failed(self) -> None:
         """Re-send every batch in :attr:`failed` (in order) and wait for their outcome.
 
@@ -287,7 +322,24 @@ class Writer:
             if self._crashed:
                 raise WriterClosed("the writer's background task failed")
             await self._progress.wait()
+        self._raise_callback_error()
         await trio.lowlevel.checkpoint()
+
+    async def _flush_wait(self) -> None:
+        target = self._seq
+        retrying = list(self._retrying)
+        if self._cur_count:
+            self._seal()
+        self._wake()  # also when nothing is being built: sealed batches may be waiting
+        while self._seq_resolved < target or any(not b.resolved for b in retrying):
+            if self._crashed:
+                raise WriterClosed("the writer's background task failed")
+            await self._progress.wait()
+
+    def _raise_callback_error(self) -> None:
+        err, self._callback_error = self._callback_error, None
+        if err is not None:
+            raise err
 
     @property
     def pending_messages(self) -> int:
@@ -306,28 +358,31 @@ class Writer:
         self._body_limit = size - (6 + digits + 1 + len(self._topic_raw) + 1 + 10 + 1 + digits + 2)
         self.max_pending = self._max_pending_opt or max(size * (self.max_in_flight + 1), 1 << 20)
 
+    def _make_batch(self, parts: list[bytes], count: int, last_seq: int) -> WriteBatch:
+        body = b"".join(parts)
+        request = b"BATCH %d %s %d %d\r\n%s" % (len(body), self._topic_raw, zlib.crc32(body), count, body)
+        return WriteBatch(self.topic, request, count, last_seq)
+
     def _seal(self) -> None:
-        body = b"".join(self._parts)
-        request = b"BATCH %d %s %d %d\r\n%s" % (len(body), self._topic_raw, zlib.crc32(body),
-                                                self._cur_count, body)
-        self._queued_bytes += len(request) - self._cur_size
-        self._sealed.append(WriteBatch(self.topic, request, self._cur_count, self._seq))
+        batch = self._make_batch(self._parts, self._cur_count, self._seq)
+        self._queued_bytes += len(batch.request) - self._cur_size
+        self._sealed.append(batch)
         self._parts = []
         self._cur_size = 0
         self._cur_count = 0
 
-    def _seal_alone(self, head: bytes, m: bytes) -> None:
-        """A message too big for the conservative limit: it may still fit alone, exactly."""
-        body = b"".join((head, m, _CRLF))
-        request = b"BATCH %d %s %d 1\r\n%s" % (len(body), self._topic_raw, zlib.crc32(body), body)
-        if len(request) > self.batch_size:
+    def _alone(self, head: bytes, m: bytes) -> WriteBatch:
+        """A batch of one message too big for the conservative limit (it may still fit, exactly).
+
+        Changes nothing; the caller sets ``last_seq`` and queues it.
+        """
+        batch = self._make_batch([head, m, _CRLF], 1, 0)
+        if len(batch.request) > self.batch_size:
             raise MessageTooLarge(
                 f"message of {len(m)} bytes does not fit in a batch of {self.batch_size} bytes "
-                f"(the BATCH line and MSG framing take {len(request) - len(m)})"
+                f"(the BATCH line and MSG framing take {len(batch.request) - len(m)})"
             )
-        self._seq += 1
-        self._queued_bytes += len(request)
-        self._sealed.append(WriteBatch(self.topic, request, 1, self._seq))
+        return batch
 
     def _wake(self) -> None:
         self._wake_sender.set()
@@ -350,8 +405,21 @@ class Writer:
             self.acked_messages += batch.count
             self.last_offset = offset
             if self.on_ack is not None and offset is not None:
-                self.on_ack(offset, batch.count)
+                try:
+                    self.on_ack(offset, batch.count)
+                except Exception as exc:  # the user's bug must not stop the acknowledgements
+                    if self._callback_error is None:
+                        exc.add_note("raised by the writer's on_ack callback (the writer went on)")
+                        self._callback_error = exc
         self._notify()
+
+    def _fail_queued(self, error: LogdError) -> None:
+        """Connecting failed: fail every batch waiting to be sent (in order) with ``error``."""
+        for queue in (self._ready, self._sealed):
+            while queue:
+                batch = queue.popleft()
+                self._queued_bytes -= len(batch.request)
+                self._resolve(batch, error)
 
     # ------------------------------------------------------------ tasks
 
@@ -372,6 +440,7 @@ class Writer:
             else:
                 await wake.wait()
 
+    @trio.lowlevel.enable_ki_protection
     async def _sender(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope(shield=True) as scope:
             self._scopes.append(scope)
@@ -392,12 +461,17 @@ class Writer:
             try:
                 link = await self._ensure_link()
             except ClientError as exc:
+                # The client's retry policy is used up: the batches queued behind this one
+                # would only wait as long again for the same answer.
                 self._in_hand = None
                 self._slots.release()
                 self._resolve(batch, exc)
+                self._fail_queued(exc)
                 continue
             link.inflight.append(batch)
             self._in_hand = None
+            if link.wait is not None and link.wait.deadline == math.inf and self.ack_timeout is not None:
+                link.wait.deadline = trio.current_time() + self.ack_timeout
             try:
                 await link.conn.send(batch.request)
             except ConnectionLost as exc:
@@ -414,6 +488,7 @@ class Writer:
         await self._nursery.start(self._receiver, link)
         return link
 
+    @trio.lowlevel.enable_ki_protection
     async def _receiver(self, link: _Link, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope(shield=True) as scope:
             self._scopes.append(scope)
@@ -429,11 +504,24 @@ class Writer:
 
     async def _receive_loop(self, link: _Link) -> None:
         conn = link.conn
+        timeout = self.ack_timeout
         while not link.dead:
-            try:
-                reply = await conn.receive(ReplyKind.OFFSET)
-            except ConnectionLost as exc:
-                self._kill(link, exc)
+            reply: Reply | None = None
+            with trio.CancelScope() as wait:
+                if timeout is not None:
+                    # With batches in flight, the next reply is due within ack_timeout (the
+                    # sender arms the deadline when it sends to an idle link).
+                    link.wait = wait
+                    if link.inflight:
+                        wait.deadline = trio.current_time() + timeout
+                try:
+                    reply = await conn.receive(ReplyKind.OFFSET)
+                except ConnectionLost as exc:
+                    self._kill(link, exc)
+                    return
+            link.wait = None
+            if reply is None:  # the deadline passed
+                self._kill(link, Timeout(f"not acknowledged within {timeout:g} s (it may or may not be stored)"))
                 return
             if not link.inflight:
                 self._kill(link, ConnectionLost("reply without a request"))
@@ -459,7 +547,7 @@ class Writer:
         if link in self._links:
             self._links.remove(link)
         assert self._nursery is not None
-        self._nursery.start_soon(link.conn.aclose)
+        self._nursery.start_soon(_close, link.conn)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -471,7 +559,7 @@ class Writer:
     async def _drain(self) -> None:
         self._closing = True
         self._notify()
-        await self.flush()
+        await self._flush_wait()
         while any(not b.resolved for b in self._retrying) and not self._crashed:
             await self._progress.wait()
 
@@ -501,6 +589,11 @@ class Writer:
         return conns
 
 
+@trio.lowlevel.enable_ki_protection
+async def _close(conn: Connection) -> None:
+    await conn.aclose()
+
+
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The exception to show the user for a nursery's group (never a group)."""
     leaves: list[BaseException] = []
@@ -521,6 +614,7 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 @asynccontextmanager
+@trio.lowlevel.enable_ki_protection  # Ctrl-C during the exit flush arrives at a checkpoint, not mid-step
 async def open_writer(client: Client, topic: str, **options: object) -> AsyncIterator[Writer]:
     """The context manager behind :meth:`Client.writer` (see :class:`Writer` for options)."""
     w = Writer(client, topic, **options)  # type: ignore[arg-type]
@@ -544,12 +638,14 @@ async def open_writer(client: Client, topic: str, **options: object) -> AsyncIte
                 raise
             finally:
                 for conn in w._stop():
-                    nursery.start_soon(conn.aclose)
+                    nursery.start_soon(_close, conn)
     except BaseExceptionGroup as group:
         raise _unwrap(group) from None
-    if normal and w.failed:
-        raise WriteFailed(
-            f"{len(w.failed)} batch(es) of {sum(b.count for b in w.failed)} message(s) failed; "
-            f"first error: {w.failed[0].error}",
-            list(w.failed),
-        )
+    if normal:
+        w._raise_callback_error()
+        if w.failed:
+            raise WriteFailed(
+                f"{len(w.failed)} batch(es) of {sum(b.count for b in w.failed)} message(s) failed; "
+                f"first error: {w.failed[0].error}",
+                list(w.failed),
+            )

@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -25,8 +29,9 @@ app = typer.Typer()
 client_cmds.register(app)
 
 
-@pytest.fixture
-def addr(tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def server_thread(workdir: Path, **options: Any) -> Iterator[str]:
+    """A real server in its own thread (the CLI calls trio.run itself); yields its address."""
     ready: queue.Queue[tuple[str, trio.lowlevel.TrioToken, trio.Event]] = queue.Queue()
 
     def run() -> None:
@@ -34,7 +39,7 @@ def addr(tmp_path: Path) -> Iterator[str]:
             shutdown = trio.Event()
             async with trio.open_nursery() as n:
                 host, port = await n.start(
-                    serve, ServerConfig(host="127.0.0.1:0", workdir=tmp_path / "data", fsync="never")
+                    serve, ServerConfig(host="127.0.0.1:0", workdir=workdir, fsync="never", **options)
                 )
                 ready.put((f"{host}:{port}", trio.lowlevel.current_trio_token(), shutdown))
                 await shutdown.wait()
@@ -48,6 +53,12 @@ def addr(tmp_path: Path) -> Iterator[str]:
     yield address
     trio.from_thread.run_sync(shutdown.set, trio_token=token)
     thread.join(10)
+
+
+@pytest.fixture
+def addr(tmp_path: Path) -> Iterator[str]:
+    with server_thread(tmp_path / "data") as address:
+        yield address
 
 
 def invoke(*args: str, input: str | None = None) -> tuple[int, str, str]:
@@ -144,3 +155,133 @@ def test_subprocess_round_trip_200k_lines(addr: str, tmp_path: Path) -> None:
                        capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode() == data
+
+
+# ---------------------------------------------------------------- review 2
+
+LOGD = [sys.executable, "-m", "logd_trio_cli.main"]
+
+
+def read_back(addr: str, topic: str) -> list[bytes]:
+    r = subprocess.run([*LOGD, "read", "--host", addr, "--topic", topic], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def _feed(fd: int, lines: int) -> None:
+    """Write lines 1..N to the pipe until done or the reader has gone."""
+    try:
+        for start in range(1, lines + 1, 10_000):
+            os.write(fd, "".join(f"{i}\n" for i in range(start, min(start + 10_000, lines + 1))).encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("round", range(3))
+def test_ctrl_c_mid_stream_stores_every_line_read(addr: str, round: int) -> None:
+    """SIGINT while `logd write` is busy streaming a pipe: the exit flush stores every line it
+    took, nothing is reported lost, exit code 130.  (Before the fix, a Ctrl-C landing in the
+    writer's background tasks failed the exit flush, or left a half-built batch.)"""
+    r, w = os.pipe()
+    p = subprocess.Popen([*LOGD, "write", "--host", addr, "--topic", f"sig{round}", "--batch-size", "2000"],
+                         stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(r)
+    feeder = threading.Thread(target=_feed, args=(w, 3_000_000), daemon=True)
+    feeder.start()
+    assert p.stdout is not None
+    for _ in range(200 + 100 * round):  # acknowledged batches: it is streaming now
+        assert p.stdout.readline()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    feeder.join(60)
+    assert p.returncode == 130, err
+    assert b"not written" not in err and b"Traceback" not in err, err
+    stored = read_back(addr, f"sig{round}")
+    assert len(stored) > 1000
+    assert stored == [b"%d" % i for i in range(1, len(stored) + 1)]  # no gap, no duplicate
+
+
+def test_write_into_a_closed_pipe_keeps_writing(addr: str) -> None:
+    """`logd write ... | head -1`: stdout closes early; every message is still written, exit 0."""
+    r, w = os.pipe()
+    os.close(r)  # nobody reads the offsets
+    data = "".join(f"{i}\n" for i in range(1, 50_001)).encode()
+    p = subprocess.run([*LOGD, "write", "--host", addr, "--topic", "bp", "--batch-size", "200"], input=data,
+                       stdout=w, stderr=subprocess.PIPE, timeout=120)
+    os.close(w)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == b""
+    assert read_back(addr, "bp") == data.splitlines()
+
+
+@contextmanager
+def stuck_peer() -> Iterator[str]:
+    """A peer that answers CONFIG and never acknowledges a batch (a stuck disk)."""
+    config = b"MaxBatchSize: 65536\r\n"
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.1)
+    stop = threading.Event()
+
+    def handle(c: socket.socket) -> None:
+        buf = b""
+        with c:
+            while (data := c.recv(65536)) and not stop.is_set():
+                buf += data
+                while b"CONFIG\r\n" in buf:
+                    buf = buf.replace(b"CONFIG\r\n", b"", 1)
+                    c.sendall(b"MOK %d\r\n%s\r\n" % (len(config), config))
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=handle, args=(c,), daemon=True).start()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield f"127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+
+
+def test_write_timeout_covers_acknowledgements() -> None:
+    with stuck_peer() as host:
+        p = subprocess.run([*LOGD, "write", "--host", host, "--timeout", "0.5", "x", "y"],
+                           capture_output=True, timeout=60)
+    assert p.returncode == 4, p.stderr
+    assert b"not acknowledged within 0.5 s" in p.stderr
+    assert p.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["write", "--host", "127.0.0.1:99999", "x"],
+    ["read", "--host", "127.0.0.1:0x1"],
+    ["write", "--batch-size", "10", "x"],
+    ["write", "--flush-interval", "-1", "x"],
+    ["write", "--flush-interval", "inf", "x"],
+    ["write", "--timeout", "0", "x"],
+    ["ping", "--timeout", "-1"],
+])
+def test_bad_values_are_usage_errors(args: list[str]) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.stderr and "Invalid value" in result.stderr
+
+
+def test_read_from_a_server_with_lower_max_messages(tmp_path: Path) -> None:
+    with server_thread(tmp_path / "d", max_messages=100) as host:
+        lines = [f"line{i}" for i in range(3000)]
+        assert invoke("write", "--host", host, "--topic", "mm", input="\n".join(lines))[0] == 0
+        code, out, err = invoke("read", "--host", host, "--topic", "mm")
+        assert code == 0, err
+        assert out.splitlines() == lines
+        code, out, err = invoke("read", "--host", host, "--topic", "mm", "--offset", "0", "--limit", "5")
+        assert (code, out.splitlines()) == (0, lines[:5])

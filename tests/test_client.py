@@ -18,6 +18,7 @@ from logd_trio.errors import (
     ConnectionLost,
     InvalidRequest,
     InvalidTopic,
+    MessageTooLarge,
     NotFound,
     Timeout,
     TopicNotAllowed,
@@ -198,3 +199,69 @@ async def test_corrupt_and_bad_replies(nursery: trio.Nursery) -> None:
             await c.read("t", 0, 1)
         with pytest.raises(BadReply):
             await c.stats()
+
+
+# ---------------------------------------------------------------- review 2
+
+
+async def test_batch_over_the_server_max_is_refused_before_sending(client: Client) -> None:
+    with pytest.raises(MessageTooLarge, match="at most 65536"):
+        await client.batch("big", [b"z" * 70_000])
+    with pytest.raises(MessageTooLarge):
+        await client.batch("big", [b"z" * 30_000, b"z" * 40_000])
+    # exactly the maximum goes through, and the connection is fine
+    overhead = len(b"BATCH 65495 big 1234567890 1\r\nMSG 65482\r\n\r\n")
+    assert await client.batch("big", [b"y" * (65536 - overhead)]) == 0
+    assert await client.batch("big", [b"ok"]) == 65536
+    assert (await client.stats())["requests.batch"] == "2"
+
+
+async def test_head_of_an_unknown_topic_is_none(client: Client) -> None:
+    assert await client.head("nothing-here") is None
+    await client.batch("here", [b"x"])
+    assert await client.head("here") == len(build_frame("here", build_body([b"x"]), 1))
+
+
+async def test_extension_probe_does_not_cache_a_lost_connection(nursery: trio.Nursery) -> None:
+    """Connections dropped during the probe are not a "no"; Go's close-on-PING, twice, is."""
+    config = b"MaxBatchSize: 1000\r\n"
+    conns: list[int] = []
+
+    async def flaky(stream: trio.SocketStream) -> None:
+        conns.append(1)
+        n = len(conns)
+        buf = bytearray()
+        while (line := await read_line(stream, buf)) is not None:
+            if n == 1:  # dropped before answering anything
+                return
+            if line == b"CONFIG":
+                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+            elif line == b"PING" and n == 2:  # dropped just after CONFIG was answered
+                return
+            elif line == b"PING":
+                await stream.send_all(b"PONG\r\n")
+
+    addr = await scripted_peer(nursery, flaky)
+    async with open_client(addr, retry=FAST_RETRY) as c:
+        with pytest.raises(ConnectionLost):
+            await c.supports_extensions()
+        assert await c.supports_extensions()  # asked again: connection 2 drops at PING, 3 answers
+        assert len(conns) == 3
+        assert c.server_info is not None and c.server_info.max_batch_size == 1000  # learned on the way
+        assert await c.supports_extensions() and len(conns) == 3  # cached
+
+
+async def test_bad_reply_is_not_retried(nursery: trio.Nursery) -> None:
+    conns: list[int] = []
+
+    async def junk(stream: trio.SocketStream) -> None:
+        conns.append(1)
+        buf = bytearray()
+        while await read_line(stream, buf) is not None:
+            await stream.send_all(b"WHAT\r\n")
+
+    addr = await scripted_peer(nursery, junk)
+    async with open_client(addr, retry=FAST_RETRY) as c:
+        with pytest.raises(BadReply):
+            await c.stats()
+        assert len(conns) == 1  # not sent again on a new connection

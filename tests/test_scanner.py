@@ -13,10 +13,11 @@ import trio.testing
 from logd_trio.batch import build_body, build_frame
 from logd_trio.checkpoint import FileCheckpoint, MemoryCheckpoint, Position
 from logd_trio.client import Client, open_client
-from logd_trio.errors import CheckpointError, NotFound, OffsetRemoved
+from logd_trio.errors import BadReply, CheckpointError, NotFound, OffsetRemoved
 from logd_trio.replies import Message
 
 from .conftest import FAST_RETRY, LocalServer
+from .test_client import read_line, scripted_peer
 
 
 async def scan(client: Client, topic: str, **kw: object) -> list[Message]:
@@ -172,3 +173,61 @@ async def test_cancelled_next_consumes_nothing(client: Client, autojump_clock: t
         await client.batch("cn", [b"x"])
         m = await s.__anext__()
         assert m.body == b"x"
+
+
+# ---------------------------------------------------------------- review 2
+
+
+@pytest.mark.parametrize("follow", [False, True])
+async def test_read_size_is_capped_so_replies_fit_in_max_reply(
+    server: LocalServer, follow: bool, vclock: trio.testing.MockClock
+) -> None:
+    """Full single-message batches: 1000 of them would be ~64 MB, over this client's 256 KiB
+    max_reply (BadReply, which follow mode retried forever)."""
+    async with open_client(server.addr, retry=FAST_RETRY, max_reply=4 * 65536) as c:
+        bodies = [b"%02d" % i + b"x" * 65000 for i in range(10)]
+        for body in bodies:
+            await c.batch("fat", [body])
+        with trio.fail_after(60):
+            got = await scan(c, "fat", read_size=1000, follow=follow, limit=10 if follow else None)
+        assert [m.body for m in got] == bodies
+
+
+async def test_bad_reply_ends_follow_mode(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    """Follow mode retries a lost connection forever, but not a server that sends junk."""
+    conns: list[int] = []
+    config = b"MaxBatchSize: 65536\r\n"
+
+    async def junk(stream: trio.SocketStream) -> None:
+        conns.append(1)
+        buf = bytearray()
+        while (line := await read_line(stream, buf)) is not None:
+            if line == b"CONFIG":
+                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+            else:
+                await stream.send_all(b"OK what\r\n")
+
+    addr = await scripted_peer(nursery, junk)
+    async with open_client(addr, retry=FAST_RETRY) as c:
+        with trio.fail_after(60), pytest.raises(BadReply):
+            await scan(c, "t", follow=True)
+        assert len(conns) == 2  # CONFIG's connection, and the scanner's: not retried
+
+
+async def test_read_size_halves_for_a_server_with_lower_max_messages(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = LocalServer(nursery, tmp_path / "d", max_messages=100)
+    await srv.start()
+    async with open_client(srv.addr, retry=FAST_RETRY) as c:
+        expected = []
+        for i in range(50):
+            msgs = [b"%d.%d" % (i, j) for j in range(20)]
+            await c.batch("lim", msgs)
+            expected += msgs
+        async with c.scanner("lim", read_size=5000) as s:
+            got = [m.body async for m in s]
+        assert got == expected
+        assert s.read_size == 64  # 5000, capped to 4096 for max_reply, halved until the server took it
+        stats = await c.stats()
+        assert int(stats["errors.protocol"]) == 6  # refused once per halving, not once per read
+        assert await scan(c, "lim", offset=0, read_size=5000, limit=1) != []  # READ as well as TAIL
+    await srv.stop()

@@ -3,15 +3,19 @@ backpressure, flush on exit, failures kept and retried, cancellation."""
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 from logd_trio.batch import parse_frame_header
-from logd_trio.client import Client, RetryPolicy, open_client
-from logd_trio.errors import ConnectionLost, MessageTooLarge, TopicNotAllowed, WriteFailed, WriterClosed
+from logd_trio.client import Client, Connection, RetryPolicy, open_client
+from logd_trio.errors import ConnectionLost, MessageTooLarge, Timeout, TopicNotAllowed, WriteFailed, WriterClosed
+from logd_trio.writer import Writer
 
 from .conftest import FAST_RETRY, LocalServer
 from .test_client import read_line, scripted_peer
@@ -304,3 +308,188 @@ async def test_connect_failure_at_open(nursery: trio.Nursery) -> None:
 def test_frame_header_helper_is_consistent() -> None:
     h = parse_frame_header(b"BATCH 10 t 1 1\r\n")
     assert h is not None and h.frame_len == 26
+
+
+# ---------------------------------------------------------------- review 2
+
+
+def _run_with_server(tmp_path: Path, body: Callable[[Client], Awaitable[None]]) -> None:
+    """``trio.run`` a server and ``body(client)`` in one run of our own (not pytest-trio's), so
+    that a SIGINT raised on purpose is delivered to a main task the test controls."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            srv = LocalServer(nursery, tmp_path / "d")
+            await srv.start()
+            async with open_client(srv.addr, retry=FAST_RETRY) as c:
+                await body(c)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:  # never let a stray Ctrl-C end the pytest session
+        pytest.fail("KeyboardInterrupt escaped the test's own handling")
+
+
+@pytest.mark.parametrize("where", ["sender", "receiver", "write_many"])
+def test_ctrl_c_never_breaks_the_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """SIGINT while the writer's own code runs (its tasks, an on_ack, write_many) is raised in
+    the caller at a checkpoint instead: the exit flush then stores everything, nothing fails."""
+    fired: list[bool] = []
+
+    def ctrl_c() -> None:
+        if not fired:
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)  # the handler runs right here, in this frame
+
+    if where == "sender":
+        original = Connection.send
+
+        async def send(self: Connection, data: bytes) -> None:
+            if data.startswith(b"BATCH") and len(fired) == 0:
+                ctrl_c()
+            await original(self, data)
+
+        monkeypatch.setattr(Connection, "send", send)
+
+    class Interrupting:
+        def __bytes__(self) -> bytes:
+            ctrl_c()
+            return b"late"
+
+    outcome: dict[str, Any] = {}
+
+    async def body(c: Client) -> None:
+        on_ack = (lambda o, n: ctrl_c()) if where == "receiver" else None
+        queued: list[bytes] = []  # what write()/write_many() accepted
+        try:
+            async with c.writer("ki", batch_size=500, flush_interval=None, on_ack=on_ack) as w:
+                first = [b"m%05d" % i for i in range(1500)]
+                await w.write_many(first)
+                queued += first
+                if where == "write_many":
+                    # the signal arrives inside write_many: it still queues all three, then
+                    # Ctrl-C is raised at a later checkpoint
+                    await w.write_many([b"x", Interrupting(), b"y"])  # type: ignore[list-item]
+                    queued += [b"x", b"late", b"y"]
+                for i in range(1500, 3000):
+                    await w.write(b"m%05d" % i)
+                    queued.append(b"m%05d" % i)
+                await w.flush()
+                await trio.sleep(10)  # Ctrl-C arrives at a checkpoint before this ends
+            outcome["no interrupt"] = True  # pragma: no cover
+        except KeyboardInterrupt as exc:
+            outcome["notes"] = getattr(exc, "__notes__", None)
+        outcome["failed"] = list(w.failed)
+        outcome["acked"] = w.acked_messages
+        outcome["queued"] = len(queued)
+        outcome["stored"] = await read_all(c, "ki") == queued
+
+    _run_with_server(tmp_path, body)
+    assert fired
+    assert "no interrupt" not in outcome
+    assert outcome["notes"] is None  # no "also raised: WriterClosed(...)"
+    assert outcome["failed"] == []
+    assert outcome["acked"] == outcome["queued"] >= 1500 + 3 * (where == "write_many")
+    assert outcome["stored"]
+
+
+async def test_on_ack_exception_does_not_stop_the_writer(client: Client) -> None:
+    calls: list[int] = []
+
+    def on_ack(offset: int, n: int) -> None:
+        calls.append(n)
+        if len(calls) == 2:
+            raise OSError("stdout is gone")
+
+    async with client.writer("cb", batch_size=200, flush_interval=None, on_ack=on_ack) as w:
+        await w.write_many([b"a%03d" % i for i in range(100)])
+        with pytest.raises(OSError, match="stdout is gone"):
+            await w.flush()
+        await w.write(b"after")
+        await w.flush()  # raised once only
+    assert w.failed == [] and w.acked_messages == 101
+    assert sum(calls) == 101  # later batches were still acknowledged and reported
+    assert await read_all(client, "cb") == [b"a%03d" % i for i in range(100)] + [b"after"]
+    # an on_ack error not yet raised by flush() is raised when the block exits
+    with pytest.raises(ValueError, match="late"):
+        async with client.writer("cb", on_ack=lambda o, n: (_ for _ in ()).throw(ValueError("late"))) as w:
+            await w.write(b"x")
+    assert w.acked_messages == 1
+
+
+async def test_oversize_after_a_sealed_batch_does_not_hang_flush(client: Client, clock: trio.testing.MockClock) -> None:
+    async with client.writer("huge", batch_size=100, flush_interval=None) as w:
+        await w.write(b"x" * 50)
+        await trio.sleep(0.1)  # the sender goes back to waiting
+        with pytest.raises(MessageTooLarge):
+            await w.write(b"x" * 70)  # seals nothing: the message is refused first
+        with trio.fail_after(5):
+            await w.flush()
+        assert w.acked_messages == 1
+        # a batch sealed with nothing being built any more is still sent by flush()
+        await w.write(b"y" * 50)
+        await w.write(b"z" * 50)  # seals the y batch, starts a z batch
+        w._seal()  # now nothing is being built, two batches are sealed
+        with trio.fail_after(5):
+            await w.flush()
+        assert w.acked_messages == 3
+    assert await read_all(client, "huge") == [b"x" * 50, b"y" * 50, b"z" * 50]
+
+
+async def test_ack_timeout_fails_unacknowledged_batches(nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
+    """A peer that answers CONFIG and never acknowledges a batch (a stuck disk)."""
+    config = b"MaxBatchSize: 65536\r\n"
+    connections = []
+
+    async def stuck(stream: trio.SocketStream) -> None:
+        connections.append(stream)
+        buf = bytearray()
+        while (line := await read_line(stream, buf)) is not None:
+            if line == b"CONFIG":
+                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+
+    addr = await scripted_peer(nursery, stuck)
+    async with open_client(addr, retry=FAST_RETRY) as c:
+        start = trio.current_time()
+        with pytest.raises(WriteFailed) as info:
+            async with c.writer("t", ack_timeout=2.0) as w:
+                await w.write(b"one")
+                await w.flush()
+                assert trio.current_time() - start == pytest.approx(2.0, abs=0.1)
+                assert len(w.failed) == 1 and isinstance(w.failed[0].error, Timeout)
+                await w.write(b"two")  # a new connection, and again no answer
+        assert trio.current_time() - start == pytest.approx(4.0, abs=0.2)
+        assert len(info.value.failed) == 2 and [b.count for b in w.failed] == [1, 1]
+        assert all(isinstance(b.error, Timeout) for b in w.failed)
+    with pytest.raises(ValueError):
+        Writer(c, "t", ack_timeout=0)
+
+
+async def test_ack_timeout_is_a_deadline_for_progress(client: Client, clock: trio.testing.MockClock) -> None:
+    """A healthy server acknowledges well within ack_timeout: nothing fails, however long it runs."""
+    async with client.writer("pace", ack_timeout=1.0, flush_interval=0.01) as w:
+        for i in range(20):
+            await w.write(b"%d" % i)
+            await trio.sleep(0.5)
+    assert w.acked_messages == 20 and w.failed == []
+
+
+async def test_failed_connect_fails_every_queued_batch_at_once(
+    client: Client, server: LocalServer, clock: trio.testing.MockClock
+) -> None:
+    """With the server gone, leaving the block costs one connect retry policy, not one per batch."""
+    client.retry = RetryPolicy(attempts=3, initial=1.0, maximum=1.0)  # 2 s per connect
+    with pytest.raises(WriteFailed) as info:
+        async with client.writer("gone", batch_size=100, flush_interval=None) as w:
+            await server.stop()
+            await trio.sleep(1)  # the writer notices its connection closed
+            start = trio.current_time()
+            await w.write_many([b"m%02d" % i + b"x" * 40 for i in range(20)])  # ~10 batches
+    elapsed = trio.current_time() - start
+    assert len(info.value.failed) >= 10
+    assert sum(b.count for b in w.failed) == 20
+    assert all(isinstance(b.error, ConnectionLost) for b in w.failed)
+    assert elapsed < 3  # one policy (2 s); 10 policies took 20 s
+    # they are kept in order, ready for retry_failed()
+    assert [m for b in w.failed for m in b.messages()] == [b"m%02d" % i + b"x" * 40 for i in range(20)]
