@@ -104,10 +104,12 @@ class Scanner:
         self._fetch: Position | None = None  # next batch to read (None: oldest, unknown yet)
         self._verified = False  # is _fetch known to be a batch start or the head?
         self._started = False
-        self._buffer: deque[tuple[Message, Position]] = deque()
-        self._last_next: Position | None = None  # position after the last yielded message
-        self._done: Position | None = None  # position after the processed messages
-        self._committed: Position | None = None
+        # (message, offset, delta of the position after it): positions stay
+        # plain pairs on the per-message path; Position objects are made when asked for.
+        self._buffer: deque[tuple[Message, int, int]] = deque()
+        self._last_next: tuple[int, int] | None = None  # position after the last yielded message
+        self._done: tuple[int, int] | None = None  # position after the processed messages
+        self._committed: tuple[int, int] | None = None
         self._longpoll: bool | None = None
         self._ended = False
         self._sized = False  # read_size capped for max_reply yet?
@@ -137,7 +139,7 @@ class Scanner:
     @property
     def position(self) -> Position | None:
         """Where a resumed consumer would start: after the messages processed so far."""
-        return self._done
+        return None if self._done is None else Position(*self._done)
 
     async def __anext__(self) -> Message:
         if self._last_next is not None:
@@ -149,8 +151,8 @@ class Scanner:
             if not await self._fill():
                 self._ended = True
                 raise StopAsyncIteration
-        msg, nxt = self._buffer.popleft()
-        self._last_next = nxt
+        msg, nxt_offset, nxt_delta = self._buffer.popleft()
+        self._last_next = (nxt_offset, nxt_delta)
         self.count += 1
         return msg
 
@@ -162,9 +164,9 @@ class Scanner:
 
     async def _commit_done(self) -> None:
         if self.checkpoint is not None and self._done is not None and self._done != self._committed:
-            pos = self._done
-            await self.checkpoint.commit(self.topic, pos)
-            self._committed = pos
+            done = self._done
+            await self.checkpoint.commit(self.topic, Position(*done))
+            self._committed = done
 
     # ------------------------------------------------------------ fetching
 
@@ -173,11 +175,11 @@ class Scanner:
         pos: Position | None = None
         if self.checkpoint is not None and not self.from_beginning:
             pos = await self.checkpoint.load(self.topic)
-            self._committed = pos
+            self._committed = None if pos is None else (pos.offset, pos.delta)
         if pos is None and self._start_offset is not None:
             pos = Position(self._start_offset, self._start_delta)
         self._fetch = pos
-        self._done = pos
+        self._done = None if pos is None else (pos.offset, pos.delta)
 
     async def _fill(self) -> bool:
         """Read the next reply into the buffer; False at the end of the log (not in follow mode)."""
@@ -305,11 +307,13 @@ class Scanner:
         for batch in reply.batches:
             off = batch.offset
             msgs = list(batch.messages())
-            n = len(msgs)
+            last = len(msgs) - 1
             for i, (delta, body) in enumerate(msgs):
                 if off == pos.offset and delta < pos.delta:
                     continue
-                nxt = Position(off, msgs[i + 1][0]) if i + 1 < n else Position(batch.next_offset, 0)
-                buf.append((Message(topic, off, delta, body), nxt))
+                if i < last:
+                    buf.append((Message(topic, off, delta, body), off, msgs[i + 1][0]))
+                else:
+                    buf.append((Message(topic, off, delta, body), batch.next_offset, 0))
         self._fetch = Position(reply.next_offset, 0)
         self._verified = True
