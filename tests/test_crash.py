@@ -35,12 +35,17 @@ async def spawn(nursery: trio.Nursery, workdir: Path, *args: str) -> ServerProce
 
     async def pump() -> None:
         assert proc.stderr is not None
-        async for chunk in proc.stderr:
-            log.extend(chunk)
-            m = LISTENING.search(log)
-            if m and not found.is_set():
-                addr.append((m.group(1).decode(), int(m.group(2))))
-                found.set()
+        try:
+            async for chunk in proc.stderr:
+                log.extend(chunk)
+                m = LISTENING.search(log)
+                if m and not found.is_set():
+                    addr.append((m.group(1).decode(), int(m.group(2))))
+                    found.set()
+            await trio.sleep_forever()  # keep the process owned until the test ends
+        finally:
+            if proc.returncode is None:  # the test ended (or failed) with the server still up
+                proc.kill()
 
     nursery.start_soon(pump)
     with trio.fail_after(20):
