@@ -109,6 +109,44 @@ def list_topics(root: Path) -> list[str]:
     )
 
 
+def copy_aside(directory: Path, start: int, fd: int, a: int, b: int, file_mode: int, *,
+               reuse: bool = False) -> Path:
+    """Copy bytes ``[a, b)`` of partition ``<start>.log`` (open as ``fd``) to
+    ``<start>.log.corrupt-<a>-<unixtime>`` beside it, fsynced with its directory
+    entry, in chunks.  With ``reuse``, an existing copy of the same range (made
+    by an earlier run) is returned instead of copying again."""
+    prefix = f"{start}{CORRUPT_MARK}{a}-"
+    if reuse:
+        for name in os.listdir(directory):
+            if name.startswith(prefix) and (directory / name).stat().st_size == b - a:
+                return directory / name
+    stamp = int(time.time())
+    copy = directory / f"{prefix}{stamp}"
+    suffix = 0
+    while True:
+        try:
+            cfd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, file_mode)
+            break
+        except FileExistsError:
+            suffix += 1
+            copy = directory / f"{prefix}{stamp}.{suffix}"
+    try:
+        at = a
+        while at < b:  # in chunks: a large damaged range is never read into memory at once
+            chunk = os.pread(fd, min(_SCAN_CHUNK, b - at), at)
+            if not chunk:
+                raise OSError(errno.EIO, f"partition {start} shrank while copying")
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(cfd, view) :]
+            at += len(chunk)
+        os.fsync(cfd)
+    finally:
+        os.close(cfd)
+    _fsync_dir(directory)
+    return copy
+
+
 class SyncJob:
     """Everything appended up to ``upto`` and not yet fsynced; owns dup'ed fds.
 
@@ -336,40 +374,10 @@ class VerifyJob:
     def _bad(self, start: int, a: int, b: int, fd: int) -> None:
         where = "(not copied)"
         try:
-            where = str(self._copy_aside(start, a, b, fd))
+            where = str(copy_aside(self._dir, start, fd, a, b, self._file_mode, reuse=True))
         except OSError as e:
             where = f"(copy failed: {e})"
         self.bad.append((start, a, b, where))
-
-    def _copy_aside(self, start: int, a: int, b: int, fd: int) -> Path:
-        prefix = f"{start}{CORRUPT_MARK}{a}-"
-        for name in os.listdir(self._dir):  # copied by an earlier run or process: do not copy again
-            if name.startswith(prefix) and (self._dir / name).stat().st_size == b - a:
-                return self._dir / name
-        copy = self._dir / f"{prefix}{int(time.time())}"
-        suffix = 0
-        while True:
-            try:
-                cfd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, self._file_mode)
-                break
-            except FileExistsError:
-                suffix += 1
-                copy = copy.with_name(f"{prefix}{int(time.time())}.{suffix}")
-        try:
-            at = a
-            while at < b:  # in chunks: a large damaged range must not be read into memory at once
-                data = os.pread(fd, min(_SCAN_CHUNK, b - at), at)
-                if not data:
-                    break
-                at += len(data)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(cfd, view) :]
-            os.fsync(cfd)
-        finally:
-            os.close(cfd)
-        _fsync_dir(self._dir)
-        return copy
 
     def close(self) -> None:
         """Close the dup'ed fds (``run`` does it too).  Idempotent."""
@@ -643,7 +651,7 @@ class TopicLog:
             self._log.warning("topic %s: %s: truncating torn tail at position %d (%d bytes)",
                               self.topic, lpath, good, n)
         else:
-            copy = self._copy_aside(fd, lpath, good, fsize)
+            copy = copy_aside(self._dir, start, fd, good, fsize, self._file_mode)
             self._log.error(
                 "topic %s: CORRUPTION in %s at position %d (offset %d): %d bytes from there to the end "
                 "are not a clean torn tail (bad bytes followed by more data); copied them to %s "
@@ -652,34 +660,6 @@ class TopicLog:
             )
         os.ftruncate(fd, good)
         os.fsync(fd)
-
-    def _copy_aside(self, fd: int, lpath: Path, pos: int, fsize: int) -> Path:
-        stamp = int(time.time())
-        suffix = 0
-        while True:
-            copy = lpath.with_name(f"{lpath.name[: -len(LOG_SUFFIX)]}{CORRUPT_MARK}{pos}-{stamp}")
-            if suffix:
-                copy = copy.with_name(f"{copy.name}.{suffix}")
-            try:
-                cfd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, self._file_mode)
-                break
-            except FileExistsError:
-                suffix += 1
-        try:
-            at = pos
-            while at < fsize:
-                chunk = os.pread(fd, min(_SCAN_CHUNK, fsize - at), at)
-                if not chunk:
-                    raise OSError(errno.EIO, f"{lpath} shrank while copying")
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(cfd, view) :]
-                at += len(chunk)
-            os.fsync(cfd)
-        finally:
-            os.close(cfd)
-        _fsync_dir(self._dir)
-        return copy
 
     # ------------------------------------------------------------------ writing
 
