@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from .conftest import make_config, start_server
+from .test_fuzz import mutate
 from .wire import Wire, batch_request
 
 VALID = [
@@ -22,24 +23,6 @@ VALID = [
     b"PING\r\n",
     b"TOPICS\r\n",
 ]
-
-
-def mutate(rng: random.Random, data: bytes) -> bytes:
-    b = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        op = rng.randrange(5)
-        pos = rng.randrange(len(b) + 1)
-        if op == 0 and b:
-            b[min(pos, len(b) - 1)] = rng.randrange(256)
-        elif op == 1:
-            b[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
-        elif op == 2 and b:
-            del b[pos : pos + rng.randint(1, 8)]
-        elif op == 3:
-            b[pos:pos] = rng.choice([b"\r\n", b"\n", b" ", b"99999999999999999999999", b"../", b"\x00" * 16])
-        else:
-            b = b[: rng.randrange(len(b) + 1)]
-    return bytes(b)
 
 
 HOSTILE = [

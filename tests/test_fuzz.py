@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Iterator
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from logd_trio import protocol as p
 from logd_trio.batch import build_body
-from logd_trio.errors import LogdError, RequestError
+from logd_trio.errors import LogdError
 from logd_trio.replies import NEED_DATA, ReplyKind, ReplyParser
+
+from .test_protocol import drain
 
 MAX_REQUEST = 2048
 LIMIT = max(MAX_REQUEST, p.MAX_LINE)
@@ -53,21 +54,6 @@ def requests(draw: st.DrawFn) -> bytes:
     return draw(st.binary(max_size=30)).replace(b"\n", b"") + b"\r\n"
 
 
-def outcome(parser: p.RequestParser) -> Iterator[object]:
-    """Events until NEED_DATA; an error becomes ``("ERR", reason, close)`` (and ends the stream if close)."""
-    while True:
-        try:
-            ev = parser.next_event()
-        except RequestError as e:
-            yield ("ERR", e.reason, e.close)
-            if e.close:
-                return
-            continue
-        if ev is p.NEED_DATA:
-            return
-        yield ev
-
-
 def run(stream: bytes, cuts: list[int], *, check_bound: bool = True) -> list[object]:
     parser = p.RequestParser(max_request=MAX_REQUEST)
     out: list[object] = []
@@ -76,9 +62,9 @@ def run(stream: bytes, cuts: list[int], *, check_bound: bool = True) -> list[obj
         chunk = stream[prev:cut]
         prev = max(prev, cut)
         parser.receive_data(chunk)
-        for ev in outcome(parser):
+        for ev in drain(parser):
             out.append(ev)
-            if isinstance(ev, tuple) and ev[2]:
+            if isinstance(ev, str) and ev.endswith(" close"):
                 return out
         if check_bound:
             # after the events: less than one request pending, and the raw buffer (consumed
@@ -142,11 +128,11 @@ def test_floods_are_refused_with_bounded_buffering() -> None:
         events: list[object] = []
         for i in range(0, len(flood), 4096):
             parser.receive_data(flood[i : i + 4096])
-            events += outcome(parser)
+            events += drain(parser)
             assert parser.buffered < LIMIT + 4096
             if events:
                 break
-        assert events and isinstance(events[-1], tuple) and events[-1][2], flood[:20]
+        assert events and isinstance(events[-1], str) and events[-1].endswith(" close"), flood[:20]
 
 
 # ---------------------------------------------------------------- the client's reply parser
