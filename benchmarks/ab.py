@@ -27,12 +27,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from run import free_port, wait_listening  # noqa: E402
 
-from logd_trio.bench import BenchConfig, run_bench  # noqa: E402
+from logd_trio.tools.bench import BenchConfig, run_bench  # noqa: E402
 
 PATCHES = {
     "all": "",
-    "exact-walk": "import logd_trio.batch as b; b._count_uniform = lambda *a: 0; b._count_fast = lambda *a: 0",
-    "checkpoints": "import logd_trio.topic as t; t.Topic.try_append = lambda self, f, c: None",
+    "exact-walk": "import logd_trio.core.framing as b; b._count_uniform = lambda *a: 0; b._count_fast = lambda *a: 0",
+    "checkpoints": "import logd_trio.server.topic as t; t.Topic.try_append = lambda self, f, c: None",
 }
 
 

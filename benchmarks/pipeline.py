@@ -3,7 +3,7 @@
 ``write_lines`` is the bench engine's own line writer: it reads the file line
 by line, frames ~64 KB batches (``MSG <len>\\r\\n<line>\\r\\n``, newline
 stripped) as a client library does, and sends them pipelined
-(:func:`logd_trio.bench.write_frames`, 32 in flight).  The time runs from
+(:func:`logd_trio.tools.bench.write_frames`, 32 in flight).  The time runs from
 opening the file to the last acknowledgement, so batching on the client side
 is included.  ``run_logd_write`` times ``logd write`` (the client CLI
 command) when it exists.
@@ -30,8 +30,8 @@ import trio
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from logd_trio.bench import PhaseResult, write_frames  # noqa: E402
-from logd_trio.protocol import encode_batch  # noqa: E402
+from logd_trio.core.requests import encode_batch  # noqa: E402
+from logd_trio.tools.bench import PhaseResult, write_frames  # noqa: E402
 
 MAX_REQUEST = 65536
 

@@ -57,8 +57,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import baseline  # noqa: E402
 import pipeline  # noqa: E402
 
-from logd_trio.batch import build_body, build_frame  # noqa: E402
-from logd_trio.bench import BenchConfig, PhaseResult, read_messages, run_bench  # noqa: E402
+from logd_trio.core.framing import build_body, build_frame  # noqa: E402
+from logd_trio.tools.bench import BenchConfig, PhaseResult, read_messages, run_bench  # noqa: E402
 
 DISK = Path("/tmp/logd-bench")
 TMPFS = Path("/dev/shm/logd-bench")

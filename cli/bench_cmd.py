@@ -8,8 +8,8 @@ from typing import Annotated
 import trio
 import typer
 
-from logd_trio.bench import BenchConfig, BenchError, format_result, progress_stream, run_bench
-from logd_trio.config import parse_duration
+from logd_trio.server.config import parse_duration
+from logd_trio.tools.bench import BenchConfig, BenchError, format_result, progress_stream, run_bench
 
 
 def bench(

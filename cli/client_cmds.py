@@ -23,9 +23,10 @@ from typing import Annotated, BinaryIO, Final, TextIO
 import trio
 import typer
 
-from logd_trio.checkpoint import FileCheckpoint
-from logd_trio.client import DEFAULT_ADDRESS, Client, RetryPolicy, open_client, parse_address
-from logd_trio.errors import (
+from logd_trio.client.checkpoint import FileCheckpoint
+from logd_trio.client.client import DEFAULT_ADDRESS, Client, RetryPolicy, open_client, parse_address
+from logd_trio.client.writer import Writer
+from logd_trio.core.errors import (
     CheckpointError,
     ConnectionLost,
     LogdError,
@@ -36,8 +37,7 @@ from logd_trio.errors import (
     Unsupported,
     WriteFailed,
 )
-from logd_trio.replies import Message
-from logd_trio.writer import Writer
+from logd_trio.core.replies import Message
 
 # Exit codes, most specific first.  2 is click's usage error.
 EXIT_CODES: Final[tuple[tuple[type[BaseException], int], ...]] = (

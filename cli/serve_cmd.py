@@ -10,9 +10,9 @@ from typing import Annotated, Any
 import trio
 import typer
 
-from logd_trio.config import ConfigError, load_config
-from logd_trio.errors import LogdError
-from logd_trio.server import run
+from logd_trio.core.errors import LogdError
+from logd_trio.server.app import run
+from logd_trio.server.config import ConfigError, load_config
 
 
 def _setup_logging(verbose: bool) -> None:

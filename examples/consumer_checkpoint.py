@@ -14,8 +14,7 @@ import sys
 
 import trio
 
-from logd_trio.checkpoint import FileCheckpoint
-from logd_trio.client import open_client
+from logd_trio import FileCheckpoint, open_client
 
 
 async def main(address: str, follow: bool) -> None:

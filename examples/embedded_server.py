@@ -16,9 +16,7 @@ from pathlib import Path
 
 import trio
 
-from logd_trio.client import open_client
-from logd_trio.config import ServerConfig
-from logd_trio.server import serve
+from logd_trio import ServerConfig, open_client, serve
 
 
 async def main() -> None:

@@ -14,7 +14,7 @@ import sys
 
 import trio
 
-from logd_trio.client import open_client
+from logd_trio import open_client
 
 
 async def main(address: str) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import trio
 
-from logd_trio.batch import build_body, parse_frame_header
-from logd_trio.protocol import encode_batch
+from logd_trio.core.framing import build_body, parse_frame_header
+from logd_trio.core.requests import encode_batch
 
 
 def batch_request(topic: str, msgs: list[bytes]) -> bytes:

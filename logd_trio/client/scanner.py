@@ -1,0 +1,319 @@
+"""Reading a topic message by message: ``async with client.scanner(topic) as s: async for m in s``.
+
+Where it starts: the committed position of ``checkpoint`` if there is one
+(unless ``from_beginning``), else ``offset`` (which must be the start of a
+batch; ``delta`` skips into it), else the oldest retained batch.
+
+Where it stops: after ``limit`` messages, or at the end of the log (that is
+not an error: iteration simply ends; an empty or unknown topic yields
+nothing).  With ``follow=True`` it waits for new data instead: with the
+long-poll extension (``READ ... <wait_ms>``) on logd-trio, by polling every
+``poll_interval`` seconds on a Go server.  In follow mode a lost connection
+(a server restart) is retried forever with backoff, resuming at the same
+position.  :class:`~logd_trio.core.errors.BadReply` (the server sent something that
+is not a reply) is never retried.
+
+Reply size: one READ asks for at most ``read_size`` messages, and never more
+than ``max_reply // MaxBatchSize`` (the client's reply limit over the server's
+batch size from CONFIG), so a reply of full single-message batches still fits
+in ``max_reply``.  A server that refuses the count (``ERR invalid request``:
+its ``--max-messages`` is lower) is asked again with half as many, down to 1;
+the scanner keeps the size that worked.
+
+Retention: when the position lies before the oldest retained batch,
+``on_removed="error"`` (default) raises :class:`~logd_trio.core.errors.OffsetRemoved`
+and ``on_removed="earliest"`` continues at the oldest retained batch.
+
+Checkpoints: a message counts as processed when the consumer asks for the next
+one (or when iteration ends by ``limit`` / end of log).  The position after the
+processed messages is committed after each reply from the server is used up
+and when the block exits (shielded, at most ``close_timeout`` seconds), so a
+message whose processing raised is delivered again next time (at-least-once).
+:meth:`Scanner.commit` commits on demand.
+
+Cancellation: a cancelled ``__anext__`` consumed nothing; iterating again
+continues at the same message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+import trio
+
+from logd_trio.client.checkpoint import Checkpoint, Position
+from logd_trio.core.errors import BadReply, ConnectionLost, InvalidRequest, NotFound, OffsetRemoved
+from logd_trio.core.replies import ErrorReply, Message, ReadReply, ReplyKind
+from logd_trio.core.requests import encode_read, encode_tail
+
+if TYPE_CHECKING:
+    from logd_trio.client.client import Client, Session
+
+__all__ = ["Scanner"]
+
+OnRemoved = Literal["error", "earliest"]
+
+
+class Scanner:
+    """Iterates over a topic's messages.  Create with :meth:`Client.scanner`."""
+
+    def __init__(
+        self,
+        client: Client,
+        topic: str,
+        *,
+        offset: int | None = None,
+        delta: int = 0,
+        checkpoint: Checkpoint | None = None,
+        from_beginning: bool = False,
+        limit: int | None = None,
+        follow: bool = False,
+        read_size: int = 1000,
+        on_removed: OnRemoved = "error",
+        poll_interval: float = 0.5,
+        wait_ms: int = 10_000,
+        close_timeout: float = 5.0,
+    ) -> None:
+        from logd_trio.client.client import _check_topic
+
+        _check_topic(topic)
+        if on_removed not in ("error", "earliest"):
+            raise ValueError("on_removed must be 'error' or 'earliest'")
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        if not 1 <= read_size <= 50_000:
+            raise ValueError("read_size must be in 1..50000")
+        self._client = client
+        self.topic = topic
+        self._start_offset = offset
+        self._start_delta = delta
+        self.checkpoint = checkpoint
+        self.from_beginning = from_beginning
+        self.limit = math.inf if limit is None else limit
+        self.follow = follow
+        self.read_size = read_size
+        self.on_removed: OnRemoved = on_removed
+        self.poll_interval = poll_interval
+        self.wait_ms = wait_ms
+        self.close_timeout = close_timeout
+        self.count = 0
+        self._session: Session | None = None
+        self._fetch: Position | None = None  # next batch to read (None: oldest, unknown yet)
+        self._verified = False  # is _fetch known to be a batch start or the head?
+        self._started = False
+        # (message, offset, delta of the position after it): positions stay
+        # plain pairs on the per-message path; Position objects are made when asked for.
+        self._buffer: deque[tuple[Message, int, int]] = deque()
+        self._last_next: tuple[int, int] | None = None  # position after the last yielded message
+        self._done: tuple[int, int] | None = None  # position after the processed messages
+        self._committed: tuple[int, int] | None = None
+        self._longpoll: bool | None = None
+        self._ended = False
+        self._sized = False  # read_size capped for max_reply yet?
+
+    # ------------------------------------------------------------ context and iteration
+
+    async def __aenter__(self) -> Scanner:
+        self._session = self._client.session()
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            with trio.CancelScope(shield=True) as cs:
+                cs.relative_deadline = self.close_timeout
+                if exc_type is None:
+                    await self.commit()
+                else:
+                    await self._commit_done()
+        finally:
+            if self._session is not None:
+                with trio.CancelScope(shield=True):
+                    await self._session.aclose()
+
+    def __aiter__(self) -> Scanner:
+        return self
+
+    @property
+    def position(self) -> Position | None:
+        """Where a resumed consumer would start: after the messages processed so far."""
+        return None if self._done is None else Position(*self._done)
+
+    async def __anext__(self) -> Message:
+        if self._last_next is not None:
+            self._done = self._last_next  # the consumer asked for more: the last one is processed
+        if self.count >= self.limit or self._ended:
+            raise StopAsyncIteration
+        while not self._buffer:
+            await self._commit_done()
+            if not await self._fill():
+                self._ended = True
+                raise StopAsyncIteration
+        msg, nxt_offset, nxt_delta = self._buffer.popleft()
+        self._last_next = (nxt_offset, nxt_delta)
+        self.count += 1
+        return msg
+
+    async def commit(self) -> None:
+        """Mark the last yielded message processed and commit the position (if a checkpoint is set)."""
+        if self._last_next is not None:
+            self._done = self._last_next
+        await self._commit_done()
+
+    async def _commit_done(self) -> None:
+        if self.checkpoint is not None and self._done is not None and self._done != self._committed:
+            done = self._done
+            await self.checkpoint.commit(self.topic, Position(*done))
+            self._committed = done
+
+    # ------------------------------------------------------------ fetching
+
+    async def _start(self) -> None:
+        self._started = True
+        pos: Position | None = None
+        if self.checkpoint is not None and not self.from_beginning:
+            pos = await self.checkpoint.load(self.topic)
+            self._committed = None if pos is None else (pos.offset, pos.delta)
+        if pos is None and self._start_offset is not None:
+            pos = Position(self._start_offset, self._start_delta)
+        self._fetch = pos
+        self._done = None if pos is None else (pos.offset, pos.delta)
+
+    async def _fill(self) -> bool:
+        """Read the next reply into the buffer; False at the end of the log (not in follow mode)."""
+        if not self._started:
+            await self._start()
+        backoff = 0.05
+        while True:
+            try:
+                if not self._sized:
+                    # At most this many batches (each <= MaxBatchSize) fit in one reply under max_reply.
+                    cap = max(1, self._client.max_reply // await self._client.max_batch_size())
+                    self.read_size = min(self.read_size, cap)
+                    self._sized = True
+                got = await self._fill_once()
+            except BadReply:
+                raise
+            except ConnectionLost:
+                if not self.follow:
+                    raise
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if got or not self.follow:
+                return got
+            backoff = 0.05
+
+    async def _request(self, data: bytes, extra: float = 0.0) -> ReadReply | ErrorReply:
+        assert self._session is not None, "use the scanner as 'async with client.scanner(...)'"
+        reply = await self._session.request(data, ReplyKind.READ, extra_time=extra)
+        assert isinstance(reply, ReadReply | ErrorReply)
+        return reply
+
+    async def _read_request(self, encode: Callable[[int], bytes]) -> ReadReply | ErrorReply:
+        """A plain READ/TAIL of ``read_size`` messages; halves ``read_size`` while the server
+        refuses the count (its ``--max-messages`` is lower) and keeps what worked."""
+        while True:
+            reply = await self._request(encode(self.read_size))
+            if self.read_size > 1 and isinstance(reply, ErrorReply) and isinstance(reply.exception(), InvalidRequest):
+                self.read_size //= 2
+                continue
+            return reply
+
+    async def _oldest(self) -> int | None:
+        reply = await self._request(encode_tail(self.topic, 1))
+        if isinstance(reply, ErrorReply):
+            exc = reply.exception()
+            if isinstance(exc, NotFound):
+                return None
+            raise exc
+        return reply.offset
+
+    async def _use_longpoll(self) -> bool:
+        if self._longpoll is None:
+            self._longpoll = self.follow and await self._client.supports_extensions()
+        return self._longpoll
+
+    async def _wait_for_data(self, offset: int) -> ReadReply | None:
+        """Follow mode at the (presumed) head: long-poll, or sleep before polling again."""
+        if await self._use_longpoll():
+            start = trio.current_time()
+            reply = await self._request(encode_read(self.topic, offset, self.read_size, self.wait_ms),
+                                        extra=self.wait_ms / 1000)
+            if isinstance(reply, ReadReply):
+                return reply
+            exc = reply.exception()
+            if isinstance(exc, InvalidRequest):
+                self._longpoll = False  # a server with PING but without long-poll READ
+            elif not isinstance(exc, NotFound):
+                raise exc
+            elif trio.current_time() - start >= self.wait_ms / 2000:
+                return None
+        await trio.sleep(self.poll_interval)
+        return None
+
+    async def _fill_once(self) -> bool:
+        pos = self._fetch
+        if pos is None:
+            reply = await self._read_request(lambda n: encode_tail(self.topic, n))
+            if isinstance(reply, ErrorReply):
+                exc = reply.exception()
+                if not isinstance(exc, NotFound):
+                    raise exc
+                if not self.follow:
+                    return False
+                waited = await self._wait_for_data(0)
+                if waited is None:
+                    return False
+                reply = waited
+            self._take(reply, Position(reply.offset, 0))
+            return True
+        reply = await self._read_request(lambda n: encode_read(self.topic, pos.offset, n))
+        if isinstance(reply, ReadReply):
+            self._take(reply, pos)
+            return True
+        exc = reply.exception()
+        if not isinstance(exc, NotFound):
+            raise exc
+        # Not found: removed by retention, the head (no new data), or not a batch start.
+        oldest = await self._oldest()
+        if oldest is not None and pos.offset < oldest:
+            if self.on_removed == "error":
+                raise OffsetRemoved(
+                    f"offset {pos.offset} of topic {self.topic!r} was removed by retention "
+                    f"(oldest retained: {oldest})"
+                )
+            self._fetch = Position(oldest, 0)
+            self._verified = True
+            return await self._fill_once()
+        if not self._verified and await self._client.supports_extensions():
+            head = (await self._client.topics()).get(self.topic, (0, 0))[1]  # an unknown topic's head is 0
+            if pos.offset != head and (oldest is not None or pos.offset != 0):
+                raise NotFound(f"offset {pos.offset} is not the start of a batch in topic {self.topic!r}")
+        if not self.follow:
+            return False
+        waited = await self._wait_for_data(pos.offset)
+        if waited is None:
+            return False
+        self._take(waited, pos)
+        return True
+
+    def _take(self, reply: ReadReply, pos: Position) -> None:
+        """Queue the reply's messages from ``pos`` on, each with the position after it."""
+        topic = self.topic
+        buf = self._buffer
+        for batch in reply.batches:
+            off = batch.offset
+            msgs = list(batch.messages())
+            last = len(msgs) - 1
+            for i, (delta, body) in enumerate(msgs):
+                if off == pos.offset and delta < pos.delta:
+                    continue
+                if i < last:
+                    buf.append((Message(topic, off, delta, body), off, msgs[i + 1][0]))
+                else:
+                    buf.append((Message(topic, off, delta, body), batch.next_offset, 0))
+        self._fetch = Position(reply.next_offset, 0)
+        self._verified = True

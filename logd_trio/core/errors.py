@@ -1,0 +1,137 @@
+"""One error family for the whole library.
+
+Server side, a request that breaks the protocol raises :class:`RequestError`,
+which carries the exact ``ERR`` reason to send and whether the connection must
+close afterwards (because the request's end cannot be known).  Client side,
+each ``ERR`` reason a server can send maps to one subclass of
+:class:`LogdError`, so callers catch what they mean.
+"""
+
+from __future__ import annotations
+
+
+class LogdError(Exception):
+    """Base class of every error this library raises."""
+
+
+class RequestError(LogdError):
+    """The peer sent a request that breaks the protocol (server side).
+
+    ``reason`` is the text sent after ``ERR ``; ``close`` says whether the
+    server must close the connection after replying, because the request's
+    extent is unknown and the byte stream cannot be resynchronised.
+    """
+
+    def __init__(self, reason: str, *, close: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.close = close
+
+
+class InvalidBatchError(LogdError):
+    """A batch body is not exact ``MSG <len>\\r\\n<bytes>\\r\\n`` framing."""
+
+
+class StorageError(LogdError):
+    """The storage layer could not do what was asked (disk full, I/O error)."""
+
+
+class NotFound(LogdError):
+    """The offset is not the start of a retained batch, or the topic is unknown."""
+
+
+# ---------------------------------------------------------------- client side
+#
+# Every ``ERR <reason>`` a server can send maps to one class below (see
+# ``logd_trio.core.replies.error_for_reason``); transport failures become
+# :class:`ConnectionLost` and request deadlines :class:`Timeout`.
+
+
+class ClientError(LogdError):
+    """Base of the errors the client raises.  ``reason`` is the server's text, if any."""
+
+    def __init__(self, message: str = "", *, reason: str | None = None) -> None:
+        super().__init__(message or (reason or ""))
+        self.reason = reason
+
+
+class ServerRejected(ClientError):
+    """The server answered ``ERR <reason>`` (base of the reason-specific classes)."""
+
+
+class InvalidRequest(ServerRejected):
+    """``ERR invalid request`` (or ``invalid protocol``)."""
+
+
+class ChecksumMismatch(ServerRejected):
+    """``ERR checksum mismatch``, or a batch read from the server failed its CRC check."""
+
+
+class InvalidBatch(ServerRejected):
+    """``ERR invalid batch``: the server rejected the MSG framing or count."""
+
+
+class InvalidTopic(ServerRejected):
+    """``ERR invalid topic`` / ``request missing topic``, or a topic name the client refuses to send."""
+
+
+class TopicNotAllowed(ServerRejected):
+    """``ERR topic not allowed``."""
+
+
+class MaxTopics(ServerRejected):
+    """``ERR maximum topics allowed``."""
+
+
+class ServerError(ServerRejected):
+    """Any other ``ERR`` reason (Go clients read these as internal errors)."""
+
+
+class CorruptDataReply(ServerError):
+    """``ERR corrupt data``: the batch at the offset failed the server's CRC
+    check (disk damage); the server withholds it.  Read past it from a later
+    offset, or restore the data."""
+
+
+class NotFoundReply(NotFound, ServerRejected):
+    """``ERR not found`` as received by the client (also a :class:`NotFound`)."""
+
+
+class OffsetRemoved(NotFound, ClientError):
+    """The requested offset lies before the oldest batch retention kept."""
+
+
+class ConnectionLost(ClientError):
+    """No server reachable, or the connection broke before a reply arrived."""
+
+
+class BadReply(ConnectionLost):
+    """The server sent bytes that are not a valid reply; the connection was dropped."""
+
+
+class Timeout(ClientError):
+    """A request did not complete within the client's request timeout."""
+
+
+class Unsupported(ClientError):
+    """The server does not implement a protocol extension this call needs (e.g. TOPICS on Go logd)."""
+
+
+class MessageTooLarge(ClientError):
+    """A single message cannot fit in one batch of the server's maximum batch size."""
+
+
+class WriterClosed(ClientError):
+    """``write`` was called on a writer that has been closed."""
+
+
+class WriteFailed(ClientError):
+    """A writer closed with failed batches left; ``failed`` holds them (nothing was dropped)."""
+
+    def __init__(self, message: str, failed: list[object]) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+class CheckpointError(ClientError):
+    """A checkpoint file is unreadable or belongs to another topic."""

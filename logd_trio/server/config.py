@@ -1,0 +1,234 @@
+"""Server configuration: one frozen dataclass, validated on construction.
+
+Sources merge with precedence flags > environment (``LOGD_*``) > TOML file >
+defaults; :func:`load_config` does the merge, the CLI only collects flags.
+Every bad key or value raises :class:`ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from logd_trio.core.errors import LogdError
+
+__all__ = ["FSYNC_MODES", "ConfigError", "ServerConfig", "format_duration", "load_config", "parse_duration"]
+
+FSYNC_MODES: Final = ("always", "interval", "never")
+MIB: Final = 1024 * 1024
+
+
+class ConfigError(LogdError, ValueError):
+    """A configuration key or value is invalid; the message names it."""
+
+
+_DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns))")
+_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(value: str | float | int, *, key: str = "duration") -> float:
+    """Seconds from a number or a Go-style duration (``15s``, ``1m30s``, ``200ms``)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            pos, seconds = 0, 0.0
+            for m in _DURATION_RE.finditer(text):
+                if m.start() != pos:
+                    break
+                seconds += float(m.group(1)) * _UNIT[m.group(2)]
+                pos = m.end()
+            if pos != len(text) or not text:
+                raise ConfigError(f"{key}: {value!r} is not a duration (examples: 15s, 1m0s, 200ms)") from None
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{key}: {value!r} is not a finite duration")
+    if seconds < 0:
+        raise ConfigError(f"{key}: must not be negative, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Go's ``time.Duration.String`` for the values we use: ``15s``, ``1m0s``, ``200ms``."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        ms = seconds * 1000
+        return f"{ms:g}ms"
+    total = round(seconds, 9)
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    s_text = f"{s:.9f}".rstrip("0").rstrip(".")
+    if h:
+        return f"{int(h)}h{int(m)}m{s_text}s"
+    if m:
+        return f"{int(m)}m{s_text}s"
+    return f"{s_text}s"
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name}: must be at least 1, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything ``logd serve`` can be told.  Field names are the TOML keys
+    (with ``-`` for ``_``) and, upper-cased with ``LOGD_``, the environment."""
+
+    host: str = "127.0.0.1:1774"
+    workdir: Path = Path("logs")
+    batch_size: int = 64 * 1024
+    max_messages: int = 50000
+    partition_size: int = 2000 * MIB
+    partitions: int = 8
+    fsync: str = "always"
+    flush_interval: float = 1.0
+    flush_batches: int = 0
+    topics: int = 8
+    topics_whitelist: tuple[str, ...] = ()
+    timeout: float = 15.0
+    idle_timeout: float = 30.0
+    shutdown_timeout: float = 15.0
+    max_connections: int = 1024
+    max_wait: float = 30.0
+    pipeline_depth: int = 128
+    file_mode: int = 0o600
+    dir_mode: int = 0o700
+    min_free_space: int = 16 * MIB
+    max_waiters: int = 1024
+    scrub_rate: int = 32 * MIB
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "workdir", Path(self.workdir))
+        _ = self.address  # validates host
+        for name in ("batch_size", "max_messages", "partition_size", "partitions", "topics",
+                     "max_connections", "pipeline_depth"):
+            _positive(name, getattr(self, name))
+        if self.batch_size < 64:
+            raise ConfigError(f"batch_size: must be at least 64 bytes, got {self.batch_size}")
+        if self.fsync not in FSYNC_MODES:
+            raise ConfigError(f"fsync: must be one of {', '.join(FSYNC_MODES)}, got {self.fsync!r}")
+        for name in ("flush_batches", "min_free_space", "max_waiters", "scrub_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+        for name in ("flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative")
+        if self.fsync == "interval" and self.flush_interval <= 0:
+            raise ConfigError("flush_interval: must be above 0 with fsync=interval")
+        for mode_name in ("file_mode", "dir_mode"):
+            mode = getattr(self, mode_name)
+            if not 0 <= mode <= 0o777:
+                raise ConfigError(f"{mode_name}: {mode!r} is not a permission mode")
+        from logd_trio.core.framing import valid_topic
+
+        for t in self.topics_whitelist:
+            if not valid_topic(t.encode("ascii", "replace")):
+                raise ConfigError(f"topics_whitelist: {t!r} is not a valid topic name")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, sep, port = self.host.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"host: expected HOST:PORT, got {self.host!r}")
+        host = host.strip("[]") or "127.0.0.1"
+        return host, int(port)
+
+
+_FIELDS: Final = {f.name: f for f in dataclasses.fields(ServerConfig) }
+_DURATIONS: Final = {"flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait"}
+_INTS: Final = {"batch_size", "max_messages", "partition_size", "partitions", "flush_batches", "topics",
+                "max_connections", "pipeline_depth", "min_free_space", "max_waiters", "scrub_rate"}
+_MODES: Final = {"file_mode", "dir_mode"}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    where = f"{key} ({source})"
+    if key in _DURATIONS:
+        return parse_duration(value, key=where)
+    if key in _INTS:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().replace("_", "")
+        units = {"k": 1024, "kb": 1024, "kib": 1024, "m": MIB, "mb": MIB, "mib": MIB, "g": 1024 * MIB,
+                 "gb": 1024 * MIB, "gib": 1024 * MIB}
+        m = re.fullmatch(r"(\d+)\s*([a-zA-Z]*)", text)
+        if not m or (m.group(2) and m.group(2).lower() not in units):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(m.group(1)) * (units[m.group(2).lower()] if m.group(2) else 1)
+    if key in _MODES:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return int(str(value), 8)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an octal mode such as 0600, got {value!r}") from None
+    if key == "topics_whitelist":
+        if isinstance(value, str):
+            return tuple(t for t in (s.strip() for s in value.split(",")) if t)
+        if isinstance(value, list | tuple) and all(isinstance(t, str) for t in value):
+            return tuple(value)
+        raise ConfigError(f"{where}: expected a list of topic names, got {value!r}")
+    if key == "workdir":
+        return Path(str(value))
+    if key in ("host", "fsync"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"unknown key {key!r} ({source})")  # pragma: no cover
+
+
+def _normalise(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = k.replace("-", "_").lower()
+        if key not in _FIELDS:
+            known = ", ".join(sorted(n.replace("_", "-") for n in _FIELDS))
+            raise ConfigError(f"unknown key {k!r} in {source} (known: {known})")
+        out[key] = _coerce(key, v, source)
+    return out
+
+
+def load_config(
+    *,
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: Path | None = None,
+) -> ServerConfig:
+    """Merge defaults < TOML ``file`` < ``LOGD_*`` env < ``flags`` (``None`` values are unset)."""
+    merged: dict[str, Any] = {}
+    if file is not None:
+        try:
+            with open(file, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"config file {file}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {file}: {e}") from None
+        section = data.get("serve", data)
+        if not isinstance(section, dict):
+            raise ConfigError(f"config file {file}: [serve] must be a table")
+        merged.update(_normalise(section, f"config file {file}"))
+    environ = os.environ if env is None else env
+    env_values = {k[5:]: v for k, v in environ.items() if k.startswith("LOGD_") and k[5:].lower() in _FIELDS}
+    merged.update(_normalise(env_values, "environment"))
+    if flags:
+        merged.update(_normalise({k: v for k, v in flags.items() if v is not None}, "flags"))
+    try:
+        return ServerConfig(**merged)
+    except TypeError as e:  # pragma: no cover - guarded by _normalise
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,341 @@
+"""One task pair per connection: a reader that parses and dispatches requests,
+and a writer that sends the replies strictly in request order.
+
+The reader never waits for a reply: it queues a *pending reply* for every
+request (bounded by ``pipeline_depth``) and goes on parsing, so a pipelined
+client keeps the topic's group commit fed.  The writer coalesces replies that
+are ready into one ``send`` and streams READ replies from the partition files
+with ``os.sendfile``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from logd_trio.core import requests as p
+from logd_trio.core.errors import NotFound, RequestError, StorageError
+from logd_trio.server.stats import Counters, StatsRequest
+from logd_trio.server.storage.topic_log import CorruptData, ReadPlan
+from logd_trio.server.topic import Append
+
+if TYPE_CHECKING:
+    from logd_trio.server.app import Registry
+
+__all__ = ["Connection"]
+
+log = logging.getLogger("logd_trio.server.connection")
+
+RECV_START: Final = 16 * 1024
+RECV_SIZE: Final = 256 * 1024
+SENDFILE_CHUNK: Final = 1 << 20
+# After an error that ends a connection, read and discard what the peer still
+# sends for at most this long, so that closing does not reset the connection
+# and destroy the ERR reply before the peer reads it.
+LINGER_SECONDS: Final = 1.0
+LINGER_BYTES: Final = 1 << 20
+
+
+class _Closing:
+    """Writer item: send ``reply`` then close the connection."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+
+
+_Item = bytes | Append | StatsRequest | p.Read | p.Tail | _Closing
+
+_CMD_NAMES: Final[dict[type, str]] = {
+    p.Batch: "batch", p.Read: "read", p.Tail: "tail", p.Stats: "stats", p.Config: "config",
+    p.Close: "close", p.Ping: "ping", p.Topics: "topics",
+}
+
+
+class Connection:
+    """Serves one client socket until it closes, errs, or the server drains."""
+
+    def __init__(self, stream: trio.SocketStream, registry: Registry,
+                 stats: trio.MemorySendChannel[StatsRequest], counters: Counters,
+                 on_close: Callable[[Connection], None]) -> None:
+        self.sock = stream.socket
+        self.stream = stream
+        self.registry = registry
+        self.config = registry.config
+        self.stats = stats
+        self.counters = counters
+        self.parser = p.RequestParser(max_request=self.config.batch_size,
+                                      max_messages=self.config.max_messages)
+        self.read_scope = trio.CancelScope()
+        self.inflight = 0
+        self._on_close = on_close
+        # Set when the peer stops sending (EOF): long-polls then answer at
+        # once instead of holding a connection whose client has gone.
+        self._eof = False
+        self._poll_scope: trio.CancelScope | None = None
+        # A batch queued at its topic whose reply slot the reader could not get before it was
+        # stopped (graceful shutdown): the writer answers it last, so no stored batch loses its OK.
+        self._orphan: Append | None = None
+
+    def stop_reading(self) -> None:
+        """Graceful shutdown: take no new request; in-flight ones still get replies
+        (a waiting long-poll answers at once, as when its wait runs out)."""
+        self._eof = True
+        self.read_scope.cancel()
+        if self._poll_scope is not None:
+            self._poll_scope.cancel()
+
+    async def run(self) -> None:
+        send, recv = trio.open_memory_channel[_Item](self.config.pipeline_depth)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, recv, nursery.cancel_scope)
+                async with send:
+                    with self.read_scope:
+                        await self._reader(send)
+        except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as eg:
+            log.debug("connection ended: %r", eg.exceptions[0])
+        except* Exception as eg:  # a bug must cost one connection, never the server
+            log.error("connection closed after an internal error", exc_info=eg.exceptions[0])
+        finally:
+            self._on_close(self)
+            self.sock.close()
+
+    # ------------------------------------------------------------ reader
+
+    async def _reader(self, out: trio.MemorySendChannel[_Item]) -> None:
+        # Small until the peer fills it (a bulk sender), then RECV_SIZE: idle
+        # connections cost little memory, busy ones few syscalls.
+        view = memoryview(bytearray(RECV_START))
+        parser = self.parser
+        counters = self.counters
+        idle = self.config.idle_timeout or math.inf
+        timeout = self.config.timeout or math.inf
+        while True:
+            while True:
+                try:
+                    event = parser.next_event()
+                except RequestError as e:
+                    counters.errors["protocol"] += 1
+                    if e.close:
+                        await out.send(_Closing(p.reply_err(e.reason)))
+                        return
+                    await out.send(p.reply_err(e.reason))
+                    continue
+                if event is p.NEED_DATA:
+                    break
+                if not await self._dispatch(event, out):
+                    return
+            with trio.move_on_after(timeout if parser.buffered else idle) as cs:
+                n = await self.sock.recv_into(view)
+            if cs.cancelled_caught:
+                if self.inflight or (not parser.buffered and self.config.idle_timeout == 0):
+                    continue
+                log.debug("closing connection: %s", "request timeout" if parser.buffered else "idle")
+                if parser.buffered:
+                    await out.send(_Closing(p.reply_err("timeout")))
+                return
+            if n == 0:
+                self._eof = True
+                if self._poll_scope is not None:
+                    self._poll_scope.cancel()
+                return
+            counters.bytes_in += n
+            parser.receive_data(view[:n])
+            if n == len(view) < RECV_SIZE:
+                view = memoryview(bytearray(RECV_SIZE))
+
+    async def _dispatch(self, req: p.Request, out: trio.MemorySendChannel[_Item]) -> bool:
+        """Queue the pending reply for ``req``; False when the connection must stop reading."""
+        counters = self.counters
+        cmd = _CMD_NAMES[type(req)]
+        counters.requests[cmd] += 1
+        item: _Item
+        try:
+            if isinstance(req, p.Batch):
+                topic = await self.registry.get_or_create(req.topic)
+                # No checkpoint per batch: queue all the batches of one receive, then yield once.
+                item = topic.try_append(req.frame, req.count) or await topic.append(req.frame, req.count)
+            elif isinstance(req, p.Read | p.Tail):
+                # Resolved by the writer, in order: a READ pipelined after a
+                # BATCH on this connection sees that batch.
+                item = req
+            elif isinstance(req, p.Ping):
+                item = p.REPLY_PONG
+            elif isinstance(req, p.Close):
+                await out.send(_Closing(p.REPLY_OK))
+                return False
+            else:
+                item = StatsRequest(req)  # sent to the stats task by the writer, in reply order
+        except NotFound:
+            counters.errors[cmd] += 1
+            item = b"ERR not found\r\n"
+        except RequestError as e:
+            counters.errors[cmd] += 1
+            item = p.reply_err(e.reason)
+        except StorageError as e:
+            counters.errors[cmd] += 1
+            item = p.reply_err(f"storage error: {e}")
+        self.inflight += 1
+        try:
+            out.send_nowait(item)
+        except trio.WouldBlock:
+            try:
+                await out.send(item)
+            except trio.Cancelled:
+                if isinstance(item, Append):
+                    self._orphan = item
+                raise
+        return True
+
+    # ------------------------------------------------------------ writer
+
+    async def _writer(self, items: trio.MemoryReceiveChannel[_Item], scope: trio.CancelScope) -> None:
+        pending = bytearray()
+        try:
+            async with items:
+                while True:
+                    try:
+                        item = items.receive_nowait()
+                    except trio.WouldBlock:
+                        if pending:
+                            await self._send_all(pending)
+                            pending.clear()
+                        try:
+                            item = await items.receive()
+                        except trio.EndOfChannel:
+                            if self._orphan is None:
+                                break
+                            item, self._orphan = self._orphan, None
+                    except trio.EndOfChannel:
+                        if self._orphan is None:
+                            break
+                        item, self._orphan = self._orphan, None
+                    if isinstance(item, bytes):
+                        pending += item
+                    elif isinstance(item, Append):
+                        if not item.done.is_set():
+                            if pending:
+                                await self._send_all(pending)
+                                pending.clear()
+                            await item.done.wait()
+                        if item.error is None:
+                            pending += b"OK %d 1\r\n" % item.offset
+                        else:
+                            self.counters.errors["batch"] += 1
+                            pending += p.reply_err(item.error)
+                    elif isinstance(item, p.Read | p.Tail):
+                        await self._read(item, pending)
+                    elif isinstance(item, StatsRequest):
+                        await self.stats.send(item)
+                        await item.done.wait()
+                        pending += item.reply
+                    else:
+                        pending += item.reply
+                        await self._send_all(pending)
+                        await self._linger_close()
+                        scope.cancel()
+                        return
+                    self.inflight -= 1
+                if pending:
+                    await self._send_all(pending)
+        finally:
+            scope.cancel()
+
+    async def _read(self, req: p.Read | p.Tail, pending: bytearray) -> None:
+        """Answer READ/TAIL (and the long-poll READ) into ``pending`` / the socket."""
+        registry = self.registry
+        topic = registry.get(req.topic)
+        if isinstance(req, p.Read) and req.wait_ms is not None and (
+            req.offset == (topic.visible_head if topic is not None else 0)
+        ) and self.counters.longpoll_waiting < self.config.max_waiters:  # beyond: answer as a plain READ
+            if pending:
+                await self._send_all(pending)
+                pending.clear()
+            self.counters.longpoll_waiting += 1
+            try:
+                with trio.move_on_after(min(req.wait_ms / 1000, self.config.max_wait)) as scope:
+                    self._poll_scope = scope
+                    if self._eof:
+                        scope.cancel()
+                    while topic is None:
+                        await registry.wait_created()
+                        topic = registry.get(req.topic)
+                    await topic.wait_for_data(req.offset)
+            finally:
+                self._poll_scope = None
+                self.counters.longpoll_waiting -= 1
+        try:
+            if topic is None:
+                raise NotFound(req.topic)
+            offset = req.offset if isinstance(req, p.Read) else topic.first
+            plan = topic.read_plan(offset, req.limit)
+            if plan.checks:  # frames of an earlier process the scrub has not verified yet
+                plan = await topic.verify_read(plan, offset, req.limit)
+        except NotFound:
+            self.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
+            pending += b"ERR not found\r\n"
+            return
+        except StorageError as e:  # never send a frame that fails its CRC
+            self.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
+            pending += b"ERR corrupt data\r\n" if isinstance(e, CorruptData) else p.reply_err(f"storage error: {e}")
+            return
+        await self._send_plan(plan, pending)
+        pending.clear()
+
+    async def _send_all(self, data: bytes | bytearray) -> None:
+        """Send everything; ``--timeout`` bounds each wait for progress, not the whole reply."""
+        view = memoryview(data)
+        total = len(view)
+        timeout = self.config.timeout or math.inf
+        with trio.fail_after(timeout) as scope:
+            while view:
+                n = await self.sock.send(view)
+                view = view[n:]
+                scope.deadline = trio.current_time() + timeout
+        self.counters.bytes_out += total
+
+    async def _send_plan(self, plan: ReadPlan, pending: bytearray) -> None:
+        """Header (after what is pending) then the frames straight from the files."""
+        with plan:
+            pending += p.reply_read_header(plan.offset, plan.nbatches)
+            await self._send_all(pending)
+            out_fd = self.sock.fileno()
+            timeout = self.config.timeout or math.inf
+            with trio.fail_after(timeout) as scope:  # bounds each wait for progress
+                for fd, pos, length in plan.segments:
+                    while length:
+                        try:
+                            n = os.sendfile(out_fd, fd, pos, min(length, SENDFILE_CHUNK))
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_writable(self.sock)
+                            continue
+                        if n == 0:
+                            raise OSError("partition file shorter than its index")
+                        pos += n
+                        length -= n
+                        self.counters.bytes_out += n
+                        scope.deadline = trio.current_time() + timeout
+                    await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def _linger_close(self) -> None:
+        """Send FIN, then discard input briefly so the peer reads our last reply."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        buf = bytearray(65536)
+        got = 0
+        with trio.move_on_after(LINGER_SECONDS):
+            while got < LINGER_BYTES:
+                n = await self.sock.recv_into(buf)
+                if n == 0:
+                    break
+                got += n

@@ -1,0 +1,267 @@
+"""Per-partition batch index: ``<start>.index`` beside ``<start>.log``.
+
+Synchronous file code, no trio.  The format is logd-trio's own (Go's ``.idx``
+files are never read, written or deleted):
+
+* a flat array of 16-byte little-endian records, one per batch, in order;
+* record ``i`` is ``(end_i, cum_i)``: ``end_i`` is the position in the
+  partition file just past batch ``i`` (so batch ``i`` spans
+  ``[end_{i-1}, end_i)`` with ``end_{-1} = 0``), ``cum_i`` is the number of
+  messages in batches ``0..i`` of the partition.
+
+Cumulative counts make ``READ``'s "add batches while the message sum is below
+the limit" a search instead of a walk.  Lookups ``pread`` single records
+(binary / galloping search), so memory does not grow with the number of
+indexed batches.  Records not yet written to the file live in ``pending`` (a
+``bytearray`` in the same format) and are written with one ``pwrite`` at
+flush time.
+
+The index is a cache: it is never trusted blindly.  :func:`validate` checks
+it against the ``.log`` before use, and the caller rescans whatever it does
+not cover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+
+from logd_trio.core.errors import InvalidBatchError, StorageError
+from logd_trio.core.framing import parse_frame_header
+
+__all__ = ["INDEX_SUFFIX", "REC", "REC_SIZE", "PartitionIndex", "validate"]
+
+INDEX_SUFFIX = ".index"
+REC = struct.Struct("<QQ")
+REC_SIZE = REC.size
+_REC2 = struct.Struct("<QQQQ")
+_HEADER_READ = 4096
+_SAMPLES = 8
+_MAX_HINTS = 256
+
+
+class PartitionIndex:
+    """The records of one partition: ``n_file`` in the index file, then ``pending``.
+
+    A sealed partition's records are read through a read-only ``mmap``
+    (:meth:`seal`); the head's through ``pread``.
+    """
+
+    __slots__ = ("fd", "file_end", "hints", "mm", "mm_n", "n_file", "pending", "synced_n")
+
+    def __init__(self, fd: int, n_file: int) -> None:
+        self.fd = fd
+        self.mm: mmap.mmap | None = None
+        self.mm_n = 0  # records readable through mm
+        self.pending = bytearray()  # records not yet written to the file
+        self.n_file = 0
+        self.file_end = 0
+        self.synced_n = 0
+        # position -> index of the batch starting there, remembered from recent read plans so that
+        # a follower asking for "where my last read ended" costs no search
+        self.hints: dict[int, int] = {}
+        self.reset(n_file)
+
+    def reset(self, n_file: int) -> None:
+        """Declare the first ``n_file`` records of the file valid (recovery)."""
+        self.n_file = self.synced_n = n_file  # records in the file / covered by a captured fsync
+        self.file_end = self.entry(n_file - 1)[0]  # end position of the last record in the file
+
+    def seal(self) -> None:
+        """Map the file read-only for lookups (the partition will not grow any more)."""
+        if self.mm is None and self.n_file > 0:
+            self.mm = mmap.mmap(self.fd, self.n_file * REC_SIZE, access=mmap.ACCESS_READ)
+            self.mm_n = self.n_file
+
+    def close(self) -> None:
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+            self.mm_n = 0
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def __len__(self) -> int:
+        return self.n_file + len(self.pending) // REC_SIZE
+
+    def add(self, end: int, cum: int) -> None:
+        self.pending += REC.pack(end, cum)
+
+    def entry(self, i: int) -> tuple[int, int]:
+        """``(end_i, cum_i)``; ``(0, 0)`` for ``i == -1``."""
+        if i < 0:
+            return 0, 0
+        if i < self.mm_n:
+            assert self.mm is not None
+            end, cum = REC.unpack_from(self.mm, i * REC_SIZE)
+            return int(end), int(cum)
+        if i >= self.n_file:
+            end, cum = REC.unpack_from(self.pending, (i - self.n_file) * REC_SIZE)
+            return int(end), int(cum)
+        raw = os.pread(self.fd, REC_SIZE, i * REC_SIZE)
+        if len(raw) != REC_SIZE:
+            raise StorageError(f"index file shrank under us (record {i})")
+        end, cum = REC.unpack(raw)
+        return int(end), int(cum)
+
+    def flush(self) -> None:
+        """Write pending records to the file (page cache only).  Raises OSError.
+
+        On failure the file is cut back to ``n_file`` records and the records
+        stay pending, so nothing is lost and a later flush retries.
+        """
+        if not self.pending:
+            return
+        data = bytes(self.pending)
+        pos = self.n_file * REC_SIZE
+        try:
+            done = 0
+            while done < len(data):
+                w = os.pwrite(self.fd, data[done:], pos + done)
+                if w <= 0:
+                    raise OSError("short index write")
+                done += w
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, pos)
+            raise
+        self.n_file += len(data) // REC_SIZE
+        self.file_end = REC.unpack_from(data, len(data) - REC_SIZE)[0]
+        del self.pending[:]
+
+    def find_start(self, pos: int) -> int:
+        """Index of the batch that starts exactly at ``pos``, or -1."""
+        n = len(self)
+        if n == 0:
+            return -1
+        if pos == 0:
+            return 0
+        i = self.hints.get(pos)
+        if i is not None:
+            return i if i < n else -1
+        nf = self.n_file
+        if nf and pos == self.file_end:
+            return nf if nf < n else -1
+        lo, hi = (nf, n) if pos > self.file_end else (0, nf)  # smallest k in [lo, hi) with end_k >= pos
+        top = hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.entry(mid)[0] < pos:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < top and lo + 1 < n and self.entry(lo)[0] == pos:
+            return lo + 1
+        return -1
+
+    def hint(self, pos: int, i: int) -> None:
+        """Remember that batch ``i`` starts (or will start) at ``pos``."""
+        if len(self.hints) >= _MAX_HINTS:
+            self.hints.clear()
+        self.hints[pos] = i
+
+    def first_reaching(self, i: int, target: int) -> int:
+        """Smallest ``k >= i`` with ``cum_k >= target``; ``len(self)`` if none (galloping search)."""
+        n = len(self)
+        if i >= n or self.entry(i)[1] >= target:
+            return min(i, n)
+        lo = i  # cum_lo < target
+        step = 1
+        hi = i + 1
+        while hi < n and self.entry(hi)[1] < target:
+            lo = hi
+            step *= 2
+            hi = i + step
+        hi = min(hi, n)  # cum_hi >= target, or hi == n
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.entry(mid)[1] >= target:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    def last_end_at_most(self, pos: int) -> int:
+        """Largest ``k`` with ``end_k <= pos``, or -1."""
+        lo, hi = -1, len(self) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.entry(mid)[0] <= pos:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+def _entry_ok(log_fd: int, idx_fd: int, k: int, limit: int) -> tuple[int, int] | None:
+    """``(end_k, cum_k)`` if record ``k`` is consistent with the log, else None.
+
+    Consistent: record ``k`` follows record ``k-1`` (positions and counts
+    strictly increase), the batch ends within ``limit``, and a frame header
+    parses at its start with exactly that length and message count.
+    """
+    if k == 0:
+        raw = os.pread(idx_fd, REC_SIZE, 0)
+        if len(raw) != REC_SIZE:
+            return None
+        pend, pcum = 0, 0
+        end, cum = REC.unpack(raw)
+    else:
+        raw = os.pread(idx_fd, 2 * REC_SIZE, (k - 1) * REC_SIZE)
+        if len(raw) != 2 * REC_SIZE:
+            return None
+        pend, pcum, end, cum = _REC2.unpack(raw)
+    if not (pend < end <= limit and pcum < cum):
+        return None
+    hdr = os.pread(log_fd, min(_HEADER_READ, end - pend), pend)
+    try:
+        h = parse_frame_header(hdr)
+    except InvalidBatchError:
+        return None
+    if h is None or h.frame_len != end - pend or h.count != cum - pcum:
+        return None
+    return int(end), int(cum)
+
+
+def validate(log_fd: int, idx_fd: int, n: int, limit: int) -> tuple[int, str]:
+    """How many leading records of an ``n``-record index can be trusted.
+
+    ``limit`` is how far the partition's frames may extend (file size, or the
+    next partition's start).  Checks the first and last records and a few
+    evenly spaced ones (each must be consistent with the log and all must be
+    increasing).  If the failures form a tail (a crash left records past the
+    log's durable end), binary-searches the last consistent record; if a
+    record in the middle is bad while a later one is good, the index is
+    garbage and nothing is trusted.  Returns ``(trusted, reason)``;
+    ``reason`` is empty when all ``n`` are trusted.  Cost: O(log n) preads.
+    """
+    if n == 0:
+        return 0, ""
+    ks = sorted({0, n - 1, *(n * j // _SAMPLES for j in range(1, _SAMPLES))})
+    good = -1
+    good_end = good_cum = 0
+    bad = -1
+    for k in ks:
+        e = _entry_ok(log_fd, idx_fd, k, limit)
+        if e is not None and good >= 0 and not (e[0] > good_end and e[1] > good_cum):
+            e = None
+        if e is None:
+            if bad < 0:
+                bad = k
+            continue
+        if bad >= 0:
+            return 0, f"record {bad} is inconsistent with the log but record {k} is fine"
+        good, (good_end, good_cum) = k, e
+    if bad < 0:
+        return n, ""
+    lo, hi = good, bad  # lo consistent (or -1), hi not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        e = _entry_ok(log_fd, idx_fd, mid, limit)
+        if e is not None and (lo < 0 or (e[0] > good_end and e[1] > good_cum)):
+            lo, (good_end, good_cum) = mid, e
+        else:
+            hi = mid
+    return lo + 1, f"records from {lo + 1} on are not backed by the log"

@@ -1,0 +1,423 @@
+"""One task per topic: the only code that appends to the topic's partitions.
+
+Connections send :class:`Append` items over the topic's bounded channel.  The
+topic task writes them to the page cache at once (cheap) and, with
+``fsync=always``, a companion *syncer* task fsyncs in a worker thread while new
+appends keep arriving; every batch covered by a finished fsync is then
+acknowledged together (group commit).  Reads and long-polls are served from
+the connection tasks through :meth:`Topic.read_plan`, which never shows a
+batch before it is acknowledged.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from logd_trio.core.errors import NotFound, StorageError
+from logd_trio.server.config import ServerConfig
+from logd_trio.server.storage.topic_log import ReadPlan, SyncJob, TopicLog, VerifyJob
+
+__all__ = ["Append", "Topic"]
+
+log = logging.getLogger("logd_trio.server.topic")
+
+# How many appends may queue for one topic before senders wait (backpressure).
+# Each holds at most one max-size batch, so this bounds memory per topic.
+INBOX_SIZE = 64
+# --min-free-space: statvfs at most this often (seconds), or after this many bytes were appended.
+FREE_SPACE_PERIOD = 0.1
+FREE_SPACE_BYTES = 4 * 1024 * 1024
+# Background scrub: bytes verified per worker-thread call (paced to --scrub-rate).
+SCRUB_CHUNK = 4 * 1024 * 1024
+# Reads verify up to this many unchecked bytes on the Trio thread (page cache: tens of
+# microseconds, cheaper than a thread hop); bigger ranges go to a worker thread.
+INLINE_VERIFY_BYTES = 256 * 1024
+
+
+class _FreeSpace:
+    """The --min-free-space guard: refuses appends that would leave less than ``minimum`` bytes free."""
+
+    __slots__ = ("appended", "free", "minimum", "next_check", "path")
+
+    def __init__(self, path: Path, minimum: int) -> None:
+        self.path = path
+        self.minimum = minimum
+        self.free = 0
+        self.appended = 0  # bytes appended since the last statvfs
+        self.next_check = -math.inf
+
+    def refuse(self, n: int) -> str | None:
+        """The reason to refuse an append of ``n`` bytes, or None.  Cheap: statvfs is rate limited."""
+        if not self.minimum:
+            return None
+        now = trio.current_time()
+        if now >= self.next_check or self.appended >= FREE_SPACE_BYTES:
+            try:
+                st = os.statvfs(self.path)
+            except OSError:
+                return None  # cannot tell: the write itself will say
+            self.free = st.f_bavail * st.f_frsize
+            self.appended = 0
+            self.next_check = now + FREE_SPACE_PERIOD
+        free = self.free - self.appended
+        if free - n < self.minimum:
+            return f"disk nearly full ({max(free, 0)} bytes free, minimum {self.minimum})"
+        self.appended += n
+        return None
+
+
+class Append:
+    """One BATCH on its way to the topic, and the slot its answer comes back in."""
+
+    __slots__ = ("count", "done", "error", "frame", "offset")
+
+    def __init__(self, frame: bytes, count: int) -> None:
+        self.frame = frame
+        self.count = count
+        self.offset = -1
+        self.error: str | None = None
+        self.done = trio.Event()
+
+
+class Topic:
+    """A topic's state shared by its task and by the connections that read it."""
+
+    def __init__(self, name: str, tlog: TopicLog, config: ServerConfig,
+                 on_sync: Callable[[int, int], None] | None = None) -> None:
+        self.name = name
+        self.log = tlog
+        self.config = config
+        self._send, self._recv = trio.open_memory_channel[Append](INBOX_SIZE)
+        # Acknowledged (readable) head: batches at or past it are not served yet.
+        self.visible_head = tlog.head
+        self._new_data = trio.Event()
+        self._unacked: collections.deque[tuple[int, Append]] = collections.deque()
+        self._dirty = trio.Event()
+        self._sync_lock = trio.Lock()
+        self._batches_since_sync = 0
+        self._partitions_seen = self._partition_marker()
+        self.on_sync = on_sync
+        self.fsyncs = 0
+        self.synced_batches = 0
+        self.closed = False
+        self.failed: str | None = None  # set by a failed fsync: the topic refuses writes
+        self._next_error_log = 0.0
+        self._errors_unlogged = 0
+        self._space = _FreeSpace(Path(config.workdir) / name, config.min_free_space)
+
+    @classmethod
+    def open(cls, root: Path, name: str, config: ServerConfig) -> Topic:
+        """Open (recover) the topic's files; blocking, run it off the Trio thread for big topics."""
+        tlog = TopicLog.open(root, name, partition_size=config.partition_size, partitions=config.partitions,
+                             file_mode=config.file_mode, dir_mode=config.dir_mode)
+        return cls(name, tlog, config)
+
+    # ------------------------------------------------------------ producers
+
+    async def append(self, frame: bytes, count: int) -> Append:
+        """Queue one batch; the caller awaits ``item.done`` for its answer.
+
+        Cancelled while waiting for room in the inbox: nothing was queued.
+        """
+        item = Append(frame, count)
+        await self._send.send(item)
+        return item
+
+    def try_append(self, frame: bytes, count: int) -> Append | None:
+        """:meth:`append` without a checkpoint; None (nothing queued) when the inbox is full.
+
+        The hot path: a connection queues every batch of one receive before it
+        yields, so the topic task takes them in one wake-up and the acks go out
+        together.  Raises ``trio.ClosedResourceError`` once the input is closed.
+        """
+        item = Append(frame, count)
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            return None
+        return item
+
+    def close_input(self) -> None:
+        """No more appends: the task drains what is queued, syncs and ends."""
+        self._send.close()
+
+    # ------------------------------------------------------------ readers
+
+    @property
+    def first(self) -> int:
+        return self.log.first
+
+    def read_plan(self, offset: int, limit: int) -> ReadPlan:
+        """Plan of the acknowledged batches from ``offset``; raises NotFound."""
+        if offset >= self.visible_head:
+            raise NotFound(offset)
+        return self.log.read_plan(offset, limit, end=self.visible_head)
+
+    async def verify_read(self, plan: ReadPlan, offset: int, limit: int) -> ReadPlan:
+        """Verify ``plan.checks`` (CRC + framing, in a worker thread), then plan again; closes ``plan``.
+
+        Only reads touching frames of an earlier process that the scrub has
+        not reached yet come here.  The new plan stops before any corrupt
+        batch; raises :class:`~logd_trio.server.storage.topic_log.CorruptData` if the batch at
+        ``offset`` is corrupt, :class:`NotFound` if it went away meanwhile.
+        Cancelled: nothing was sent; what was verified stays recorded only
+        if the thread's result was applied.
+        """
+        for _ in range(4):  # converges in one round unless retention or new data interferes
+            small = sum(b - a for _, a, b in plan.checks) <= INLINE_VERIFY_BYTES
+            try:
+                job = self.log.verify_job(plan.checks)
+            finally:
+                plan.close()
+            if small:
+                try:
+                    job.run()
+                except OSError as e:
+                    raise StorageError(f"topic {self.name}: cannot read for verification: {e}") from e
+                self.log.apply_verification(job)
+            else:
+                await self._run_verify(job)
+            plan = self.read_plan(offset, limit)
+            if not plan.checks:
+                return plan
+        plan.close()
+        raise StorageError(f"topic {self.name}: could not verify the read at {offset}")
+
+    async def _run_verify(self, job: VerifyJob) -> None:
+        try:
+            await trio.to_thread.run_sync(job.run)
+        except OSError as e:
+            raise StorageError(f"topic {self.name}: cannot read for verification: {e}") from e
+        finally:
+            job.close()
+        self.log.apply_verification(job)
+
+    async def _scrubber(self) -> None:
+        """Verify, at ``scrub_rate`` bytes/s, the frames an earlier process left and the index vouched for."""
+        rate = self.config.scrub_rate
+        total = self.log.unverified_bytes
+        if rate <= 0 or not total:
+            return
+        log.info("topic %s: verifying %d bytes written before this start (scrub at %d bytes/s)",
+                 self.name, total, rate)
+        t0 = trio.current_time()
+        try:
+            while (job := self.log.scrub_job(SCRUB_CHUNK)) is not None:
+                await self._run_verify(job)
+                if not job.checked:  # the index could not place the range: leave it to the reads
+                    log.warning("topic %s: scrub stopped: cannot locate unverified frames", self.name)
+                    return
+                await trio.sleep(job.nbytes / rate)
+        except (StorageError, OSError) as e:
+            log.error("topic %s: scrub stopped: %s (reads still verify what they touch)", self.name, e)
+            return
+        log.info("topic %s: scrub done: %d bytes verified in %.1fs", self.name, total, trio.current_time() - t0)
+
+    async def wait_for_data(self, offset: int) -> None:
+        """Return once the acknowledged head moves past ``offset`` (caller bounds the wait)."""
+        while self.visible_head <= offset and not self.closed:
+            await self._new_data.wait()
+
+    def _publish(self, head: int) -> None:
+        if head > self.visible_head:
+            self.visible_head = head
+            self._new_data.set()
+            self._new_data = trio.Event()
+
+    # ------------------------------------------------------------ the task
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        mode = self.config.fsync
+        try:
+            async with self._recv, trio.open_nursery() as nursery:
+                if mode == "always":
+                    nursery.start_soon(self._syncer_always)
+                elif mode == "interval":
+                    nursery.start_soon(self._syncer_interval)
+                nursery.start_soon(self._scrubber)
+                task_status.started()
+                async for item in self._recv:
+                    self._write(item)
+                    while True:  # take everything already queued before yielding
+                        try:
+                            item = self._recv.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        self._write(item)
+                    if mode == "always":
+                        self._dirty.set()
+                    else:
+                        self._ack_all()
+                        if self._needs_early_sync():
+                            await self._sync()
+                # Input closed: wait for the syncer to cover everything, then stop it.
+                if self._unacked:
+                    await self._sync()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.closed = True
+            self._new_data.set()
+            with trio.CancelScope(shield=True):
+                await self._final_sync()
+
+    def _write(self, item: Append) -> None:
+        try:
+            if self.failed is not None:
+                raise StorageError(self.failed)
+            full = self._space.refuse(len(item.frame))
+            if full is not None:
+                raise StorageError(full)
+            offset = self.log.append(item.frame, item.count)
+        except StorageError as e:
+            item.error = f"storage error: {e}"
+            if self._unacked:  # keep replies in order: fail after what precedes it is acked
+                self._unacked.append((-1, item))
+            else:
+                item.done.set()
+            now = time.monotonic()
+            if now >= self._next_error_log:  # at most one line a second while the disk refuses
+                log.error("topic %s: append failed: %s (%d more since the last report)", self.name, e,
+                          self._errors_unlogged)
+                self._next_error_log = now + 1.0
+                self._errors_unlogged = 0
+            else:
+                self._errors_unlogged += 1
+            return
+        item.offset = offset
+        self._batches_since_sync += 1
+        self._unacked.append((offset + len(item.frame), item))
+        item.frame = b""  # in the page cache now: a pending ack need not pin 64 KB until it is sent
+
+    def _ack_upto(self, upto: int) -> int:
+        """Answer every queued batch that ends at or before ``upto``; return how many."""
+        unacked = self._unacked
+        head = self.visible_head
+        n = 0
+        while unacked and unacked[0][0] <= upto:
+            end, item = unacked.popleft()
+            if end > head:
+                head = end
+            item.done.set()
+            n += 1
+        self._publish(head)
+        return n
+
+    def _ack_all(self) -> None:
+        self._ack_upto(self.log.head)
+
+    def _partition_marker(self) -> int:
+        return self.log.rotations
+
+    def _needs_early_sync(self) -> bool:
+        fb = self.config.flush_batches
+        if fb and self._batches_since_sync >= fb:
+            return True
+        marker = self._partition_marker()
+        if marker != self._partitions_seen:  # rotation: make the sealed partition durable
+            self._partitions_seen = marker
+            return True
+        return False
+
+    async def _sync(self) -> None:
+        """fsync what is appended and acknowledge what that covers.
+
+        Serialised by a lock: "nothing to sync" then really means every
+        appended batch is durable, so acknowledging up to the head is right.
+        """
+        async with self._sync_lock:
+            await self._sync_locked()
+
+    async def _sync_locked(self) -> None:
+        if self.failed is not None:
+            return
+        self._batches_since_sync = 0
+        try:
+            job: SyncJob | None = self.log.sync_job()
+        except StorageError as e:
+            # Nothing was synced or lost (e.g. EMFILE while duplicating fds):
+            # try again shortly; the batches stay unanswered meanwhile.
+            log.error("topic %s: cannot start an fsync, retrying: %s", self.name, e)
+            await trio.sleep(0.1)
+            self._dirty.set()
+            return
+        if job is None:
+            self._ack_upto(self.log.head)
+            return
+        try:
+            await trio.to_thread.run_sync(job.run)
+        except (OSError, StorageError) as e:
+            self._fail_stop(f"fsync failed: {getattr(e, 'strerror', None) or e}")
+            return
+        self.fsyncs += 1
+        covered = self._ack_upto(job.upto)
+        self.synced_batches += covered
+        if self.on_sync is not None:
+            self.on_sync(job.upto, covered)
+
+    def _fail_stop(self, reason: str) -> None:
+        """After a failed fsync nothing written since the last good one can be
+        trusted (Linux drops the dirty pages and reports the error once): fail
+        every unanswered batch, publish nothing more, refuse further writes.
+        Reads of what was acknowledged before keep working; a restart
+        recovers the files."""
+        self.failed = f"topic {self.name} is read-only after an I/O error ({reason}); restart the server"
+        log.critical("topic %s: %s; %d unanswered batches fail; no further writes until a restart",
+                     self.name, reason, len(self._unacked))
+        self._fail_upto(self.log.head, f"storage error: {reason}")
+
+    def _fail_upto(self, upto: int, reason: str) -> None:
+        while self._unacked and self._unacked[0][0] <= upto:
+            _, item = self._unacked.popleft()
+            item.error = item.error or reason
+            item.done.set()
+
+    async def _syncer_always(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            await self._sync()
+
+    async def _syncer_interval(self) -> None:
+        while True:
+            await trio.sleep(self.config.flush_interval)
+            await self._sync()
+
+    async def _final_sync(self) -> None:
+        """Shutdown: everything appended is made durable, then files close.
+
+        Runs shielded; bounded by ``shutdown_timeout`` so a hung disk cannot
+        hang the exit (the files are then left to the OS, and recovery on the
+        next start checks them).
+        """
+        if self.failed is not None:
+            self._fail_upto(self.log.head, f"storage error: {self.failed}")
+            self.log.close_without_sync()
+            return
+        with trio.move_on_after(self.config.shutdown_timeout) as scope:
+            try:
+                job = self.log.sync_job()
+                if job is not None:
+                    await trio.to_thread.run_sync(job.run, abandon_on_cancel=True)
+                self._ack_upto(self.log.head)
+            except (OSError, StorageError) as e:
+                log.critical("topic %s: final fsync failed: %s", self.name, e)
+                self._fail_upto(self.log.head, "storage error: final fsync failed")
+                self.log.close_without_sync()
+                return
+        if scope.cancelled_caught:
+            log.critical("topic %s: final fsync still running after %gs: exiting without it", self.name,
+                         self.config.shutdown_timeout)
+            self._fail_upto(self.log.head, "storage error: shutdown")
+            return
+        try:
+            self.log.close()  # nothing left to sync: closes the files
+        except (OSError, StorageError) as e:
+            log.critical("topic %s: closing files failed: %s", self.name, e)

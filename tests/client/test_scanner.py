@@ -1,0 +1,232 @@
+"""Scanner against a real server: multi-batch offsets, start positions, limit,
+follow (long-poll and polling), checkpoints, retention policy, restarts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from logd_trio.client.checkpoint import FileCheckpoint, MemoryCheckpoint, Position
+from logd_trio.client.client import Client, open_client
+from logd_trio.core.errors import BadReply, CheckpointError, NotFound, OffsetRemoved
+from logd_trio.core.framing import build_body, build_frame
+from logd_trio.core.replies import Message
+
+from ..harness import FAST_RETRY, LocalServer, read_line, scripted_peer
+
+
+async def scan(client: Client, topic: str, **kw: object) -> list[Message]:
+    out: list[Message] = []
+    async with client.scanner(topic, **kw) as s:
+        async for m in s:
+            out.append(m)
+    return out
+
+
+async def write_batches(client: Client, topic: str, batches: list[list[bytes]]) -> list[Message]:
+    """Write the batches; return the messages with the positions computed independently."""
+    expected: list[Message] = []
+    offset = None
+    for msgs in batches:
+        off = await client.batch(topic, msgs)
+        if offset is not None:
+            assert off == offset
+        body = build_body(msgs)
+        delta = 0
+        for m in msgs:
+            expected.append(Message(topic, off, delta, m))
+            delta += len(b"MSG %d\r\n" % len(m)) + len(m) + 2
+        assert delta == len(body)
+        offset = off + len(build_frame(topic, body, len(msgs)))
+    return expected
+
+
+BATCHES = [[b"a"], [b"bb", b"c\r\nc"], [b"d" * 300, b"", b"e"], [b"f"], [b"g", b"h"]]
+
+
+@pytest.mark.parametrize("read_size", [1, 2, 1000])
+async def test_multi_batch_offsets(client: Client, read_size: int) -> None:
+    expected = await write_batches(client, "mb", BATCHES)
+    assert await scan(client, "mb", read_size=read_size) == expected
+
+
+async def test_start_positions_and_limit(client: Client) -> None:
+    expected = await write_batches(client, "sp", BATCHES)
+    third = expected[3]  # the first message of the third batch
+    assert await scan(client, "sp", offset=third.offset) == expected[3:]
+    assert await scan(client, "sp", offset=third.offset, delta=expected[4].delta) == expected[4:]
+    assert await scan(client, "sp", limit=4) == expected[:4]
+    assert await scan(client, "sp", limit=0) == []
+    with pytest.raises(NotFound):
+        await scan(client, "sp", offset=third.offset + 1)
+
+
+async def test_empty_and_unknown_topics_end_cleanly(client: Client) -> None:
+    assert await scan(client, "default") == []
+    assert await scan(client, "never-written") == []
+    await client.batch("once", [b"x"])
+    assert [m.body for m in await scan(client, "once")] == [b"x"]
+
+
+@pytest.mark.parametrize("longpoll", [True, False])
+async def test_follow_sees_new_messages(
+    client: Client, nursery: trio.Nursery, longpoll: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    if not longpoll:
+        client._extensions = False  # behave as against Go logd: polling
+    got: list[bytes] = []
+    done = trio.Event()
+
+    async def reader() -> None:
+        async with client.scanner("later", follow=True, limit=3, poll_interval=0.5) as s:
+            async for m in s:
+                got.append(m.body)
+        done.set()
+
+    nursery.start_soon(reader)
+    await trio.sleep(2)  # the topic does not exist yet: the reader waits
+    assert got == []
+    await client.batch("later", [b"1"])
+    await trio.sleep(2)
+    assert got == [b"1"]
+    await client.batch("later", [b"2", b"3"])
+    await done.wait()
+    assert got == [b"1", b"2", b"3"]
+
+
+async def test_follow_survives_server_restart(
+    client: Client, server: LocalServer, nursery: trio.Nursery
+) -> None:
+    await client.batch("rs", [b"1"])
+    got: list[bytes] = []
+    seen = [trio.Event(), trio.Event()]
+
+    async def reader() -> None:
+        async with client.scanner("rs", follow=True, limit=2, wait_ms=200) as s:
+            async for m in s:
+                got.append(m.body)
+                seen[len(got) - 1].set()
+
+    nursery.start_soon(reader)
+    await seen[0].wait()
+    await server.stop()
+    await trio.sleep(0.3)
+    await server.start()
+    await client.batch("rs", [b"2"])
+    with trio.fail_after(10):
+        await seen[1].wait()
+    assert got == [b"1", b"2"]
+
+
+async def test_checkpoint_resume_at_least_once(client: Client, tmp_path: Path) -> None:
+    expected = await write_batches(client, "cp", BATCHES)
+    cp = FileCheckpoint(tmp_path / "cp.json")
+    first = await scan(client, "cp", checkpoint=cp, limit=2)
+    assert first == expected[:2]
+    saved = json.loads((tmp_path / "cp.json").read_text())
+    assert saved == {"topic": "cp", "offset": expected[2].offset, "delta": expected[2].delta}
+    rest = await scan(client, "cp", checkpoint=cp)
+    assert rest == expected[2:]
+    assert await scan(client, "cp", checkpoint=cp) == []  # at the end: nothing new
+    assert await scan(client, "cp", checkpoint=cp, from_beginning=True) == expected
+    # a consumer that fails while processing a message sees it again next time
+    mem = MemoryCheckpoint()
+    with pytest.raises(RuntimeError):
+        async with client.scanner("cp", checkpoint=mem) as s:
+            async for m in s:
+                if m == expected[4]:
+                    raise RuntimeError("crash while processing")
+    assert mem.positions["cp"] == Position(expected[4].offset, expected[4].delta)
+    assert (await scan(client, "cp", checkpoint=mem))[0] == expected[4]
+    with pytest.raises(CheckpointError):
+        await scan(client, "other", checkpoint=cp)
+
+
+async def test_retention_policy(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = LocalServer(nursery, tmp_path / "d", partition_size=200, partitions=2)
+    await srv.start()
+    async with open_client(srv.addr, retry=FAST_RETRY) as c:
+        for i in range(20):
+            await c.batch("ret", [b"m%02d" % i + b"x" * 40])
+        oldest = await c.oldest("ret")
+        assert oldest is not None and oldest > 0
+        cp = MemoryCheckpoint()
+        cp.positions["ret"] = Position(0, 0)
+        with pytest.raises(OffsetRemoved):
+            await scan(c, "ret", checkpoint=cp)
+        got = await scan(c, "ret", checkpoint=cp, on_removed="earliest")
+        assert got[0].offset == oldest
+        assert got[-1].body.startswith(b"m19")
+        assert cp.positions["ret"].offset > oldest
+    await srv.stop()
+
+
+async def test_cancelled_next_consumes_nothing(client: Client, autojump_clock: trio.testing.MockClock) -> None:
+    async with client.scanner("cn", follow=True, wait_ms=1000) as s:
+        with trio.move_on_after(3):
+            await s.__anext__()  # nothing there yet: waits, then is cancelled
+        await client.batch("cn", [b"x"])
+        m = await s.__anext__()
+        assert m.body == b"x"
+
+
+# ---------------------------------------------------------------- review 2
+
+
+@pytest.mark.parametrize("follow", [False, True])
+async def test_read_size_is_capped_so_replies_fit_in_max_reply(
+    server: LocalServer, follow: bool, vclock: trio.testing.MockClock
+) -> None:
+    """Full single-message batches: 1000 of them would be ~64 MB, over this client's 256 KiB
+    max_reply (BadReply, which follow mode retried forever)."""
+    async with open_client(server.addr, retry=FAST_RETRY, max_reply=4 * 65536) as c:
+        bodies = [b"%02d" % i + b"x" * 65000 for i in range(10)]
+        for body in bodies:
+            await c.batch("fat", [body])
+        with trio.fail_after(60):
+            got = await scan(c, "fat", read_size=1000, follow=follow, limit=10 if follow else None)
+        assert [m.body for m in got] == bodies
+
+
+async def test_bad_reply_ends_follow_mode(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    """Follow mode retries a lost connection forever, but not a server that sends junk."""
+    conns: list[int] = []
+    config = b"MaxBatchSize: 65536\r\n"
+
+    async def junk(stream: trio.SocketStream) -> None:
+        conns.append(1)
+        buf = bytearray()
+        while (line := await read_line(stream, buf)) is not None:
+            if line == b"CONFIG":
+                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+            else:
+                await stream.send_all(b"OK what\r\n")
+
+    addr = await scripted_peer(nursery, junk)
+    async with open_client(addr, retry=FAST_RETRY) as c:
+        with trio.fail_after(60), pytest.raises(BadReply):
+            await scan(c, "t", follow=True)
+        assert len(conns) == 2  # CONFIG's connection, and the scanner's: not retried
+
+
+async def test_read_size_halves_for_a_server_with_lower_max_messages(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = LocalServer(nursery, tmp_path / "d", max_messages=100)
+    await srv.start()
+    async with open_client(srv.addr, retry=FAST_RETRY) as c:
+        expected = []
+        for i in range(50):
+            msgs = [b"%d.%d" % (i, j) for j in range(20)]
+            await c.batch("lim", msgs)
+            expected += msgs
+        async with c.scanner("lim", read_size=5000) as s:
+            got = [m.body async for m in s]
+        assert got == expected
+        assert s.read_size == 64  # 5000, capped to 4096 for max_reply, halved until the server took it
+        stats = await c.stats()
+        assert int(stats["errors.protocol"]) == 6  # refused once per halving, not once per read
+        assert await scan(c, "lim", offset=0, read_size=5000, limit=1) != []  # READ as well as TAIL
+    await srv.stop()

@@ -1,0 +1,494 @@
+"""Writer against a real server: batching by size and time, pipelining,
+backpressure, flush on exit, failures kept and retried, cancellation."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from logd_trio.client.client import Client, Connection, RetryPolicy, open_client
+from logd_trio.client.writer import Writer
+from logd_trio.core.errors import ConnectionLost, MessageTooLarge, Timeout, TopicNotAllowed, WriteFailed, WriterClosed
+from logd_trio.core.framing import parse_frame_header
+
+from ..harness import FAST_RETRY, LocalServer, read_line, scripted_peer
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Virtual time that jumps only when nothing, sockets included, has moved for 20 ms."""
+    return trio.testing.MockClock(autojump_threshold=0.02)
+
+
+
+
+async def read_all(client: Client, topic: str) -> list[bytes]:
+    out: list[bytes] = []
+    async with client.scanner(topic) as s:
+        async for m in s:
+            out.append(m.body)
+    return out
+
+
+async def test_batches_by_size_never_above_batch_size(client: Client) -> None:
+    acks: list[tuple[int, int]] = []
+    msgs = [b"m%04d" % i + b"x" * (i % 50) for i in range(300)]
+    async with client.writer("size", batch_size=300, on_ack=lambda o, n: acks.append((o, n))) as w:
+        for m in msgs:
+            await w.write(m)
+    assert sum(n for _, n in acks) == 300
+    assert w.acked_messages == 300 and w.acked_batches == len(acks) > 10
+    r = await client.read("size", 0, 50000)
+    assert [b.offset for b in r.batches] == [o for o, _ in acks]
+    assert all(b.frame_len <= 300 for b in r.batches)
+    assert max(b.frame_len for b in r.batches) > 250  # batches are filled, not one message each
+    assert [m.body for m in r] == msgs
+
+
+async def test_batches_by_time(client: Client, clock: trio.testing.MockClock) -> None:
+    acked_at: list[float] = []
+    acked = [trio.Event(), trio.Event()]
+
+    def on_ack(offset: int, n: int) -> None:
+        acked_at.append(trio.current_time())
+        acked[len(acked_at) - 1].set()
+
+    async with client.writer("time", flush_interval=0.4, on_ack=on_ack) as w:
+        start = trio.current_time()
+        await w.write(b"one")
+        await w.write(b"two")
+        await trio.sleep(0.39)
+        assert acked_at == []
+        await acked[0].wait()
+        assert 0.4 <= acked_at[0] - start < 0.45
+        assert w.acked_messages == 2 and w.acked_batches == 1
+        # after the flush, a new message starts a new 0.4 s window
+        t1 = trio.current_time()
+        await w.write(b"three")
+        await acked[1].wait()
+        assert 0.4 <= acked_at[1] - t1 < 0.45
+
+
+async def test_flush_on_exit(client: Client) -> None:
+    async with client.writer("exit", flush_interval=None) as w:
+        for i in range(10):
+            await w.write(b"%d" % i)
+        assert w.acked_messages == 0
+    assert w.acked_messages == 10
+    assert await read_all(client, "exit") == [b"%d" % i for i in range(10)]
+
+
+async def test_flush_waits_for_acks(client: Client) -> None:
+    async with client.writer("flush", flush_interval=None) as w:
+        await w.write(b"a")
+        await w.flush()
+        assert w.acked_messages == 1 and w.last_offset == 0
+        assert w.pending_messages == 0
+
+
+async def test_write_copies_its_input(client: Client) -> None:
+    buf = bytearray(b"original")
+    async with client.writer("copy") as w:
+        await w.write(buf)
+        buf[:] = b"changed!"
+        await w.write_many([bytearray(b"x"), memoryview(b"y")])
+    assert await read_all(client, "copy") == [b"original", b"x", b"y"]
+
+
+async def test_pipelining_keeps_depth_batches_in_flight(
+    nursery: trio.Nursery, clock: trio.testing.MockClock
+) -> None:
+    """A peer that answers nothing until it holds 3 batches: only a pipelining writer
+    gets through, and it never sends a 4th before an answer."""
+    config = b"MaxBatchSize: 100\r\n"
+    seen_before_reply: list[int] = []
+
+    async def peer(stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        offset = 0
+        while (line := await read_line(stream, buf)) is not None:
+            if line == b"CONFIG":
+                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                continue
+            held = []
+            while True:  # collect BATCH requests until 3 are held, or 1 s of silence
+                size = int(line.split()[1])
+                while len(buf) < size:
+                    buf += await stream.receive_some(4096)
+                del buf[:size]
+                held.append(len(line) + 2 + size)
+                if len(held) == 3:
+                    break
+                with trio.move_on_after(1):
+                    got = await read_line(stream, buf)
+                    if got is None:
+                        return
+                    line = got
+                    continue
+                break
+            # nothing more may arrive while 3 are unanswered
+            with trio.move_on_after(1):
+                more = await stream.receive_some(1)
+                buf += more
+            seen_before_reply.append(len(held) + (1 if buf else 0))
+            for n in held:
+                await stream.send_all(b"OK %d 1\r\n" % offset)
+                offset += n
+
+    addr = await scripted_peer(nursery, peer)
+    async with open_client(addr, retry=FAST_RETRY) as c, c.writer("p", max_in_flight=3, flush_interval=None) as w:
+        for i in range(9):
+            await w.write(b"%02d" % i + b"x" * 60)  # one message per 100-byte batch
+    assert w.acked_batches == 9
+    assert seen_before_reply[:3] == [3, 3, 3]
+
+
+async def test_backpressure_bounds_the_queue(nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
+    config = b"MaxBatchSize: 1000\r\n"
+    release = trio.Event()
+
+    async def slow(stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        offset = 0
+        while (line := await read_line(stream, buf)) is not None:
+            if line == b"CONFIG":
+                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                continue
+            size = int(line.split()[1])
+            while len(buf) < size:
+                buf += await stream.receive_some(4096)
+            del buf[:size]
+            await release.wait()
+            await stream.send_all(b"OK %d 1\r\n" % offset)
+            offset += len(line) + 2 + size
+
+    addr = await scripted_peer(nursery, slow)
+    async with open_client(addr, retry=FAST_RETRY) as c, c.writer(
+            "bp", max_in_flight=1, max_pending=3000, flush_interval=None) as w:
+        queued = 0
+        with trio.move_on_after(5):
+            while True:
+                await w.write(b"x" * 100)
+                queued += 1
+        # blocked: about max_pending bytes queued beyond the one batch in flight
+        assert 3000 <= w._queued_bytes < 3000 + 120
+        assert 25 < queued < 45
+        # the write that was cancelled while blocked did not queue its message
+        assert w.pending_messages == queued
+        release.set()
+    assert w.acked_messages == queued
+
+
+async def test_oversize_message_fails_alone(client: Client) -> None:
+    async with client.writer("big") as w:
+        await w.write(b"small")
+        with pytest.raises(MessageTooLarge, match="does not fit"):
+            await w.write(b"x" * 65536)
+        with pytest.raises(MessageTooLarge):
+            await w.write_many([b"ok", b"x" * 70000])
+        # the largest message that fits exactly (request == max batch size) goes through
+        overhead = len(b"BATCH 65495 big 1234567890 1\r\nMSG 65482\r\n\r\n")
+        biggest = b"y" * (65536 - overhead)
+        await w.write(biggest)
+        await w.write(b"after")
+    assert await read_all(client, "big") == [b"small", biggest, b"after"]
+
+
+async def test_server_error_kept_and_reported_on_exit(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = LocalServer(nursery, tmp_path / "d", topics_whitelist=("ok",))
+    await srv.start()
+    async with open_client(srv.addr) as c:
+        with pytest.raises(WriteFailed) as info:
+            async with c.writer("nope") as w:
+                await w.write(b"1")
+                await w.write(b"2")
+        assert isinstance(w.failed[0].error, TopicNotAllowed)
+        assert list(w.failed[0].messages()) == [b"1", b"2"]
+        assert info.value.failed == w.failed
+        # clearing the failures accepts them: no error
+        async with c.writer("nope") as w2:
+            await w2.write(b"3")
+            await w2.flush()
+            assert len(w2.failed) == 1
+            w2.failed.clear()
+    await srv.stop()
+
+
+async def test_failed_batches_retry_after_restart_at_least_once(client: Client, server: LocalServer) -> None:
+    async with client.writer("rs", flush_interval=None) as w:
+        for i in range(5):
+            await w.write(b"a%d" % i)
+        await w.flush()
+        await server.stop()
+        for i in range(5):
+            await w.write(b"b%d" % i)
+        await w.flush()
+        assert len(w.failed) == 1 and isinstance(w.failed[0].error, ConnectionLost)
+        assert list(w.failed[0].messages()) == [b"b%d" % i for i in range(5)]
+        await server.start()
+        await w.retry_failed()
+        assert w.failed == []
+        await w.write(b"c")
+    assert await read_all(client, "rs") == [b"a%d" % i for i in range(5)] + [b"b%d" % i for i in range(5)] + [b"c"]
+
+
+async def test_body_exception_propagates_unwrapped_after_flush(client: Client) -> None:
+    with pytest.raises(ValueError, match="boom") as info:
+        async with client.writer("exc", flush_interval=None) as w:
+            await w.write(b"kept")
+            raise ValueError("boom")
+    assert not isinstance(info.value, BaseExceptionGroup)
+    assert w.acked_messages == 1
+    with pytest.raises(WriterClosed):
+        await w.write(b"late")
+
+
+async def test_cancel_while_flushing_on_exit_is_bounded(nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        while (line := await read_line(stream, buf)) is not None:
+            if line == b"CONFIG":
+                await stream.send_all(b"MOK 0\r\n\r\n")
+
+    addr = await scripted_peer(nursery, silent)
+    async with open_client(addr, retry=FAST_RETRY) as c:
+        start = trio.current_time()
+        with trio.move_on_after(1) as scope:
+            async with c.writer("never", close_timeout=2.0) as w:
+                await w.write(b"lost?")
+                await trio.sleep_forever()
+        assert scope.cancelled_caught
+        assert trio.current_time() - start == pytest.approx(3.0, abs=0.1)
+        assert len(w.failed) == 1 and w.failed[0].count == 1  # kept, not dropped
+
+
+async def test_cancellation_at_each_await_point_of_write(client: Client) -> None:
+    async with client.writer("cx", flush_interval=None, max_pending=1) as w:
+        # 1: already cancelled on entry -> not queued
+        with trio.CancelScope() as cs:
+            cs.cancel()
+            await w.write(b"never")
+        assert w.pending_messages == 0
+        # 2: the backpressure wait (queue is 'full' at 1 byte) -> not queued
+        await w.write(b"first")  # queued: the queue was empty
+        assert w.pending_messages == 1
+        await w.flush()
+        # 3: write_many cancelled before queuing queues none of its messages
+        with trio.CancelScope() as cs:
+            cs.cancel()
+            await w.write_many([b"x", b"y"])
+        assert w.pending_messages == 0
+        # 4: flush cancelled while waiting: the batch is still delivered
+        await w.write(b"second")
+        with trio.CancelScope() as cs:
+            cs.cancel()
+            await w.flush()
+        await w.flush()
+        assert w.acked_messages == 2
+    assert await read_all(client, "cx") == [b"first", b"second"]
+
+
+async def test_connect_failure_at_open(nursery: trio.Nursery) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    await listeners[0].aclose()
+    async with open_client(f"127.0.0.1:{port}", retry=RetryPolicy(attempts=1)) as c:
+        with pytest.raises(ConnectionLost):
+            async with c.writer("t"):
+                pass  # pragma: no cover
+
+
+def test_frame_header_helper_is_consistent() -> None:
+    h = parse_frame_header(b"BATCH 10 t 1 1\r\n")
+    assert h is not None and h.frame_len == 26
+
+
+# ---------------------------------------------------------------- review 2
+
+
+def _run_with_server(tmp_path: Path, body: Callable[[Client], Awaitable[None]]) -> None:
+    """``trio.run`` a server and ``body(client)`` in one run of our own (not pytest-trio's), so
+    that a SIGINT raised on purpose is delivered to a main task the test controls."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            srv = LocalServer(nursery, tmp_path / "d")
+            await srv.start()
+            async with open_client(srv.addr, retry=FAST_RETRY) as c:
+                await body(c)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:  # never let a stray Ctrl-C end the pytest session
+        pytest.fail("KeyboardInterrupt escaped the test's own handling")
+
+
+@pytest.mark.parametrize("where", ["sender", "receiver", "write_many"])
+def test_ctrl_c_never_breaks_the_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """SIGINT while the writer's own code runs (its tasks, an on_ack, write_many) is raised in
+    the caller at a checkpoint instead: the exit flush then stores everything, nothing fails."""
+    fired: list[bool] = []
+
+    def ctrl_c() -> None:
+        if not fired:
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)  # the handler runs right here, in this frame
+
+    if where == "sender":
+        original = Connection.send
+
+        async def send(self: Connection, data: bytes) -> None:
+            if data.startswith(b"BATCH") and len(fired) == 0:
+                ctrl_c()
+            await original(self, data)
+
+        monkeypatch.setattr(Connection, "send", send)
+
+    class Interrupting:
+        def __bytes__(self) -> bytes:
+            ctrl_c()
+            return b"late"
+
+    outcome: dict[str, Any] = {}
+
+    async def body(c: Client) -> None:
+        on_ack = (lambda o, n: ctrl_c()) if where == "receiver" else None
+        queued: list[bytes] = []  # what write()/write_many() accepted
+        try:
+            async with c.writer("ki", batch_size=500, flush_interval=None, on_ack=on_ack) as w:
+                first = [b"m%05d" % i for i in range(1500)]
+                await w.write_many(first)
+                queued += first
+                if where == "write_many":
+                    # the signal arrives inside write_many: it still queues all three, then
+                    # Ctrl-C is raised at a later checkpoint
+                    await w.write_many([b"x", Interrupting(), b"y"])  # type: ignore[list-item]
+                    queued += [b"x", b"late", b"y"]
+                for i in range(1500, 3000):
+                    await w.write(b"m%05d" % i)
+                    queued.append(b"m%05d" % i)
+                await w.flush()
+                await trio.sleep(10)  # Ctrl-C arrives at a checkpoint before this ends
+            outcome["no interrupt"] = True  # pragma: no cover
+        except KeyboardInterrupt as exc:
+            outcome["notes"] = getattr(exc, "__notes__", None)
+        outcome["failed"] = list(w.failed)
+        outcome["acked"] = w.acked_messages
+        outcome["queued"] = len(queued)
+        outcome["stored"] = await read_all(c, "ki") == queued
+
+    _run_with_server(tmp_path, body)
+    assert fired
+    assert "no interrupt" not in outcome
+    assert outcome["notes"] is None  # no "also raised: WriterClosed(...)"
+    assert outcome["failed"] == []
+    assert outcome["acked"] == outcome["queued"] >= 1500 + 3 * (where == "write_many")
+    assert outcome["stored"]
+
+
+async def test_on_ack_exception_does_not_stop_the_writer(client: Client) -> None:
+    calls: list[int] = []
+
+    def on_ack(offset: int, n: int) -> None:
+        calls.append(n)
+        if len(calls) == 2:
+            raise OSError("stdout is gone")
+
+    async with client.writer("cb", batch_size=200, flush_interval=None, on_ack=on_ack) as w:
+        await w.write_many([b"a%03d" % i for i in range(100)])
+        with pytest.raises(OSError, match="stdout is gone"):
+            await w.flush()
+        await w.write(b"after")
+        await w.flush()  # raised once only
+    assert w.failed == [] and w.acked_messages == 101
+    assert sum(calls) == 101  # later batches were still acknowledged and reported
+    assert await read_all(client, "cb") == [b"a%03d" % i for i in range(100)] + [b"after"]
+    # an on_ack error not yet raised by flush() is raised when the block exits
+    with pytest.raises(ValueError, match="late"):
+        async with client.writer("cb", on_ack=lambda o, n: (_ for _ in ()).throw(ValueError("late"))) as w:
+            await w.write(b"x")
+    assert w.acked_messages == 1
+
+
+async def test_oversize_after_a_sealed_batch_does_not_hang_flush(client: Client, clock: trio.testing.MockClock) -> None:
+    async with client.writer("huge", batch_size=100, flush_interval=None) as w:
+        await w.write(b"x" * 50)
+        await trio.sleep(0.1)  # the sender goes back to waiting
+        with pytest.raises(MessageTooLarge):
+            await w.write(b"x" * 70)  # seals nothing: the message is refused first
+        with trio.fail_after(5):
+            await w.flush()
+        assert w.acked_messages == 1
+        # a batch sealed with nothing being built any more is still sent by flush()
+        await w.write(b"y" * 50)
+        await w.write(b"z" * 50)  # seals the y batch, starts a z batch
+        w._seal()  # now nothing is being built, two batches are sealed
+        with trio.fail_after(5):
+            await w.flush()
+        assert w.acked_messages == 3
+    assert await read_all(client, "huge") == [b"x" * 50, b"y" * 50, b"z" * 50]
+
+
+async def test_ack_timeout_fails_unacknowledged_batches(nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
+    """A peer that answers CONFIG and never acknowledges a batch (a stuck disk)."""
+    config = b"MaxBatchSize: 65536\r\n"
+    connections = []
+
+    async def stuck(stream: trio.SocketStream) -> None:
+        connections.append(stream)
+        buf = bytearray()
+        while (line := await read_line(stream, buf)) is not None:
+            if line == b"CONFIG":
+                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+
+    addr = await scripted_peer(nursery, stuck)
+    async with open_client(addr, retry=FAST_RETRY) as c:
+        start = trio.current_time()
+        with pytest.raises(WriteFailed) as info:
+            async with c.writer("t", ack_timeout=2.0) as w:
+                await w.write(b"one")
+                await w.flush()
+                assert trio.current_time() - start == pytest.approx(2.0, abs=0.1)
+                assert len(w.failed) == 1 and isinstance(w.failed[0].error, Timeout)
+                await w.write(b"two")  # a new connection, and again no answer
+        assert trio.current_time() - start == pytest.approx(4.0, abs=0.2)
+        assert len(info.value.failed) == 2 and [b.count for b in w.failed] == [1, 1]
+        assert all(isinstance(b.error, Timeout) for b in w.failed)
+    with pytest.raises(ValueError):
+        Writer(c, "t", ack_timeout=0)
+
+
+async def test_ack_timeout_is_a_deadline_for_progress(client: Client, clock: trio.testing.MockClock) -> None:
+    """A healthy server acknowledges well within ack_timeout: nothing fails, however long it runs."""
+    async with client.writer("pace", ack_timeout=1.0, flush_interval=0.01) as w:
+        for i in range(20):
+            await w.write(b"%d" % i)
+            await trio.sleep(0.5)
+    assert w.acked_messages == 20 and w.failed == []
+
+
+async def test_failed_connect_fails_every_queued_batch_at_once(
+    client: Client, server: LocalServer, clock: trio.testing.MockClock
+) -> None:
+    """With the server gone, leaving the block costs one connect retry policy, not one per batch."""
+    client.retry = RetryPolicy(attempts=3, initial=1.0, maximum=1.0)  # 2 s per connect
+    with pytest.raises(WriteFailed) as info:
+        async with client.writer("gone", batch_size=100, flush_interval=None) as w:
+            await server.stop()
+            await trio.sleep(1)  # the writer notices its connection closed
+            start = trio.current_time()
+            await w.write_many([b"m%02d" % i + b"x" * 40 for i in range(20)])  # ~10 batches
+    elapsed = trio.current_time() - start
+    assert len(info.value.failed) >= 10
+    assert sum(b.count for b in w.failed) == 20
+    assert all(isinstance(b.error, ConnectionLost) for b in w.failed)
+    assert elapsed < 3  # one policy (2 s); 10 policies took 20 s
+    # they are kept in order, ready for retry_failed()
+    assert [m for b in w.failed for m in b.messages()] == [b"m%02d" % i + b"x" * 40 for i in range(20)]

@@ -1,0 +1,183 @@
+"""The one server harness of the test suite: servers in the test's nursery (port 0),
+server processes, and scripted peers that stand in for other servers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from logd_trio.client.client import RetryPolicy
+from logd_trio.server.app import serve
+from logd_trio.server.config import ServerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path | None:
+    """``shared/`` beside the checkout (CI and developers both have it)."""
+    env = os.environ.get("LOGD_SHARED_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [REPO.parent / "shared", REPO.parent.parent / "shared"]
+    for c in candidates:
+        if (c / "conformance" / "cases.json").exists():
+            return c
+    return None
+
+
+_SHARED = shared_dir()
+# None when shared/ is absent: the conformance tests then skip, everything else runs.
+CONFORMANCE: Path | None = _SHARED / "conformance" if _SHARED is not None else None
+if CONFORMANCE is not None and str(CONFORMANCE) not in sys.path:
+    sys.path.insert(0, str(CONFORMANCE))
+
+
+@dataclass
+class RunningServer:
+    host: str
+    port: int
+    config: ServerConfig
+    scope: trio.CancelScope
+    shutdown: trio.Event
+    stopped: trio.Event
+
+    async def stop(self) -> None:
+        """Graceful shutdown, as on SIGTERM; returns once serve() has returned."""
+        self.shutdown.set()
+        await self.stopped.wait()
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+async def start_server(nursery: trio.Nursery, config: ServerConfig) -> RunningServer:
+    scope = trio.CancelScope()
+    shutdown = trio.Event()
+    stopped = trio.Event()
+
+    async def runner(task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with scope:
+                await serve(config, shutdown=shutdown, task_status=task_status)
+        finally:
+            stopped.set()
+
+    host, port = await nursery.start(runner)
+    return RunningServer(host, port, config, scope, shutdown, stopped)
+
+
+def make_config(workdir: Path, **kw: Any) -> ServerConfig:
+    base = ServerConfig(host="127.0.0.1:0", workdir=workdir)
+    return replace(base, **kw)
+
+
+FAST_RETRY = RetryPolicy(attempts=2, initial=0.01, maximum=0.01)
+
+
+class LocalServer:
+    """A real logd-trio server in the test's nursery that can be stopped and restarted
+    on the same port and data directory."""
+
+    def __init__(self, nursery: trio.Nursery, workdir: Path, **options: Any) -> None:
+        self.nursery = nursery
+        self.config = ServerConfig(host="127.0.0.1:0", workdir=workdir, fsync="never", **options)
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._shutdown: trio.Event | None = None
+        self._done: trio.Event | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        config = dataclasses.replace(self.config, host=f"127.0.0.1:{self.port}")
+        shutdown, done = trio.Event(), trio.Event()
+        self._shutdown, self._done = shutdown, done
+
+        async def runner(task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await serve(config, shutdown=shutdown, task_status=task_status)
+            finally:
+                done.set()
+
+        self.host, self.port = await self.nursery.start(runner)
+
+    async def stop(self) -> None:
+        assert self._shutdown is not None and self._done is not None
+        self._shutdown.set()
+        await self._done.wait()
+
+
+# ---------------------------------------------------------------- server processes
+
+LISTENING = re.compile(rb"listening on ([0-9.]+):(\d+)")
+
+
+class ServerProcess:
+    def __init__(self, proc: trio.Process, host: str, port: int, log: bytearray) -> None:
+        self.proc = proc
+        self.host = host
+        self.port = port
+        self.log = log
+
+
+async def spawn(nursery: trio.Nursery, workdir: Path, *args: str) -> ServerProcess:
+    cmd = [sys.executable, "-m", "logd_trio_cli.main", "serve", "--host", "127.0.0.1:0",
+           "--workdir", str(workdir), *args]
+    proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stderr is not None
+    log = bytearray()
+    found = trio.Event()
+    addr: list[tuple[str, int]] = []
+
+    async def pump() -> None:
+        assert proc.stderr is not None
+        try:
+            async for chunk in proc.stderr:
+                log.extend(chunk)
+                m = LISTENING.search(log)
+                if m and not found.is_set():
+                    addr.append((m.group(1).decode(), int(m.group(2))))
+                    found.set()
+            await trio.sleep_forever()  # keep the process owned until the test ends
+        finally:
+            if proc.returncode is None:  # the test ended (or failed) with the server still up
+                proc.kill()
+
+    nursery.start_soon(pump)
+    with trio.fail_after(20):
+        await found.wait()
+    return ServerProcess(proc, addr[0][0], addr[0][1], log)
+
+
+# ---------------------------------------------------------------- scripted peers
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def scripted_peer(nursery: trio.Nursery, handler: Handler) -> str:
+    """A listener on port 0 whose connections run ``handler`` (a stand-in for another server)."""
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    port = listeners[0].socket.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+async def read_line(stream: trio.SocketStream, buf: bytearray) -> bytes | None:
+    while b"\r\n" not in buf:
+        data = await stream.receive_some(4096)
+        if not data:
+            return None
+        buf += data
+    line, _, rest = bytes(buf).partition(b"\r\n")
+    buf[:] = rest
+    return line
