@@ -5,19 +5,22 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-import trio
 import typer
 
-from logd_trio.server.config import parse_duration
-from logd_trio.tools.bench import BenchConfig, BenchError, format_result, progress_stream, run_bench
+from logd_trio.core.defaults import DEFAULT_ADDRESS
+from logd_trio.tools.bench import BenchConfig, BenchResult, format_result, progress_stream, run_bench
+
+from .errors import fail, run
+from .options import check_host, duration
 
 
 def bench(
-    host: Annotated[str, typer.Option(help="Server address, HOST:PORT.")] = "127.0.0.1:1774",
+    host: Annotated[str, typer.Option(help="Server address, HOST:PORT.", callback=check_host)] = DEFAULT_ADDRESS,
     conns: Annotated[int, typer.Option(help="Number of connections.")] = 1,
     topics: Annotated[int, typer.Option(
         help="Number of topics (benchmark_0 ...); connection i uses topic i mod topics.")] = 1,
-    duration: Annotated[str, typer.Option(help="Length of each phase, Go duration such as 5s or 500ms.")] = "5s",
+    seconds: Annotated[float, typer.Option("--duration", parser=duration, metavar="DURATION",
+                                           help="Length of each phase, such as 5s or 500ms.")] = 5.0,
     size: Annotated[int, typer.Option(
         help="Bytes per BATCH request, line included (at most the server's max batch size).")] = 65500,
     message_size: Annotated[int, typer.Option(help="Bytes per message (Go's bench: 31).")] = 31,
@@ -35,20 +38,18 @@ def bench(
         typer.echo("logd bench: --only-write and --only-read exclude each other", err=True)
         raise typer.Exit(2)
     try:
-        config = BenchConfig(host=host, conns=conns, topics=topics, duration=parse_duration(duration),
-                             size=size, message_size=message_size, write=not only_read, read=not only_write,
+        config = BenchConfig(host=host, conns=conns, topics=topics, duration=seconds, size=size,
+                             message_size=message_size, write=not only_read, read=not only_write,
                              window=window, read_batches=read_batches)
-    except ValueError as e:  # ConfigError (bad duration) is a ValueError too
-        typer.echo(f"logd bench: {e}", err=True)
-        raise typer.Exit(2) from None
-    try:
-        result = trio.run(lambda: run_bench(config, progress=progress_stream(progress)))
-    except BenchError as e:
-        typer.echo(f"logd bench: {e}", err=True)
-        raise typer.Exit(1) from None
-    except OSError as e:
-        typer.echo(f"logd bench: {host}: {e.strerror or e}", err=True)
-        raise typer.Exit(1) from None
+    except ValueError as e:
+        fail("bench", e)
+    results: list[BenchResult] = []
+
+    async def main() -> None:
+        results.append(await run_bench(config, progress=progress_stream(progress)))
+
+    run("bench", main)
+    result = results[0]
     typer.echo(json.dumps(result.as_dict()) if as_json else format_result(result))
 
 

@@ -19,10 +19,12 @@ def _root() -> None:
 
 
 def _register() -> None:
-    from . import bench_cmd, client_cmds, serve_cmd
+    from . import bench_cmd, info_cmds, read_cmd, serve_cmd, write_cmd
 
     serve_cmd.register(app)
-    client_cmds.register(app)
+    write_cmd.register(app)
+    read_cmd.register(app)
+    info_cmds.register(app)
     bench_cmd.register(app)
 
 

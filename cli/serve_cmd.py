@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import trio
 import typer
 
-from logd_trio.core.errors import LogdError
 from logd_trio.server.app import run
 from logd_trio.server.config import ConfigError, load_config
+
+from . import errors
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -80,35 +80,15 @@ def serve(
     try:
         cfg = load_config(flags=flags, file=config)
     except ConfigError as e:
-        typer.echo(f"logd serve: {e}", err=True)
-        raise typer.Exit(2) from None
+        errors.fail("serve", e)
     _setup_logging(verbose)
-    try:
-        trio.run(run, cfg)
-    except (OSError, LogdError, BaseExceptionGroup) as exc:
-        err = _first_error(exc)
-        if err is None:
-            raise
+
+    def where(err: BaseException) -> str:
         if verbose:
-            logging.getLogger("logd_trio").exception("fatal error")
-        if isinstance(err, OSError):
-            where = f" ({err.filename})" if err.filename else f" (listening on {cfg.host})"
-            typer.echo(f"logd serve: {err.strerror or err}{where}", err=True)
-        else:
-            typer.echo(f"logd serve: {err}", err=True)
-        raise typer.Exit(1) from None
+            logging.getLogger("logd_trio").error("fatal error", exc_info=err)
+        return f" (listening on {cfg.host})" if isinstance(err, OSError) and not err.filename else ""
 
-
-def _first_error(exc: BaseException) -> OSError | LogdError | None:
-    """The OSError or storage error behind a failure, also inside Trio's exception groups."""
-    if isinstance(exc, OSError | LogdError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            found = _first_error(sub)
-            if found is not None:
-                return found
-    return None
+    errors.run("serve", lambda: run(cfg), where=where)
 
 
 def register(app: typer.Typer) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import trio
+import anyio
 
 from logd_trio.core.errors import CheckpointError
 
@@ -55,11 +55,11 @@ class MemoryCheckpoint:
         self.commits = 0
 
     async def load(self, topic: str) -> Position | None:
-        await trio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
         return self.positions.get(topic)
 
     async def commit(self, topic: str, position: Position) -> None:
-        await trio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
         self.positions[topic] = position
         self.commits += 1
 
@@ -78,10 +78,10 @@ class FileCheckpoint:
         self.path = Path(path)
 
     async def load(self, topic: str) -> Position | None:
-        return await trio.to_thread.run_sync(self._load, topic)
+        return await anyio.to_thread.run_sync(self._load, topic)
 
     async def commit(self, topic: str, position: Position) -> None:
-        await trio.to_thread.run_sync(self._commit, topic, position)
+        await anyio.to_thread.run_sync(self._commit, topic, position)
 
     def _load(self, topic: str) -> Position | None:
         try:

@@ -40,21 +40,35 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, TypedDict
 
-import trio
+import anyio
 
 from logd_trio.client.checkpoint import Checkpoint, Position
+from logd_trio.client.transport import ClientLike, Session, check_topic
 from logd_trio.core.errors import BadReply, ConnectionLost, InvalidRequest, NotFound, OffsetRemoved
 from logd_trio.core.replies import ErrorReply, Message, ReadReply, ReplyKind
 from logd_trio.core.requests import encode_read, encode_tail
 
-if TYPE_CHECKING:
-    from logd_trio.client.client import Client, Session
-
-__all__ = ["Scanner"]
+__all__ = ["Scanner", "ScannerOptions"]
 
 OnRemoved = Literal["error", "earliest"]
+
+
+class ScannerOptions(TypedDict, total=False):
+    """The keyword options of :meth:`Client.scanner` (checked by type checkers, see :class:`Scanner`)."""
+
+    offset: int | None
+    delta: int
+    checkpoint: Checkpoint | None
+    from_beginning: bool
+    limit: int | None
+    follow: bool
+    read_size: int
+    on_removed: OnRemoved
+    poll_interval: float
+    wait_ms: int
+    close_timeout: float
 
 
 class Scanner:
@@ -62,7 +76,7 @@ class Scanner:
 
     def __init__(
         self,
-        client: Client,
+        client: ClientLike,
         topic: str,
         *,
         offset: int | None = None,
@@ -77,9 +91,7 @@ class Scanner:
         wait_ms: int = 10_000,
         close_timeout: float = 5.0,
     ) -> None:
-        from logd_trio.client.client import _check_topic
-
-        _check_topic(topic)
+        check_topic(topic)
         if on_removed not in ("error", "earliest"):
             raise ValueError("on_removed must be 'error' or 'earliest'")
         if limit is not None and limit < 0:
@@ -122,15 +134,14 @@ class Scanner:
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
-            with trio.CancelScope(shield=True) as cs:
-                cs.relative_deadline = self.close_timeout
+            with anyio.move_on_after(self.close_timeout, shield=True):
                 if exc_type is None:
                     await self.commit()
                 else:
                     await self._commit_done()
         finally:
             if self._session is not None:
-                with trio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True):
                     await self._session.aclose()
 
     def __aiter__(self) -> Scanner:
@@ -199,7 +210,7 @@ class Scanner:
             except ConnectionLost:
                 if not self.follow:
                     raise
-                await trio.sleep(backoff)
+                await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             if got or not self.follow:
@@ -239,7 +250,7 @@ class Scanner:
     async def _wait_for_data(self, offset: int) -> ReadReply | None:
         """Follow mode at the (presumed) head: long-poll, or sleep before polling again."""
         if await self._use_longpoll():
-            start = trio.current_time()
+            start = anyio.current_time()
             reply = await self._request(encode_read(self.topic, offset, self.read_size, self.wait_ms),
                                         extra=self.wait_ms / 1000)
             if isinstance(reply, ReadReply):
@@ -249,9 +260,9 @@ class Scanner:
                 self._longpoll = False  # a server with PING but without long-poll READ
             elif not isinstance(exc, NotFound):
                 raise exc
-            elif trio.current_time() - start >= self.wait_ms / 2000:
+            elif anyio.current_time() - start >= self.wait_ms / 2000:
                 return None
-        await trio.sleep(self.poll_interval)
+        await anyio.sleep(self.poll_interval)
         return None
 
     async def _fill_once(self) -> bool:

@@ -9,6 +9,8 @@ each ``ERR`` reason a server can send maps to one subclass of
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class LogdError(Exception):
     """Base class of every error this library raises."""
@@ -48,7 +50,14 @@ class NotFound(LogdError):
 
 
 class ClientError(LogdError):
-    """Base of the errors the client raises.  ``reason`` is the server's text, if any."""
+    """Base of the errors the client raises.  ``reason`` is the server's text, if any.
+
+    ``permanent`` errors say that sending the same request again cannot succeed
+    (a refused topic, a request the server will never accept): a writer stops at
+    the first one instead of queueing more messages behind it.
+    """
+
+    permanent: ClassVar[bool] = False
 
     def __init__(self, message: str = "", *, reason: str | None = None) -> None:
         super().__init__(message or (reason or ""))
@@ -62,6 +71,8 @@ class ServerRejected(ClientError):
 class InvalidRequest(ServerRejected):
     """``ERR invalid request`` (or ``invalid protocol``)."""
 
+    permanent = True
+
 
 class ChecksumMismatch(ServerRejected):
     """``ERR checksum mismatch``, or a batch read from the server failed its CRC check."""
@@ -70,17 +81,25 @@ class ChecksumMismatch(ServerRejected):
 class InvalidBatch(ServerRejected):
     """``ERR invalid batch``: the server rejected the MSG framing or count."""
 
+    permanent = True
+
 
 class InvalidTopic(ServerRejected):
     """``ERR invalid topic`` / ``request missing topic``, or a topic name the client refuses to send."""
+
+    permanent = True
 
 
 class TopicNotAllowed(ServerRejected):
     """``ERR topic not allowed``."""
 
+    permanent = True
+
 
 class MaxTopics(ServerRejected):
     """``ERR maximum topics allowed``."""
+
+    permanent = True
 
 
 class ServerError(ServerRejected):
@@ -120,6 +139,8 @@ class Unsupported(ClientError):
 class MessageTooLarge(ClientError):
     """A single message cannot fit in one batch of the server's maximum batch size."""
 
+    permanent = True
+
 
 class WriterClosed(ClientError):
     """``write`` was called on a writer that has been closed."""
@@ -135,3 +156,27 @@ class WriteFailed(ClientError):
 
 class CheckpointError(ClientError):
     """A checkpoint file is unreadable or belongs to another topic."""
+
+
+def unwrap_group(exc: BaseException, *, skip: tuple[type[BaseException], ...] = ()) -> BaseException:
+    """The one exception to show for ``exc``, never a group (the one rule for every caller).
+
+    A group gives its first leaf that is not an instance of ``skip`` (e.g. the
+    event loop's cancellation class), or its first leaf if all are; the other
+    real leaves are added to it as notes ("also raised: ...").
+    """
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(reversed(e.exceptions))
+        else:
+            leaves.append(e)
+    real = [e for e in leaves if not isinstance(e, skip)] or leaves
+    first = real[0]
+    for other in real[1:]:
+        first.add_note(f"also raised: {other!r}")
+    return first

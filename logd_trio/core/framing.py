@@ -19,7 +19,9 @@ __all__ = [
     "build_frame",
     "count_messages",
     "crc32",
+    "framed_size",
     "iter_messages",
+    "msg_header",
     "parse_frame_header",
     "valid_topic",
 ]
@@ -67,24 +69,9 @@ def count_messages(body: bytes | bytearray | memoryview, start: int = 0, end: in
     n = _count_uniform(buf, start, end) or _count_fast(buf, start, end)
     if n > 0:
         return n
-    # Exact walk: only reached for invalid bodies, to say what is wrong.
-    pos = start
+    # The exact walk: only reached for invalid (or empty) bodies, to say what is wrong.
     n = 0
-    find = buf.find
-    startswith = buf.startswith
-    while pos < end:
-        if not startswith(b"MSG ", pos):
-            raise InvalidBatchError("expected MSG header")
-        nl = find(b"\r\n", pos + 4, min(pos + _MSG_HEADER_MAX, end))
-        if nl < 0:
-            raise InvalidBatchError("MSG header without CRLF")
-        word = buf[pos + 4 : nl]
-        if not word.isdigit():
-            raise InvalidBatchError("MSG length is not a number")
-        pos = nl + 2 + int(word)
-        if pos + 2 > end or not startswith(b"\r\n", pos):
-            raise InvalidBatchError("message not followed by CRLF")
-        pos += 2
+    for _ in iter_messages(buf, start, end):
         n += 1
     if n == 0:
         raise InvalidBatchError("empty batch")
@@ -140,16 +127,18 @@ def _count_fast(buf: bytes, start: int, end: int) -> int:
     return n
 
 
-def iter_messages(body: bytes) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(delta, message)`` for each message of a well-formed body.
+def iter_messages(body: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(delta, message)`` for each message of the well-formed body ``body[start:end]``.
 
-    ``delta`` is the byte position of the message's ``MSG`` line in the body.
-    Raises :class:`InvalidBatchError` on bad framing.
+    ``delta`` is the byte position of the message's ``MSG`` line from ``start``.
+    Raises :class:`InvalidBatchError` on bad framing.  The one exact MSG walk.
     """
-    pos = 0
-    end = len(body)
+    pos = start
+    if end is None:
+        end = len(body)
+    startswith = body.startswith
     while pos < end:
-        if not body.startswith(b"MSG ", pos):
+        if not startswith(b"MSG ", pos):
             raise InvalidBatchError("expected MSG header")
         nl = body.find(b"\r\n", pos + 4, min(pos + _MSG_HEADER_MAX, end))
         if nl < 0:
@@ -157,21 +146,29 @@ def iter_messages(body: bytes) -> Iterator[tuple[int, bytes]]:
         word = body[pos + 4 : nl]
         if not word.isdigit():
             raise InvalidBatchError("MSG length is not a number")
-        start = nl + 2
-        stop = start + int(word)
-        if stop + 2 > end or not body.startswith(b"\r\n", stop):
+        first = nl + 2
+        stop = first + int(word)
+        if stop + 2 > end or not startswith(b"\r\n", stop):
             raise InvalidBatchError("message not followed by CRLF")
-        yield pos, body[start:stop]
+        yield pos - start, body[first:stop]
         pos = stop + 2
+
+
+def msg_header(length: int) -> bytes:
+    """``MSG <length>\\r\\n``: what precedes a message of ``length`` bytes in a body."""
+    return b"MSG %d\r\n" % length
+
+
+def framed_size(length: int) -> int:
+    """Bytes a message of ``length`` bytes takes in a body (header, message, CRLF)."""
+    return len(b"MSG %d\r\n" % length) + length + 2
 
 
 def build_body(messages: Iterable[bytes]) -> bytes:
     """Frame messages as a batch body."""
     parts: list[bytes] = []
     for m in messages:
-        parts.append(b"MSG %d\r\n" % len(m))
-        parts.append(m)
-        parts.append(b"\r\n")
+        parts += (msg_header(len(m)), m, b"\r\n")
     return b"".join(parts)
 
 

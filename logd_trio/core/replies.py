@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
+from logd_trio.core.defaults import DEFAULT_MAX_REPLY
 from logd_trio.core.errors import (
     BadReply,
     ChecksumMismatch,
@@ -70,7 +71,6 @@ __all__ = [
     "error_for_reason",
 ]
 
-DEFAULT_MAX_REPLY: Final = 256 * 1024 * 1024
 
 
 class ReplyKind(Enum):

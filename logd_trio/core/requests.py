@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
+from logd_trio.core.defaults import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGES
 from logd_trio.core.errors import InvalidBatchError, RequestError
-from logd_trio.core.framing import count_messages, parse_uint, valid_topic
+from logd_trio.core.framing import build_frame, count_messages, parse_uint, valid_topic
 
 __all__ = [
     "NEED_DATA",
@@ -42,8 +43,6 @@ __all__ = [
 ]
 
 MAX_LINE: Final = 4096
-DEFAULT_MAX_BATCH_SIZE: Final = 65536
-DEFAULT_MAX_MESSAGES: Final = 50000
 
 
 class NeedData(Enum):
@@ -159,6 +158,11 @@ class RequestParser:
         self._buf = bytearray()
         self._pos = 0
         self._dead: RequestError | None = None
+
+    @property
+    def held(self) -> int:
+        """Bytes the parser's buffer holds, the consumed prefix not yet dropped included."""
+        return len(self._buf)
 
     @property
     def buffered(self) -> int:
@@ -288,9 +292,8 @@ REPLY_PONG: Final = b"PONG\r\n"
 # ---------------------------------------------------------------- client side
 
 
-def encode_batch(topic: str, body: bytes, count: int) -> bytes:
-    """A complete BATCH request for an already framed body."""
-    return b"BATCH %d %s %d %d\r\n%s" % (len(body), topic.encode("ascii"), zlib.crc32(body), count, body)
+#: A complete BATCH request for an already framed body (the one encoder, in framing).
+encode_batch = build_frame
 
 
 def encode_read(topic: str, offset: int, limit: int, wait_ms: int | None = None) -> bytes:

@@ -8,7 +8,6 @@ Every bad key or value raises :class:`ConfigError` naming it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import tomllib
@@ -17,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from logd_trio.core import durations
+from logd_trio.core.defaults import DEFAULT_ADDRESS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGES
+from logd_trio.core.durations import format_duration
 from logd_trio.core.errors import LogdError
 
 __all__ = ["FSYNC_MODES", "ConfigError", "ServerConfig", "format_duration", "load_config", "parse_duration"]
@@ -29,52 +31,13 @@ class ConfigError(LogdError, ValueError):
     """A configuration key or value is invalid; the message names it."""
 
 
-_DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns))")
-_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-
-
 def parse_duration(value: str | float | int, *, key: str = "duration") -> float:
-    """Seconds from a number or a Go-style duration (``15s``, ``1m30s``, ``200ms``)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a duration, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            pos, seconds = 0, 0.0
-            for m in _DURATION_RE.finditer(text):
-                if m.start() != pos:
-                    break
-                seconds += float(m.group(1)) * _UNIT[m.group(2)]
-                pos = m.end()
-            if pos != len(text) or not text:
-                raise ConfigError(f"{key}: {value!r} is not a duration (examples: 15s, 1m0s, 200ms)") from None
-    if not math.isfinite(seconds):
-        raise ConfigError(f"{key}: {value!r} is not a finite duration")
-    if seconds < 0:
-        raise ConfigError(f"{key}: must not be negative, got {value!r}")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """Go's ``time.Duration.String`` for the values we use: ``15s``, ``1m0s``, ``200ms``."""
-    if seconds == 0:
-        return "0s"
-    if seconds < 1:
-        ms = seconds * 1000
-        return f"{ms:g}ms"
-    total = round(seconds, 9)
-    h, rest = divmod(total, 3600)
-    m, s = divmod(rest, 60)
-    s_text = f"{s:.9f}".rstrip("0").rstrip(".")
-    if h:
-        return f"{int(h)}h{int(m)}m{s_text}s"
-    if m:
-        return f"{int(m)}m{s_text}s"
-    return f"{s_text}s"
+    """Seconds from a number or a Go-style duration (``15s``, ``1m30s``, ``200ms``): the one
+    grammar of :mod:`logd_trio.core.durations`, raising :class:`ConfigError`."""
+    try:
+        return durations.parse_duration(value, key=key)
+    except durations.DurationError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _positive(name: str, value: int) -> None:
@@ -87,10 +50,10 @@ class ServerConfig:
     """Everything ``logd serve`` can be told.  Field names are the TOML keys
     (with ``-`` for ``_``) and, upper-cased with ``LOGD_``, the environment."""
 
-    host: str = "127.0.0.1:1774"
+    host: str = DEFAULT_ADDRESS
     workdir: Path = Path("logs")
-    batch_size: int = 64 * 1024
-    max_messages: int = 50000
+    batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_messages: int = DEFAULT_MAX_MESSAGES
     partition_size: int = 2000 * MIB
     partitions: int = 8
     fsync: str = "always"

@@ -21,6 +21,7 @@ from logd_trio.core.errors import InvalidBatchError
 from logd_trio.core.framing import build_body, count_messages
 from logd_trio.tools.bench import BenchConfig, BenchError, format_result, make_frame, run_bench
 
+from ..client.ports import refused_address
 from ..harness import LocalServer
 
 
@@ -106,13 +107,25 @@ def test_cli_bench_rejects_bad_flags() -> None:
 
 
 def test_cli_bench_connection_refused(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port that nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = CliRunner().invoke(_app(), ["bench", "--host", f"127.0.0.1:{port}", "--duration", "100ms"])
+    with refused_address() as host:
+        r = CliRunner().invoke(_app(), ["bench", "--host", host, "--duration", "100ms"])
     assert r.exit_code == 1
+    assert "Connection refused" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("host", ["localhost", "[::1]", "::1", "127.0.0.1"])
+def test_cli_bench_host_without_port_uses_the_default_port(host: str) -> None:
+    """``--host localhost`` was a ValueError traceback; now it means localhost:1774."""
+    assert BenchConfig(host=host).address[1] == 1774
+    r = CliRunner().invoke(_app(), ["bench", "--host", "localhost:99999", "--duration", "100ms"])
+    assert r.exit_code == 2 and "Traceback" not in r.output and "port" in r.output
+
+
+def test_cli_bench_host_localhost_runs(tmp_path: Path) -> None:
+    with refused_address() as host:
+        port = host.rpartition(":")[2]
+        r = CliRunner().invoke(_app(), ["bench", "--host", f"localhost:{port}", "--duration", "100ms"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
 
 
 # ---------------------------------------------------------------- the message walk's fast paths

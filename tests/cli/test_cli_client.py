@@ -19,14 +19,17 @@ from typing import Any
 import pytest
 import trio
 import typer
-from logd_trio_cli import client_cmds
+from logd_trio_cli import info_cmds, read_cmd, write_cmd
 from typer.testing import CliRunner
 
 from logd_trio.server.app import serve
 from logd_trio.server.config import ServerConfig
 
+from ..client.ports import refused_address
+
 app = typer.Typer()
-client_cmds.register(app)
+for _module in (write_cmd, read_cmd, info_cmds):
+    _module.register(app)
 
 
 @contextmanager
@@ -64,14 +67,6 @@ def addr(tmp_path: Path) -> Iterator[str]:
 def invoke(*args: str, input: str | None = None) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, list(args), input=input)
     return result.exit_code, result.stdout, result.stderr
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_write_args_and_stdin_then_read_raw_json_numbers(addr: str) -> None:
@@ -118,13 +113,13 @@ def test_info_commands(addr: str) -> None:
 
 
 def test_no_server_one_line_error_and_exit_code() -> None:
-    host = f"127.0.0.1:{free_port()}"
-    code, _, err = invoke("write", "--host", host, "x")
-    assert code == 3
-    assert err.count("\n") == 1 and err.startswith("logd: error: cannot connect")
-    assert "Traceback" not in err
-    code, _, err = invoke("read", "--host", host, "-v")
-    assert code == 3 and "Traceback" in err
+    with refused_address() as host:
+        code, _, err = invoke("write", "--host", host, "x")
+        assert code == 3
+        assert err.count("\n") == 1 and err.startswith("logd write: cannot connect")
+        assert "Connection refused" in err and "Traceback" not in err
+        code, _, err = invoke("read", "--host", host, "-v")
+        assert code == 3 and "Traceback" in err
 
 
 def test_env_host_and_bad_flags(addr: str) -> None:
@@ -285,3 +280,12 @@ def test_read_from_a_server_with_lower_max_messages(tmp_path: Path) -> None:
         assert out.splitlines() == lines
         code, out, err = invoke("read", "--host", host, "--topic", "mm", "--offset", "0", "--limit", "5")
         assert (code, out.splitlines()) == (0, lines[:5])
+
+
+def test_every_duration_flag_takes_the_one_grammar(addr: str) -> None:
+    """``serve`` took 1m30s and ``write --flush-interval`` did not: one grammar now."""
+    code, out, err = invoke("write", "--host", addr, "--topic", "dur", "--flush-interval", "1m30s",
+                            "--timeout", "1m", "x")
+    assert code == 0, err
+    code, out, err = invoke("read", "--host", addr, "--topic", "dur", "--timeout", "500ms")
+    assert (code, out) == (0, "x\n"), err

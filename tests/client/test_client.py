@@ -25,6 +25,7 @@ from logd_trio.core.errors import (
 from logd_trio.core.framing import build_body, build_frame
 
 from ..harness import FAST_RETRY, LocalServer, read_line, scripted_peer
+from .ports import refused_address
 
 # ---------------------------------------------------------------- tests
 
@@ -92,14 +93,11 @@ async def test_topic_not_allowed(nursery: trio.Nursery, tmp_path: Path) -> None:
     await srv.stop()
 
 
-async def test_nothing_listening_is_connection_lost(nursery: trio.Nursery) -> None:
-    # grab a free port, then close it
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    await listeners[0].aclose()
-    async with open_client(f"127.0.0.1:{port}", retry=FAST_RETRY) as c:
-        with pytest.raises(ConnectionLost, match="cannot connect"):
-            await c.stats()
+async def test_nothing_listening_is_connection_lost() -> None:
+    with refused_address() as addr:
+        async with open_client(addr, retry=FAST_RETRY) as c:
+            with pytest.raises(ConnectionLost, match="cannot connect"):
+                await c.stats()
 
 
 async def test_reconnects_after_server_restart(client: Client, server: LocalServer) -> None:

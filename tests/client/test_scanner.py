@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Unpack
 
 import pytest
 import trio
@@ -12,6 +13,7 @@ import trio.testing
 
 from logd_trio.client.checkpoint import FileCheckpoint, MemoryCheckpoint, Position
 from logd_trio.client.client import Client, open_client
+from logd_trio.client.scanner import ScannerOptions
 from logd_trio.core.errors import BadReply, CheckpointError, NotFound, OffsetRemoved
 from logd_trio.core.framing import build_body, build_frame
 from logd_trio.core.replies import Message
@@ -19,7 +21,7 @@ from logd_trio.core.replies import Message
 from ..harness import FAST_RETRY, LocalServer, read_line, scripted_peer
 
 
-async def scan(client: Client, topic: str, **kw: object) -> list[Message]:
+async def scan(client: Client, topic: str, **kw: Unpack[ScannerOptions]) -> list[Message]:
     out: list[Message] = []
     async with client.scanner(topic, **kw) as s:
         async for m in s:
@@ -74,10 +76,14 @@ async def test_empty_and_unknown_topics_end_cleanly(client: Client) -> None:
 
 @pytest.mark.parametrize("longpoll", [True, False])
 async def test_follow_sees_new_messages(
-    client: Client, nursery: trio.Nursery, longpoll: bool, autojump_clock: trio.testing.MockClock
+    server: LocalServer, nursery: trio.Nursery, longpoll: bool, autojump_clock: trio.testing.MockClock
 ) -> None:
-    if not longpoll:
-        client._extensions = False  # behave as against Go logd: polling
+    # without extensions the client behaves as against Go logd: polling
+    async with open_client(server.addr, retry=FAST_RETRY, extensions=None if longpoll else False) as client:
+        await _follow_sees_new_messages(client, nursery)
+
+
+async def _follow_sees_new_messages(client: Client, nursery: trio.Nursery) -> None:
     got: list[bytes] = []
     done = trio.Event()
 

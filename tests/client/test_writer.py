@@ -16,6 +16,7 @@ from logd_trio.client.client import Client, Connection, RetryPolicy, open_client
 from logd_trio.client.writer import Writer
 from logd_trio.core.errors import ConnectionLost, MessageTooLarge, Timeout, TopicNotAllowed, WriteFailed, WriterClosed
 from logd_trio.core.framing import parse_frame_header
+from logd_trio.core.replies import Message
 
 from ..harness import FAST_RETRY, LocalServer, read_line, scripted_peer
 
@@ -34,6 +35,11 @@ async def read_all(client: Client, topic: str) -> list[bytes]:
         async for m in s:
             out.append(m.body)
     return out
+
+
+async def read_all_messages(client: Client, topic: str) -> list[Message]:
+    async with client.scanner(topic) as s:
+        return [m async for m in s]
 
 
 async def test_batches_by_size_never_above_batch_size(client: Client) -> None:
@@ -177,7 +183,7 @@ async def test_backpressure_bounds_the_queue(nursery: trio.Nursery, clock: trio.
                 await w.write(b"x" * 100)
                 queued += 1
         # blocked: about max_pending bytes queued beyond the one batch in flight
-        assert 3000 <= w._queued_bytes < 3000 + 120
+        assert 3000 <= w.pending_bytes < 3000 + 120
         assert 25 < queued < 45
         # the write that was cancelled while blocked did not queue its message
         assert w.pending_messages == queued
@@ -214,10 +220,72 @@ async def test_server_error_kept_and_reported_on_exit(nursery: trio.Nursery, tmp
         # clearing the failures accepts them: no error
         async with c.writer("nope") as w2:
             await w2.write(b"3")
-            await w2.flush()
+            with pytest.raises(WriteFailed) as info:
+                await w2.flush()
+            assert isinstance(info.value.__cause__, TopicNotAllowed)
             assert len(w2.failed) == 1
             w2.failed.clear()
     await srv.stop()
+
+
+async def test_permanent_error_stops_the_writer_at_once(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """After a refused topic, the writer takes no more messages and sends nothing more."""
+    srv = LocalServer(nursery, tmp_path / "d", topics_whitelist=("ok",))
+    await srv.start()
+    async with open_client(srv.addr) as c:
+        with pytest.raises(WriteFailed):
+            async with c.writer("nope", flush_interval=None, batch_size=200) as w:
+                await w.write(b"first")
+                with pytest.raises(WriteFailed) as info:
+                    await w.flush()
+                assert isinstance(info.value.__cause__, TopicNotAllowed)
+                with pytest.raises(WriteFailed, match="permanent error"):
+                    await w.write(b"refused")
+                with pytest.raises(WriteFailed, match="permanent error"):
+                    await w.write_many([b"refused"] * 10)
+                assert w.pending_messages == 0 and w.pending_bytes == 0
+                with pytest.raises(WriteFailed, match="permanent error"):
+                    await w.retry_failed()
+        assert [m for b in w.failed for m in b.messages()] == [b"first"]
+        requests = int((await c.stats()).get("requests.batch", "0") or 0)
+    assert requests <= 1
+    await srv.stop()
+
+
+async def test_batches_queued_behind_a_permanent_error_fail_without_being_sent(
+        nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
+    """A peer that refuses the first batch and counts the others it receives."""
+    config = b"MaxBatchSize: 100\r\n"
+    received: list[bytes] = []
+    release = trio.Event()
+
+    async def peer(stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        while (line := await read_line(stream, buf)) is not None:
+            if line == b"CONFIG":
+                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                continue
+            size = int(line.split()[1])
+            while len(buf) < size:
+                buf += await stream.receive_some(4096)
+            del buf[:size]
+            received.append(line)
+            await release.wait()
+            await stream.send_all(b"ERR topic not allowed\r\n")
+
+    addr = await scripted_peer(nursery, peer)
+    async with open_client(addr, retry=FAST_RETRY) as c:
+        with pytest.raises(WriteFailed):
+            async with c.writer("t", max_in_flight=1, flush_interval=None) as w:
+                for i in range(10):
+                    await w.write(b"%02d" % i + b"x" * 60)  # one message per 100-byte batch
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+                with pytest.raises(WriteFailed):
+                    await w.flush()
+    assert len(received) == 1  # the 9 batches behind the refused one were never sent
+    assert len(w.failed) == 10 and all(isinstance(b.error, TopicNotAllowed) for b in w.failed)
+    assert [m for b in w.failed for m in b.messages()] == [b"%02d" % i + b"x" * 60 for i in range(10)]
 
 
 async def test_failed_batches_retry_after_restart_at_least_once(client: Client, server: LocalServer) -> None:
@@ -228,9 +296,11 @@ async def test_failed_batches_retry_after_restart_at_least_once(client: Client, 
         await server.stop()
         for i in range(5):
             await w.write(b"b%d" % i)
-        await w.flush()
+        with pytest.raises(WriteFailed):
+            await w.flush()
         assert len(w.failed) == 1 and isinstance(w.failed[0].error, ConnectionLost)
         assert list(w.failed[0].messages()) == [b"b%d" % i for i in range(5)]
+        assert w.pending_messages == 0
         await server.start()
         await w.retry_failed()
         assert w.failed == []
@@ -268,40 +338,73 @@ async def test_cancel_while_flushing_on_exit_is_bounded(nursery: trio.Nursery, c
         assert len(w.failed) == 1 and w.failed[0].count == 1  # kept, not dropped
 
 
-async def test_cancellation_at_each_await_point_of_write(client: Client) -> None:
-    async with client.writer("cx", flush_interval=None, max_pending=1) as w:
+def _held_peer(config: bytes, release: trio.Event) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A peer that answers CONFIG, then holds each batch's OK until ``release`` is set."""
+
+    async def peer(stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        offset = 0
+        while (line := await read_line(stream, buf)) is not None:
+            if line == b"CONFIG":
+                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                continue
+            size = int(line.split()[1])
+            while len(buf) < size:
+                buf += await stream.receive_some(4096)
+            del buf[:size]
+            await release.wait()
+            await stream.send_all(b"OK %d 1\r\n" % offset)
+            offset += len(line) + 2 + size
+
+    return peer
+
+
+async def test_cancellation_at_each_await_point_of_write(nursery: trio.Nursery, clock: trio.testing.MockClock
+                                                         ) -> None:
+    """Each wait of write / write_many / flush cancelled part-way through, for real."""
+    release = trio.Event()
+    addr = await scripted_peer(nursery, _held_peer(b"MaxBatchSize: 1000\r\n", release))
+    async with open_client(addr, retry=FAST_RETRY) as c, c.writer(
+            "cx", flush_interval=None, max_in_flight=1, max_pending=300) as w:
         # 1: already cancelled on entry -> not queued
         with trio.CancelScope() as cs:
             cs.cancel()
             await w.write(b"never")
         assert w.pending_messages == 0
-        # 2: the backpressure wait (queue is 'full' at 1 byte) -> not queued
-        await w.write(b"first")  # queued: the queue was empty
-        assert w.pending_messages == 1
-        await w.flush()
-        # 3: write_many cancelled before queuing queues none of its messages
-        with trio.CancelScope() as cs:
-            cs.cancel()
+        # fill: one full batch in flight (held by the peer), then max_pending bytes queued
+        await w.write_many([b"a" * 90] * 11)  # nine fit in a batch of 1000 bytes: it is sealed
+        await trio.testing.wait_all_tasks_blocked()
+        assert w.pending_bytes < 300  # the sealed batch was sent
+        await w.write_many([b"b" * 90] * 2)
+        queued = w.pending_messages
+        assert w.pending_bytes >= 300 and queued == 13
+        # 2: write blocked in the backpressure wait, cancelled there -> not queued
+        async with trio.open_nursery() as n:
+            scope = trio.CancelScope()
+            done: list[str] = []
+
+            async def blocked_write() -> None:
+                with scope:
+                    await w.write(b"cancelled")
+                    done.append("queued")  # pragma: no cover
+
+            n.start_soon(blocked_write)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done  # still waiting for room
+            scope.cancel()
+        assert scope.cancelled_caught and w.pending_messages == queued
+        # 3: write_many blocked the same way -> none of its messages queued
+        with trio.move_on_after(0.05) as cs:
             await w.write_many([b"x", b"y"])
-        assert w.pending_messages == 0
-        # 4: flush cancelled while waiting: the batch is still delivered
-        await w.write(b"second")
-        with trio.CancelScope() as cs:
-            cs.cancel()
+        assert cs.cancelled_caught and w.pending_messages == queued
+        # 4: flush cancelled while waiting for the acknowledgements: the batches are still delivered
+        with trio.move_on_after(0.05) as cs:
             await w.flush()
+        assert cs.cancelled_caught and w.acked_messages == 0
+        release.set()
         await w.flush()
-        assert w.acked_messages == 2
-    assert await read_all(client, "cx") == [b"first", b"second"]
-
-
-async def test_connect_failure_at_open(nursery: trio.Nursery) -> None:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    await listeners[0].aclose()
-    async with open_client(f"127.0.0.1:{port}", retry=RetryPolicy(attempts=1)) as c:
-        with pytest.raises(ConnectionLost):
-            async with c.writer("t"):
-                pass  # pragma: no cover
+        assert w.acked_messages == queued and w.failed == []
+    assert w.acked_messages == 13
 
 
 def test_frame_header_helper_is_consistent() -> None:
@@ -426,14 +529,15 @@ async def test_oversize_after_a_sealed_batch_does_not_hang_flush(client: Client,
         with trio.fail_after(5):
             await w.flush()
         assert w.acked_messages == 1
-        # a batch sealed with nothing being built any more is still sent by flush()
+        # batches sealed with nothing being built any more are still sent by flush(): a
+        # message too big for the conservative limit seals the batch before it and goes alone
         await w.write(b"y" * 50)
-        await w.write(b"z" * 50)  # seals the y batch, starts a z batch
-        w._seal()  # now nothing is being built, two batches are sealed
+        z = b"z" * 60  # 70 framed bytes: over the conservative 69, and the request fits in 100
+        await w.write(z)
         with trio.fail_after(5):
             await w.flush()
         assert w.acked_messages == 3
-    assert await read_all(client, "huge") == [b"x" * 50, b"y" * 50, b"z" * 50]
+    assert await read_all(client, "huge") == [b"x" * 50, b"y" * 50, z]
 
 
 async def test_ack_timeout_fails_unacknowledged_batches(nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
@@ -454,7 +558,8 @@ async def test_ack_timeout_fails_unacknowledged_batches(nursery: trio.Nursery, c
         with pytest.raises(WriteFailed) as info:
             async with c.writer("t", ack_timeout=2.0) as w:
                 await w.write(b"one")
-                await w.flush()
+                with pytest.raises(WriteFailed):
+                    await w.flush()
                 assert trio.current_time() - start == pytest.approx(2.0, abs=0.1)
                 assert len(w.failed) == 1 and isinstance(w.failed[0].error, Timeout)
                 await w.write(b"two")  # a new connection, and again no answer
@@ -492,3 +597,106 @@ async def test_failed_connect_fails_every_queued_batch_at_once(
     assert elapsed < 3  # one policy (2 s); 10 policies took 20 s
     # they are kept in order, ready for retry_failed()
     assert [m for b in w.failed for m in b.messages()] == [b"m%02d" % i + b"x" * 40 for i in range(20)]
+
+
+# ---------------------------------------------------------------- accounting, outages, receipts
+
+
+async def test_pending_messages_counts_batches_being_retried(
+        nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
+    """While retry_failed() re-sends, its messages are pending again (they are not acknowledged)."""
+    release = trio.Event()
+    refuse = [True]
+    config = b"MaxBatchSize: 1000\r\n"
+
+    async def peer(stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        while (line := await read_line(stream, buf)) is not None:
+            if line == b"CONFIG":
+                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                continue
+            size = int(line.split()[1])
+            while len(buf) < size:
+                buf += await stream.receive_some(4096)
+            del buf[:size]
+            if refuse[0]:
+                await stream.send_all(b"ERR storage error: disk full\r\n")  # not permanent
+                continue
+            await release.wait()
+            await stream.send_all(b"OK 0 1\r\n")
+
+    addr = await scripted_peer(nursery, peer)
+    async with open_client(addr, retry=FAST_RETRY) as c, c.writer("t", flush_interval=None) as w:
+        await w.write_many([b"a", b"b", b"c"])
+        with pytest.raises(WriteFailed):
+            await w.flush()
+        assert w.pending_messages == 0 and len(w.failed) == 1
+        refuse[0] = False
+        async with trio.open_nursery() as n:
+            n.start_soon(w.retry_failed)
+            await trio.testing.wait_all_tasks_blocked()
+            assert w.pending_messages == 3  # re-sent, not acknowledged yet
+            await w.write(b"d")
+            assert w.pending_messages == 4
+            release.set()
+        await w.flush()
+        assert w.pending_messages == 0 and w.acked_messages == 4
+
+
+async def test_failed_batches_count_against_max_pending(
+        client: Client, server: LocalServer, clock: trio.testing.MockClock) -> None:
+    """With the server down, failed batches do not pile up without bound: once they hold
+    max_pending, write() refuses more instead of queueing."""
+    client.retry = RetryPolicy(attempts=1)
+    await client.config()  # what the writer asks when it opens
+    await server.stop()
+    accepted = 0
+    with pytest.raises(WriteFailed) as info:
+        async with client.writer("down", batch_size=200, flush_interval=0.01, max_pending=2000) as w:
+            with pytest.raises(WriteFailed, match="hold max_pending"):
+                for _ in range(20_000):
+                    await w.write(b"m" * 50)
+                    accepted += 1
+            held = sum(len(b.request) for b in w.failed)
+            assert 2000 <= held < 2000 + 2 * 200  # max_pending, plus what was queued when it filled
+            assert accepted == sum(b.count for b in w.failed) < 60
+            w.failed[:] = w.failed[-2:]  # accept the loss of the others: room again
+            await w.write(b"again")
+    assert info.value.failed == w.failed and all(isinstance(b.error, ConnectionLost) for b in w.failed)
+
+
+async def test_send_and_wait_gives_each_message_its_position(client: Client) -> None:
+    async with client.writer("rc", flush_interval=None, batch_size=200) as w:
+        receipts = [await w.send(b"msg%02d" % i) for i in range(30)]
+        assert not any(r.done for r in receipts)
+        ack = await w.send_and_wait(b"last")  # flushes what is queued before it
+        acks = [await r for r in receipts]
+    stored = {(m.offset, m.delta): m.body for m in await read_all_messages(client, "rc")}
+    assert [stored[(a.offset, a.delta)] for a in acks] == [b"msg%02d" % i for i in range(30)]
+    assert stored[(ack.offset, ack.delta)] == b"last"
+    assert len({a.offset for a in acks}) > 2  # several batches
+
+
+async def test_receipt_raises_the_batch_error(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = LocalServer(nursery, tmp_path / "d", topics_whitelist=("ok",))
+    await srv.start()
+    async with open_client(srv.addr) as c:
+        with pytest.raises(WriteFailed):
+            async with c.writer("nope") as w:
+                with pytest.raises(TopicNotAllowed):
+                    await w.send_and_wait(b"x")
+    await srv.stop()
+
+
+async def test_opening_a_writer_against_a_stalled_server_times_out(
+        nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
+    async def stalled(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()  # accepts, never answers
+
+    addr = await scripted_peer(nursery, stalled)
+    async with open_client(addr, retry=FAST_RETRY) as c:
+        start = trio.current_time()
+        with pytest.raises(Timeout, match="CONFIG"):
+            async with c.writer("t", open_timeout=3.0):
+                pass  # pragma: no cover
+        assert trio.current_time() - start == pytest.approx(3.0, abs=0.1)

@@ -70,7 +70,7 @@ def run(stream: bytes, cuts: list[int], *, check_bound: bool = True) -> list[obj
             # after the events: less than one request pending, and the raw buffer (consumed
             # prefix included) within two requests plus this receive
             assert parser.buffered < LIMIT
-            assert len(parser._buf) <= 2 * LIMIT + len(chunk)
+            assert parser.held <= 2 * LIMIT + len(chunk)
     return out
 
 

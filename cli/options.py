@@ -1,0 +1,57 @@
+"""Option types shared by the commands: one parser each for addresses and durations."""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Annotated
+
+import typer
+
+from logd_trio.client.client import Client, RetryPolicy, open_client
+from logd_trio.core.addresses import AddressError, parse_address
+from logd_trio.core.durations import DurationError, parse_duration
+
+
+def check_host(value: str) -> str:
+    """A ``HOST:PORT`` flag: checked here, so a bad one is a usage error."""
+    try:
+        parse_address(value)
+    except AddressError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def duration(text: str) -> float:
+    """A duration flag (``0.4``, ``400ms``, ``2s``, ``1m30s``) in seconds."""
+    try:
+        return parse_duration(text, key="duration")
+    except DurationError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("duration: ")) from None
+
+
+def positive_duration(text: str) -> float:
+    seconds = duration(text)
+    if not seconds > 0:
+        raise typer.BadParameter(f"{text!r}: must be above 0")
+    return seconds
+
+
+HostOpt = Annotated[
+    str, typer.Option("--host", envvar="LOGD_HOST", help="Server address HOST:PORT.", callback=check_host)
+]
+TopicOpt = Annotated[str, typer.Option("--topic", "-t", help="Topic name.")]
+RetriesOpt = Annotated[
+    int, typer.Option("--retries", min=1, help="Connection attempts before giving up (backoff between).")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")]
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option("--timeout", parser=positive_duration, metavar="DURATION",
+                 help="Time to wait for each reply (write: for each acknowledgement), e.g. 5s; default: none."),
+]
+
+
+def connect_client(host: str, retries: int, timeout: float | None) -> AbstractAsyncContextManager[Client]:
+    """The client every command uses: ``retries`` connection attempts, ``timeout`` per request."""
+    return open_client(host, retry=RetryPolicy(attempts=retries, initial=0.1, maximum=1.0),
+                       request_timeout=timeout)

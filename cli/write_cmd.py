@@ -1,0 +1,188 @@
+"""``logd write``: messages from arguments, a file or stdin, written in batches."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, BinaryIO, TextIO
+
+import trio
+import typer
+
+from logd_trio.client.writer import Writer
+from logd_trio.core.defaults import DEFAULT_ADDRESS
+from logd_trio.core.errors import WriteFailed
+
+from .errors import run
+from .options import HostOpt, RetriesOpt, TimeoutOpt, TopicOpt, VerboseOpt, connect_client, duration
+
+
+def _check_batch_size(value: int) -> int:
+    if 0 < value < 64:
+        raise typer.BadParameter("must be 0 (the server's maximum) or at least 64")
+    return value
+
+
+def _chunk_reader(f: BinaryIO, size: int = 1 << 20) -> Callable[[], bytes]:
+    """A blocking "read up to 1 MiB" for ``f``.  On a real descriptor it is ``os.read``:
+    a read abandoned by Ctrl-C then holds no lock of ``sys.stdin`` at interpreter exit."""
+    try:
+        fd = f.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        read = getattr(f, "read1", f.read)
+        return lambda: bytes(read(size))
+    return lambda: os.read(fd, size)
+
+
+def write(
+    messages: Annotated[list[str] | None, typer.Argument(help="Messages; without any, read lines from stdin.")] = None,
+    host: HostOpt = DEFAULT_ADDRESS,
+    topic: TopicOpt = "default",
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Max batch size in bytes (0: the server's max).",
+                          callback=_check_batch_size)
+    ] = 0,
+    flush_interval: Annotated[
+        float, typer.Option("--flush-interval", parser=duration, metavar="DURATION",
+                            help="Send a partial batch after this long (0.4, 400ms, 1m30s...).")
+    ] = 0.4,
+    input_file: Annotated[
+        Path | None, typer.Option("--input", "-i", help="Read messages (one per line) from FILE.")
+    ] = None,
+    count: Annotated[bool, typer.Option("--count", help="Print a summary (messages, MB, rate) to stderr.")] = False,
+    retries: RetriesOpt = 3,
+    timeout: TimeoutOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write messages: each argument, or each non-empty input line, is one message.
+
+    Prints the offset of each acknowledged batch (until stdout is closed: then it
+    goes on writing quietly).  Ctrl-C flushes what was read first.
+    """
+    out = _AckPrinter(sys.stdout)
+
+    async def main() -> None:
+        start = trio.current_time()
+        total = 0
+        nbytes = 0
+        writers: list[Writer] = []
+        try:
+            async with (
+                connect_client(host, retries, timeout) as client,
+                client.writer(topic, batch_size=batch_size or None, flush_interval=flush_interval, on_ack=out,
+                              ack_timeout=timeout) as w,
+            ):
+                writers.append(w)
+                if messages:
+                    for m in messages:
+                        data = m.encode()
+                        await w.write(data)
+                        total += 1
+                        nbytes += len(data)
+                else:
+                    total, nbytes = await _write_lines(w, input_file)
+        except BaseException as exc:
+            out.flush()
+            failed = writers[0].failed if writers else []
+            if failed and not isinstance(exc, WriteFailed):
+                lost = sum(b.count for b in failed)
+                typer.echo(f"logd write: {lost} message(s) were not written: {failed[0].error}", err=True)
+            raise
+        out.flush()
+        if count:
+            elapsed = max(trio.current_time() - start, 1e-9)
+            mb = nbytes / 1e6
+            typer.echo(f"{total} messages, {mb:.1f} MB in {elapsed:.2f} s "
+                 f"({total / elapsed:,.0f} msgs/s, {mb / elapsed:.1f} MB/s)", err=True)
+
+    run("write", main, verbose=verbose)
+
+
+class _AckPrinter:
+    """``on_ack`` for ``logd write``: prints each batch's offset.  Once stdout is closed
+    (``logd write | head``) it stops printing, and the writer goes on writing."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.closed = False
+
+    def __call__(self, offset: int, count: int) -> None:
+        if not self.closed:
+            try:
+                self.out.write(f"{offset}\n")
+            except BrokenPipeError:
+                self._gone()
+
+    def flush(self) -> None:
+        if not self.closed:
+            try:
+                self.out.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def _gone(self) -> None:
+        self.closed = True
+        # What is still buffered goes to /dev/null, so interpreter exit does not fail on it.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.out.fileno())
+            os.close(devnull)
+
+
+async def _write_lines(w: Writer, input_file: Path | None) -> tuple[int, int]:
+    """Write each non-empty line of the input (stdin by default); returns (messages, bytes).
+
+    Shows progress on stderr for ``--input`` files when stderr is a terminal.
+    """
+    total = nbytes = 0
+    f: BinaryIO = (
+        await trio.to_thread.run_sync(input_file.open, "rb") if input_file else sys.stdin.buffer
+    )
+    progress = input_file is not None and sys.stderr.isatty()
+    size = os.fstat(f.fileno()).st_size if progress else 0
+    seen = 0
+    shown = trio.current_time()
+    rest = b""
+    read_chunk = _chunk_reader(f)
+    try:
+        while True:
+            chunk = await trio.to_thread.run_sync(read_chunk, abandon_on_cancel=True)
+            if not chunk:
+                break
+            seen += len(chunk)
+            data = rest + chunk if rest else chunk
+            cut = data.rfind(b"\n") + 1
+            rest = data[cut:]
+            block = data[:cut]
+            if b"\r" in block:
+                block = block.replace(b"\r\n", b"\n")
+            lines = [ln for ln in block.split(b"\n") if ln]
+            total += await w.write_many(lines)
+            nbytes += sum(map(len, lines))
+            if progress and trio.current_time() - shown > 0.2:
+                shown = trio.current_time()
+                pct = 100 * seen / size if size else 100.0
+                sys.stderr.write(f"\r{pct:5.1f}%  {total} messages")
+                sys.stderr.flush()
+        if rest.endswith(b"\r"):
+            rest = rest[:-1]
+        if rest:
+            await w.write(rest)
+            total += 1
+            nbytes += len(rest)
+    finally:
+        if input_file:
+            f.close()
+        if progress:
+            sys.stderr.write(f"\r100.0%  {total} messages\n")
+    return total, nbytes
+
+
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="write")(write)

@@ -1,0 +1,269 @@
+"""The client's transport layer: connections, retries, deadlines and request sessions.
+
+Everything here runs on anyio, so it works under ``trio.run`` and ``asyncio.run``
+alike.  :mod:`logd_trio.client.writer` and :mod:`logd_trio.client.scanner` build on
+this module and on :class:`ClientLike` (what they need of a client), never on
+:mod:`logd_trio.client.client`, which imports them.
+
+Two boundaries, one place each:
+
+* transport errors (``OSError``, anyio's broken/closed resource errors, EOF)
+  become :class:`~logd_trio.core.errors.ConnectionLost` inside :class:`Connection`;
+* a deadline that passes becomes :class:`~logd_trio.core.errors.Timeout` in
+  :func:`deadline`.
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final, Protocol, TypeVar
+
+import anyio
+import anyio.abc
+from trio.lowlevel import enable_ki_protection
+
+from logd_trio.core.addresses import format_address, parse_address
+from logd_trio.core.defaults import DEFAULT_MAX_REPLY
+from logd_trio.core.errors import BadReply, ConnectionLost, InvalidTopic, Timeout
+from logd_trio.core.framing import valid_topic
+from logd_trio.core.replies import Reply, ReplyKind, ReplyParser
+from logd_trio.core.requests import NEED_DATA
+
+__all__ = [
+    "ClientLike",
+    "Connection",
+    "RetryPolicy",
+    "Session",
+    "check_topic",
+    "connect",
+    "deadline",
+    "ki_protected",
+]
+
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def ki_protected(fn: _F) -> _F:
+    """Under Trio, Ctrl-C is raised at the caller's next checkpoint instead of inside ``fn``
+    (it never leaves a batch half built).  Inert under asyncio, whose Ctrl-C is a cancellation."""
+    return enable_ki_protection(fn)
+
+RECV_SIZE: Final = 256 * 1024
+_STREAM_ERRORS: Final = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How connecting retries: ``attempts`` tries in all, sleeping ``initial``,
+    then ``initial * multiplier``, ... (at most ``maximum``) between them."""
+
+    attempts: int = 10
+    initial: float = 0.05
+    maximum: float = 2.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be at least 1")
+        if self.initial < 0 or self.maximum < 0 or self.multiplier < 1:
+            raise ValueError("RetryPolicy delays must be >= 0 and multiplier >= 1")
+
+    def delays(self) -> Iterator[float]:
+        """The sleeps between attempts (``attempts - 1`` of them)."""
+        delay = self.initial
+        for _ in range(self.attempts - 1):
+            yield min(delay, self.maximum)
+            delay *= self.multiplier
+
+
+def check_topic(topic: str) -> bytes:
+    """The topic's wire bytes; :class:`InvalidTopic` for a name no server accepts."""
+    raw = topic.encode("ascii", "replace")
+    if not valid_topic(raw):
+        raise InvalidTopic(f"invalid topic name {topic!r}: use 1..255 of [A-Za-z0-9._-]")
+    return raw
+
+
+class Connection:
+    """One TCP connection and its reply parser.  Not safe for concurrent use.
+
+    Every transport failure surfaces here, and only here, as :class:`ConnectionLost`.
+    """
+
+    __slots__ = ("_fd", "address", "closed", "parser", "stream")
+
+    def __init__(self, stream: anyio.abc.ByteStream, *, address: str = "", max_reply: int = DEFAULT_MAX_REPLY):
+        self.stream = stream
+        self.address = address
+        self.parser = ReplyParser(max_reply=max_reply)
+        self.closed = False
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        self._fd: int = raw.fileno() if raw is not None else -1
+
+    def is_stale(self) -> bool:
+        """An idle connection that is readable has been closed (or sent junk): don't reuse it."""
+        if self.closed:
+            return True
+        if self._fd < 0 or self.parser.buffered or self.parser.in_reply:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
+    def _lost(self, exc: BaseException) -> ConnectionLost:
+        self.closed = True
+        return ConnectionLost(f"connection to {self.address} lost: {exc or type(exc).__name__}")
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.stream.send(data)
+        except _STREAM_ERRORS as exc:
+            raise self._lost(exc) from exc
+
+    async def _fill(self) -> None:
+        try:
+            data = await self.stream.receive(RECV_SIZE)
+        except anyio.EndOfStream:
+            self.closed = True
+            raise ConnectionLost(f"connection to {self.address} closed by the server") from None
+        except _STREAM_ERRORS as exc:
+            raise self._lost(exc) from exc
+        self.parser.receive_data(data)
+
+    async def receive(self, kind: ReplyKind) -> Reply:
+        """Wait for the next reply, parsed as an answer to ``kind``."""
+        parser = self.parser
+        while True:
+            try:
+                reply = parser.next_reply(kind)
+            except BadReply:
+                self.closed = True
+                raise
+            if reply is not NEED_DATA:
+                return reply
+            await self._fill()
+
+    async def aclose(self) -> None:
+        """Close now (idempotent); never blocks for long, also when cancelled."""
+        self.closed = True
+        await anyio.aclose_forcefully(self.stream)
+
+
+async def connect(address: str, *, retry: RetryPolicy, max_reply: int = DEFAULT_MAX_REPLY) -> Connection:
+    """Open a connection, retrying with backoff; :class:`ConnectionLost` when all attempts fail."""
+    host, port = parse_address(address)
+    where = format_address(host, port)
+    delays = retry.delays()
+    while True:
+        try:
+            stream = await anyio.connect_tcp(host, port)  # sets TCP_NODELAY
+        except OSError as exc:
+            delay = next(delays, None)
+            if delay is None:
+                raise ConnectionLost(
+                    f"cannot connect to {where} ({retry.attempts} attempts): {_why(exc)}"
+                ) from exc
+            await anyio.sleep(delay)
+            continue
+        return Connection(stream, address=where, max_reply=max_reply)
+
+
+def _why(exc: OSError) -> str:
+    """The reason of a failed connect (anyio groups the attempts of every address it tried)."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        cause = next((e for e in cause.exceptions if isinstance(e, OSError)), None)
+    if isinstance(cause, OSError):
+        exc = cause
+    return exc.strerror or str(exc)
+
+
+@contextmanager
+def deadline(seconds: float | None, what: str = "no reply") -> Iterator[None]:
+    """``seconds`` for the block (``None``: no limit); :class:`Timeout` when they pass."""
+    if seconds is None:
+        yield
+        return
+    try:
+        with anyio.fail_after(seconds):
+            yield
+    except TimeoutError:
+        raise Timeout(f"{what} within {seconds:g} s") from None
+
+
+class ClientLike(Protocol):
+    """What a writer and a scanner need of a client (:class:`logd_trio.client.client.Client` is one)."""
+
+    @property
+    def max_reply(self) -> int: ...
+
+    @property
+    def request_timeout(self) -> float | None: ...
+
+    async def connect(self) -> Connection: ...
+
+    def session(self) -> Session: ...
+
+    async def max_batch_size(self) -> int: ...
+
+    async def supports_extensions(self) -> bool: ...
+
+    async def topics(self) -> dict[str, tuple[int, int]]: ...
+
+
+class Connector(Protocol):
+    """What a :class:`Session` needs: new connections and the per-request timeout."""
+
+    @property
+    def request_timeout(self) -> float | None: ...
+
+    async def connect(self) -> Connection: ...
+
+
+class Session:
+    """Serialised request/reply on one (re)connectable connection, shared by tasks."""
+
+    def __init__(self, connector: Connector) -> None:
+        self._connector = connector
+        self._conn: Connection | None = None
+        self._lock = anyio.Lock()
+
+    async def request(
+        self, data: bytes, kind: ReplyKind, *, idempotent: bool = True, extra_time: float = 0.0
+    ) -> Reply:
+        """Send ``data``, return its reply (an ``ErrorReply`` is returned, not raised)."""
+        timeout = self._connector.request_timeout
+        async with self._lock:
+            with deadline(None if timeout is None else timeout + extra_time):
+                return await self._request(data, kind, idempotent)
+
+    async def _request(self, data: bytes, kind: ReplyKind, idempotent: bool) -> Reply:
+        for attempt in (1, 2):
+            conn = self._conn
+            if conn is None or conn.is_stale():
+                if conn is not None:
+                    await conn.aclose()
+                self._conn = None
+                conn = self._conn = await self._connector.connect()
+            try:
+                await conn.send(data)
+                return await conn.receive(kind)
+            except ConnectionLost as exc:
+                await self.aclose()
+                if attempt == 2 or not idempotent or isinstance(exc, BadReply):
+                    raise
+            except BaseException:
+                await self.aclose()  # cancelled or failed mid-request: the reply stream is out of step
+                raise
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.aclose()
