@@ -106,7 +106,10 @@ class _Server:
     stop_signal = signal.SIGTERM
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix=f"logd-{self.what}-"))
+        # As root the server runs as nobody, who must reach the directory: /tmp is open to all
+        # (TMPDIR may not be).
+        root = os.geteuid() == 0
+        self.dir = Path(tempfile.mkdtemp(prefix=f"logd-{self.what}-", dir="/tmp" if root else None))
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._user: dict[str, Any] = {}
@@ -127,14 +130,24 @@ class _Server:
         raise NotImplementedError
 
     def start(self) -> None:
+        """Start (or restart, on the same port and data).  The first start moves to another free
+        port if the chosen one was taken meanwhile."""
         assert self.proc is None or self.proc.poll() is not None, f"{self.what} already running"
+        first = self.proc is None
         log = self.dir / "server.log"
-        self.proc = self._popen(self._command(), log)
-        try:
-            _wait_ready(self.proc, self._ready, log, self.what)
-        except BaseException:
-            self.kill()
-            raise
+        for attempt in range(3):
+            self.proc = self._popen(self._command(), log)
+            try:
+                _wait_ready(self.proc, self._ready, log, self.what)
+                return
+            except RuntimeError:
+                self.kill()
+                if not first or attempt == 2 or "already in use" not in log.read_text(errors="replace"):
+                    raise
+                self.port = free_port()
+            except BaseException:
+                self.kill()
+                raise
 
     def stop(self, sig: int | None = None) -> None:
         """Stop the server (its normal shutdown signal by default) and wait for all its processes."""

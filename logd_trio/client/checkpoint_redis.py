@@ -110,6 +110,8 @@ class RedisCheckpoint(ThreadedStore[redis.Redis]):
         super().__init__(what=f"redis checkpoint store {where}/{params.get('db', 0)}", timeout=timeout)
         self.url = url
         self.key = prefix + self.consumer
+        # CLIENT SETNAME takes only '!'..'~': other characters of the consumer name become '_'.
+        self._client_name = "logd-checkpoint:" + "".join(c if "!" <= c <= "~" else "_" for c in self.consumer)
 
     # ------------------------------------------------------------ the Checkpoint protocol
 
@@ -174,7 +176,7 @@ class RedisCheckpoint(ThreadedStore[redis.Redis]):
             socket_connect_timeout=self.timeout,
             retry=Retry(NoBackoff(), 0),  # no hidden retries: the bound stays `timeout`
             max_connections=2,
-            client_name=f"logd-checkpoint:{self.consumer}"[:100].replace(" ", "_"),
+            client_name=self._client_name,
         )
 
     def _run(self, slot: Slot[redis.Redis], op: Callable[[redis.Redis], T]) -> T:

@@ -162,6 +162,18 @@ def test_restarted_consumer_resumes_on_the_other_loop(make: Factory, name: str) 
     run("asyncio", second)
 
 
+def test_store_made_outside_the_loop_and_unicode_names(make: Factory, name: str) -> None:
+    for backend in BACKENDS:
+        cp = make(f"{name}-zähler·{backend}")  # printable, not ASCII; created before the loop runs
+
+        async def main(cp: Store = cp) -> None:
+            async with cp:
+                await cp.commit("t", Position(8, 1))
+                assert await cp.load("t") == Position(8, 1)
+
+        run(backend, main)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_consumers_are_independent(make: Factory, name: str, backend: str) -> None:
     async def main() -> None:
