@@ -112,7 +112,7 @@ class PostgresCheckpoint(ThreadedStore[Conn]):
     ) -> None:
         self.consumer = check_consumer(consumer)
         self.table = table
-        ident = _table_name(table)
+        self._ident = ident = _table_name(table)
         try:
             params = conninfo_to_dict(conninfo)
         except psycopg.Error as exc:
@@ -171,9 +171,19 @@ class PostgresCheckpoint(ThreadedStore[Conn]):
         conn.close()
 
     def _create(self, conn: Conn) -> None:
-        # UniqueViolation etc.: created concurrently by another consumer, so the table is there.
-        with contextlib.suppress(pg_errors.UniqueViolation, pg_errors.DuplicateTable, pg_errors.DuplicateObject):
-            conn.execute(self._sql["schema"])
+        """Create the table unless it exists (checked first: a role without CREATE may use an existing one)."""
+        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._ident.as_string(conn),)).fetchone()
+        if not (row and row[0]):
+            try:
+                # UniqueViolation etc.: created concurrently by another consumer, so the table is there.
+                with contextlib.suppress(pg_errors.UniqueViolation, pg_errors.DuplicateTable,
+                                         pg_errors.DuplicateObject):
+                    conn.execute(self._sql["schema"])
+            except pg_errors.InsufficientPrivilege as exc:
+                raise CheckpointError(
+                    f"{self.what}: may not create table {self.table} ({first_line(exc)}): create it as a role "
+                    "that may (PostgresCheckpoint.ensure_schema() or SCHEMA, docs/state.md)"
+                ) from exc
         self._schema_done = True
 
     def _open(self) -> Conn:

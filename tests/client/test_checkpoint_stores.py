@@ -284,6 +284,26 @@ def test_postgres_schema_and_rows(pg_server: PostgresServer, name: str) -> None:
         assert rows == [(name, "t", 64, 9)] + [(f"{name}-{i}", "t", i, 0) for i in range(4)]
 
 
+def test_postgres_role_without_create_privilege(pg_server: PostgresServer, name: str) -> None:
+    table, role = f"cp_{uuid.uuid4().hex[:8]}", f"app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.conninfo, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")  # PostgreSQL 15: no CREATE on schema public
+    app_conninfo = pg_server.conninfo.replace("user=postgres", f"user={role}")
+
+    async def main() -> None:
+        async with PostgresCheckpoint(app_conninfo, consumer=name, table=table) as app:
+            with pytest.raises(CheckpointError, match=f"may not create table {table} .*permission denied"):
+                await app.load("t")
+            async with PostgresCheckpoint(pg_server.conninfo, consumer="admin", table=table) as admin:
+                await admin.ensure_schema()
+            with psycopg.connect(pg_server.conninfo, autocommit=True) as conn:
+                conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role}")
+            await app.commit("t", Position(5, 0))  # the table exists now: no CREATE needed
+            assert await app.load("t") == Position(5, 0)
+
+    run("trio", main)
+
+
 def test_redis_key_layout_and_corrupt_values(redis_server: RedisServer, name: str) -> None:
     r = redis.Redis.from_url(redis_server.url)
 
