@@ -116,6 +116,9 @@ class ThreadedStore(Generic[C]):
                 slot = self._slot
                 if not slot.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                     raise CheckpointError(f"{self.what} is busy: an earlier call did not return")
+                if state.get("gone"):  # the caller gave up while this thread waited
+                    slot.lock.release()
+                    raise CheckpointError(f"{self.what}: call abandoned")
                 if not slot.retired:
                     break
                 slot.lock.release()
@@ -132,6 +135,7 @@ class ThreadedStore(Generic[C]):
             try:
                 return await anyio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=self._limiter)
             finally:
+                state["gone"] = True
                 started = state.get("slot")
                 if isinstance(started, Slot) and not state.get("finished"):
                     self._retire(started)  # timed out or cancelled while the thread still runs
