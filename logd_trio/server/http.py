@@ -1,7 +1,6 @@
 """A small HTTP/1.1 server for the monitoring endpoints: h11 for the protocol, Trio sockets for I/O.
 
-It answers GET and HEAD with a synchronous handler (a scrape reads server
-state on the Trio thread, so it must not await).  Every wait is bounded:
+It answers GET and HEAD with an async handler.  Every wait is bounded:
 reading a request, sending a response, and a kept-alive connection's idle
 time; connections beyond :data:`MAX_CONNECTIONS` are closed at once.  It runs
 until cancelled.
@@ -10,7 +9,7 @@ until cancelled.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
@@ -50,7 +49,7 @@ class Response:
     extra: tuple[tuple[str, str], ...] = ()
 
 
-Handler = Callable[[Request], Response]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 class _BadRequest(Exception):
@@ -108,7 +107,7 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
                 resp = Response(405, b"only GET and HEAD\n", extra=(("Allow", "GET, HEAD"),))
             else:
                 try:
-                    resp = handler(req)
+                    resp = await handler(req)
                 except Exception:  # a bug in a scrape must not cost more than this response
                     log.exception("monitoring request %s failed", req.path)
                     resp = Response(500, b"internal error, see the server log\n")

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from logd_trio.server.app import serve
 from logd_trio.server.config import ConfigError, ServerConfig, load_config
+from logd_trio.server.histogram import Histogram
 
 from ..harness import make_config
 from ..wire import Wire, batch_request
@@ -376,3 +377,17 @@ def test_http_port_in_use_is_one_line(tmp_path: Path) -> None:
                                           "--http-host", f"127.0.0.1:{port}"])
     assert result.exit_code == 1
     assert result.output == f"logd serve: Address already in use (--http-host 127.0.0.1:{port})\n"
+
+
+def test_histogram_buckets_are_prometheus_le_buckets() -> None:
+    h = Histogram((0.001, 0.01, 1.0))
+    for value in (0.0005, 0.001, 0.002, 0.01, 5.0):  # a value on a bound belongs to that bound's bucket
+        h.observe(value)
+    frozen = h.copy()
+    h.observe(0.0)
+    assert frozen.cumulative() == [(0.001, 2), (0.01, 4), (1.0, 4), (float("inf"), 5)]
+    assert frozen.sum == pytest.approx(5.0135) and frozen.count == 5 and h.count == 6
+    with pytest.raises(ValueError):
+        Histogram((1.0, 1.0))
+    with pytest.raises(ValueError):
+        Histogram(())
