@@ -307,10 +307,10 @@ class Topic:
         now, latency = time.perf_counter(), self.histograms.batch_latency
         while unacked and unacked[0][0] <= upto:
             end, item = unacked.popleft()
-            if end > head:
+            if end > head:  # always, except for a refused batch (end -1): it is not observed
                 head = end
+                latency.observe(now - item.queued)
             item.done.set()
-            latency.observe(now - item.queued)
             n += 1
         self._publish(head)
         return n

@@ -8,6 +8,8 @@ by exactly what the clients sent and received.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +27,7 @@ from logd_trio.server.app import serve
 from logd_trio.server.config import ConfigError, ServerConfig, load_config
 from logd_trio.server.histogram import Histogram
 
-from ..harness import make_config
+from ..harness import make_config, spawn
 from ..wire import Wire, batch_request
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -346,6 +348,26 @@ async def test_readyz_fails_when_a_topic_is_read_only(
     assert v(m, "logd_topic_read_only", topic="ff") == 1 and v(m, "logd_topic_read_only", topic="default") == 0
     assert v(m, "logd_errors_total", kind="storage") == 1
     assert v(m, "logd_request_errors_total", command="batch") == 1
+    assert v(m, "logd_batch_latency_seconds_count") == 1  # the failed batch is not observed
+    assert v(m, "logd_fsync_latency_seconds_count") == 1  # nor the failed fsync
+
+
+async def test_logd_serve_process_with_http_host(nursery: trio.Nursery, tmp_path: Path) -> None:
+    proc = await spawn(nursery, tmp_path / "d", "--fsync", "never", "--http-host", "127.0.0.1:0")
+    m = re.search(rb"monitoring on (http://127\.0\.0\.1:\d+)", proc.log)
+    assert m is not None
+    url = m.group(1).decode()
+    w = await Wire.connect(proc.host, proc.port)
+    await w.send(batch_request("p", [b"one"]))
+    assert (await w.reply()).startswith(b"OK ")
+    async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as http:
+        assert (await http.get("/readyz")).status_code == 200
+        samples = await scrape(http)
+    assert v(samples, "logd_requests_total", command="batch") == 1
+    proc.proc.send_signal(signal.SIGTERM)
+    with trio.fail_after(20):
+        assert await proc.proc.wait() == 0  # the HTTP server does not keep the process alive
+    assert b"shut down cleanly" in proc.log
 
 
 @pytest.mark.parametrize("bad", ["nonsense", "127.0.0.1", "127.0.0.1:99999", "host:port", "a b:1", ":-1"])
