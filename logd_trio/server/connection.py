@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -124,6 +125,7 @@ class Connection:
                     event = parser.next_event()
                 except RequestError as e:
                     counters.errors["protocol"] += 1
+                    counters.error_kinds["protocol"] += 1
                     if e.close:
                         await out.send(_Closing(p.reply_err(e.reason)))
                         return
@@ -140,6 +142,7 @@ class Connection:
                     continue
                 log.debug("closing connection: %s", "request timeout" if parser.buffered else "idle")
                 if parser.buffered:
+                    counters.error_kinds["timeout"] += 1
                     await out.send(_Closing(p.reply_err("timeout")))
                 return
             if n == 0:
@@ -176,12 +179,15 @@ class Connection:
                 item = StatsRequest(req)  # sent to the stats task by the writer, in reply order
         except NotFound:
             counters.errors[cmd] += 1
+            counters.error_kinds["not_found"] += 1
             item = b"ERR not found\r\n"
         except RequestError as e:
             counters.errors[cmd] += 1
+            counters.error_kinds["refused"] += 1
             item = p.reply_err(e.reason)
         except StorageError as e:
             counters.errors[cmd] += 1
+            counters.error_kinds["storage"] += 1
             item = p.reply_err(f"storage error: {e}")
         self.inflight += 1
         try:
@@ -230,6 +236,7 @@ class Connection:
                             pending += b"OK %d 1\r\n" % item.offset
                         else:
                             self.counters.errors["batch"] += 1
+                            self.counters.error_kinds["storage"] += 1
                             pending += p.reply_err(item.error)
                     elif isinstance(item, p.Read | p.Tail):
                         await self._read(item, pending)
@@ -272,6 +279,7 @@ class Connection:
             finally:
                 self._poll_scope = None
                 self.counters.longpoll_waiting -= 1
+        t0 = time.perf_counter()
         try:
             if topic is None:
                 raise NotFound(req.topic)
@@ -281,14 +289,17 @@ class Connection:
                 plan = await topic.verify_read(plan, offset, req.limit)
         except NotFound:
             self.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
+            self.counters.error_kinds["not_found"] += 1
             pending += b"ERR not found\r\n"
             return
         except StorageError as e:  # never send a frame that fails its CRC
             self.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
+            self.counters.error_kinds["corrupt" if isinstance(e, CorruptData) else "storage"] += 1
             pending += b"ERR corrupt data\r\n" if isinstance(e, CorruptData) else p.reply_err(f"storage error: {e}")
             return
         await self._send_plan(plan, pending)
         pending.clear()
+        self.counters.histograms.read_latency.observe(time.perf_counter() - t0)
 
     async def _send_all(self, data: bytes | bytearray) -> None:
         """Send everything; ``--timeout`` bounds each wait for progress, not the whole reply."""

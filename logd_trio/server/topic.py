@@ -23,6 +23,7 @@ import trio
 
 from logd_trio.core.errors import NotFound, StorageError
 from logd_trio.server.config import ServerConfig
+from logd_trio.server.histogram import Histograms
 from logd_trio.server.storage.topic_log import ReadPlan, SyncJob, TopicLog, VerifyJob
 
 __all__ = ["Append", "Topic"]
@@ -77,7 +78,7 @@ class _FreeSpace:
 class Append:
     """One BATCH on its way to the topic, and the slot its answer comes back in."""
 
-    __slots__ = ("count", "done", "error", "frame", "offset")
+    __slots__ = ("count", "done", "error", "frame", "offset", "queued")
 
     def __init__(self, frame: bytes, count: int) -> None:
         self.frame = frame
@@ -85,6 +86,7 @@ class Append:
         self.offset = -1
         self.error: str | None = None
         self.done = trio.Event()
+        self.queued = time.perf_counter()
 
 
 class Topic:
@@ -112,6 +114,7 @@ class Topic:
         self._next_error_log = 0.0
         self._errors_unlogged = 0
         self._space = _FreeSpace(Path(config.workdir) / name, config.min_free_space)
+        self.histograms = Histograms()  # the server's own replace it (Registry)
 
     @classmethod
     def open(cls, root: Path, name: str, config: ServerConfig) -> Topic:
@@ -301,10 +304,12 @@ class Topic:
         unacked = self._unacked
         head = self.visible_head
         n = 0
+        now, latency = time.perf_counter(), self.histograms.batch_latency
         while unacked and unacked[0][0] <= upto:
             end, item = unacked.popleft()
-            if end > head:
+            if end > head:  # always, except for a refused batch (end -1): it is not observed
                 head = end
+                latency.observe(now - item.queued)
             item.done.set()
             n += 1
         self._publish(head)
@@ -351,14 +356,18 @@ class Topic:
         if job is None:
             self._ack_upto(self.log.head)
             return
+        t0 = time.perf_counter()
         try:
             await trio.to_thread.run_sync(job.run)
         except (OSError, StorageError) as e:
             self._fail_stop(f"fsync failed: {getattr(e, 'strerror', None) or e}")
             return
+        self.histograms.fsync_latency.observe(time.perf_counter() - t0)
         self.fsyncs += 1
         covered = self._ack_upto(job.upto)
         self.synced_batches += covered
+        if covered:  # with --fsync always; otherwise batches were acknowledged before their fsync
+            self.histograms.batches_per_fsync.observe(covered)
         if self.on_sync is not None:
             self.on_sync(job.upto, covered)
 
