@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
+import anyio.abc
 import pytest
-import trio
-import trio.testing
 
 from logd_trio.client.client import Client, open_client, parse_address
 from logd_trio.core.errors import (
@@ -24,10 +24,19 @@ from logd_trio.core.errors import (
 )
 from logd_trio.core.framing import build_body, build_frame
 
-from ..harness import FAST_RETRY, LocalServer, read_line, scripted_peer
+from ..harness import FAST_RETRY
+from .live import (
+    LiveServer,
+    new_server,
+    read_line,
+    scripted_peer,
+    virtual_time,
+)
 from .ports import refused_address
 
 # ---------------------------------------------------------------- tests
+
+pytestmark = pytest.mark.anyio
 
 
 def test_parse_address() -> None:
@@ -71,7 +80,7 @@ async def test_batch_read_tail_offsets(client: Client) -> None:
     assert await client.head("t") == r.next_offset
 
 
-async def test_info_requests(client: Client, server: LocalServer) -> None:
+async def test_info_requests(client: Client, server: LiveServer) -> None:
     info = await client.config()
     assert info.max_batch_size == 65536
     assert client.server_info == info
@@ -83,8 +92,9 @@ async def test_info_requests(client: Client, server: LocalServer) -> None:
     assert await client.ping() >= 0
 
 
-async def test_topic_not_allowed(nursery: trio.Nursery, tmp_path: Path) -> None:
-    srv = LocalServer(nursery, tmp_path / "d", topics_whitelist=("ok",))
+async def test_topic_not_allowed(
+        tg: anyio.abc.TaskGroup, tmp_path: Path, anyio_backend_name: str) -> None:
+    srv = new_server(anyio_backend_name, tg, tmp_path / "d", topics_whitelist=("ok",))
     await srv.start()
     async with open_client(srv.addr) as c:
         with pytest.raises(TopicNotAllowed):
@@ -100,7 +110,7 @@ async def test_nothing_listening_is_connection_lost() -> None:
                 await c.stats()
 
 
-async def test_reconnects_after_server_restart(client: Client, server: LocalServer) -> None:
+async def test_reconnects_after_server_restart(client: Client, server: LiveServer) -> None:
     await client.batch("r", [b"before"])
     await server.stop()
     with pytest.raises(ConnectionLost):
@@ -111,22 +121,23 @@ async def test_reconnects_after_server_restart(client: Client, server: LocalServ
     assert await client.batch("r", [b"after"]) > 0
 
 
+@virtual_time(0)
 async def test_request_timeout_and_cancellation_drop_the_connection(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    tg: anyio.abc.TaskGroup
 ) -> None:
     accepted = []
 
-    async def silent(stream: trio.SocketStream) -> None:
+    async def silent(stream: anyio.abc.SocketStream) -> None:
         accepted.append(stream)
-        await trio.sleep_forever()
+        await anyio.sleep_forever()
 
-    addr = await scripted_peer(nursery, silent)
+    addr = await scripted_peer(tg, silent)
     async with open_client(addr, request_timeout=2.0) as c:
-        start = trio.current_time()
+        start = anyio.current_time()
         with pytest.raises(Timeout):
             await c.stats()
-        assert trio.current_time() - start == pytest.approx(2.0)
-        with trio.move_on_after(1):
+        assert anyio.current_time() - start == pytest.approx(2.0)
+        with anyio.move_on_after(1):
             await c.stats()
         assert len(accepted) == 2  # the timed-out connection was not reused
         with pytest.raises(Timeout):
@@ -134,20 +145,20 @@ async def test_request_timeout_and_cancellation_drop_the_connection(
         assert len(accepted) == 3
 
 
-async def test_go_like_server_without_extensions(nursery: trio.Nursery) -> None:
+async def test_go_like_server_without_extensions(tg: anyio.abc.TaskGroup) -> None:
     """Go logd closes the connection on an unknown command; the client falls back."""
     config = b"Host: go\r\nTimeout: 15s\r\nIdleTimeout: 30s\r\nMaxBatchSize: 1000\r\n"
 
-    async def go(stream: trio.SocketStream) -> None:
+    async def go(stream: anyio.abc.SocketStream) -> None:
         buf = bytearray()
         while (line := await read_line(stream, buf)) is not None:
             if line == b"CONFIG":
-                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                await stream.send(b"MOK %d\r\n%s\r\n" % (len(config), config))
             else:
                 await stream.aclose()
                 return
 
-    addr = await scripted_peer(nursery, go)
+    addr = await scripted_peer(tg, go)
     async with open_client(addr, retry=FAST_RETRY) as c:
         assert not await c.supports_extensions()
         assert await c.ping() >= 0  # via CONFIG
@@ -157,19 +168,19 @@ async def test_go_like_server_without_extensions(nursery: trio.Nursery) -> None:
         assert await c.head("t") is None
 
 
-async def test_corrupt_and_bad_replies(nursery: trio.Nursery) -> None:
+async def test_corrupt_and_bad_replies(tg: anyio.abc.TaskGroup) -> None:
     body = build_body([b"hello"])
     replies = {
         b"READ t 0 1": b"OK 0 1\r\nBATCH %d t 12345 1\r\n%s" % (len(body), body),
         b"STATS": b"garbage\r\n",
     }
 
-    async def peer(stream: trio.SocketStream) -> None:
+    async def peer(stream: anyio.abc.SocketStream) -> None:
         buf = bytearray()
         while (line := await read_line(stream, buf)) is not None:
-            await stream.send_all(replies[line])
+            await stream.send(replies[line])
 
-    addr = await scripted_peer(nursery, peer)
+    addr = await scripted_peer(tg, peer)
     async with open_client(addr, retry=FAST_RETRY) as c:
         with pytest.raises(ChecksumMismatch):
             await c.read("t", 0, 1)
@@ -198,12 +209,12 @@ async def test_head_of_an_unknown_topic_is_none(client: Client) -> None:
     assert await client.head("here") == len(build_frame("here", build_body([b"x"]), 1))
 
 
-async def test_extension_probe_does_not_cache_a_lost_connection(nursery: trio.Nursery) -> None:
+async def test_extension_probe_does_not_cache_a_lost_connection(tg: anyio.abc.TaskGroup) -> None:
     """Connections dropped during the probe are not a "no"; Go's close-on-PING, twice, is."""
     config = b"MaxBatchSize: 1000\r\n"
     conns: list[int] = []
 
-    async def flaky(stream: trio.SocketStream) -> None:
+    async def flaky(stream: anyio.abc.SocketStream) -> None:
         conns.append(1)
         n = len(conns)
         buf = bytearray()
@@ -211,13 +222,13 @@ async def test_extension_probe_does_not_cache_a_lost_connection(nursery: trio.Nu
             if n == 1:  # dropped before answering anything
                 return
             if line == b"CONFIG":
-                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                await stream.send(b"MOK %d\r\n%s\r\n" % (len(config), config))
             elif line == b"PING" and n == 2:  # dropped just after CONFIG was answered
                 return
             elif line == b"PING":
-                await stream.send_all(b"PONG\r\n")
+                await stream.send(b"PONG\r\n")
 
-    addr = await scripted_peer(nursery, flaky)
+    addr = await scripted_peer(tg, flaky)
     async with open_client(addr, retry=FAST_RETRY) as c:
         with pytest.raises(ConnectionLost):
             await c.supports_extensions()
@@ -227,16 +238,16 @@ async def test_extension_probe_does_not_cache_a_lost_connection(nursery: trio.Nu
         assert await c.supports_extensions() and len(conns) == 3  # cached
 
 
-async def test_bad_reply_is_not_retried(nursery: trio.Nursery) -> None:
+async def test_bad_reply_is_not_retried(tg: anyio.abc.TaskGroup) -> None:
     conns: list[int] = []
 
-    async def junk(stream: trio.SocketStream) -> None:
+    async def junk(stream: anyio.abc.SocketStream) -> None:
         conns.append(1)
         buf = bytearray()
         while await read_line(stream, buf) is not None:
-            await stream.send_all(b"WHAT\r\n")
+            await stream.send(b"WHAT\r\n")
 
-    addr = await scripted_peer(nursery, junk)
+    addr = await scripted_peer(tg, junk)
     async with open_client(addr, retry=FAST_RETRY) as c:
         with pytest.raises(BadReply):
             await c.stats()

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Unpack
 
+import anyio
+import anyio.abc
 import pytest
-import trio
-import trio.testing
 
 from logd_trio.client.checkpoint import FileCheckpoint, MemoryCheckpoint, Position
 from logd_trio.client.client import Client, open_client
@@ -18,7 +18,16 @@ from logd_trio.core.errors import BadReply, CheckpointError, NotFound, OffsetRem
 from logd_trio.core.framing import build_body, build_frame
 from logd_trio.core.replies import Message
 
-from ..harness import FAST_RETRY, LocalServer, read_line, scripted_peer
+from ..harness import FAST_RETRY
+from .live import (
+    LiveServer,
+    new_server,
+    read_line,
+    scripted_peer,
+    virtual_time,
+)
+
+pytestmark = pytest.mark.anyio
 
 
 async def scan(client: Client, topic: str, **kw: Unpack[ScannerOptions]) -> list[Message]:
@@ -74,18 +83,19 @@ async def test_empty_and_unknown_topics_end_cleanly(client: Client) -> None:
     assert [m.body for m in await scan(client, "once")] == [b"x"]
 
 
+@virtual_time(0)
 @pytest.mark.parametrize("longpoll", [True, False])
 async def test_follow_sees_new_messages(
-    server: LocalServer, nursery: trio.Nursery, longpoll: bool, autojump_clock: trio.testing.MockClock
+    server: LiveServer, tg: anyio.abc.TaskGroup, longpoll: bool
 ) -> None:
     # without extensions the client behaves as against Go logd: polling
     async with open_client(server.addr, retry=FAST_RETRY, extensions=None if longpoll else False) as client:
-        await _follow_sees_new_messages(client, nursery)
+        await _follow_sees_new_messages(client, tg)
 
 
-async def _follow_sees_new_messages(client: Client, nursery: trio.Nursery) -> None:
+async def _follow_sees_new_messages(client: Client, tg: anyio.abc.TaskGroup) -> None:
     got: list[bytes] = []
-    done = trio.Event()
+    done = anyio.Event()
 
     async def reader() -> None:
         async with client.scanner("later", follow=True, limit=3, poll_interval=0.5) as s:
@@ -93,11 +103,11 @@ async def _follow_sees_new_messages(client: Client, nursery: trio.Nursery) -> No
                 got.append(m.body)
         done.set()
 
-    nursery.start_soon(reader)
-    await trio.sleep(2)  # the topic does not exist yet: the reader waits
+    tg.start_soon(reader)
+    await anyio.sleep(2)  # the topic does not exist yet: the reader waits
     assert got == []
     await client.batch("later", [b"1"])
-    await trio.sleep(2)
+    await anyio.sleep(2)
     assert got == [b"1"]
     await client.batch("later", [b"2", b"3"])
     await done.wait()
@@ -105,11 +115,11 @@ async def _follow_sees_new_messages(client: Client, nursery: trio.Nursery) -> No
 
 
 async def test_follow_survives_server_restart(
-    client: Client, server: LocalServer, nursery: trio.Nursery
+    client: Client, server: LiveServer, tg: anyio.abc.TaskGroup
 ) -> None:
     await client.batch("rs", [b"1"])
     got: list[bytes] = []
-    seen = [trio.Event(), trio.Event()]
+    seen = [anyio.Event(), anyio.Event()]
 
     async def reader() -> None:
         async with client.scanner("rs", follow=True, limit=2, wait_ms=200) as s:
@@ -117,13 +127,13 @@ async def test_follow_survives_server_restart(
                 got.append(m.body)
                 seen[len(got) - 1].set()
 
-    nursery.start_soon(reader)
+    tg.start_soon(reader)
     await seen[0].wait()
     await server.stop()
-    await trio.sleep(0.3)
+    await anyio.sleep(0.3)
     await server.start()
     await client.batch("rs", [b"2"])
-    with trio.fail_after(10):
+    with anyio.fail_after(10):
         await seen[1].wait()
     assert got == [b"1", b"2"]
 
@@ -152,8 +162,9 @@ async def test_checkpoint_resume_at_least_once(client: Client, tmp_path: Path) -
         await scan(client, "other", checkpoint=cp)
 
 
-async def test_retention_policy(nursery: trio.Nursery, tmp_path: Path) -> None:
-    srv = LocalServer(nursery, tmp_path / "d", partition_size=200, partitions=2)
+async def test_retention_policy(
+        tg: anyio.abc.TaskGroup, tmp_path: Path, anyio_backend_name: str) -> None:
+    srv = new_server(anyio_backend_name, tg, tmp_path / "d", partition_size=200, partitions=2)
     await srv.start()
     async with open_client(srv.addr, retry=FAST_RETRY) as c:
         for i in range(20):
@@ -171,9 +182,10 @@ async def test_retention_policy(nursery: trio.Nursery, tmp_path: Path) -> None:
     await srv.stop()
 
 
-async def test_cancelled_next_consumes_nothing(client: Client, autojump_clock: trio.testing.MockClock) -> None:
+@virtual_time(0)
+async def test_cancelled_next_consumes_nothing(client: Client) -> None:
     async with client.scanner("cn", follow=True, wait_ms=1000) as s:
-        with trio.move_on_after(3):
+        with anyio.move_on_after(3):
             await s.__anext__()  # nothing there yet: waits, then is cancelled
         await client.batch("cn", [b"x"])
         m = await s.__anext__()
@@ -183,9 +195,10 @@ async def test_cancelled_next_consumes_nothing(client: Client, autojump_clock: t
 # ---------------------------------------------------------------- review 2
 
 
+@virtual_time(0.05)
 @pytest.mark.parametrize("follow", [False, True])
 async def test_read_size_is_capped_so_replies_fit_in_max_reply(
-    server: LocalServer, follow: bool, vclock: trio.testing.MockClock
+    server: LiveServer, follow: bool
 ) -> None:
     """Full single-message batches: 1000 of them would be ~64 MB, over this client's 256 KiB
     max_reply (BadReply, which follow mode retried forever)."""
@@ -193,34 +206,36 @@ async def test_read_size_is_capped_so_replies_fit_in_max_reply(
         bodies = [b"%02d" % i + b"x" * 65000 for i in range(10)]
         for body in bodies:
             await c.batch("fat", [body])
-        with trio.fail_after(60):
+        with anyio.fail_after(60):
             got = await scan(c, "fat", read_size=1000, follow=follow, limit=10 if follow else None)
         assert [m.body for m in got] == bodies
 
 
-async def test_bad_reply_ends_follow_mode(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+@virtual_time(0)
+async def test_bad_reply_ends_follow_mode(tg: anyio.abc.TaskGroup) -> None:
     """Follow mode retries a lost connection forever, but not a server that sends junk."""
     conns: list[int] = []
     config = b"MaxBatchSize: 65536\r\n"
 
-    async def junk(stream: trio.SocketStream) -> None:
+    async def junk(stream: anyio.abc.SocketStream) -> None:
         conns.append(1)
         buf = bytearray()
         while (line := await read_line(stream, buf)) is not None:
             if line == b"CONFIG":
-                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                await stream.send(b"MOK %d\r\n%s\r\n" % (len(config), config))
             else:
-                await stream.send_all(b"OK what\r\n")
+                await stream.send(b"OK what\r\n")
 
-    addr = await scripted_peer(nursery, junk)
+    addr = await scripted_peer(tg, junk)
     async with open_client(addr, retry=FAST_RETRY) as c:
-        with trio.fail_after(60), pytest.raises(BadReply):
+        with anyio.fail_after(60), pytest.raises(BadReply):
             await scan(c, "t", follow=True)
         assert len(conns) == 2  # CONFIG's connection, and the scanner's: not retried
 
 
-async def test_read_size_halves_for_a_server_with_lower_max_messages(nursery: trio.Nursery, tmp_path: Path) -> None:
-    srv = LocalServer(nursery, tmp_path / "d", max_messages=100)
+async def test_read_size_halves_for_a_server_with_lower_max_messages(
+        tg: anyio.abc.TaskGroup, tmp_path: Path, anyio_backend_name: str) -> None:
+    srv = new_server(anyio_backend_name, tg, tmp_path / "d", max_messages=100)
     await srv.start()
     async with open_client(srv.addr, retry=FAST_RETRY) as c:
         expected = []

@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 import trio
 import trio.testing
@@ -18,13 +20,19 @@ from logd_trio.core.errors import ConnectionLost, MessageTooLarge, Timeout, Topi
 from logd_trio.core.framing import parse_frame_header
 from logd_trio.core.replies import Message
 
-from ..harness import FAST_RETRY, LocalServer, read_line, scripted_peer
+from ..harness import FAST_RETRY
+from .live import (
+    LiveServer,
+    new_server,
+    read_body,
+    read_line,
+    receive_some,
+    scripted_peer,
+    virtual_time,
+    wait_all_tasks_blocked,
+)
 
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """Virtual time that jumps only when nothing, sockets included, has moved for 20 ms."""
-    return trio.testing.MockClock(autojump_threshold=0.02)
+pytestmark = pytest.mark.anyio
 
 
 
@@ -57,25 +65,26 @@ async def test_batches_by_size_never_above_batch_size(client: Client) -> None:
     assert [m.body for m in r] == msgs
 
 
-async def test_batches_by_time(client: Client, clock: trio.testing.MockClock) -> None:
+@virtual_time()
+async def test_batches_by_time(client: Client) -> None:
     acked_at: list[float] = []
-    acked = [trio.Event(), trio.Event()]
+    acked = [anyio.Event(), anyio.Event()]
 
     def on_ack(offset: int, n: int) -> None:
-        acked_at.append(trio.current_time())
+        acked_at.append(anyio.current_time())
         acked[len(acked_at) - 1].set()
 
     async with client.writer("time", flush_interval=0.4, on_ack=on_ack) as w:
-        start = trio.current_time()
+        start = anyio.current_time()
         await w.write(b"one")
         await w.write(b"two")
-        await trio.sleep(0.39)
+        await anyio.sleep(0.39)
         assert acked_at == []
         await acked[0].wait()
         assert 0.4 <= acked_at[0] - start < 0.45
         assert w.acked_messages == 2 and w.acked_batches == 1
         # after the flush, a new message starts a new 0.4 s window
-        t1 = trio.current_time()
+        t1 = anyio.current_time()
         await w.write(b"three")
         await acked[1].wait()
         assert 0.4 <= acked_at[1] - t1 < 0.45
@@ -107,31 +116,30 @@ async def test_write_copies_its_input(client: Client) -> None:
     assert await read_all(client, "copy") == [b"original", b"x", b"y"]
 
 
+@virtual_time()
 async def test_pipelining_keeps_depth_batches_in_flight(
-    nursery: trio.Nursery, clock: trio.testing.MockClock
+    tg: anyio.abc.TaskGroup
 ) -> None:
     """A peer that answers nothing until it holds 3 batches: only a pipelining writer
     gets through, and it never sends a 4th before an answer."""
     config = b"MaxBatchSize: 100\r\n"
     seen_before_reply: list[int] = []
 
-    async def peer(stream: trio.SocketStream) -> None:
+    async def peer(stream: anyio.abc.SocketStream) -> None:
         buf = bytearray()
         offset = 0
         while (line := await read_line(stream, buf)) is not None:
             if line == b"CONFIG":
-                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                await stream.send(b"MOK %d\r\n%s\r\n" % (len(config), config))
                 continue
             held = []
             while True:  # collect BATCH requests until 3 are held, or 1 s of silence
                 size = int(line.split()[1])
-                while len(buf) < size:
-                    buf += await stream.receive_some(4096)
-                del buf[:size]
+                await read_body(stream, buf, size)
                 held.append(len(line) + 2 + size)
                 if len(held) == 3:
                     break
-                with trio.move_on_after(1):
+                with anyio.move_on_after(1):
                     got = await read_line(stream, buf)
                     if got is None:
                         return
@@ -139,15 +147,15 @@ async def test_pipelining_keeps_depth_batches_in_flight(
                     continue
                 break
             # nothing more may arrive while 3 are unanswered
-            with trio.move_on_after(1):
-                more = await stream.receive_some(1)
+            with anyio.move_on_after(1):
+                more = await receive_some(stream)
                 buf += more
             seen_before_reply.append(len(held) + (1 if buf else 0))
             for n in held:
-                await stream.send_all(b"OK %d 1\r\n" % offset)
+                await stream.send(b"OK %d 1\r\n" % offset)
                 offset += n
 
-    addr = await scripted_peer(nursery, peer)
+    addr = await scripted_peer(tg, peer)
     async with open_client(addr, retry=FAST_RETRY) as c, c.writer("p", max_in_flight=3, flush_interval=None) as w:
         for i in range(9):
             await w.write(b"%02d" % i + b"x" * 60)  # one message per 100-byte batch
@@ -155,30 +163,29 @@ async def test_pipelining_keeps_depth_batches_in_flight(
     assert seen_before_reply[:3] == [3, 3, 3]
 
 
-async def test_backpressure_bounds_the_queue(nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
+@virtual_time()
+async def test_backpressure_bounds_the_queue(tg: anyio.abc.TaskGroup) -> None:
     config = b"MaxBatchSize: 1000\r\n"
-    release = trio.Event()
+    release = anyio.Event()
 
-    async def slow(stream: trio.SocketStream) -> None:
+    async def slow(stream: anyio.abc.SocketStream) -> None:
         buf = bytearray()
         offset = 0
         while (line := await read_line(stream, buf)) is not None:
             if line == b"CONFIG":
-                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                await stream.send(b"MOK %d\r\n%s\r\n" % (len(config), config))
                 continue
             size = int(line.split()[1])
-            while len(buf) < size:
-                buf += await stream.receive_some(4096)
-            del buf[:size]
+            await read_body(stream, buf, size)
             await release.wait()
-            await stream.send_all(b"OK %d 1\r\n" % offset)
+            await stream.send(b"OK %d 1\r\n" % offset)
             offset += len(line) + 2 + size
 
-    addr = await scripted_peer(nursery, slow)
+    addr = await scripted_peer(tg, slow)
     async with open_client(addr, retry=FAST_RETRY) as c, c.writer(
             "bp", max_in_flight=1, max_pending=3000, flush_interval=None) as w:
         queued = 0
-        with trio.move_on_after(5):
+        with anyio.move_on_after(5):
             while True:
                 await w.write(b"x" * 100)
                 queued += 1
@@ -206,8 +213,9 @@ async def test_oversize_message_fails_alone(client: Client) -> None:
     assert await read_all(client, "big") == [b"small", biggest, b"after"]
 
 
-async def test_server_error_kept_and_reported_on_exit(nursery: trio.Nursery, tmp_path: Path) -> None:
-    srv = LocalServer(nursery, tmp_path / "d", topics_whitelist=("ok",))
+async def test_server_error_kept_and_reported_on_exit(
+        tg: anyio.abc.TaskGroup, tmp_path: Path, anyio_backend_name: str) -> None:
+    srv = new_server(anyio_backend_name, tg, tmp_path / "d", topics_whitelist=("ok",))
     await srv.start()
     async with open_client(srv.addr) as c:
         with pytest.raises(WriteFailed) as info:
@@ -228,9 +236,10 @@ async def test_server_error_kept_and_reported_on_exit(nursery: trio.Nursery, tmp
     await srv.stop()
 
 
-async def test_permanent_error_stops_the_writer_at_once(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_permanent_error_stops_the_writer_at_once(
+        tg: anyio.abc.TaskGroup, tmp_path: Path, anyio_backend_name: str) -> None:
     """After a refused topic, the writer takes no more messages and sends nothing more."""
-    srv = LocalServer(nursery, tmp_path / "d", topics_whitelist=("ok",))
+    srv = new_server(anyio_backend_name, tg, tmp_path / "d", topics_whitelist=("ok",))
     await srv.start()
     async with open_client(srv.addr) as c:
         with pytest.raises(WriteFailed):
@@ -252,34 +261,33 @@ async def test_permanent_error_stops_the_writer_at_once(nursery: trio.Nursery, t
     await srv.stop()
 
 
+@virtual_time()
 async def test_batches_queued_behind_a_permanent_error_fail_without_being_sent(
-        nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
+        tg: anyio.abc.TaskGroup) -> None:
     """A peer that refuses the first batch and counts the others it receives."""
     config = b"MaxBatchSize: 100\r\n"
     received: list[bytes] = []
-    release = trio.Event()
+    release = anyio.Event()
 
-    async def peer(stream: trio.SocketStream) -> None:
+    async def peer(stream: anyio.abc.SocketStream) -> None:
         buf = bytearray()
         while (line := await read_line(stream, buf)) is not None:
             if line == b"CONFIG":
-                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                await stream.send(b"MOK %d\r\n%s\r\n" % (len(config), config))
                 continue
             size = int(line.split()[1])
-            while len(buf) < size:
-                buf += await stream.receive_some(4096)
-            del buf[:size]
+            await read_body(stream, buf, size)
             received.append(line)
             await release.wait()
-            await stream.send_all(b"ERR topic not allowed\r\n")
+            await stream.send(b"ERR topic not allowed\r\n")
 
-    addr = await scripted_peer(nursery, peer)
+    addr = await scripted_peer(tg, peer)
     async with open_client(addr, retry=FAST_RETRY) as c:
         with pytest.raises(WriteFailed):
             async with c.writer("t", max_in_flight=1, flush_interval=None) as w:
                 for i in range(10):
                     await w.write(b"%02d" % i + b"x" * 60)  # one message per 100-byte batch
-                await trio.testing.wait_all_tasks_blocked()
+                await wait_all_tasks_blocked()
                 release.set()
                 with pytest.raises(WriteFailed):
                     await w.flush()
@@ -288,7 +296,7 @@ async def test_batches_queued_behind_a_permanent_error_fail_without_being_sent(
     assert [m for b in w.failed for m in b.messages()] == [b"%02d" % i + b"x" * 60 for i in range(10)]
 
 
-async def test_failed_batches_retry_after_restart_at_least_once(client: Client, server: LocalServer) -> None:
+async def test_failed_batches_retry_after_restart_at_least_once(client: Client, server: LiveServer) -> None:
     async with client.writer("rs", flush_interval=None) as w:
         for i in range(5):
             await w.write(b"a%d" % i)
@@ -319,68 +327,68 @@ async def test_body_exception_propagates_unwrapped_after_flush(client: Client) -
         await w.write(b"late")
 
 
-async def test_cancel_while_flushing_on_exit_is_bounded(nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
-    async def silent(stream: trio.SocketStream) -> None:
+@virtual_time()
+async def test_cancel_while_flushing_on_exit_is_bounded(tg: anyio.abc.TaskGroup) -> None:
+    async def silent(stream: anyio.abc.SocketStream) -> None:
         buf = bytearray()
         while (line := await read_line(stream, buf)) is not None:
             if line == b"CONFIG":
-                await stream.send_all(b"MOK 0\r\n\r\n")
+                await stream.send(b"MOK 0\r\n\r\n")
 
-    addr = await scripted_peer(nursery, silent)
+    addr = await scripted_peer(tg, silent)
     async with open_client(addr, retry=FAST_RETRY) as c:
-        start = trio.current_time()
-        with trio.move_on_after(1) as scope:
+        start = anyio.current_time()
+        with anyio.move_on_after(1) as scope:
             async with c.writer("never", close_timeout=2.0) as w:
                 await w.write(b"lost?")
-                await trio.sleep_forever()
+                await anyio.sleep_forever()
         assert scope.cancelled_caught
-        assert trio.current_time() - start == pytest.approx(3.0, abs=0.1)
+        assert anyio.current_time() - start == pytest.approx(3.0, abs=0.1)
         assert len(w.failed) == 1 and w.failed[0].count == 1  # kept, not dropped
 
 
-def _held_peer(config: bytes, release: trio.Event) -> Callable[[trio.SocketStream], Awaitable[None]]:
+def _held_peer(config: bytes, release: anyio.Event) -> Callable[[anyio.abc.SocketStream], Awaitable[None]]:
     """A peer that answers CONFIG, then holds each batch's OK until ``release`` is set."""
 
-    async def peer(stream: trio.SocketStream) -> None:
+    async def peer(stream: anyio.abc.SocketStream) -> None:
         buf = bytearray()
         offset = 0
         while (line := await read_line(stream, buf)) is not None:
             if line == b"CONFIG":
-                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                await stream.send(b"MOK %d\r\n%s\r\n" % (len(config), config))
                 continue
             size = int(line.split()[1])
-            while len(buf) < size:
-                buf += await stream.receive_some(4096)
-            del buf[:size]
+            await read_body(stream, buf, size)
             await release.wait()
-            await stream.send_all(b"OK %d 1\r\n" % offset)
+            await stream.send(b"OK %d 1\r\n" % offset)
             offset += len(line) + 2 + size
 
     return peer
 
 
-async def test_cancellation_at_each_await_point_of_write(nursery: trio.Nursery, clock: trio.testing.MockClock
+@virtual_time()
+async def test_cancellation_at_each_await_point_of_write(tg: anyio.abc.TaskGroup
                                                          ) -> None:
     """Each wait of write / write_many / flush cancelled part-way through, for real."""
-    release = trio.Event()
-    addr = await scripted_peer(nursery, _held_peer(b"MaxBatchSize: 1000\r\n", release))
+    release = anyio.Event()
+    addr = await scripted_peer(tg, _held_peer(b"MaxBatchSize: 1000\r\n", release))
     async with open_client(addr, retry=FAST_RETRY) as c, c.writer(
             "cx", flush_interval=None, max_in_flight=1, max_pending=300) as w:
         # 1: already cancelled on entry -> not queued
-        with trio.CancelScope() as cs:
+        with anyio.CancelScope() as cs:
             cs.cancel()
             await w.write(b"never")
         assert w.pending_messages == 0
         # fill: one full batch in flight (held by the peer), then max_pending bytes queued
         await w.write_many([b"a" * 90] * 11)  # nine fit in a batch of 1000 bytes: it is sealed
-        await trio.testing.wait_all_tasks_blocked()
+        await wait_all_tasks_blocked()
         assert w.pending_bytes < 300  # the sealed batch was sent
         await w.write_many([b"b" * 90] * 2)
         queued = w.pending_messages
         assert w.pending_bytes >= 300 and queued == 13
         # 2: write blocked in the backpressure wait, cancelled there -> not queued
-        async with trio.open_nursery() as n:
-            scope = trio.CancelScope()
+        async with anyio.create_task_group() as n:
+            scope = anyio.CancelScope()
             done: list[str] = []
 
             async def blocked_write() -> None:
@@ -389,16 +397,16 @@ async def test_cancellation_at_each_await_point_of_write(nursery: trio.Nursery, 
                     done.append("queued")  # pragma: no cover
 
             n.start_soon(blocked_write)
-            await trio.testing.wait_all_tasks_blocked()
+            await wait_all_tasks_blocked()
             assert not done  # still waiting for room
             scope.cancel()
         assert scope.cancelled_caught and w.pending_messages == queued
         # 3: write_many blocked the same way -> none of its messages queued
-        with trio.move_on_after(0.05) as cs:
+        with anyio.move_on_after(0.05) as cs:
             await w.write_many([b"x", b"y"])
         assert cs.cancelled_caught and w.pending_messages == queued
         # 4: flush cancelled while waiting for the acknowledgements: the batches are still delivered
-        with trio.move_on_after(0.05) as cs:
+        with anyio.move_on_after(0.05) as cs:
             await w.flush()
         assert cs.cancelled_caught and w.acked_messages == 0
         release.set()
@@ -420,12 +428,12 @@ def _run_with_server(tmp_path: Path, body: Callable[[Client], Awaitable[None]]) 
     that a SIGINT raised on purpose is delivered to a main task the test controls."""
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            srv = LocalServer(nursery, tmp_path / "d")
+        async with anyio.create_task_group() as tg:
+            srv = new_server("trio", tg, tmp_path / "d")
             await srv.start()
             async with open_client(srv.addr, retry=FAST_RETRY) as c:
                 await body(c)
-            nursery.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
 
     try:
         trio.run(main)
@@ -478,7 +486,7 @@ def test_ctrl_c_never_breaks_the_writer(tmp_path: Path, monkeypatch: pytest.Monk
                     await w.write(b"m%05d" % i)
                     queued.append(b"m%05d" % i)
                 await w.flush()
-                await trio.sleep(10)  # Ctrl-C arrives at a checkpoint before this ends
+                await anyio.sleep(10)  # Ctrl-C arrives at a checkpoint before this ends
             outcome["no interrupt"] = True  # pragma: no cover
         except KeyboardInterrupt as exc:
             outcome["notes"] = getattr(exc, "__notes__", None)
@@ -520,13 +528,14 @@ async def test_on_ack_exception_does_not_stop_the_writer(client: Client) -> None
     assert w.acked_messages == 1
 
 
-async def test_oversize_after_a_sealed_batch_does_not_hang_flush(client: Client, clock: trio.testing.MockClock) -> None:
+@virtual_time()
+async def test_oversize_after_a_sealed_batch_does_not_hang_flush(client: Client) -> None:
     async with client.writer("huge", batch_size=100, flush_interval=None) as w:
         await w.write(b"x" * 50)
-        await trio.sleep(0.1)  # the sender goes back to waiting
+        await anyio.sleep(0.1)  # the sender goes back to waiting
         with pytest.raises(MessageTooLarge):
             await w.write(b"x" * 70)  # seals nothing: the message is refused first
-        with trio.fail_after(5):
+        with anyio.fail_after(5):
             await w.flush()
         assert w.acked_messages == 1
         # batches sealed with nothing being built any more are still sent by flush(): a
@@ -534,63 +543,66 @@ async def test_oversize_after_a_sealed_batch_does_not_hang_flush(client: Client,
         await w.write(b"y" * 50)
         z = b"z" * 60  # 70 framed bytes: over the conservative 69, and the request fits in 100
         await w.write(z)
-        with trio.fail_after(5):
+        with anyio.fail_after(5):
             await w.flush()
         assert w.acked_messages == 3
     assert await read_all(client, "huge") == [b"x" * 50, b"y" * 50, z]
 
 
-async def test_ack_timeout_fails_unacknowledged_batches(nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
+@virtual_time()
+async def test_ack_timeout_fails_unacknowledged_batches(tg: anyio.abc.TaskGroup) -> None:
     """A peer that answers CONFIG and never acknowledges a batch (a stuck disk)."""
     config = b"MaxBatchSize: 65536\r\n"
     connections = []
 
-    async def stuck(stream: trio.SocketStream) -> None:
+    async def stuck(stream: anyio.abc.SocketStream) -> None:
         connections.append(stream)
         buf = bytearray()
         while (line := await read_line(stream, buf)) is not None:
             if line == b"CONFIG":
-                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                await stream.send(b"MOK %d\r\n%s\r\n" % (len(config), config))
 
-    addr = await scripted_peer(nursery, stuck)
+    addr = await scripted_peer(tg, stuck)
     async with open_client(addr, retry=FAST_RETRY) as c:
-        start = trio.current_time()
+        start = anyio.current_time()
         with pytest.raises(WriteFailed) as info:
             async with c.writer("t", ack_timeout=2.0) as w:
                 await w.write(b"one")
                 with pytest.raises(WriteFailed):
                     await w.flush()
-                assert trio.current_time() - start == pytest.approx(2.0, abs=0.1)
+                assert anyio.current_time() - start == pytest.approx(2.0, abs=0.1)
                 assert len(w.failed) == 1 and isinstance(w.failed[0].error, Timeout)
                 await w.write(b"two")  # a new connection, and again no answer
-        assert trio.current_time() - start == pytest.approx(4.0, abs=0.2)
+        assert anyio.current_time() - start == pytest.approx(4.0, abs=0.2)
         assert len(info.value.failed) == 2 and [b.count for b in w.failed] == [1, 1]
         assert all(isinstance(b.error, Timeout) for b in w.failed)
     with pytest.raises(ValueError):
         Writer(c, "t", ack_timeout=0)
 
 
-async def test_ack_timeout_is_a_deadline_for_progress(client: Client, clock: trio.testing.MockClock) -> None:
+@virtual_time()
+async def test_ack_timeout_is_a_deadline_for_progress(client: Client) -> None:
     """A healthy server acknowledges well within ack_timeout: nothing fails, however long it runs."""
     async with client.writer("pace", ack_timeout=1.0, flush_interval=0.01) as w:
         for i in range(20):
             await w.write(b"%d" % i)
-            await trio.sleep(0.5)
+            await anyio.sleep(0.5)
     assert w.acked_messages == 20 and w.failed == []
 
 
+@virtual_time()
 async def test_failed_connect_fails_every_queued_batch_at_once(
-    client: Client, server: LocalServer, clock: trio.testing.MockClock
+    client: Client, server: LiveServer
 ) -> None:
     """With the server gone, leaving the block costs one connect retry policy, not one per batch."""
     client.retry = RetryPolicy(attempts=3, initial=1.0, maximum=1.0)  # 2 s per connect
     with pytest.raises(WriteFailed) as info:
         async with client.writer("gone", batch_size=100, flush_interval=None) as w:
             await server.stop()
-            await trio.sleep(1)  # the writer notices its connection closed
-            start = trio.current_time()
+            await anyio.sleep(1)  # the writer notices its connection closed
+            start = anyio.current_time()
             await w.write_many([b"m%02d" % i + b"x" * 40 for i in range(20)])  # ~10 batches
-    elapsed = trio.current_time() - start
+    elapsed = anyio.current_time() - start
     assert len(info.value.failed) >= 10
     assert sum(b.count for b in w.failed) == 20
     assert all(isinstance(b.error, ConnectionLost) for b in w.failed)
@@ -602,39 +614,38 @@ async def test_failed_connect_fails_every_queued_batch_at_once(
 # ---------------------------------------------------------------- accounting, outages, receipts
 
 
+@virtual_time()
 async def test_pending_messages_counts_batches_being_retried(
-        nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
+        tg: anyio.abc.TaskGroup) -> None:
     """While retry_failed() re-sends, its messages are pending again (they are not acknowledged)."""
-    release = trio.Event()
+    release = anyio.Event()
     refuse = [True]
     config = b"MaxBatchSize: 1000\r\n"
 
-    async def peer(stream: trio.SocketStream) -> None:
+    async def peer(stream: anyio.abc.SocketStream) -> None:
         buf = bytearray()
         while (line := await read_line(stream, buf)) is not None:
             if line == b"CONFIG":
-                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(config), config))
+                await stream.send(b"MOK %d\r\n%s\r\n" % (len(config), config))
                 continue
             size = int(line.split()[1])
-            while len(buf) < size:
-                buf += await stream.receive_some(4096)
-            del buf[:size]
+            await read_body(stream, buf, size)
             if refuse[0]:
-                await stream.send_all(b"ERR storage error: disk full\r\n")  # not permanent
+                await stream.send(b"ERR storage error: disk full\r\n")  # not permanent
                 continue
             await release.wait()
-            await stream.send_all(b"OK 0 1\r\n")
+            await stream.send(b"OK 0 1\r\n")
 
-    addr = await scripted_peer(nursery, peer)
+    addr = await scripted_peer(tg, peer)
     async with open_client(addr, retry=FAST_RETRY) as c, c.writer("t", flush_interval=None) as w:
         await w.write_many([b"a", b"b", b"c"])
         with pytest.raises(WriteFailed):
             await w.flush()
         assert w.pending_messages == 0 and len(w.failed) == 1
         refuse[0] = False
-        async with trio.open_nursery() as n:
+        async with anyio.create_task_group() as n:
             n.start_soon(w.retry_failed)
-            await trio.testing.wait_all_tasks_blocked()
+            await wait_all_tasks_blocked()
             assert w.pending_messages == 3  # re-sent, not acknowledged yet
             await w.write(b"d")
             assert w.pending_messages == 4
@@ -643,8 +654,9 @@ async def test_pending_messages_counts_batches_being_retried(
         assert w.pending_messages == 0 and w.acked_messages == 4
 
 
+@virtual_time()
 async def test_failed_batches_count_against_max_pending(
-        client: Client, server: LocalServer, clock: trio.testing.MockClock) -> None:
+        client: Client, server: LiveServer) -> None:
     """With the server down, failed batches do not pile up without bound: once they hold
     max_pending, write() refuses more instead of queueing."""
     client.retry = RetryPolicy(attempts=1)
@@ -668,7 +680,6 @@ async def test_failed_batches_count_against_max_pending(
 async def test_send_and_wait_gives_each_message_its_position(client: Client) -> None:
     async with client.writer("rc", flush_interval=None, batch_size=200) as w:
         receipts = [await w.send(b"msg%02d" % i) for i in range(30)]
-        assert not any(r.done for r in receipts)
         ack = await w.send_and_wait(b"last")  # flushes what is queued before it
         acks = [await r for r in receipts]
     stored = {(m.offset, m.delta): m.body for m in await read_all_messages(client, "rc")}
@@ -677,8 +688,9 @@ async def test_send_and_wait_gives_each_message_its_position(client: Client) -> 
     assert len({a.offset for a in acks}) > 2  # several batches
 
 
-async def test_receipt_raises_the_batch_error(nursery: trio.Nursery, tmp_path: Path) -> None:
-    srv = LocalServer(nursery, tmp_path / "d", topics_whitelist=("ok",))
+async def test_receipt_raises_the_batch_error(
+        tg: anyio.abc.TaskGroup, tmp_path: Path, anyio_backend_name: str) -> None:
+    srv = new_server(anyio_backend_name, tg, tmp_path / "d", topics_whitelist=("ok",))
     await srv.start()
     async with open_client(srv.addr) as c:
         with pytest.raises(WriteFailed):
@@ -688,15 +700,16 @@ async def test_receipt_raises_the_batch_error(nursery: trio.Nursery, tmp_path: P
     await srv.stop()
 
 
+@virtual_time()
 async def test_opening_a_writer_against_a_stalled_server_times_out(
-        nursery: trio.Nursery, clock: trio.testing.MockClock) -> None:
-    async def stalled(stream: trio.SocketStream) -> None:
-        await trio.sleep_forever()  # accepts, never answers
+        tg: anyio.abc.TaskGroup) -> None:
+    async def stalled(stream: anyio.abc.SocketStream) -> None:
+        await anyio.sleep_forever()  # accepts, never answers
 
-    addr = await scripted_peer(nursery, stalled)
+    addr = await scripted_peer(tg, stalled)
     async with open_client(addr, retry=FAST_RETRY) as c:
-        start = trio.current_time()
+        start = anyio.current_time()
         with pytest.raises(Timeout, match="CONFIG"):
             async with c.writer("t", open_timeout=3.0):
                 pass  # pragma: no cover
-        assert trio.current_time() - start == pytest.approx(3.0, abs=0.1)
+        assert anyio.current_time() - start == pytest.approx(3.0, abs=0.1)

@@ -1,0 +1,58 @@
+"""Client tests run on both anyio backends (trio and asyncio); see live.py.
+
+A test is put on both backends by ``pytestmark = pytest.mark.anyio`` in its
+module.  pytest-trio's trio mode marks every async test for itself; for anyio
+tests that mark is taken off again here, so anyio's plugin runs them (the
+server tests keep pytest-trio).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+import sniffio
+
+from logd_trio.client.client import Client, open_client
+
+from ..harness import FAST_RETRY
+from .live import LiveServer, new_server
+
+
+@pytest.fixture(scope="module", params=["trio", "asyncio"])
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    return request.param
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("anyio") is not None:
+            item.own_markers = [m for m in item.own_markers if m.name != "trio"]
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[LiveServer]:
+    # The loop is asked, not the anyio_backend fixture: pytest-trio tests use this fixture too.
+    async with anyio.create_task_group() as tg:
+        srv = new_server(sniffio.current_async_library(), tg, tmp_path / "data")
+        await srv.start()
+        yield srv
+        await srv.stop()
+
+
+@pytest.fixture
+async def client(server: LiveServer) -> AsyncIterator[Client]:
+    async with open_client(server.addr, retry=FAST_RETRY) as c:
+        yield c
+
+
+@pytest.fixture
+async def tg() -> AsyncIterator[anyio.abc.TaskGroup]:
+    """A task group for the test's helpers (peers, servers); cancelled when the test ends."""
+    async with anyio.create_task_group() as group:
+        yield group
+        group.cancel_scope.cancel()
