@@ -51,7 +51,7 @@ caller's next checkpoint):
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Final, TypedDict, Unpack
 
@@ -60,7 +60,7 @@ import anyio.abc
 
 from logd_trio.client.batches import CRLF, MAX_MSG_OVERHEAD, Ack, Receipt, WriteBatch
 from logd_trio.client.pipeline import AckCallback, Pipeline, _close
-from logd_trio.client.transport import ClientLike, check_topic, deadline, ki_protected
+from logd_trio.client.transport import ClientLike, check_topic, deadline, fast_checkpoint_if_cancelled, ki_protected
 from logd_trio.core.errors import WriteFailed, WriterClosed, unwrap_group
 from logd_trio.core.framing import msg_header
 
@@ -130,6 +130,7 @@ class Writer(Pipeline):
         self.open_timeout = open_timeout
         self.batch_size = 0
         self.max_pending = 0
+        self._checkpoint_if_cancelled: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint_if_cancelled
 
     # ------------------------------------------------------------ public API
 
@@ -146,18 +147,22 @@ class Writer(Pipeline):
     @ki_protected
     async def write(self, message: Data) -> None:
         """Queue one message (copied).  Returns once queued; see the module doc for cancellation."""
-        await self._admit("write()")
-        self._add(bytes(message))
-        await anyio.lowlevel.cancel_shielded_checkpoint()
+        # the fast path: one cheap cancellation check, no yield unless a batch was sealed
+        if self._closing or self._fatal is not None or self._queued_bytes + self._failed_bytes >= self.max_pending:
+            await self._admit("write()")  # raises, or waits for room
+        else:
+            await self._checkpoint_if_cancelled()
+        if self._add(bytes(message)):
+            await anyio.lowlevel.cancel_shielded_checkpoint()
 
     @ki_protected
     async def send(self, message: Data) -> Receipt:
         """Queue one message like :meth:`write` and return its :class:`Receipt` (``await`` it
         for the :class:`Ack`: offset and delta, or the batch's error)."""
         await self._admit("send()")
-        receipt = self._add(bytes(message), want_receipt=True)
-        assert receipt is not None
-        await anyio.lowlevel.cancel_shielded_checkpoint()
+        receipt = Receipt(0)
+        if self._add(bytes(message), receipt):
+            await anyio.lowlevel.cancel_shielded_checkpoint()
         return receipt
 
     async def send_and_wait(self, message: Data) -> Ack:
@@ -297,15 +302,14 @@ class Writer(Pipeline):
                                "retry_failed() or clear failed to go on")
         return queued + self._failed_bytes >= self.max_pending
 
-    def _add(self, m: bytes, want_receipt: bool = False) -> Receipt | None:
-        """Queue ``m`` (raises MessageTooLarge before anything changes); its receipt if asked."""
+    def _add(self, m: bytes, receipt: Receipt | None = None) -> bool:
+        """Queue ``m`` (MessageTooLarge before anything changes); True when it sealed a batch."""
         b = self._b
         head = msg_header(len(m))
         framed = len(head) + len(m) + 2
-        receipt: Receipt | None = None
         if b.size + framed <= b.body_limit:  # it joins the batch being built
-            if want_receipt:
-                receipt = Receipt(b.size)
+            if receipt is not None:
+                receipt.delta = b.size
                 if b.receipts is None:
                     b.receipts = []
                 b.receipts.append(receipt)
@@ -318,17 +322,16 @@ class Writer(Pipeline):
             if b.count == 1:
                 b.since = anyio.current_time()
                 self._wake()
-            return receipt
+            return False
         alone = b.alone(m) if framed > b.body_limit else None
         if b.count:
             self._seal()
         self._seq += 1
         self._pending += 1
-        if want_receipt:
-            receipt = Receipt(0)
+        receipts = [receipt] if receipt is not None else None
         if alone is not None:
             alone.last_seq = self._seq
-            alone.receipts = [receipt] if receipt is not None else None
+            alone.receipts = receipts
             self._queued_bytes += len(alone.request)
             self._sealed.append(alone)
         else:
@@ -336,10 +339,10 @@ class Writer(Pipeline):
             b.size = framed
             b.count = 1
             b.since = anyio.current_time()
-            b.receipts = [receipt] if receipt is not None else None
+            b.receipts = receipts
             self._queued_bytes += framed
         self._wake()
-        return receipt
+        return True
 
     def _raise_fatal(self) -> None:
         if self._fatal is not None:
@@ -363,6 +366,7 @@ class Writer(Pipeline):
         self.batch_size = size
         self.max_pending = self._max_pending_opt or max(size * (self.max_in_flight + 1), 1 << 20)
         self._tg = tg
+        self._checkpoint_if_cancelled = fast_checkpoint_if_cancelled()
         await tg.start(self._sender)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
-import sniffio
+import trio.lowlevel
 
 from logd_trio.client.client import Client, open_client
 
@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 async def server(tmp_path: Path) -> AsyncIterator[LiveServer]:
     # The loop is asked, not the anyio_backend fixture: pytest-trio tests use this fixture too.
     async with anyio.create_task_group() as tg:
-        srv = new_server(sniffio.current_async_library(), tg, tmp_path / "data")
+        srv = new_server(("trio" if trio.lowlevel.in_trio_run() else "asyncio"), tg, tmp_path / "data")
         await srv.start()
         yield srv
         await srv.stop()

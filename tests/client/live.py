@@ -184,9 +184,7 @@ async def read_body(stream: anyio.abc.ByteReceiveStream, buf: bytearray, size: i
 
 async def wait_all_tasks_blocked() -> None:
     """Let the other tasks run until they wait (Trio: exactly; asyncio: a few loop passes)."""
-    import sniffio
-
-    if sniffio.current_async_library() == "trio":
+    if trio.lowlevel.in_trio_run():
         await trio.testing.wait_all_tasks_blocked()
     else:
         for _ in range(50):
