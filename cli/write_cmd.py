@@ -27,6 +27,13 @@ def _check_batch_size(value: int) -> int:
     return value
 
 
+def _summary(acked: int, counts: list[int], start: float) -> None:
+    elapsed = max(trio.current_time() - start, 1e-9)
+    mb = counts[1] / 1e6
+    typer.echo(f"{acked} messages, {mb:.1f} MB in {elapsed:.2f} s "
+               f"({acked / elapsed:,.0f} msgs/s, {mb / elapsed:.1f} MB/s)", err=True)
+
+
 def _chunk_reader(f: BinaryIO, size: int = 1 << 20) -> Callable[[], bytes]:
     """A blocking "read up to 1 MiB" for ``f``.  On a real descriptor it is ``os.read``:
     a read abandoned by Ctrl-C then holds no lock of ``sys.stdin`` at interpreter exit."""
@@ -53,7 +60,9 @@ def write(
     input_file: Annotated[
         Path | None, typer.Option("--input", "-i", help="Read messages (one per line) from FILE.")
     ] = None,
-    count: Annotated[bool, typer.Option("--count", help="Print a summary (messages, MB, rate) to stderr.")] = False,
+    count: Annotated[bool, typer.Option(
+        "--count", help="Print a summary (messages, MB, rate) to stderr, also when interrupted.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the offset of each batch.")] = False,
     retries: RetriesOpt = 3,
     timeout: TimeoutOpt = None,
     verbose: VerboseOpt = False,
@@ -67,37 +76,35 @@ def write(
 
     async def main() -> None:
         start = trio.current_time()
-        total = 0
-        nbytes = 0
+        counts = [0, 0]  # messages queued, their bytes
         writers: list[Writer] = []
         try:
             async with (
                 connect_client(host, retries, timeout) as client,
-                client.writer(topic, batch_size=batch_size or None, flush_interval=flush_interval, on_ack=out,
-                              ack_timeout=timeout) as w,
+                client.writer(topic, batch_size=batch_size or None, flush_interval=flush_interval,
+                              on_ack=None if quiet else out, ack_timeout=timeout) as w,
             ):
                 writers.append(w)
                 if messages:
                     for m in messages:
                         data = m.encode()
                         await w.write(data)
-                        total += 1
-                        nbytes += len(data)
+                        counts[0] += 1
+                        counts[1] += len(data)
                 else:
-                    total, nbytes = await _write_lines(w, input_file)
+                    await _write_lines(w, input_file, counts)
         except BaseException as exc:
             out.flush()
             failed = writers[0].failed if writers else []
             if failed and not isinstance(exc, WriteFailed):
                 lost = sum(b.count for b in failed)
                 typer.echo(f"logd write: {lost} message(s) were not written: {failed[0].error}", err=True)
+            if count:  # also when interrupted: what was acknowledged by then
+                _summary(writers[0].acked_messages if writers else 0, counts, start)
             raise
         out.flush()
         if count:
-            elapsed = max(trio.current_time() - start, 1e-9)
-            mb = nbytes / 1e6
-            typer.echo(f"{total} messages, {mb:.1f} MB in {elapsed:.2f} s "
-                 f"({total / elapsed:,.0f} msgs/s, {mb / elapsed:.1f} MB/s)", err=True)
+            _summary(writers[0].acked_messages, counts, start)
 
     run("write", main, verbose=verbose)
 
@@ -133,12 +140,11 @@ class _AckPrinter:
             os.close(devnull)
 
 
-async def _write_lines(w: Writer, input_file: Path | None) -> tuple[int, int]:
-    """Write each non-empty line of the input (stdin by default); returns (messages, bytes).
-
-    Shows progress on stderr for ``--input`` files when stderr is a terminal.
+async def _write_lines(w: Writer, input_file: Path | None, counts: list[int]) -> None:
+    """Write each non-empty line of the input (stdin by default), counting messages and bytes
+    queued in ``counts`` as it goes.  Shows progress on stderr for ``--input`` files when
+    stderr is a terminal.
     """
-    total = nbytes = 0
     f: BinaryIO = (
         await trio.to_thread.run_sync(input_file.open, "rb") if input_file else sys.stdin.buffer
     )
@@ -161,25 +167,24 @@ async def _write_lines(w: Writer, input_file: Path | None) -> tuple[int, int]:
             if b"\r" in block:
                 block = block.replace(b"\r\n", b"\n")
             lines = [ln for ln in block.split(b"\n") if ln]
-            total += await w.write_many(lines)
-            nbytes += sum(map(len, lines))
+            counts[0] += await w.write_many(lines)
+            counts[1] += sum(map(len, lines))
             if progress and trio.current_time() - shown > 0.2:
                 shown = trio.current_time()
                 pct = 100 * seen / size if size else 100.0
-                sys.stderr.write(f"\r{pct:5.1f}%  {total} messages")
+                sys.stderr.write(f"\r{pct:5.1f}%  {counts[0]} messages")
                 sys.stderr.flush()
         if rest.endswith(b"\r"):
             rest = rest[:-1]
         if rest:
             await w.write(rest)
-            total += 1
-            nbytes += len(rest)
+            counts[0] += 1
+            counts[1] += len(rest)
     finally:
         if input_file:
             f.close()
         if progress:
-            sys.stderr.write(f"\r100.0%  {total} messages\n")
-    return total, nbytes
+            sys.stderr.write(f"\r100.0%  {counts[0]} messages\n")
 
 
 

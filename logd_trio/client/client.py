@@ -37,6 +37,7 @@ from typing import Unpack
 
 import anyio
 
+from logd_trio.client.positions import Last
 from logd_trio.client.scanner import Scanner, ScannerOptions
 from logd_trio.client.transport import Connection, RetryPolicy, Session, check_topic, connect, deadline
 from logd_trio.client.writer import Writer, WriterOptions, open_writer
@@ -166,13 +167,19 @@ class Client:
         assert isinstance(reply, ReadReply)
         return reply
 
-    async def tail(self, topic: str, limit: int = 1000) -> ReadReply:
-        """TAIL: like :meth:`read` from the oldest retained batch."""
+    async def read_oldest(self, topic: str, limit: int = 1000) -> ReadReply:
+        """TAIL: like :meth:`read` from the oldest retained batch (the protocol's TAIL request)."""
         check_topic(topic)
         reply = await self._session.request(encode_tail(topic, limit), ReplyKind.READ)
         _raise_if_error(reply)
         assert isinstance(reply, ReadReply)
         return reply
+
+    async def tail(self, topic: str, n: int = 10) -> list[Message]:
+        """The last ``n`` messages of ``topic`` (fewer if it has fewer; ``[]`` for an empty or
+        unknown topic).  Reads the retained log once to find where they start."""
+        async with self.scanner(topic, start=Last(n), limit=n) as s:
+            return [m async for m in s]
 
     async def _mok(self, command: bytes) -> MokReply:
         reply = await self._session.request(command, ReplyKind.MOK)
@@ -260,7 +267,7 @@ class Client:
     async def oldest(self, topic: str) -> int | None:
         """Offset of the oldest retained batch of ``topic``; ``None`` if it has none."""
         try:
-            return (await self.tail(topic, 1)).offset
+            return (await self.read_oldest(topic, 1)).offset
         except NotFound:
             return None
 

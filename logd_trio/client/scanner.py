@@ -1,8 +1,10 @@
 """Reading a topic message by message: ``async with client.scanner(topic) as s: async for m in s``.
 
 Where it starts: the committed position of ``checkpoint`` if there is one
-(unless ``from_beginning``), else ``offset`` (which must be the start of a
-batch; ``delta`` skips into it), else the oldest retained batch.
+(unless ``from_beginning``), else ``start``: ``"oldest"`` (the default),
+``"end"`` (follow from now), ``Last(n)`` (the last n messages) or a
+``Position(offset, delta)`` (``offset=``/``delta=`` say the same; the offset
+must be the start of a batch, or the head).  See :mod:`logd_trio.client.positions`.
 
 Where it stops: after ``limit`` messages, or at the end of the log (that is
 not an error: iteration simply ends; an empty or unknown topic yields
@@ -45,6 +47,7 @@ from typing import Literal, TypedDict
 import anyio
 
 from logd_trio.client.checkpoint import Checkpoint, Position
+from logd_trio.client.positions import END, OLDEST, Last, StartAt, find_end, find_last
 from logd_trio.client.transport import ClientLike, Session, check_topic
 from logd_trio.core.errors import BadReply, ConnectionLost, InvalidRequest, NotFound, OffsetRemoved
 from logd_trio.core.replies import ErrorReply, Message, ReadReply, ReplyKind
@@ -58,6 +61,7 @@ OnRemoved = Literal["error", "earliest"]
 class ScannerOptions(TypedDict, total=False):
     """The keyword options of :meth:`Client.scanner` (checked by type checkers, see :class:`Scanner`)."""
 
+    start: StartAt | None
     offset: int | None
     delta: int
     checkpoint: Checkpoint | None
@@ -79,6 +83,7 @@ class Scanner:
         client: ClientLike,
         topic: str,
         *,
+        start: StartAt | None = None,
         offset: int | None = None,
         delta: int = 0,
         checkpoint: Checkpoint | None = None,
@@ -100,8 +105,9 @@ class Scanner:
             raise ValueError("read_size must be in 1..50000")
         self._client = client
         self.topic = topic
-        self._start_offset = offset
-        self._start_delta = delta
+        if start is not None and offset is not None:
+            raise ValueError("give either start or offset, not both")
+        self._start_at: StartAt | None = Position(offset, delta) if offset is not None else start
         self.checkpoint = checkpoint
         self.from_beginning = from_beginning
         self.limit = math.inf if limit is None else limit
@@ -187,10 +193,37 @@ class Scanner:
         if self.checkpoint is not None and not self.from_beginning:
             pos = await self.checkpoint.load(self.topic)
             self._committed = None if pos is None else (pos.offset, pos.delta)
-        if pos is None and self._start_offset is not None:
-            pos = Position(self._start_offset, self._start_delta)
+        if pos is None and self._start_at is not None and self._start_at != OLDEST:
+            pos = await self._resolve_start(self._start_at)
         self._fetch = pos
         self._done = None if pos is None else (pos.offset, pos.delta)
+
+    async def _cap_read_size(self) -> None:
+        if not self._sized:
+            # At most this many batches (each <= MaxBatchSize) fit in one reply under max_reply.
+            cap = max(1, self._client.max_reply // await self._client.max_batch_size())
+            self.read_size = min(self.read_size, cap)
+            self._sized = True
+
+    async def _resolve_start(self, start: StartAt) -> Position | None:
+        """The position ``start`` names now (None: the oldest message)."""
+        if isinstance(start, Position):
+            return start
+        fetch = self._fetch_for_walk
+        await self._cap_read_size()
+        if start == END:
+            if await self._client.supports_extensions():
+                head = (await self._client.topics()).get(self.topic, (0, 0))[1]
+                self._verified = True
+                return Position(head, 0)
+            return await find_end(fetch)
+        assert isinstance(start, Last)
+        return await find_last(fetch, start.n)
+
+    async def _fetch_for_walk(self, offset: int | None) -> ReadReply | ErrorReply:
+        if offset is None:
+            return await self._read_request(lambda n: encode_tail(self.topic, n))
+        return await self._read_request(lambda n: encode_read(self.topic, offset, n))
 
     async def _fill(self) -> bool:
         """Read the next reply into the buffer; False at the end of the log (not in follow mode)."""
@@ -199,11 +232,7 @@ class Scanner:
         backoff = 0.05
         while True:
             try:
-                if not self._sized:
-                    # At most this many batches (each <= MaxBatchSize) fit in one reply under max_reply.
-                    cap = max(1, self._client.max_reply // await self._client.max_batch_size())
-                    self.read_size = min(self.read_size, cap)
-                    self._sized = True
+                await self._cap_read_size()
                 got = await self._fill_once()
             except BadReply:
                 raise
@@ -218,7 +247,8 @@ class Scanner:
             backoff = 0.05
 
     async def _request(self, data: bytes, extra: float = 0.0) -> ReadReply | ErrorReply:
-        assert self._session is not None, "use the scanner as 'async with client.scanner(...)'"
+        if self._session is None:
+            raise RuntimeError("the scanner is not open: use it as 'async with client.scanner(...) as s'")
         reply = await self._session.request(data, ReplyKind.READ, extra_time=extra)
         assert isinstance(reply, ReadReply | ErrorReply)
         return reply
@@ -301,6 +331,8 @@ class Scanner:
             return await self._fill_once()
         if not self._verified and await self._client.supports_extensions():
             head = (await self._client.topics()).get(self.topic, (0, 0))[1]  # an unknown topic's head is 0
+            if pos.offset > head:
+                raise NotFound(f"offset {pos.offset} is past the end of topic {self.topic!r} (head is {head})")
             if pos.offset != head and (oldest is not None or pos.offset != 0):
                 raise NotFound(f"offset {pos.offset} is not the start of a batch in topic {self.topic!r}")
         if not self.follow:

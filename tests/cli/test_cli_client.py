@@ -85,8 +85,9 @@ def test_write_args_and_stdin_then_read_raw_json_numbers(addr: str) -> None:
                     {"topic": "t", "offset": 0, "delta": 12, "body": "two"}]
 
 
-def test_read_empty_topic_is_not_an_error(addr: str) -> None:
-    assert invoke("read", "--host", addr, "--topic", "empty") == (0, "", "")
+def test_read_of_a_topic_that_does_not_exist_says_so(addr: str) -> None:
+    code, out, err = invoke("read", "--host", addr, "--topic", "empty")
+    assert (code, out) == (5, "") and err == "logd read: topic 'empty' does not exist\n"
 
 
 def test_checkpoint_continues_where_it_stopped(addr: str, tmp_path: Path) -> None:
@@ -289,3 +290,64 @@ def test_every_duration_flag_takes_the_one_grammar(addr: str) -> None:
     assert code == 0, err
     code, out, err = invoke("read", "--host", addr, "--topic", "dur", "--timeout", "500ms")
     assert (code, out) == (0, "x\n"), err
+
+
+def test_read_positions_and_templates(addr: str) -> None:
+    assert invoke("write", "--host", addr, "--topic", "pos", "-q", "a", "b", "c")[:2] == (0, "")
+    assert invoke("write", "--host", addr, "--topic", "pos", "-q", "d", "e")[:2] == (0, "")
+    code, out, err = invoke("read", "--host", addr, "--topic", "pos", "--format", "{offset}:{delta} {body}")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [ln.split(" ")[1] for ln in lines] == ["a", "b", "c", "d", "e"]
+    second = lines[1].split(" ")[0]  # OFFSET:DELTA of "b", inside the first batch
+    assert invoke("read", "--host", addr, "--topic", "pos", "--offset", second)[1] == "b\nc\nd\ne\n"
+    assert invoke("read", "--host", addr, "--topic", "pos", "--offset", "-2")[1] == "d\ne\n"
+    assert invoke("read", "--host", addr, "--topic", "pos", "--offset", "-4")[1] == "b\nc\nd\ne\n"
+    assert invoke("read", "--host", addr, "--topic", "pos", "--offset", "end")[:2] == (0, "")
+    assert invoke("read", "--host", addr, "--topic", "pos", "--offset", "oldest", "-l", "1")[1] == "a\n"
+    code, _, err = invoke("read", "--host", addr, "--topic", "pos", "--offset", "99999")
+    assert code == 5 and "past the end of topic 'pos' (head is " in err
+    code, _, err = invoke("read", "--host", addr, "--topic", "pos", "--format", "{nope}")
+    assert code == 2 and "Invalid value" in err
+    code, _, err = invoke("read", "--host", addr, "--topic", "pos", "--offset", "soon")
+    assert code == 2 and "not a position" in err
+
+
+def test_read_from_now_sees_only_new_messages(addr: str) -> None:
+    assert invoke("write", "--host", addr, "--topic", "now", "-q", "old")[0] == 0
+    reader = subprocess.Popen([*LOGD, "read", "--host", addr, "--topic", "now", "--from-now", "--limit", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for i in range(100):  # until the reader has seen one (it may start after the first few)
+            assert invoke("write", "--host", addr, "--topic", "now", "-q", f"new{i}")[0] == 0
+            try:
+                out, err = reader.communicate(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            pytest.fail("the reader never saw a new message")
+    finally:
+        reader.kill()
+        reader.wait()
+    assert reader.returncode == 0, err
+    assert out.decode().startswith("new") and out.count(b"\n") == 1
+
+
+def test_follow_on_a_missing_topic_says_it_waits(addr: str) -> None:
+    reader = subprocess.Popen([*LOGD, "read", "--host", addr, "--topic", "later", "--follow", "--limit", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = reader.stderr.readline() if reader.stderr else b""
+        assert line == b"logd read: waiting for topic 'later' to exist\n"
+        assert invoke("write", "--host", addr, "--topic", "later", "-q", "first")[0] == 0
+        out, _ = reader.communicate(timeout=30)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert out == b"first\n"
+
+
+def test_write_count_summary_and_quiet(addr: str) -> None:
+    code, out, err = invoke("write", "--host", addr, "--topic", "cnt", "-q", "--count", "x", "yy")
+    assert (code, out) == (0, "") and err.startswith("2 messages, 0.0 MB in ")

@@ -63,14 +63,14 @@ async def test_batch_read_tail_offsets(client: Client) -> None:
     # a read from the middle computes the same offsets
     r2 = await client.read("t", o2, 2)
     assert [b.offset for b in r2.batches] == [o2, o3]
-    t = await client.tail("t", 1)
+    t = await client.read_oldest("t", 1)
     assert t.offset == 0 and len(t.batches) == 1
     with pytest.raises(NotFound):
         await client.read("t", r.next_offset, 1)  # the head
     with pytest.raises(NotFound):
         await client.read("t", 1, 1)  # inside a batch
     with pytest.raises(NotFound):
-        await client.tail("nothing-here", 1)
+        await client.read_oldest("nothing-here", 1)
     with pytest.raises(InvalidRequest):
         await client.read("t", 0, 0)
     with pytest.raises(InvalidTopic):
