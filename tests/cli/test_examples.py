@@ -35,3 +35,11 @@ async def test_writer_app_then_checkpointed_consumer(server: LocalServer, tmp_pa
     third = (await run_example("consumer_checkpoint.py", server.addr, cwd=tmp_path)).splitlines()
     assert len(third) == 10000 and '"seq": 0' in third[0]  # only the new events
 
+
+
+async def test_asyncio_app_on_both_loops(server: LocalServer, tmp_path: Path) -> None:
+    total = sum(i % 50 for i in range(1000))
+    out = await run_example("asyncio_app.py", server.addr, cwd=tmp_path)
+    assert out.startswith("end marker at ") and out.endswith(f"amounts since the last run: {total}\n")
+    again = await run_example("asyncio_app.py", server.addr, "--trio", cwd=tmp_path)  # same code, Trio
+    assert again.endswith(f"amounts since the last run: {total}\n")  # only what this run wrote
