@@ -33,8 +33,7 @@ if failed batches remain (clear ``w.failed`` to accept the loss).
 An exception raised by ``on_ack`` does not stop the writer: the first one is
 raised from the next ``flush`` / ``retry_failed``, or when the block exits.
 
-Cancellation (and, under Trio, Ctrl-C, which the writer's code defers to the
-caller's next checkpoint):
+Cancellation (under Trio Ctrl-C too, deferred to the caller's next checkpoint):
 
 * ``write``: if it returns, the message is queued; if it raises (a
   cancellation, ``MessageTooLarge``, ``WriterClosed``, ``WriteFailed``), it is
@@ -147,7 +146,6 @@ class Writer(Pipeline):
     @ki_protected
     async def write(self, message: Data) -> None:
         """Queue one message (copied).  Returns once queued; see the module doc for cancellation."""
-        # the fast path: one cheap cancellation check, no yield unless a batch was sealed
         if self._closing or self._fatal is not None or self._queued_bytes + self._failed_bytes >= self.max_pending:
             await self._admit("write()")  # raises, or waits for room
         else:
