@@ -355,9 +355,23 @@ async def campaign(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Me
             continue
         if won is not None:
             return won
+        await _wait_for_change(etcd, keys, session, revision, recheck, idle_timeout)
+
+
+async def _wait_for_change(etcd: EtcdClient, keys: ClusterKeys, session: Session, revision: int, recheck: float,
+                           idle_timeout: float) -> None:
+    """Until the leader key changes after ``revision``, the session is lost, or ``recheck`` passes."""
+    async with trio.open_nursery() as nursery:
+
+        async def on_session_lost() -> None:
+            await session.lost.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(on_session_lost)
         with trio.move_on_after(recheck):
             try:
                 async with etcd.watch(keys.leader, start_revision=revision + 1, idle_timeout=idle_timeout) as w:
                     await w.__anext__()
             except EtcdUnavailable:
                 await trio.sleep(min(recheck, 0.5))
+        nursery.cancel_scope.cancel()

@@ -13,6 +13,7 @@ from logd_trio.server.cluster.election import (
     LeaderInfo,
     Leadership,
     Member,
+    SessionLost,
     campaign,
     campaign_once,
     current_leader,
@@ -125,6 +126,19 @@ async def test_epoch_strictly_increases_across_leader_changes(etcd: EtcdClient, 
     assert seen[:6] == [None, ("a", 1), None, ("b", 2), None, ("a", 3)]
     epoch = await etcd.get(keys.epoch)
     assert epoch is not None and epoch.value == b"3"
+
+
+async def test_a_waiting_campaign_ends_when_its_session_is_lost(etcd: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    async with open_session(etcd, 2) as sa, open_session(etcd, 2) as sb:
+        assert await campaign_once(etcd, keys, sa, A) is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(etcd.lease_revoke, sb.lease_id)  # b's lease is gone (as after a long pause)
+            t0 = trio.current_time()
+            with trio.fail_after(3), pytest.raises(SessionLost):
+                await campaign(etcd, keys, sb, B, recheck=10)
+            assert trio.current_time() - t0 < 2
+            assert sb.clock.lost and not sb.valid()
 
 
 async def test_only_an_in_sync_node_takes_over_and_isr_writes_are_fenced(etcd: EtcdClient, cluster_name: str) -> None:
