@@ -93,6 +93,16 @@ class Transport:
         return httpx.Timeout(remaining if read is None else read, connect=min(self.connect_timeout, remaining),
                              pool=min(self.connect_timeout, remaining))
 
+    async def _post(self, url: str, body: Json, limits: httpx.Timeout) -> tuple[int, Json]:
+        """One request; the reply read up to MAX_REPLY bytes."""
+        content = bytearray()
+        async with self.http.stream("POST", url, json=body, timeout=limits) as reply:
+            async for chunk in reply.aiter_raw():
+                content += chunk
+                if len(content) > MAX_REPLY:
+                    raise EtcdBadReply(f"{url}: reply over {MAX_REPLY} bytes")
+        return reply.status_code, decode(bytes(content), url)
+
     async def call(self, path: str, body: Json, *, idempotent: bool) -> Json:
         """POST ``body`` to ``/v3/<path>``; the decoded reply.  Tries every endpoint,
         round after round, until one answers or the client's timeout passes.  A read may
@@ -113,8 +123,7 @@ class Transport:
                 remaining = min(remaining, max(self.connect_timeout, budget / 3))
             try:
                 with trio.fail_after(remaining):
-                    reply = await self.http.post(url, json=body, timeout=self.httpx_timeout(remaining))
-                    data = decode(reply.content, url)
+                    status, data = await self._post(url, body, self.httpx_timeout(remaining))
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
                 problems.append(f"{self.endpoints[index]}: {describe(e)}")  # not sent: safe to retry
             except (httpx.HTTPError, trio.TooSlowError) as e:
@@ -123,7 +132,7 @@ class Transport:
                                             f"({describe(e)}): the write may have been applied") from e
                 problems.append(f"{self.endpoints[index]}: {describe(e)}")
             else:
-                if "error" not in data and reply.status_code < 400:
+                if "error" not in data and status < 400:
                     self.current = index
                     return data
                 err = error_from_reply(data)

@@ -285,6 +285,21 @@ async def test_unreachable_and_wrong_endpoints(nursery: trio.Nursery) -> None:
         with pytest.raises(EtcdBadReply, match="not an etcd v3 gateway reply"):
             await etcd.get("k")
 
+    async def endless(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        try:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+            for _ in range(100_000):
+                await stream.send_all(b"[" * 1000)
+        except trio.BrokenResourceError:
+            pass  # the client hung up: what the test wants
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, endless, 0, host="127.0.0.1"))
+    huge = listeners[0].socket.getsockname()[1]
+    async with EtcdClient([f"http://127.0.0.1:{huge}"], timeout=5) as etcd:
+        with pytest.raises(EtcdBadReply, match="reply over 4194304 bytes"):
+            await etcd.get("k")
+
 
 def test_endpoint_parsing() -> None:
     assert parse_endpoints("http://a:2379, b:2380,") == ["http://a:2379", "http://b:2380"]
