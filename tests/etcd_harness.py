@@ -145,6 +145,12 @@ class EtcdCluster:
             if pending:
                 time.sleep(0.02)
 
+    def restart(self, member: EtcdMember) -> None:
+        """Start a killed member again on its data directory and ports."""
+        member.kill()
+        member.start(self.initial_cluster, self.token)
+        self.wait_healthy()
+
     def leader(self) -> EtcdMember:
         """The member that is etcd's raft leader now."""
         for m in self.members:

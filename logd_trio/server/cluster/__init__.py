@@ -7,4 +7,6 @@
   and whether a leader may still acknowledge.
 - session.py: a node's lease, kept alive by one task.
 - election.py: key layout, membership, the takeover txn with its epoch, leadership.
+- node.py: a node's cluster task: session, registration, following, campaigning;
+  its view (role, leader, epoch, etcd health) and whether it may acknowledge.
 """

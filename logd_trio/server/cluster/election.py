@@ -274,8 +274,8 @@ class Leadership:
             while not self.gate.deposed:
                 try:
                     await self._watch_key(idle_timeout)
-                except EtcdUnavailable:
-                    await trio.sleep(min(0.5, self.session.clock.retry))  # the lease deadline keeps us safe
+                except EtcdException:  # unreachable, or a watch etcd cancelled: the lease deadline keeps us safe
+                    await trio.sleep(min(0.5, self.session.clock.retry))
             nursery.cancel_scope.cancel()
 
     async def _watch_key(self, idle_timeout: float) -> None:
@@ -372,6 +372,6 @@ async def _wait_for_change(etcd: EtcdClient, keys: ClusterKeys, session: Session
             try:
                 async with etcd.watch(keys.leader, start_revision=revision + 1, idle_timeout=idle_timeout) as w:
                     await w.__anext__()
-            except EtcdUnavailable:
+            except EtcdException:  # the next attempt will say what is wrong, unwrapped
                 await trio.sleep(min(recheck, 0.5))
         nursery.cancel_scope.cancel()

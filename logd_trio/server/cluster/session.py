@@ -71,11 +71,17 @@ async def open_session(etcd: EtcdClient, ttl: int, *, margin: float | None = Non
     sent = trio.current_time()
     lease = await etcd.lease_grant(ttl)
     session = Session(lease.id, LeaseClock(lease.ttl, sent, margin=margin), etcd.lease_keepalive)
+    body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.keep_alive)
-            yield session
+            try:
+                yield session
+            except BaseException as e:  # re-raised below as itself, not wrapped in a nursery's group
+                body_error = e
             nursery.cancel_scope.cancel()
+        if body_error is not None:
+            raise body_error
     finally:
         session.clock.expired()  # from here on nothing may rely on it
         session.lost.set()

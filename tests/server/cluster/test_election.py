@@ -44,6 +44,13 @@ async def test_members_register_on_their_lease(etcd: EtcdClient, cluster_name: s
         assert await list_members(etcd, keys) == {"a": A}  # b's session closed: its key went with its lease
 
 
+async def test_an_error_in_a_session_block_comes_out_as_itself(etcd: EtcdClient) -> None:
+    with pytest.raises(KeyError):  # not wrapped in the keepalive nursery's exception group
+        async with open_session(etcd, 2) as session:
+            raise KeyError(session.lease_id)
+    assert session.lost.is_set() and await etcd.lease_ttl(session.lease_id) is None  # revoked on the way out
+
+
 async def test_cluster_id_is_created_once(etcd: EtcdClient, cluster_name: str) -> None:
     keys = ClusterKeys(cluster_name)
     assert await ensure_cluster_id(etcd, keys, "id-1") == "id-1"
