@@ -43,6 +43,8 @@ def free_ports(n: int) -> list[int]:
 
 
 def _die_with_parent() -> None:
+    # The signal comes when the thread that started the member exits: start members
+    # from the main thread (fixtures and Trio tests do), never from a worker thread.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -146,10 +148,10 @@ class EtcdCluster:
                 time.sleep(0.02)
 
     def restart(self, member: EtcdMember) -> None:
-        """Start a killed member again on its data directory and ports."""
+        """Start a killed member again on its data directory and ports (then wait_healthy;
+        from a Trio test: ``await trio.to_thread.run_sync(cluster.wait_healthy)``)."""
         member.kill()
         member.start(self.initial_cluster, self.token)
-        self.wait_healthy()
 
     def leader(self) -> EtcdMember:
         """The member that is etcd's raft leader now."""

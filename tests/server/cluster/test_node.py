@@ -125,6 +125,7 @@ async def _etcd_down(etcd1: EtcdCluster, keys: ClusterKeys, changes: Changes) ->
         await changes.until(lambda: all(not n.view.etcd_ok for n in nodes))
         assert all(n.refusal() is not None for n in nodes)
         etcd1.restart(etcd1.members[0])
+        await trio.to_thread.run_sync(etcd1.wait_healthy)
         # etcd keeps leases across a restart (and renews them): the same leader may resume
         # after its next keepalive, or the other node takes over with the next epoch.
         await until_true(lambda: len([n for n in nodes if n.refusal() is None]) == 1)
