@@ -146,8 +146,17 @@ class Transport:
         last = "; ".join(problems[-n:]) or "no attempt fitted in the timeout"
         raise EtcdUnavailable(f"etcd {path}: no endpoint answered within {budget:g}s ({last})")
 
+
 def num(value: object) -> int:
-    return int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) and value != "" else 0
+    """An int64 field of a reply (a decimal string); absent means 0."""
+    if value is None or value == "":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise EtcdBadReply(f"expected an integer, got {value!r:.60}")
+    try:
+        return int(value)
+    except ValueError:
+        raise EtcdBadReply(f"expected an integer, got {value!r:.60}") from None
 
 
 def describe(e: BaseException) -> str:
