@@ -307,3 +307,24 @@ def test_endpoint_parsing() -> None:
     for bad in ("", "http://a", "ftp://a:1", "http://a:1/v3", "a:x"):
         with pytest.raises(ValueError, match="etcd endpoint"):
             parse_endpoints(bad)
+
+
+async def test_malformed_gateway_replies_are_clear_errors(nursery: trio.Nursery) -> None:
+    replies = [b'{"ID": "abc", "TTL": "2"}', b'{"result": {"ID": "1", "TTL": [2]}}', b'{"kvs": "no"}']
+
+    async def scripted(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        body = replies.pop(0)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                              % (len(body), body))
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, scripted, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    async with EtcdClient([f"127.0.0.1:{port}"], timeout=1) as etcd:
+        with pytest.raises(EtcdBadReply, match="expected an integer, got 'abc'"):
+            await etcd.lease_grant(2)
+        with pytest.raises(EtcdBadReply, match=r"expected an integer, got \[2\]"):
+            await etcd.lease_keepalive(1)
+        with pytest.raises(EtcdBadReply, match="kvs: expected a list"):
+            await etcd.get("k")
