@@ -28,6 +28,7 @@ from logd_trio.server.cluster.etcd import EtcdClient
 from logd_trio.server.cluster.etcd_wire import (
     Compare,
     Delete,
+    EtcdBadReply,
     EtcdException,
     EtcdIndeterminate,
     EtcdUnavailable,
@@ -295,7 +296,8 @@ async def _snapshot(etcd: EtcdClient, keys: ClusterKeys) -> tuple[list[KeyValue 
     r = await etcd.txn([], [Get(keys.leader), Get(keys.epoch), Get(keys.isr)])
     out: list[KeyValue | None] = []
     for resp in r.responses:
-        assert isinstance(resp, RangeResult)
+        if not isinstance(resp, RangeResult):
+            raise EtcdBadReply("campaign: a read-only txn answered with a write")
         out.append(resp.kvs[0] if resp.kvs else None)
     return out, r.header.revision
 
