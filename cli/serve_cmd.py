@@ -63,6 +63,8 @@ def serve(
     scrub_rate: Annotated[str | None, typer.Option(
         help="Bytes/s the background check of old partitions reads (CRC + framing); 0: off. Default: 32MiB.")]
         = None,
+    http_host: Annotated[str | None, typer.Option(
+        help="HOST:PORT for /metrics (Prometheus), /healthz and /readyz; \"\": off. Default: off.")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML file of settings (keys as the flags, or under [serve]).")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
@@ -76,6 +78,7 @@ def serve(
         "shutdown_timeout": shutdown_timeout, "max_connections": max_connections, "max_wait": max_wait,
         "pipeline_depth": pipeline_depth, "file_mode": file_mode, "dir_mode": dir_mode,
         "min_free_space": min_free_space, "max_waiters": max_waiters, "scrub_rate": scrub_rate,
+        "http_host": http_host,
     }
     try:
         cfg = load_config(flags=flags, file=config)

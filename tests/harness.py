@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 def shared_dir() -> Path | None:
     """``shared/`` beside the checkout (CI and developers both have it)."""
     env = os.environ.get("LOGD_SHARED_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [REPO.parent / "shared", REPO.parent.parent / "shared"]
+    # LOGD_SHARED_DIR, when set, is the only place looked at (CI sets it to "none" for
+    # its run without shared/); otherwise shared/ beside the checkout.
+    candidates = [Path(env)] if env is not None else [REPO.parent / "shared", REPO.parent.parent / "shared"]
     for c in candidates:
         if (c / "conformance" / "cases.json").exists():
             return c

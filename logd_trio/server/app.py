@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import trio
 from logd_trio.core.errors import RequestError, StorageError
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.connection import Connection
+from logd_trio.server.metrics import Monitor, serve_monitoring
 from logd_trio.server.stats import Counters, StatsRequest, TopicView, run_stats_task
 from logd_trio.server.storage.files import list_topics, make_root
 from logd_trio.server.topic import Topic
@@ -48,6 +49,7 @@ class Registry:
         self.root = Path(config.workdir)
         self.topics: dict[str, Topic] = {}
         self.host = config.host  # the bound address once listening
+        self.accepting = False  # listening and not shutting down (for /readyz)
         self._nursery = nursery
         self._creating: dict[str, trio.Event] = {}
         self._created = trio.Event()
@@ -86,6 +88,7 @@ class Registry:
                 cause = e if isinstance(e, OSError) else e.__cause__
                 why = cause.strerror if isinstance(cause, OSError) and cause.strerror else "see the server log"
                 raise StorageError(f"cannot open topic {name}: {why}") from e
+            topic.histograms = self.counters.histograms
             await self._nursery.start(topic.run)
             self.topics[name] = topic
             self._created.set()
@@ -139,23 +142,31 @@ async def serve(
     config: ServerConfig,
     *,
     shutdown: trio.Event | None = None,
+    on_http_bound: Callable[[tuple[str, int]], None] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a server until ``shutdown`` is set (graceful) or the call is cancelled.
 
     Reports ``(host, port)`` through ``task_status`` once listening, so
-    ``await nursery.start(serve, config)`` with port 0 gives the real port.
+    ``await nursery.start(serve, config)`` with port 0 gives the real port;
+    with ``http_host`` set, ``on_http_bound`` gets the monitoring address
+    before recovery starts.
     """
     root = Path(config.workdir)
     log.info("starting on %s: data in %s, fsync=%s%s", config.host, _absolute(root), config.fsync,
              f" every {config.flush_interval:g}s" if config.fsync == "interval" else "")
-    await trio.to_thread.run_sync(make_root, root, config.dir_mode)  # durably: parents fsynced
     counters = Counters()
+    monitor, http_stop = Monitor(counters, shutdown), trio.Event()
     stats_send, stats_recv = trio.open_memory_channel[StatsRequest](16)
     async with trio.open_nursery() as root_nursery:
         try:
+            if config.http_address is not None:  # first, so /healthz answers during recovery
+                http_bound = await root_nursery.start(serve_monitoring, config.http_address, monitor, http_stop)
+                if on_http_bound is not None:
+                    on_http_bound(http_bound)
+            await trio.to_thread.run_sync(make_root, root, config.dir_mode)  # durably: parents fsynced
             async with trio.open_nursery() as topics_nursery:
-                registry = Registry(config, topics_nursery, counters)
+                registry = monitor.state = Registry(config, topics_nursery, counters)
                 try:
                     await registry.open_existing()
                     await root_nursery.start(run_stats_task, stats_recv, config, counters, registry.views,
@@ -165,6 +176,7 @@ async def serve(
                     registry.close_inputs()
         finally:
             stats_send.close()
+            http_stop.set()
         log.info("shut down cleanly; every acknowledged batch is on disk")
 
 
@@ -205,11 +217,13 @@ async def _serve_connections(
             accept.start_soon(partial(trio.serve_listeners, handle, listeners, handler_nursery=handlers))
             log.info("listening on %s:%d, data in %s, fsync=%s%s", bound[0], bound[1], _absolute(registry.root),
                      config.fsync, f" every {config.flush_interval:g}s" if config.fsync == "interval" else "")
+            registry.accepting = True
             task_status.started(bound)
             if shutdown is None:
                 await trio.sleep_forever()
             else:
                 await shutdown.wait()
+            registry.accepting = False
             log.info("shutting down: no new connections; %d open get %gs to finish",
                      len(conns.open), config.shutdown_timeout)
             accept.cancel_scope.cancel()

@@ -109,10 +109,11 @@ class ServerConfig:
     min_free_space: int = 16 * MIB
     max_waiters: int = 1024
     scrub_rate: int = 32 * MIB
+    http_host: str = ""  # HOST:PORT of /metrics, /healthz, /readyz; "" (the default): off
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workdir", Path(self.workdir))
-        _ = self.address  # validates host
+        _ = self.address, self.http_address  # validates host and http_host
         for name in ("batch_size", "max_messages", "partition_size", "partitions", "topics",
                      "max_connections", "pipeline_depth"):
             _positive(name, getattr(self, name))
@@ -145,6 +146,17 @@ class ServerConfig:
             raise ConfigError(f"host: expected HOST:PORT, got {self.host!r}")
         host = host.strip("[]") or "127.0.0.1"
         return host, int(port)
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """Where the monitoring endpoints listen; None when ``http_host`` is empty (off)."""
+        if not self.http_host:
+            return None
+        host, sep, port = self.http_host.rpartition(":")
+        if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535 or any(c.isspace() for c in host):
+            raise ConfigError(f"http_host: expected HOST:PORT such as 127.0.0.1:9100 (or \"\" for off), "
+                              f"got {self.http_host!r}")
+        return host.strip("[]") or "127.0.0.1", int(port)
 
 
 _FIELDS: Final = {f.name: f for f in dataclasses.fields(ServerConfig) }
@@ -185,7 +197,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{where}: expected a list of topic names, got {value!r}")
     if key == "workdir":
         return Path(str(value))
-    if key in ("host", "fsync"):
+    if key in ("host", "fsync", "http_host"):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -53,6 +54,17 @@ def error_reply(e: LogdError) -> bytes:
     if isinstance(e, StorageError):
         return p.reply_err(f"storage error: {e}")
     return p.reply_err(f"internal error: {type(e).__name__}")
+
+
+def error_kind(e: LogdError) -> str:
+    """The ``errors`` metric label of an error of a request."""
+    if isinstance(e, RequestError):
+        return "refused"
+    if isinstance(e, NotFound):
+        return "not_found"
+    if isinstance(e, CorruptData):
+        return "corrupt"
+    return "storage"
 
 
 class _Closing:
@@ -137,6 +149,7 @@ class Connection:
                     event = parser.next_event()
                 except RequestError as e:
                     counters.errors["protocol"] += 1
+                    counters.error_kinds["protocol"] += 1
                     if e.close:
                         await out.send(_Closing(error_reply(e)))
                         return
@@ -153,6 +166,7 @@ class Connection:
                     continue
                 log.debug("closing connection: %s", "request timeout" if parser.buffered else "idle")
                 if parser.buffered:
+                    counters.error_kinds["timeout"] += 1
                     await out.send(_Closing(p.reply_err("timeout")))
                 return
             if n == 0:
@@ -189,6 +203,7 @@ class Connection:
                 item = StatsRequest(req)  # sent to the stats task by the writer, in reply order
         except (NotFound, RequestError, StorageError) as e:
             counters.errors[cmd] += 1
+            counters.error_kinds[error_kind(e)] += 1
             item = error_reply(e)
         self.inflight += 1
         try:
@@ -237,6 +252,7 @@ class Connection:
                             pending += b"OK %d 1\r\n" % item.offset
                         else:
                             self.counters.errors["batch"] += 1
+                            self.counters.error_kinds[error_kind(item.error)] += 1
                             pending += error_reply(item.error)
                     elif isinstance(item, p.Read | p.Tail):
                         await self._read(item, pending)
@@ -279,16 +295,19 @@ class Connection:
             finally:
                 self._poll_scope = None
                 self.counters.longpoll_waiting -= 1
+        t0 = time.perf_counter()
         try:
             if topic is None:
                 raise NotFound(req.topic)
             plan = await topic.open_read(req.offset if isinstance(req, p.Read) else topic.first, req.limit)
         except (NotFound, StorageError) as e:
             self.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
+            self.counters.error_kinds[error_kind(e)] += 1
             pending += error_reply(e)
             return
         await self._send_plan(plan, pending)
         pending.clear()
+        self.counters.histograms.read_latency.observe(time.perf_counter() - t0)
 
     async def _send_all(self, data: bytes | bytearray) -> None:
         """Send everything; ``--timeout`` bounds each wait for progress, not the whole reply."""

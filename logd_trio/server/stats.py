@@ -14,6 +14,7 @@ import trio
 
 from logd_trio.core import requests as p
 from logd_trio.server.config import ServerConfig, format_duration
+from logd_trio.server.histogram import Histograms
 
 __all__ = ["Counters", "StatsRequest", "run_stats_task"]
 
@@ -34,6 +35,8 @@ class Counters:
         self.errors: collections.Counter[str] = collections.Counter()
         self.topics_disallowed = 0
         self.longpoll_waiting = 0
+        self.error_kinds: collections.Counter[str] = collections.Counter()  # for /metrics: logd_errors_total
+        self.histograms = Histograms()
 
 
 class StatsRequest:

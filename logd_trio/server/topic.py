@@ -8,8 +8,7 @@ acknowledged together (group commit).  Reads and long-polls are served from
 the connection tasks through :meth:`Topic.open_read`, which never shows a
 batch before it is acknowledged nor a frame before it is verified.
 
-Errors travel as exception objects (:class:`Append.error`, raised by
-:meth:`Topic.open_read`); the connection turns them into ``ERR`` text.
+Errors travel as exception objects (``Append.error``, raised by ``open_read``).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import trio
 
 from logd_trio.core.errors import LogdError, NotFound, StorageError
 from logd_trio.server.config import ServerConfig
+from logd_trio.server.histogram import Histograms
 from logd_trio.server.storage.jobs import SyncJob
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.storage.space import FreeSpace
@@ -38,8 +38,7 @@ log = logging.getLogger("logd_trio.server.topic")
 INBOX_SIZE = 64
 # Background scrub: bytes verified per worker-thread call (paced to --scrub-rate).
 SCRUB_CHUNK = 4 * 1024 * 1024
-# Reads verify up to this many unchecked bytes on the Trio thread (page cache: tens of
-# microseconds, cheaper than a thread hop); bigger ranges go to a worker thread.
+# Reads verify up to this many unchecked bytes on the Trio thread (cheaper than a thread hop).
 INLINE_VERIFY_BYTES = 256 * 1024
 # Rounds of verify-then-plan-again a read may take (one unless retention or new data interferes).
 _VERIFY_ROUNDS = 4
@@ -48,7 +47,7 @@ _VERIFY_ROUNDS = 4
 class Append:
     """One BATCH on its way to the topic, and the slot its answer comes back in."""
 
-    __slots__ = ("count", "done", "error", "frame", "offset")
+    __slots__ = ("count", "done", "error", "frame", "offset", "queued")
 
     def __init__(self, frame: bytes, count: int) -> None:
         self.frame = frame
@@ -56,6 +55,7 @@ class Append:
         self.offset = -1
         self.error: LogdError | None = None
         self.done = trio.Event()
+        self.queued = time.perf_counter()
 
 
 class Topic:
@@ -81,6 +81,7 @@ class Topic:
         self._next_error_log = 0.0
         self._errors_unlogged = 0
         self._space = FreeSpace(Path(config.workdir) / name, config.min_free_space)
+        self.histograms = Histograms()  # the server's own replace it (Registry)
 
     @classmethod
     def open(cls, root: Path, name: str, config: ServerConfig) -> Topic:
@@ -131,13 +132,11 @@ class Topic:
     async def open_read(self, offset: int, limit: int) -> ReadPlan:
         """The acknowledged batches from ``offset`` (message sum below ``limit``), every frame verified.
 
-        Frames an earlier process left that the scrub has not reached yet are
-        verified first (CRC + framing: inline when small, else in a worker
-        thread), then planned again; the plan stops before any corrupt batch.
-        Raises :class:`NotFound`, :class:`~logd_trio.server.storage.reads.CorruptData`
-        (the batch at ``offset`` is corrupt) or :class:`StorageError`.  The
-        caller closes the plan.  Cancelled: nothing to close; what was verified
-        stays recorded only if the thread's result was applied.
+        Frames an earlier process left that the scrub has not reached yet are verified
+        first (inline when small, else in a worker thread), then planned again; the plan
+        stops before any corrupt batch.  Raises :class:`NotFound`, ``CorruptData`` (the
+        batch at ``offset`` is corrupt) or :class:`StorageError`.  The caller closes the
+        plan.  Cancelled: nothing to close; verified ranges are kept once applied.
         """
         for _ in range(_VERIFY_ROUNDS):
             if offset >= self.visible_head:
@@ -273,10 +272,12 @@ class Topic:
         unacked = self._unacked
         head = self.visible_head
         n = 0
+        now, latency = time.perf_counter(), self.histograms.batch_latency
         while unacked and unacked[0][0] <= upto:
             end, item = unacked.popleft()
-            if end > head:
+            if end > head:  # always, except for a refused batch (end -1): it is not observed
                 head = end
+                latency.observe(now - item.queued)
             item.done.set()
             n += 1
         self._publish(head)
@@ -317,12 +318,17 @@ class Topic:
         if job is None:
             self._ack_upto(self.log.head)
             return
+        t0 = time.perf_counter()
         try:
             await trio.to_thread.run_sync(job.run)
         except OSError as e:
             self._fail_stop(f"fsync failed: {e.strerror or e}")
             return
-        self.synced_batches += self._ack_upto(job.upto)
+        self.histograms.fsync_latency.observe(time.perf_counter() - t0)
+        covered = self._ack_upto(job.upto)
+        self.synced_batches += covered
+        if covered:  # with --fsync always; otherwise batches were acknowledged before their fsync
+            self.histograms.batches_per_fsync.observe(covered)
 
     def _fail_stop(self, reason: str) -> None:
         """After a failed fsync nothing written since the last good one can be
@@ -367,11 +373,8 @@ class Topic:
 
     async def _final_sync(self) -> None:
         """Shutdown: everything appended is made durable (in a worker thread), then files close.
-
-        Runs shielded; bounded by ``shutdown_timeout`` so a hung disk cannot
-        hang the exit (the files are then left to the OS, and recovery on the
-        next start checks them).
-        """
+        Shielded; bounded by ``shutdown_timeout`` so a hung disk cannot hang the exit (the
+        files are then left to the OS, and recovery on the next start checks them)."""
         if self.failed is not None:
             self._fail_all(self.failed)
             self.log.close_without_sync()

@@ -1,0 +1,164 @@
+"""A small HTTP/1.1 server for the monitoring endpoints: h11 for the protocol, Trio sockets for I/O.
+
+It answers GET and HEAD with an async handler.  Every wait is bounded:
+reading a request, sending a response, and a kept-alive connection's idle
+time; connections beyond :data:`MAX_CONNECTIONS` are closed at once.  It runs
+until cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from http import HTTPStatus
+from typing import Final
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+__all__ = ["MAX_CONNECTIONS", "Request", "Response", "serve_http"]
+
+log = logging.getLogger("logd_trio.server.http")
+
+MAX_CONNECTIONS: Final = 64
+TIMEOUT: Final = 10.0  # to receive a whole request, to send a response, and idle between requests
+MAX_HEAD: Final = 16 * 1024
+MAX_BODY: Final = 64 * 1024  # a request body is read and discarded; beyond this: 413
+RECV_SIZE: Final = 16 * 1024
+_SERVER: Final = b"logd-trio"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    headers: Mapping[str, str] = field(default_factory=dict)  # names lower-case
+
+    def header(self, name: str) -> str:
+        return self.headers.get(name.lower(), "")
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    extra: tuple[tuple[str, str], ...] = ()
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+async def serve_http(
+    host: str,
+    port: int,
+    handler: Handler,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``handler`` on ``host:port`` until cancelled; reports the bound ``(host, port)``."""
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        # The filename slot names what failed to bind, for the CLI's one-line error.
+        raise OSError(e.errno, e.strerror or str(e), f"--http-host {host}:{port}") from e
+    addr = listeners[0].socket.getsockname()
+    active = [0]
+
+    async def connection(stream: trio.SocketStream) -> None:
+        if active[0] >= MAX_CONNECTIONS:
+            await stream.aclose()
+            return
+        active[0] += 1
+        try:
+            await _serve_connection(stream, handler)
+        finally:
+            active[0] -= 1
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(trio.serve_listeners, connection, listeners, handler_nursery=nursery))
+        task_status.started((addr[0], addr[1]))
+        await trio.sleep_forever()
+
+
+async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    try:
+        while True:
+            try:
+                req = await _receive_request(stream, conn)
+            except (_BadRequest, h11.RemoteProtocolError) as e:
+                status = e.status if isinstance(e, _BadRequest) else e.error_status_hint
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await _send(stream, conn, "GET", Response(status, f"{e}\n".encode()), close=True)
+                return
+            if req is None:
+                return
+            if req.method not in ("GET", "HEAD"):
+                resp = Response(405, b"only GET and HEAD\n", extra=(("Allow", "GET, HEAD"),))
+            else:
+                try:
+                    resp = await handler(req)
+                except Exception:  # a bug in a scrape must not cost more than this response
+                    log.exception("monitoring request %s failed", req.path)
+                    resp = Response(500, b"internal error, see the server log\n")
+            await _send(stream, conn, req.method, resp, close=False)
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.LocalProtocolError):
+        pass  # the peer went away or stalled: nothing to answer
+    finally:
+        await stream.aclose()
+
+
+async def _receive_request(stream: trio.SocketStream, conn: h11.Connection) -> Request | None:
+    """The next whole request (body discarded); None when the peer closes or stays idle."""
+    request: h11.Request | None = None
+    body = 0
+    with trio.move_on_after(TIMEOUT):
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(RECV_SIZE)
+                conn.receive_data(data)  # b"" is EOF
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += len(event.data)
+                if body > MAX_BODY:
+                    raise _BadRequest(413, "request body too large")
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+                target = request.target.decode("latin-1")
+                return Request(request.method.decode("ascii", "replace"), urlsplit(target).path, headers)
+            else:  # ConnectionClosed or PAUSED
+                return None
+    if request is not None:  # a request started but did not finish in time
+        raise _BadRequest(408, "request timeout")
+    return None
+
+
+async def _send(stream: trio.SocketStream, conn: h11.Connection, method: str, resp: Response, *,
+                close: bool) -> None:
+    headers = [("Content-Type", resp.content_type), ("Content-Length", str(len(resp.body))),
+               ("Server", _SERVER.decode()), *resp.extra]
+    if close:
+        headers.append(("Connection", "close"))
+    data = conn.send(h11.Response(status_code=resp.status, headers=headers,
+                                  reason=HTTPStatus(resp.status).phrase.encode()))
+    if method != "HEAD":
+        data += conn.send(h11.Data(data=resp.body))
+    data += conn.send(h11.EndOfMessage())
+    with trio.fail_after(TIMEOUT):
+        await stream.send_all(data)
