@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ import trio
 from logd_trio.client.client import RetryPolicy
 from logd_trio.server.app import serve
 from logd_trio.server.config import ServerConfig
+from logd_trio.server.storage import syscalls
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,6 +119,35 @@ class LocalServer:
         assert self._shutdown is not None and self._done is not None
         self._shutdown.set()
         await self._done.wait()
+
+
+# ---------------------------------------------------------------- slow disk
+
+_DELAY = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s)")
+
+
+def parse_delay(text: str) -> float:
+    """``60ms`` or ``0.2s`` -> seconds."""
+    m = _DELAY.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not a delay like 60ms or 0.2s")
+    return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+
+
+class SlowDisk(syscalls.Layer):
+    """Every fsync/fdatasync of the storage layer takes ``delay`` seconds longer (real time)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def fsync(self, fd: int) -> None:
+        time.sleep(self.delay)
+        self.inner.fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        time.sleep(self.delay)
+        self.inner.fdatasync(fd)
 
 
 # ---------------------------------------------------------------- server processes

@@ -32,7 +32,7 @@ from logd_trio.server.config import ServerConfig
 from logd_trio.server.connection import Connection
 from logd_trio.server.metrics import Monitor, serve_monitoring
 from logd_trio.server.stats import Counters, StatsRequest, TopicView, run_stats_task
-from logd_trio.server.storage.topic_log import list_topics, make_root
+from logd_trio.server.storage.files import list_topics, make_root
 from logd_trio.server.topic import Topic
 
 __all__ = ["Registry", "run", "serve"]

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from logd_trio.core import requests as p
-from logd_trio.core.errors import NotFound, RequestError, StorageError
+from logd_trio.core.errors import LogdError, NotFound, RequestError, StorageError
 from logd_trio.server.stats import Counters, StatsRequest
-from logd_trio.server.storage.topic_log import CorruptData, ReadPlan
+from logd_trio.server.storage.reads import CorruptData, ReadPlan
 from logd_trio.server.topic import Append
 
 if TYPE_CHECKING:
@@ -41,6 +41,30 @@ SENDFILE_CHUNK: Final = 1 << 20
 # and destroy the ERR reply before the peer reads it.
 LINGER_SECONDS: Final = 1.0
 LINGER_BYTES: Final = 1 << 20
+
+
+def error_reply(e: LogdError) -> bytes:
+    """The ``ERR`` line for an error of a request: the one place errors become wire text."""
+    if isinstance(e, RequestError):
+        return p.reply_err(e.reason)
+    if isinstance(e, NotFound):
+        return b"ERR not found\r\n"
+    if isinstance(e, CorruptData):  # never send a frame that fails its CRC
+        return b"ERR corrupt data\r\n"
+    if isinstance(e, StorageError):
+        return p.reply_err(f"storage error: {e}")
+    return p.reply_err(f"internal error: {type(e).__name__}")
+
+
+def error_kind(e: LogdError) -> str:
+    """The ``errors`` metric label of an error of a request."""
+    if isinstance(e, RequestError):
+        return "refused"
+    if isinstance(e, NotFound):
+        return "not_found"
+    if isinstance(e, CorruptData):
+        return "corrupt"
+    return "storage"
 
 
 class _Closing:
@@ -127,9 +151,9 @@ class Connection:
                     counters.errors["protocol"] += 1
                     counters.error_kinds["protocol"] += 1
                     if e.close:
-                        await out.send(_Closing(p.reply_err(e.reason)))
+                        await out.send(_Closing(error_reply(e)))
                         return
-                    await out.send(p.reply_err(e.reason))
+                    await out.send(error_reply(e))
                     continue
                 if event is p.NEED_DATA:
                     break
@@ -177,18 +201,10 @@ class Connection:
                 return False
             else:
                 item = StatsRequest(req)  # sent to the stats task by the writer, in reply order
-        except NotFound:
+        except (NotFound, RequestError, StorageError) as e:
             counters.errors[cmd] += 1
-            counters.error_kinds["not_found"] += 1
-            item = b"ERR not found\r\n"
-        except RequestError as e:
-            counters.errors[cmd] += 1
-            counters.error_kinds["refused"] += 1
-            item = p.reply_err(e.reason)
-        except StorageError as e:
-            counters.errors[cmd] += 1
-            counters.error_kinds["storage"] += 1
-            item = p.reply_err(f"storage error: {e}")
+            counters.error_kinds[error_kind(e)] += 1
+            item = error_reply(e)
         self.inflight += 1
         try:
             out.send_nowait(item)
@@ -236,8 +252,8 @@ class Connection:
                             pending += b"OK %d 1\r\n" % item.offset
                         else:
                             self.counters.errors["batch"] += 1
-                            self.counters.error_kinds["storage"] += 1
-                            pending += p.reply_err(item.error)
+                            self.counters.error_kinds[error_kind(item.error)] += 1
+                            pending += error_reply(item.error)
                     elif isinstance(item, p.Read | p.Tail):
                         await self._read(item, pending)
                     elif isinstance(item, StatsRequest):
@@ -283,19 +299,11 @@ class Connection:
         try:
             if topic is None:
                 raise NotFound(req.topic)
-            offset = req.offset if isinstance(req, p.Read) else topic.first
-            plan = topic.read_plan(offset, req.limit)
-            if plan.checks:  # frames of an earlier process the scrub has not verified yet
-                plan = await topic.verify_read(plan, offset, req.limit)
-        except NotFound:
+            plan = await topic.open_read(req.offset if isinstance(req, p.Read) else topic.first, req.limit)
+        except (NotFound, StorageError) as e:
             self.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
-            self.counters.error_kinds["not_found"] += 1
-            pending += b"ERR not found\r\n"
-            return
-        except StorageError as e:  # never send a frame that fails its CRC
-            self.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
-            self.counters.error_kinds["corrupt" if isinstance(e, CorruptData) else "storage"] += 1
-            pending += b"ERR corrupt data\r\n" if isinstance(e, CorruptData) else p.reply_err(f"storage error: {e}")
+            self.counters.error_kinds[error_kind(e)] += 1
+            pending += error_reply(e)
             return
         await self._send_plan(plan, pending)
         pending.clear()
