@@ -23,6 +23,7 @@ import trio
 
 from logd_trio.core.errors import NotFound, StorageError
 from logd_trio.server.config import ServerConfig
+from logd_trio.server.reasons import public_reason
 from logd_trio.server.storage.topic_log import ReadPlan, SyncJob, TopicLog, VerifyJob
 
 __all__ = ["Append", "Topic"]
@@ -277,7 +278,7 @@ class Topic:
                 raise StorageError(full)
             offset = self.log.append(item.frame, item.count)
         except StorageError as e:
-            item.error = f"storage error: {e}"
+            item.error = f"storage error: {public_reason(e)}"
             if self._unacked:  # keep replies in order: fail after what precedes it is acked
                 self._unacked.append((-1, item))
             else:
