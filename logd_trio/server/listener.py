@@ -34,6 +34,12 @@ log = logging.getLogger("logd_trio.server.listener")
 REFUSAL: Final = b"ERR too many connections\r\n"
 # accept() errors that mean "no resources right now", not a broken listener.
 CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() errors about one client that gave up or was refused by the network: try the next.
+TRANSIENT_ERRNOS: Final = frozenset(
+    getattr(errno, name) for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+        "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET")
+    if hasattr(errno, name))
 BACKOFF_MIN: Final = 0.05
 BACKOFF_MAX: Final = 1.0
 REPORT_EVERY: Final = 10.0  # seconds between two log lines about the same condition
@@ -126,6 +132,8 @@ class Listener:
             try:
                 conn, _ = await sock.accept()
             except OSError as e:
+                if e.errno in TRANSIENT_ERRNOS:
+                    continue
                 if e.errno not in CAPACITY_ERRNOS:
                     raise
                 self._report_no_fds("cannot accept: %s; answering new clients 'ERR too many connections' "
@@ -160,13 +168,15 @@ class Listener:
 
     async def _short_of_fds(self, sock: trio.socket.SocketType) -> trio.socket.SocketType | bool:
         """accept() failed for lack of descriptors.  Wait for a client, then: the client if
-        descriptors are free again; True if it was refused through the spare descriptor;
+        descriptors are free again; True if it was refused through the spare descriptor (or gave up);
         False if nothing could be done (the caller backs off)."""
         await trio.lowlevel.wait_readable(sock)  # EMFILE comes before the queue is looked at
         try:
             conn, _ = await sock.accept()
             return conn
         except OSError as e:
+            if e.errno in TRANSIENT_ERRNOS:
+                return True
             if e.errno not in CAPACITY_ERRNOS:
                 raise
         if self._spare is None:
@@ -179,6 +189,8 @@ class Listener:
             self.counters.conns_refused += 1
             self._refuse_now(conn)
         except OSError as e:
+            if e.errno in TRANSIENT_ERRNOS:
+                return True
             if e.errno not in CAPACITY_ERRNOS:
                 raise
             return False
