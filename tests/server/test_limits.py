@@ -27,9 +27,9 @@ from ..wire import Wire, batch_request
 TOO_MANY = b"ERR too many connections\r\n"
 
 
-def _nofile(n: int) -> Callable[[], None]:
+def _nofile(hard: int, soft: int | None = None) -> Callable[[], None]:
     def set_limit() -> None:  # runs in the child between fork and exec
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft or hard, hard))
 
     return set_limit
 
@@ -100,10 +100,11 @@ async def test_fd_exhaustion_keeps_acknowledging_and_refuses_new_clients(
 ) -> None:
     limit = 160
     srv = await spawn(nursery, tmp_path / "d", "--topics", "2", "--partitions", "2", "--fsync", "always",
-                      "--max-connections-per-ip", "0", preexec_fn=_nofile(limit))
+                      "--max-connections-per-ip", "0", preexec_fn=_nofile(limit, soft=100))
     good = await Wire.connect(srv.host, srv.port)
     await good.send(batch_request("t", [b"before"]))
     assert await good.reply() == b"OK 0 1\r\n"
+    assert b"open-file limit %d: at most" % limit in srv.log  # the soft limit (100) was raised to the hard one
     assert b"--max-connections 1024 lowered" in srv.log
 
     idle: list[trio.SocketStream] = []
