@@ -52,8 +52,8 @@ def serve(
         help="Connections beyond this get 'ERR too many connections' (lowered at start if the open-file "
              "limit cannot afford it). Default: 1024.")] = None,
     max_connections_per_ip: Annotated[int | None, typer.Option(
-        help="Connections from one client address beyond this get 'ERR too many connections'; 0: no cap. "
-             "Default: 256.")] = None,
+        help="Connections from one client address beyond this get 'ERR too many connections'; 0: no cap "
+             "(behind a proxy every client has the proxy's address). Default: 256.")] = None,
     max_wait: Annotated[str | None, typer.Option(help="Cap on a long-poll READ's wait. Default: 30s.")] = None,
     pipeline_depth: Annotated[int | None, typer.Option(
         help="Requests in flight per connection before the server stops reading it. Default: 128.")] = None,
