@@ -149,7 +149,7 @@ class Connection:
                     return
             partial = bool(parser.buffered)
             started = trio.current_time()
-            with trio.move_on_after(budget if partial else idle) as cs:
+            with trio.move_on_after(max(budget, 0.0) if partial else idle) as cs:
                 n = await self.sock.recv_into(view)
             if partial:
                 budget -= trio.current_time() - started
