@@ -72,6 +72,7 @@ async def serve(
     await trio.to_thread.run_sync(make_root, root, config.dir_mode)  # durably: parents fsynced
     lock = await trio.to_thread.run_sync(DataDirLock.acquire, root, config.file_mode)
     try:
+        fd_limit = raise_fd_limit()  # before recovery opens every partition
         counters = Counters()
         async with trio.open_nursery() as root_nursery:
             async with trio.open_nursery() as topics_nursery:
@@ -80,7 +81,7 @@ async def serve(
                 try:
                     await registry.open_existing()
                     await root_nursery.start(stats.run)
-                    await _serve_connections(config, registry, stats, shutdown, task_status)
+                    await _serve_connections(config, registry, stats, fd_limit, shutdown, task_status)
                 finally:
                     stats.close()
                     registry.close_inputs()
@@ -93,10 +94,11 @@ async def _serve_connections(
     config: ServerConfig,
     registry: Registry,
     stats: Stats,
+    fd_limit: int | None,
     shutdown: trio.Event | None,
     task_status: trio.TaskStatus[tuple[str, int]],
 ) -> None:
-    budget = fd_budget(raise_fd_limit(), max_connections=config.max_connections,
+    budget = fd_budget(fd_limit, max_connections=config.max_connections,
                        topics=max(config.topics, len(registry.topics)), partitions=config.partitions)
     if budget.shortfall:
         log.warning("open-file limit %d: %d topics of %d partitions could need %d descriptors more than that; "
