@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ import trio
 from logd_trio.client.client import RetryPolicy
 from logd_trio.server.app import serve
 from logd_trio.server.config import ServerConfig
+from logd_trio.server.storage import syscalls
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,6 +121,35 @@ class LocalServer:
         await self._done.wait()
 
 
+# ---------------------------------------------------------------- slow disk
+
+_DELAY = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s)")
+
+
+def parse_delay(text: str) -> float:
+    """``60ms`` or ``0.2s`` -> seconds."""
+    m = _DELAY.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not a delay like 60ms or 0.2s")
+    return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+
+
+class SlowDisk(syscalls.Layer):
+    """Every fsync/fdatasync of the storage layer takes ``delay`` seconds longer (real time)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def fsync(self, fd: int) -> None:
+        time.sleep(self.delay)
+        self.inner.fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        time.sleep(self.delay)
+        self.inner.fdatasync(fd)
+
+
 # ---------------------------------------------------------------- server processes
 
 LISTENING = re.compile(rb"listening on ([0-9.]+):(\d+)")
@@ -132,10 +163,12 @@ class ServerProcess:
         self.log = log
 
 
-async def spawn(nursery: trio.Nursery, workdir: Path, *args: str) -> ServerProcess:
+async def spawn(nursery: trio.Nursery, workdir: Path, *args: str,
+                preexec_fn: Callable[[], None] | None = None) -> ServerProcess:
     cmd = [sys.executable, "-m", "logd_trio_cli.main", "serve", "--host", "127.0.0.1:0",
            "--workdir", str(workdir), *args]
-    proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                            preexec_fn=preexec_fn)
     assert proc.stderr is not None
     log = bytearray()
     found = trio.Event()

@@ -17,6 +17,7 @@ __all__ = [
     "FrameHeader",
     "build_body",
     "build_frame",
+    "check_frame",
     "count_messages",
     "crc32",
     "framed_size",
@@ -215,3 +216,24 @@ def parse_frame_header(buf: bytes | bytearray | memoryview, pos: int = 0, max_li
     if size is None or crc is None or count is None or not valid_topic(words[2]):
         raise InvalidBatchError("bad BATCH line")
     return FrameHeader(size, words[2], crc, count, nl + 2 - pos)
+
+
+def check_frame(buf: bytes, pos: int = 0, end: int | None = None) -> FrameHeader | None:
+    """The header of the valid frame starting at ``buf[pos]`` and ending at or before ``end``, else None.
+
+    Valid: the ``BATCH`` line parses, the body lies within ``buf[:end]``, its
+    CRC matches and its MSG framing is exact with the header's message count.
+    The one "is this a good stored frame" test of the storage layer.
+    """
+    stop = len(buf) if end is None else min(end, len(buf))
+    try:
+        h = parse_frame_header(buf, pos)
+        if h is None or pos + h.frame_len > stop:
+            return None
+        body = pos + h.header_len
+        frame_end = pos + h.frame_len
+        if crc32(memoryview(buf)[body:frame_end]) != h.crc or count_messages(buf, body, frame_end) != h.count:
+            return None
+    except InvalidBatchError:
+        return None
+    return h

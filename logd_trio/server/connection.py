@@ -16,18 +16,17 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import trio
 
 from logd_trio.core import requests as p
-from logd_trio.core.errors import NotFound, RequestError, StorageError
+from logd_trio.core.errors import LogdError, NotFound, RequestError, StorageError
+from logd_trio.server.reasons import public_reason
+from logd_trio.server.registry import Registry
 from logd_trio.server.stats import Counters, StatsRequest
-from logd_trio.server.storage.topic_log import CorruptData, ReadPlan
+from logd_trio.server.storage.reads import CorruptData, ReadPlan
 from logd_trio.server.topic import Append
-
-if TYPE_CHECKING:
-    from logd_trio.server.app import Registry
 
 __all__ = ["Connection"]
 
@@ -41,6 +40,33 @@ SENDFILE_CHUNK: Final = 1 << 20
 # and destroy the ERR reply before the peer reads it.
 LINGER_SECONDS: Final = 1.0
 LINGER_BYTES: Final = 1 << 20
+# Once a graceful shutdown has begun, a reply may wait this long for progress (instead of
+# --timeout), so that a client that never reads does not hold the shutdown.
+DRAIN_SEND_TIMEOUT: Final = 2.0
+
+
+def error_reply(e: LogdError) -> bytes:
+    """The ``ERR`` line for an error of a request: the one place errors become wire text."""
+    if isinstance(e, RequestError):
+        return p.reply_err(e.reason)
+    if isinstance(e, NotFound):
+        return b"ERR not found\r\n"
+    if isinstance(e, CorruptData):  # never send a frame that fails its CRC
+        return b"ERR corrupt data\r\n"
+    if isinstance(e, StorageError):
+        return p.reply_err(f"storage error: {public_reason(e)}")
+    return p.reply_err(f"internal error: {type(e).__name__}")
+
+
+def error_kind(e: LogdError) -> str:
+    """The ``errors`` metric label of an error of a request."""
+    if isinstance(e, RequestError):
+        return "refused"
+    if isinstance(e, NotFound):
+        return "not_found"
+    if isinstance(e, CorruptData):
+        return "corrupt"
+    return "storage"
 
 
 class _Closing:
@@ -84,14 +110,21 @@ class Connection:
         # A batch queued at its topic whose reply slot the reader could not get before it was
         # stopped (graceful shutdown): the writer answers it last, so no stored batch loses its OK.
         self._orphan: Append | None = None
+        # Bound on each wait for send progress (--timeout; shorter once draining).
+        self.send_timeout = self.config.timeout or math.inf
+        self._send_scope: trio.CancelScope | None = None
 
     def stop_reading(self) -> None:
         """Graceful shutdown: take no new request; in-flight ones still get replies
-        (a waiting long-poll answers at once, as when its wait runs out)."""
+        (a waiting long-poll answers at once, as when its wait runs out), each send
+        waiting at most DRAIN_SEND_TIMEOUT for progress."""
         self._eof = True
         self.read_scope.cancel()
         if self._poll_scope is not None:
             self._poll_scope.cancel()
+        self.send_timeout = min(self.send_timeout, DRAIN_SEND_TIMEOUT)
+        if self._send_scope is not None:
+            self._send_scope.deadline = min(self._send_scope.deadline, trio.current_time() + self.send_timeout)
 
     async def run(self) -> None:
         send, recv = trio.open_memory_channel[_Item](self.config.pipeline_depth)
@@ -119,31 +152,46 @@ class Connection:
         counters = self.counters
         idle = self.config.idle_timeout or math.inf
         timeout = self.config.timeout or math.inf
+        # --timeout bounds the time spent waiting for the bytes of one request, from its
+        # first byte to its last (not each wait alone: a trickle must not reset it).  Time
+        # the reader spends waiting for room in the pipeline does not count.
+        budget = timeout
         while True:
             while True:
                 try:
                     event = parser.next_event()
                 except RequestError as e:
+                    budget = timeout
                     counters.errors["protocol"] += 1
                     counters.error_kinds["protocol"] += 1
                     if e.close:
-                        await out.send(_Closing(p.reply_err(e.reason)))
+                        await out.send(_Closing(error_reply(e)))
                         return
-                    await out.send(p.reply_err(e.reason))
+                    await out.send(error_reply(e))
                     continue
                 if event is p.NEED_DATA:
                     break
+                budget = timeout
                 if not await self._dispatch(event, out):
                     return
-            with trio.move_on_after(timeout if parser.buffered else idle) as cs:
+            partial = bool(parser.buffered)
+            started = trio.current_time()
+            with trio.move_on_after(max(budget, 0.0) if partial else idle) as cs:
                 n = await self.sock.recv_into(view)
+            if partial:
+                budget -= trio.current_time() - started
             if cs.cancelled_caught:
-                if self.inflight or (not parser.buffered and self.config.idle_timeout == 0):
-                    continue
-                log.debug("closing connection: %s", "request timeout" if parser.buffered else "idle")
-                if parser.buffered:
-                    counters.error_kinds["timeout"] += 1
-                    await out.send(_Closing(p.reply_err("timeout")))
+                if not partial:
+                    if self.inflight or self.config.idle_timeout == 0:
+                        continue
+                    log.debug("closing connection: idle")
+                    return
+                log.debug("closing connection: a request did not arrive within --timeout")
+                counters.error_kinds["timeout"] += 1
+                self._eof = True  # a waiting long-poll answers now
+                if self._poll_scope is not None:
+                    self._poll_scope.cancel()
+                await out.send(_Closing(p.reply_err("timeout")))
                 return
             if n == 0:
                 self._eof = True
@@ -177,18 +225,10 @@ class Connection:
                 return False
             else:
                 item = StatsRequest(req)  # sent to the stats task by the writer, in reply order
-        except NotFound:
+        except (NotFound, RequestError, StorageError) as e:
             counters.errors[cmd] += 1
-            counters.error_kinds["not_found"] += 1
-            item = b"ERR not found\r\n"
-        except RequestError as e:
-            counters.errors[cmd] += 1
-            counters.error_kinds["refused"] += 1
-            item = p.reply_err(e.reason)
-        except StorageError as e:
-            counters.errors[cmd] += 1
-            counters.error_kinds["storage"] += 1
-            item = p.reply_err(f"storage error: {e}")
+            counters.error_kinds[error_kind(e)] += 1
+            item = error_reply(e)
         self.inflight += 1
         try:
             out.send_nowait(item)
@@ -236,8 +276,8 @@ class Connection:
                             pending += b"OK %d 1\r\n" % item.offset
                         else:
                             self.counters.errors["batch"] += 1
-                            self.counters.error_kinds["storage"] += 1
-                            pending += p.reply_err(item.error)
+                            self.counters.error_kinds[error_kind(item.error)] += 1
+                            pending += error_reply(item.error)
                     elif isinstance(item, p.Read | p.Tail):
                         await self._read(item, pending)
                     elif isinstance(item, StatsRequest):
@@ -283,19 +323,11 @@ class Connection:
         try:
             if topic is None:
                 raise NotFound(req.topic)
-            offset = req.offset if isinstance(req, p.Read) else topic.first
-            plan = topic.read_plan(offset, req.limit)
-            if plan.checks:  # frames of an earlier process the scrub has not verified yet
-                plan = await topic.verify_read(plan, offset, req.limit)
-        except NotFound:
+            plan = await topic.open_read(req.offset if isinstance(req, p.Read) else topic.first, req.limit)
+        except (NotFound, StorageError) as e:
             self.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
-            self.counters.error_kinds["not_found"] += 1
-            pending += b"ERR not found\r\n"
-            return
-        except StorageError as e:  # never send a frame that fails its CRC
-            self.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
-            self.counters.error_kinds["corrupt" if isinstance(e, CorruptData) else "storage"] += 1
-            pending += b"ERR corrupt data\r\n" if isinstance(e, CorruptData) else p.reply_err(f"storage error: {e}")
+            self.counters.error_kinds[error_kind(e)] += 1
+            pending += error_reply(e)
             return
         await self._send_plan(plan, pending)
         pending.clear()
@@ -305,12 +337,15 @@ class Connection:
         """Send everything; ``--timeout`` bounds each wait for progress, not the whole reply."""
         view = memoryview(data)
         total = len(view)
-        timeout = self.config.timeout or math.inf
-        with trio.fail_after(timeout) as scope:
-            while view:
-                n = await self.sock.send(view)
-                view = view[n:]
-                scope.deadline = trio.current_time() + timeout
+        with trio.fail_after(self.send_timeout) as scope:
+            self._send_scope = scope
+            try:
+                while view:
+                    n = await self.sock.send(view)
+                    view = view[n:]
+                    scope.deadline = trio.current_time() + self.send_timeout
+            finally:
+                self._send_scope = None
         self.counters.bytes_out += total
 
     async def _send_plan(self, plan: ReadPlan, pending: bytearray) -> None:
@@ -319,8 +354,8 @@ class Connection:
             pending += p.reply_read_header(plan.offset, plan.nbatches)
             await self._send_all(pending)
             out_fd = self.sock.fileno()
-            timeout = self.config.timeout or math.inf
-            with trio.fail_after(timeout) as scope:  # bounds each wait for progress
+            with trio.fail_after(self.send_timeout) as scope:  # bounds each wait for progress
+                self._send_scope = scope  # stop_reading() shortens it (left set after: harmless)
                 for fd, pos, length in plan.segments:
                     while length:
                         try:
@@ -333,7 +368,7 @@ class Connection:
                         pos += n
                         length -= n
                         self.counters.bytes_out += n
-                        scope.deadline = trio.current_time() + timeout
+                        scope.deadline = trio.current_time() + self.send_timeout
                     await trio.lowlevel.checkpoint_if_cancelled()
 
     async def _linger_close(self) -> None:

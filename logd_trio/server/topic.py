@@ -5,26 +5,29 @@ topic task writes them to the page cache at once (cheap) and, with
 ``fsync=always``, a companion *syncer* task fsyncs in a worker thread while new
 appends keep arriving; every batch covered by a finished fsync is then
 acknowledged together (group commit).  Reads and long-polls are served from
-the connection tasks through :meth:`Topic.read_plan`, which never shows a
-batch before it is acknowledged.
+the connection tasks through :meth:`Topic.open_read`, which never shows a
+batch before it is acknowledged nor a frame before it is verified.
+
+Errors travel as exception objects (``Append.error``, raised by ``open_read``).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import math
-import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
-from logd_trio.core.errors import NotFound, StorageError
+from logd_trio.core.errors import LogdError, NotFound, StorageError
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.histogram import Histograms
-from logd_trio.server.storage.topic_log import ReadPlan, SyncJob, TopicLog, VerifyJob
+from logd_trio.server.storage.jobs import SyncJob
+from logd_trio.server.storage.reads import ReadPlan
+from logd_trio.server.storage.space import FreeSpace
+from logd_trio.server.storage.topic_log import TopicLog
+from logd_trio.server.storage.verify import VerifyJob
 
 __all__ = ["Append", "Topic"]
 
@@ -33,46 +36,12 @@ log = logging.getLogger("logd_trio.server.topic")
 # How many appends may queue for one topic before senders wait (backpressure).
 # Each holds at most one max-size batch, so this bounds memory per topic.
 INBOX_SIZE = 64
-# --min-free-space: statvfs at most this often (seconds), or after this many bytes were appended.
-FREE_SPACE_PERIOD = 0.1
-FREE_SPACE_BYTES = 4 * 1024 * 1024
 # Background scrub: bytes verified per worker-thread call (paced to --scrub-rate).
 SCRUB_CHUNK = 4 * 1024 * 1024
-# Reads verify up to this many unchecked bytes on the Trio thread (page cache: tens of
-# microseconds, cheaper than a thread hop); bigger ranges go to a worker thread.
+# Reads verify up to this many unchecked bytes on the Trio thread (cheaper than a thread hop).
 INLINE_VERIFY_BYTES = 256 * 1024
-
-
-class _FreeSpace:
-    """The --min-free-space guard: refuses appends that would leave less than ``minimum`` bytes free."""
-
-    __slots__ = ("appended", "free", "minimum", "next_check", "path")
-
-    def __init__(self, path: Path, minimum: int) -> None:
-        self.path = path
-        self.minimum = minimum
-        self.free = 0
-        self.appended = 0  # bytes appended since the last statvfs
-        self.next_check = -math.inf
-
-    def refuse(self, n: int) -> str | None:
-        """The reason to refuse an append of ``n`` bytes, or None.  Cheap: statvfs is rate limited."""
-        if not self.minimum:
-            return None
-        now = trio.current_time()
-        if now >= self.next_check or self.appended >= FREE_SPACE_BYTES:
-            try:
-                st = os.statvfs(self.path)
-            except OSError:
-                return None  # cannot tell: the write itself will say
-            self.free = st.f_bavail * st.f_frsize
-            self.appended = 0
-            self.next_check = now + FREE_SPACE_PERIOD
-        free = self.free - self.appended
-        if free - n < self.minimum:
-            return f"disk nearly full ({max(free, 0)} bytes free, minimum {self.minimum})"
-        self.appended += n
-        return None
+# Rounds of verify-then-plan-again a read may take (one unless retention or new data interferes).
+_VERIFY_ROUNDS = 4
 
 
 class Append:
@@ -84,7 +53,7 @@ class Append:
         self.frame = frame
         self.count = count
         self.offset = -1
-        self.error: str | None = None
+        self.error: LogdError | None = None
         self.done = trio.Event()
         self.queued = time.perf_counter()
 
@@ -92,8 +61,7 @@ class Append:
 class Topic:
     """A topic's state shared by its task and by the connections that read it."""
 
-    def __init__(self, name: str, tlog: TopicLog, config: ServerConfig,
-                 on_sync: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, name: str, tlog: TopicLog, config: ServerConfig) -> None:
         self.name = name
         self.log = tlog
         self.config = config
@@ -103,17 +71,16 @@ class Topic:
         self._new_data = trio.Event()
         self._unacked: collections.deque[tuple[int, Append]] = collections.deque()
         self._dirty = trio.Event()
+        self._garbage = trio.Event()  # retention dropped partitions: the remover unlinks them
         self._sync_lock = trio.Lock()
         self._batches_since_sync = 0
-        self._partitions_seen = self._partition_marker()
-        self.on_sync = on_sync
-        self.fsyncs = 0
+        self._partitions_seen = tlog.rotations
         self.synced_batches = 0
         self.closed = False
-        self.failed: str | None = None  # set by a failed fsync: the topic refuses writes
+        self.failed: StorageError | None = None  # set by a failed fsync: the topic refuses writes
         self._next_error_log = 0.0
         self._errors_unlogged = 0
-        self._space = _FreeSpace(Path(config.workdir) / name, config.min_free_space)
+        self._space = FreeSpace(Path(config.workdir) / name, config.min_free_space)
         self.histograms = Histograms()  # the server's own replace it (Registry)
 
     @classmethod
@@ -122,6 +89,14 @@ class Topic:
         tlog = TopicLog.open(root, name, partition_size=config.partition_size, partitions=config.partitions,
                              file_mode=config.file_mode, dir_mode=config.dir_mode)
         return cls(name, tlog, config)
+
+    @property
+    def fsyncs(self) -> int:
+        return self.log.fsync_count
+
+    @property
+    def first(self) -> int:
+        return self.log.first
 
     # ------------------------------------------------------------ producers
 
@@ -154,51 +129,40 @@ class Topic:
 
     # ------------------------------------------------------------ readers
 
-    @property
-    def first(self) -> int:
-        return self.log.first
+    async def open_read(self, offset: int, limit: int) -> ReadPlan:
+        """The acknowledged batches from ``offset`` (message sum below ``limit``), every frame verified.
 
-    def read_plan(self, offset: int, limit: int) -> ReadPlan:
-        """Plan of the acknowledged batches from ``offset``; raises NotFound."""
-        if offset >= self.visible_head:
-            raise NotFound(offset)
-        return self.log.read_plan(offset, limit, end=self.visible_head)
-
-    async def verify_read(self, plan: ReadPlan, offset: int, limit: int) -> ReadPlan:
-        """Verify ``plan.checks`` (CRC + framing, in a worker thread), then plan again; closes ``plan``.
-
-        Only reads touching frames of an earlier process that the scrub has
-        not reached yet come here.  The new plan stops before any corrupt
-        batch; raises :class:`~logd_trio.server.storage.topic_log.CorruptData` if the batch at
-        ``offset`` is corrupt, :class:`NotFound` if it went away meanwhile.
-        Cancelled: nothing was sent; what was verified stays recorded only
-        if the thread's result was applied.
+        Frames an earlier process left that the scrub has not reached yet are verified
+        first (inline when small, else in a worker thread), then planned again; the plan
+        stops before any corrupt batch.  Raises :class:`NotFound`, ``CorruptData`` (the
+        batch at ``offset`` is corrupt) or :class:`StorageError`.  The caller closes the
+        plan.  Cancelled: nothing to close; verified ranges are kept once applied.
         """
-        for _ in range(4):  # converges in one round unless retention or new data interferes
-            small = sum(b - a for _, a, b in plan.checks) <= INLINE_VERIFY_BYTES
+        for _ in range(_VERIFY_ROUNDS):
+            if offset >= self.visible_head:
+                raise NotFound(offset)
+            plan = self.log.read_plan(offset, limit, end=self.visible_head)
+            if not plan.checks:
+                return plan
             try:
                 job = self.log.verify_job(plan.checks)
             finally:
                 plan.close()
-            if small:
+            if job.size <= INLINE_VERIFY_BYTES:
                 try:
                     job.run()
                 except OSError as e:
-                    raise StorageError(f"topic {self.name}: cannot read for verification: {e}") from e
+                    raise StorageError(f"topic {self.name}: cannot read for verification: {e.strerror}") from e
                 self.log.apply_verification(job)
             else:
                 await self._run_verify(job)
-            plan = self.read_plan(offset, limit)
-            if not plan.checks:
-                return plan
-        plan.close()
         raise StorageError(f"topic {self.name}: could not verify the read at {offset}")
 
     async def _run_verify(self, job: VerifyJob) -> None:
         try:
             await trio.to_thread.run_sync(job.run)
         except OSError as e:
-            raise StorageError(f"topic {self.name}: cannot read for verification: {e}") from e
+            raise StorageError(f"topic {self.name}: cannot read for verification: {e.strerror}") from e
         finally:
             job.close()
         self.log.apply_verification(job)
@@ -234,6 +198,9 @@ class Topic:
             self.visible_head = head
             self._new_data.set()
             self._new_data = trio.Event()
+            self.log.acknowledge(head)
+            if self.log.removal_pending:
+                self._garbage.set()
 
     # ------------------------------------------------------------ the task
 
@@ -246,6 +213,7 @@ class Topic:
                 elif mode == "interval":
                     nursery.start_soon(self._syncer_interval)
                 nursery.start_soon(self._scrubber)
+                nursery.start_soon(self._remover)
                 task_status.started()
                 async for item in self._recv:
                     self._write(item)
@@ -258,7 +226,7 @@ class Topic:
                     if mode == "always":
                         self._dirty.set()
                     else:
-                        self._ack_all()
+                        self._ack_upto(self.log.head)
                         if self._needs_early_sync():
                             await self._sync()
                 # Input closed: wait for the syncer to cover everything, then stop it.
@@ -274,13 +242,13 @@ class Topic:
     def _write(self, item: Append) -> None:
         try:
             if self.failed is not None:
-                raise StorageError(self.failed)
-            full = self._space.refuse(len(item.frame))
+                raise StorageError(str(self.failed))
+            full = self._space.refuse(len(item.frame), trio.current_time())
             if full is not None:
                 raise StorageError(full)
             offset = self.log.append(item.frame, item.count)
         except StorageError as e:
-            item.error = f"storage error: {e}"
+            item.error = e
             if self._unacked:  # keep replies in order: fail after what precedes it is acked
                 self._unacked.append((-1, item))
             else:
@@ -315,17 +283,11 @@ class Topic:
         self._publish(head)
         return n
 
-    def _ack_all(self) -> None:
-        self._ack_upto(self.log.head)
-
-    def _partition_marker(self) -> int:
-        return self.log.rotations
-
     def _needs_early_sync(self) -> bool:
         fb = self.config.flush_batches
         if fb and self._batches_since_sync >= fb:
             return True
-        marker = self._partition_marker()
+        marker = self.log.rotations
         if marker != self._partitions_seen:  # rotation: make the sealed partition durable
             self._partitions_seen = marker
             return True
@@ -359,17 +321,14 @@ class Topic:
         t0 = time.perf_counter()
         try:
             await trio.to_thread.run_sync(job.run)
-        except (OSError, StorageError) as e:
-            self._fail_stop(f"fsync failed: {getattr(e, 'strerror', None) or e}")
+        except OSError as e:
+            self._fail_stop(f"fsync failed: {e.strerror or e}")
             return
         self.histograms.fsync_latency.observe(time.perf_counter() - t0)
-        self.fsyncs += 1
         covered = self._ack_upto(job.upto)
         self.synced_batches += covered
         if covered:  # with --fsync always; otherwise batches were acknowledged before their fsync
             self.histograms.batches_per_fsync.observe(covered)
-        if self.on_sync is not None:
-            self.on_sync(job.upto, covered)
 
     def _fail_stop(self, reason: str) -> None:
         """After a failed fsync nothing written since the last good one can be
@@ -377,15 +336,16 @@ class Topic:
         every unanswered batch, publish nothing more, refuse further writes.
         Reads of what was acknowledged before keep working; a restart
         recovers the files."""
-        self.failed = f"topic {self.name} is read-only after an I/O error ({reason}); restart the server"
+        self.failed = StorageError(f"topic {self.name} is read-only after an I/O error ({reason}); "
+                                   "restart the server")
         log.critical("topic %s: %s; %d unanswered batches fail; no further writes until a restart",
                      self.name, reason, len(self._unacked))
-        self._fail_upto(self.log.head, f"storage error: {reason}")
+        self._fail_all(StorageError(reason))
 
-    def _fail_upto(self, upto: int, reason: str) -> None:
-        while self._unacked and self._unacked[0][0] <= upto:
+    def _fail_all(self, error: StorageError) -> None:
+        while self._unacked:
             _, item = self._unacked.popleft()
-            item.error = item.error or reason
+            item.error = item.error or error
             item.done.set()
 
     async def _syncer_always(self) -> None:
@@ -399,34 +359,41 @@ class Topic:
             await trio.sleep(self.config.flush_interval)
             await self._sync()
 
-    async def _final_sync(self) -> None:
-        """Shutdown: everything appended is made durable, then files close.
+    async def _remover(self) -> None:
+        """Unlink (and close) the partitions retention dropped, in a worker thread, oldest first."""
+        while True:
+            await self._garbage.wait()
+            self._garbage = trio.Event()
+            await self._remove()
 
-        Runs shielded; bounded by ``shutdown_timeout`` so a hung disk cannot
-        hang the exit (the files are then left to the OS, and recovery on the
-        next start checks them).
-        """
+    async def _remove(self) -> None:
+        job = self.log.remove_job()
+        if job is not None:
+            await trio.to_thread.run_sync(job.run)  # not abandoned on cancel: a removal always completes
+
+    async def _final_sync(self) -> None:
+        """Shutdown: everything appended is made durable (in a worker thread), then files close.
+        Shielded; bounded by ``shutdown_timeout`` so a hung disk cannot hang the exit (the
+        files are then left to the OS, and recovery on the next start checks them)."""
         if self.failed is not None:
-            self._fail_upto(self.log.head, f"storage error: {self.failed}")
+            self._fail_all(self.failed)
             self.log.close_without_sync()
             return
         with trio.move_on_after(self.config.shutdown_timeout) as scope:
             try:
-                job = self.log.sync_job()
+                job = self.log.sync_job(final=True)
                 if job is not None:
                     await trio.to_thread.run_sync(job.run, abandon_on_cancel=True)
                 self._ack_upto(self.log.head)
+                await self._remove()
             except (OSError, StorageError) as e:
                 log.critical("topic %s: final fsync failed: %s", self.name, e)
-                self._fail_upto(self.log.head, "storage error: final fsync failed")
+                self._fail_all(StorageError("final fsync failed"))
                 self.log.close_without_sync()
                 return
         if scope.cancelled_caught:
             log.critical("topic %s: final fsync still running after %gs: exiting without it", self.name,
                          self.config.shutdown_timeout)
-            self._fail_upto(self.log.head, "storage error: shutdown")
+            self._fail_all(StorageError("shutdown"))
             return
-        try:
-            self.log.close()  # nothing left to sync: closes the files
-        except (OSError, StorageError) as e:
-            log.critical("topic %s: closing files failed: %s", self.name, e)
+        self.log.close_without_sync()  # everything is synced: closing needs no fsync

@@ -18,7 +18,6 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -28,8 +27,9 @@ from hypothesis import strategies as st
 
 from logd_trio.core.framing import parse_frame_header
 from logd_trio.server.config import ConfigError, ServerConfig, load_config
-from logd_trio.server.storage import topic_log as storage
-from logd_trio.server.storage.topic_log import TopicLog, _Ranges
+from logd_trio.server.storage import space, syscalls
+from logd_trio.server.storage.partition import Ranges
+from logd_trio.server.storage.topic_log import TopicLog
 
 from ..harness import ServerProcess, make_config, spawn, start_server
 from ..wire import Wire, batch_request
@@ -91,7 +91,7 @@ async def read_one(w: Wire, topic: str, off: int, limit: int = 1) -> tuple[bytes
        st.integers(0, 80))
 def test_ranges_model(adds: list[tuple[int, int]], a: int, b: int) -> None:
     """The interval set behind verified/bad ranges agrees with a set-of-positions model."""
-    r = _Ranges()
+    r = Ranges()
     model: set[int] = set()
     for start, n in adds:
         r.add(start, start + n)
@@ -287,25 +287,25 @@ def test_stale_index_records_do_not_serve_wrong_bytes(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- 3. disk full
 
 
-class _InjectedDisk:
-    """Fallback when tmpfs cannot be mounted: a byte budget on partition writes (``storage._pwrite``)."""
+class _InjectedDisk(syscalls.Layer):
+    """Fallback when tmpfs cannot be mounted: a byte budget on the storage layer's pwrites."""
 
     def __init__(self, budget: int) -> None:
+        super().__init__()
         self.budget = budget
-        self.real = os.pwrite
 
-    def pwrite(self, fd: int, data: bytes | memoryview, pos: int) -> int:
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, pos: int) -> int:
         n = len(data)
         if self.budget <= 0:
             raise OSError(errno.ENOSPC, "No space left on device")
         n = min(n, self.budget)
-        w = self.real(fd, bytes(data)[:n], pos)
+        w = self.inner.pwrite(fd, bytes(data)[:n], pos)
         self.budget -= w
         return w
 
 
 @contextlib.contextmanager
-def small_disk(path: Path, size: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Callable[[], None]]]:
+def small_disk(path: Path, size: str) -> Iterator[tuple[str, Callable[[], None]]]:
     """A small filesystem at ``path``: tmpfs when we may mount (root, as in CI), else an injected budget.
 
     Yields ``(mechanism, free_space)``: ``free_space()`` frees the room the test's filler took.
@@ -327,22 +327,21 @@ def small_disk(path: Path, size: str, monkeypatch: pytest.MonkeyPatch) -> Iterat
         finally:
             subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
     else:
-        disk = _InjectedDisk(500 * 1024)
-        monkeypatch.setattr(storage, "_pwrite", disk.pwrite)
+        with syscalls.install(_InjectedDisk(500 * 1024)) as disk:
 
-        def free() -> None:
-            disk.budget += 10 << 20
+            def free() -> None:
+                disk.budget += 10 << 20
 
-        yield "injected ENOSPC (storage._pwrite)", free
+            yield "injected ENOSPC (storage syscalls)", free
 
 
 async def test_disk_full_clear_error_no_partial_frame_and_recovery(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vclock: trio.testing.MockClock,
+    nursery: trio.Nursery, tmp_path: Path, vclock: trio.testing.MockClock,
     record_property: Callable[[str, object], None],
 ) -> None:
     """Write until ENOSPC: the BATCH gets ``ERR storage error: ...``, no partial frame stays on
     disk, reads keep working, and writes succeed at the right offset once space frees."""
-    with small_disk(tmp_path / "mnt", "2m", monkeypatch) as (mechanism, free_space):
+    with small_disk(tmp_path / "mnt", "2m") as (mechanism, free_space):
         record_property("disk_full_mechanism", mechanism)
         print(f"disk full via {mechanism}")
         root = tmp_path / "mnt" / "data"
@@ -416,8 +415,6 @@ async def test_min_free_space_refuses_before_the_disk_is_full(
 
 def test_free_space_guard_checks_rarely(monkeypatch: pytest.MonkeyPatch) -> None:
     """statvfs at most every FREE_SPACE_PERIOD or FREE_SPACE_BYTES appended, not per batch."""
-    from logd_trio.server import topic as topic_mod
-
     calls: list[str] = []
     real = os.statvfs
 
@@ -426,28 +423,25 @@ def test_free_space_guard_checks_rarely(monkeypatch: pytest.MonkeyPatch) -> None
         return real(path)
 
     monkeypatch.setattr(os, "statvfs", counting)
-    clock = trio.testing.MockClock()
 
-    async def main() -> None:
-        guard = topic_mod._FreeSpace(Path("/"), 1)
-        for _ in range(1000):
-            assert guard.refuse(100) is None
-        assert len(calls) == 1
-        clock.jump(topic_mod.FREE_SPACE_PERIOD)
-        assert guard.refuse(100) is None
-        assert len(calls) == 2
-        for _ in range(topic_mod.FREE_SPACE_BYTES // 65536 + 2):
-            guard.refuse(65536)
-        assert len(calls) == 3
-
-    trio.run(main, clock=clock)
+    now = 100.0
+    guard = space.FreeSpace(Path("/"), 1)
+    for _ in range(1000):
+        assert guard.refuse(100, now) is None
+    assert len(calls) == 1
+    now += space.FREE_SPACE_PERIOD
+    assert guard.refuse(100, now) is None
+    assert len(calls) == 2
+    for _ in range(space.FREE_SPACE_BYTES // 65536 + 2):
+        guard.refuse(65536, now)
+    assert len(calls) == 3
 
 
 # ---------------------------------------------------------------- 1. power loss
 
 
-class PowerLoss:
-    """Fault-injection layer over the storage module's ``os``: records what fsync made durable.
+class PowerLoss(syscalls.Layer):
+    """Fault-injection layer over the storage layer's syscalls: records what fsync made durable.
 
     * ``fsync``/``fdatasync`` of a file: its size at the *start* of the call is durable;
     * ``fsync`` of a directory: its entries at the start of the call are durable;
@@ -460,6 +454,7 @@ class PowerLoss:
     """
 
     def __init__(self, root: Path) -> None:
+        super().__init__()
         self.root = str(root)
         self.lock = threading.Lock()
         self.synced: dict[str, int] = {}
@@ -470,8 +465,11 @@ class PowerLoss:
             for f in filenames:
                 self.synced[os.path.join(dirpath, f)] = os.path.getsize(os.path.join(dirpath, f))
 
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(storage, "os", _OsProxy(self))
+    def fsync(self, fd: int) -> None:
+        self.record(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self.record(fd)
 
     def record(self, fd: int) -> None:
         path = os.readlink(f"/proc/self/fd/{fd}")
@@ -514,22 +512,6 @@ class PowerLoss:
                             (dest / rel / f).write_bytes(fh.read(self.synced.get(src, 0)))
 
 
-class _OsProxy:
-    """``os`` for the storage module, with fsync and fdatasync recorded by :class:`PowerLoss`."""
-
-    def __init__(self, pl: PowerLoss) -> None:
-        self._pl = pl
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(os, name)
-
-    def fsync(self, fd: int) -> None:
-        self._pl.record(fd)
-
-    def fdatasync(self, fd: int) -> None:
-        self._pl.record(fd)
-
-
 def recovered_frames(root: Path, topic: str) -> dict[int, bytes]:
     """Open a (snapshot) data dir as a restarting server would and read every batch by offset."""
     if not (root / topic).exists():
@@ -565,15 +547,14 @@ async def _stream(srv_host: str, srv_port: int, topic: str, tag: int, n: int,
 
 
 async def test_power_loss_fsync_always_keeps_every_acknowledged_batch(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, tmp_path: Path, syscall_layer: Callable[[PowerLoss], PowerLoss]
 ) -> None:
     """--fsync always: at every OK the batch is already durable (data synced, and the directory
     entries of new partitions too); power-loss snapshots taken while writers stream recover
     with every batch acknowledged before them, byte-identical."""
     root = tmp_path / "d"
     root.mkdir()
-    pl = PowerLoss(root)
-    pl.install(monkeypatch)
+    pl = syscall_layer(PowerLoss(root))
     srv = await start_server(nursery, make_config(root, fsync="always", partition_size=16 * 1024,
                                                   partitions=100_000, scrub_rate=0))
     acked: list[tuple[int, bytes]] = []
@@ -608,8 +589,8 @@ async def test_power_loss_fsync_always_keeps_every_acknowledged_batch(
 
 @pytest.mark.parametrize("mode", ["interval", "never"])
 async def test_power_loss_fsync_interval_loses_at_most_the_last_interval(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_vclock: trio.testing.MockClock,
-    mode: str,
+    nursery: trio.Nursery, tmp_path: Path, syscall_layer: Callable[[PowerLoss], PowerLoss],
+    fast_vclock: trio.testing.MockClock, mode: str,
 ) -> None:
     """--fsync interval (virtual time): a power loss at T keeps every batch acknowledged at or
     before T - interval.  The same simulation with --fsync never loses more: proof that the
@@ -617,8 +598,7 @@ async def test_power_loss_fsync_interval_loses_at_most_the_last_interval(
     interval = 0.5
     root = tmp_path / "d"
     root.mkdir()
-    pl = PowerLoss(root)
-    pl.install(monkeypatch)
+    pl = syscall_layer(PowerLoss(root))
     srv = await start_server(nursery, make_config(root, fsync=mode, flush_interval=interval,
                                                   partition_size=64 * 1024, partitions=100_000, scrub_rate=0))
     acked: list[tuple[float, int, bytes]] = []
@@ -807,7 +787,8 @@ async def test_max_waiters_beyond_the_limit_answer_at_once(
 ) -> None:
     """--max-waiters: long-poll READs beyond the server-wide limit answer at once as a plain READ
     (``ERR not found`` at the head); the ones within it wait and get the next batch."""
-    srv = await start_server(nursery, make_config(tmp_path / "d", max_waiters=2))
+    # fsync=never: acknowledging the wake-up batch must not wait on the disk while time is virtual
+    srv = await start_server(nursery, make_config(tmp_path / "d", max_waiters=2, fsync="never"))
     conns = [await Wire.connect(srv.host, srv.port) for _ in range(4)]
     for c in conns[:2]:
         await c.send(b"READ default 0 1 20000\r\n")

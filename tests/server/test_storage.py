@@ -16,9 +16,12 @@ from hypothesis import strategies as st
 
 from logd_trio.core.errors import NotFound, StorageError
 from logd_trio.core.framing import build_body, build_frame
-from logd_trio.server.storage import topic_log as storage
-from logd_trio.server.storage.index import REC_SIZE
-from logd_trio.server.storage.topic_log import ReadPlan, TopicLog, list_topics
+from logd_trio.server.storage import recovery, syscalls
+from logd_trio.server.storage.files import list_topics
+from logd_trio.server.storage.index import REC_SIZE, PartitionIndex
+from logd_trio.server.storage.reads import ReadPlan
+from logd_trio.server.storage.recovery import Recovery
+from logd_trio.server.storage.topic_log import TopicLog
 
 TOPIC = "t"
 
@@ -55,6 +58,14 @@ def open_log(root: Path, partition_size: int = 1 << 20, partitions: int = 100) -
     return TopicLog.open(root, TOPIC, partition_size=partition_size, partitions=partitions)
 
 
+def settle(tl: TopicLog) -> None:
+    """What the server does once every batch is acknowledged: retention runs, its files go."""
+    tl.acknowledge(tl.head)
+    job = tl.remove_job()
+    if job is not None:
+        job.run()
+
+
 def logs(root: Path) -> list[str]:
     return sorted((p.name for p in (root / TOPIC).glob("*.log")), key=lambda n: int(n.split(".")[0]))
 
@@ -63,8 +74,25 @@ def logs(root: Path) -> list[str]:
 def verify_tail(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Run with the default head re-verify window and with none (so the index path is exercised)."""
     if request.param == "trust-index":
-        monkeypatch.setattr(storage, "_VERIFY_TAIL", 0)
+        monkeypatch.setattr(recovery, "VERIFY_TAIL", 0)
     yield
+
+
+class NoSync(syscalls.Layer):
+    """fsync and fdatasync do nothing: for tests about file contents within one boot, where
+    durability is not the point (they then cost no time under ``--slow-disk`` either)."""
+
+    def fsync(self, fd: int) -> None:
+        pass
+
+    def fdatasync(self, fd: int) -> None:
+        pass
+
+
+@pytest.fixture
+def no_sync() -> Iterator[None]:
+    with syscalls.install(NoSync()):
+        yield
 
 
 F55 = frame_of_len(55)
@@ -81,6 +109,9 @@ def test_conformance_rotation(tmp_path: Path) -> None:
     assert (tmp_path / TOPIC / "0.log").stat().st_size == 220
     assert tl.first == 0
     assert tl.append(frame_of_len(55, 12), 1) == 660
+    assert logs(tmp_path) == ["0.log", "220.log", "440.log", "660.log"]
+    assert tl.first == 0  # nothing is acknowledged yet: retention waits
+    settle(tl)
     assert logs(tmp_path) == ["220.log", "440.log", "660.log"]
     assert not (tmp_path / TOPIC / "0.index").exists()
     assert tl.first == 220 and tl.head == 715
@@ -161,6 +192,7 @@ def test_rotation_boundary(tmp_path: Path, psize: int, per_file: int) -> None:
 def test_retention_and_offsets_not_reused(tmp_path: Path) -> None:
     tl = open_log(tmp_path, partition_size=100, partitions=2)
     offs = [tl.append(frame_of_len(55, i), 1) for i in range(5)]
+    settle(tl)
     assert logs(tmp_path) == ["165.log", "220.log"]
     assert tl.first == 165
     for off in offs[:3]:
@@ -170,6 +202,7 @@ def test_retention_and_offsets_not_reused(tmp_path: Path) -> None:
     tl = open_log(tmp_path, partition_size=100, partitions=2)
     assert (tl.first, tl.head) == (165, 275)
     assert tl.append(F55, 1) == 275
+    settle(tl)
     assert logs(tmp_path) == ["220.log", "275.log"]
     with pytest.raises(NotFound):
         tl.read_plan(165, 1)
@@ -190,6 +223,7 @@ def test_plan_survives_retention(tmp_path: Path) -> None:
     tl.append(frame_of_len(55, 1), 1)
     plan = tl.read_plan(0, 1)
     tl.append(frame_of_len(55, 2), 1)
+    settle(tl)
     assert logs(tmp_path) == ["55.log"]
     assert plan_bytes(plan) == frame_of_len(55, 1)
     fds = [fd for fd, _, _ in plan.segments]
@@ -231,6 +265,7 @@ def test_sync_jobs(tmp_path: Path) -> None:
     assert job is not None and job.upto == 165 and job._dir_fd is not None
     for _ in range(4):
         tl.append(F55, 1)
+    settle(tl)
     assert logs(tmp_path) == ["220.log", "330.log"]
     job.run()
     assert seen[-1] == 165
@@ -265,16 +300,24 @@ def test_sync_job_in_thread_while_appending(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- ENOSPC
 
 
-def _failing_pwrite(calls: list[int]) -> object:
-    real = os.pwrite
+def is_log(fd: int) -> bool:
+    return os.readlink(f"/proc/self/fd/{fd}").endswith(".log")
 
-    def fake(fd: int, data: bytes | memoryview, pos: int) -> int:
-        calls.append(len(data))
-        if len(calls) == 1:
-            return real(fd, bytes(data)[: len(data) // 2], pos)
+
+class _FailingPwrite(syscalls.Layer):
+    """The first partition write comes up short, every later one fails with ENOSPC."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, pos: int) -> int:
+        if not is_log(fd):
+            return self.inner.pwrite(fd, data, pos)
+        self.calls.append(len(data))
+        if len(self.calls) == 1:
+            return self.inner.pwrite(fd, bytes(data)[: len(data) // 2], pos)
         raise OSError(errno.ENOSPC, "No space left on device")
-
-    return fake
 
 
 @pytest.mark.parametrize("rotate", [False, True])
@@ -284,13 +327,10 @@ def test_enospc_leaves_no_partial_frame(
     tl = open_log(tmp_path, partition_size=100 if rotate else 1000)
     tl.append(F55, 1)
     before = sorted(os.listdir(tmp_path / TOPIC))
-    calls: list[int] = []
-    with monkeypatch.context() as m:
-        m.setattr(storage, "_pwrite", _failing_pwrite(calls))
-        with pytest.raises(StorageError) as ei:
-            tl.append(frame_of_len(60, 1), 1)
+    with syscalls.install(_FailingPwrite()) as failing, pytest.raises(StorageError) as ei:
+        tl.append(frame_of_len(60, 1), 1)
     assert isinstance(ei.value.__cause__, OSError) and ei.value.__cause__.errno == errno.ENOSPC
-    assert len(calls) == 2
+    assert len(failing.calls) == 2
     assert tl.head == 55
     assert sorted(os.listdir(tmp_path / TOPIC)) == before
     assert (tmp_path / TOPIC / "0.log").stat().st_size == 55
@@ -397,7 +437,7 @@ def test_sealed_partition_index_mismatch(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("delete_index", [False, True])
 def test_torn_last_frame_at_every_byte(
-    tmp_path: Path, verify_tail: None, delete_index: bool, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, verify_tail: None, delete_index: bool, caplog: pytest.LogCaptureFixture, no_sync: None
 ) -> None:
     src = tmp_path / "src"
     offs, frames = _write_sample(src, n=8, psize=10**6)
@@ -591,6 +631,7 @@ def test_modes_and_invalid_args(tmp_path: Path) -> None:
 )
 def test_roundtrip_property(
     tmp_path_factory: pytest.TempPathFactory,
+    no_sync: None,
     batches: list[list[int]],
     psize: int,
     partitions: int,
@@ -611,8 +652,10 @@ def test_roundtrip_property(
             if job is not None:
                 job.run()
         if (i + 1) % reopen_every == 0:
+            settle(tl)
             tl.close()
             tl = TopicLog.open(root, TOPIC, partition_size=psize, partitions=partitions)
+    settle(tl)
     # Before reopening: index records partly in files (pread / mmap), partly pending.
     live = [(o, f) for o, f in written if o >= tl.first]
     assert read_all(tl) == b"".join(f for _, f in live)
@@ -645,19 +688,19 @@ def test_roundtrip_property(
 def test_clean_reopen_scans_only_the_verify_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     offs, frames = _write_sample(tmp_path, n=200, psize=2000)
     scanned: list[tuple[int, int]] = []
-    real = TopicLog._scan
+    real = Recovery._scan
 
-    def spy(self: TopicLog, fd: int, idx: object, pos: int, stop: int, cum: int) -> tuple[int, int]:
+    def spy(self: Recovery, fd: int, idx: PartitionIndex, pos: int, stop: int, cum: int) -> tuple[int, int]:
         scanned.append((pos, stop))
-        return real(self, fd, idx, pos, stop, cum)  # type: ignore[arg-type]
+        return real(self, fd, idx, pos, stop, cum)
 
-    monkeypatch.setattr(TopicLog, "_scan", spy)
-    monkeypatch.setattr(storage, "_VERIFY_TAIL", 0)
+    monkeypatch.setattr(Recovery, "_scan", spy)
+    monkeypatch.setattr(recovery, "VERIFY_TAIL", 0)
     _check_sample(tmp_path, offs, frames, psize=2000).close()
     assert len(scanned) == len(logs(tmp_path)) > 3
     assert all(pos == stop for pos, stop in scanned)  # nothing rescanned at all
     scanned.clear()
-    monkeypatch.setattr(storage, "_VERIFY_TAIL", 100)
+    monkeypatch.setattr(recovery, "VERIFY_TAIL", 100)
     _check_sample(tmp_path, offs, frames, psize=2000).close()
     assert all(pos == stop for pos, stop in scanned[:-1])  # sealed partitions: not scanned
     pos, stop = scanned[-1]
@@ -683,15 +726,15 @@ def test_read_plan_end_hides_later_batches(tmp_path: Path, psize: int) -> None:
 
 
 def test_long_rescan_logs_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                   caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(storage, "_PROGRESS_BYTES", 4096)
+                                   caplog: pytest.LogCaptureFixture, no_sync: None) -> None:
+    monkeypatch.setattr(recovery, "PROGRESS_BYTES", 4096)
     tl = open_log(tmp_path)
     for i in range(400):
         tl.append(frame_of_len(100, seed=i), 1)
     tl.close()
     for p in (tmp_path / TOPIC).glob("*.index"):
         p.unlink()  # no index: the whole partition is rescanned
-    monkeypatch.setattr(storage, "_SCAN_CHUNK", 1024)
+    monkeypatch.setattr(recovery, "SCAN_CHUNK", 1024)
     with caplog.at_level(logging.INFO, logger="logd_trio"):
         tl = TopicLog.open(tmp_path, TOPIC, partition_size=1 << 20, partitions=100,
                            logger=logging.getLogger("logd_trio.server.storage.topic_log"))

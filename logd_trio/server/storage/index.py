@@ -30,10 +30,12 @@ import struct
 
 from logd_trio.core.errors import InvalidBatchError, StorageError
 from logd_trio.core.framing import parse_frame_header
+from logd_trio.server.storage.syscalls import current
 
-__all__ = ["INDEX_SUFFIX", "REC", "REC_SIZE", "PartitionIndex", "validate"]
+__all__ = ["PENDING_FLUSH", "REC", "REC_SIZE", "PartitionIndex", "validate"]
 
-INDEX_SUFFIX = ".index"
+# Pending records are written to the page cache once they reach this size.
+PENDING_FLUSH = 64 * 1024
 REC = struct.Struct("<QQ")
 REC_SIZE = REC.size
 _REC2 = struct.Struct("<QQQQ")
@@ -119,7 +121,7 @@ class PartitionIndex:
         try:
             done = 0
             while done < len(data):
-                w = os.pwrite(self.fd, data[done:], pos + done)
+                w = current().pwrite(self.fd, data[done:], pos + done)
                 if w <= 0:
                     raise OSError("short index write")
                 done += w

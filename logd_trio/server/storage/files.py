@@ -1,0 +1,175 @@
+"""File-system helpers of the storage layer: names, directories, durable creation and removal.
+
+Synchronous, no trio.  Layout (Go compatible): ``<root>/<topic>/<start>.log``
+holds raw batch frames, named by the logical offset of its first byte;
+logd-trio's ``<start>.index`` sits beside it; Go's ``<start>.idx`` files are
+left alone; ``<start>.log.corrupt-<pos>-<time>`` are copies of damaged bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from logd_trio.core.framing import valid_topic
+from logd_trio.server.storage.syscalls import current
+
+__all__ = [
+    "CORRUPT_MARK", "GO_INDEX_SUFFIX", "INDEX_SUFFIX", "LOG_SUFFIX", "O_CLOEXEC", "SCAN_CHUNK",
+    "close_quietly", "copy_aside", "fsync_dir", "index_path", "list_topics", "log_path", "make_root",
+    "open_dir", "open_topic_dir", "parse_start", "remove_files", "write_all",
+]
+
+LOG_SUFFIX = ".log"
+INDEX_SUFFIX = ".index"
+GO_INDEX_SUFFIX = ".idx"
+CORRUPT_MARK = ".log.corrupt-"
+# Largest single read of a scan or copy.
+SCAN_CHUNK = 1 << 20
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def log_path(directory: Path, start: int) -> Path:
+    return directory / f"{start}{LOG_SUFFIX}"
+
+
+def index_path(directory: Path, start: int) -> Path:
+    return directory / f"{start}{INDEX_SUFFIX}"
+
+
+def parse_start(name: str, suffix: str) -> int | None:
+    """The start offset in ``<digits><suffix>`` (canonical decimal only), else None."""
+    if not name.endswith(suffix):
+        return None
+    stem = name[: -len(suffix)]
+    if not stem or not stem.isascii() or not stem.isdigit() or str(int(stem)) != stem:
+        return None
+    return int(stem)
+
+
+def open_dir(path: Path) -> int:
+    """A read-only fd of directory ``path`` (for fsync and fstat)."""
+    return os.open(path, os.O_RDONLY | _O_DIRECTORY | O_CLOEXEC)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable."""
+    fd = open_dir(path)
+    try:
+        current().fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_topic_dir(root: Path, topic: str, dir_mode: int) -> int:
+    """Create ``root/topic`` if missing (each new entry's parent fsynced); return an fd of it."""
+    if not root.exists():
+        os.makedirs(root, mode=dir_mode, exist_ok=True)
+        fsync_dir(root.parent)
+    try:
+        os.mkdir(root / topic, dir_mode)
+        fsync_dir(root)
+    except FileExistsError:
+        pass
+    return open_dir(root / topic)
+
+
+def write_all(fd: int, data: bytes | memoryview, n: int, pos: int) -> None:
+    """Write the ``n`` bytes of ``data`` at ``pos`` (one pwrite unless it comes up short)."""
+    pwrite = current().pwrite
+    w = pwrite(fd, data, pos)
+    if w == n:
+        return
+    view = memoryview(data).cast("B")
+    while w < n:
+        if w <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        pos += w
+        view = view[w:]
+        n -= w
+        w = pwrite(fd, view, pos)
+
+
+def close_quietly(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def remove_files(paths: Iterable[Path], log: logging.Logger, topic: str) -> None:
+    """Unlink ``paths`` in order; a missing one is fine, another failure is logged (not raised)."""
+    for path in paths:
+        try:
+            current().unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("topic %s: cannot remove %s: %s", topic, path, e)
+
+
+def make_root(root: Path, dir_mode: int = 0o700) -> None:
+    """Create the data directory (and missing parents) durably: each new entry's parent is fsynced."""
+    root = Path(root)
+    if root.is_dir():
+        return
+    make_root(root.parent, dir_mode)
+    try:
+        os.mkdir(root, dir_mode)
+    except FileExistsError:
+        return
+    fsync_dir(root.parent)
+
+
+def list_topics(root: Path) -> list[str]:
+    """Names of the topic directories under ``root`` (valid topic names only), sorted."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        n for n in names if valid_topic(n.encode("utf-8", "surrogateescape")) and (root / n).is_dir()
+    )
+
+
+def copy_aside(directory: Path, start: int, fd: int, a: int, b: int, file_mode: int, *,
+               reuse: bool = False) -> Path:
+    """Copy bytes ``[a, b)`` of partition ``<start>.log`` (open as ``fd``) to
+    ``<start>.log.corrupt-<a>-<unixtime>`` beside it, fsynced with its directory
+    entry, in chunks.  With ``reuse``, an existing copy of the same range (made
+    by an earlier run) is returned instead of copying again."""
+    prefix = f"{start}{CORRUPT_MARK}{a}-"
+    if reuse:
+        for name in os.listdir(directory):
+            if name.startswith(prefix) and (directory / name).stat().st_size == b - a:
+                return directory / name
+    stamp = int(time.time())
+    copy = directory / f"{prefix}{stamp}"
+    suffix = 0
+    while True:
+        try:
+            cfd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, file_mode)
+            break
+        except FileExistsError:
+            suffix += 1
+            copy = directory / f"{prefix}{stamp}.{suffix}"
+    try:
+        at = a
+        while at < b:  # in chunks: a large damaged range is never read into memory at once
+            chunk = os.pread(fd, min(SCAN_CHUNK, b - at), at)
+            if not chunk:
+                raise OSError(errno.EIO, f"partition {start} shrank while copying")
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(cfd, view) :]
+            at += len(chunk)
+        current().fsync(cfd)
+    finally:
+        os.close(cfd)
+    fsync_dir(directory)
+    return copy

@@ -1,0 +1,100 @@
+"""Work a :class:`~logd_trio.server.storage.topic_log.TopicLog` hands out to run elsewhere.
+
+Each job is built on the log's owning thread and owns what it needs (dup'ed
+fds, paths, closed-off partitions), so its blocking ``run`` may go to a worker
+thread while the log keeps appending, rotating and planning reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from logd_trio.server.storage.files import close_quietly, remove_files
+from logd_trio.server.storage.partition import Partition
+from logd_trio.server.storage.syscalls import current
+
+__all__ = ["RemoveJob", "SyncJob"]
+
+
+class SyncJob:
+    """Everything appended up to ``upto`` and not yet fsynced; owns dup'ed fds.
+
+    Run jobs one at a time, in capture order: a job's ``upto`` guarantee
+    assumes the previous jobs have completed.
+    """
+
+    __slots__ = ("_data_fds", "_dir_fd", "_done", "_index_fds", "_on_done", "upto")
+
+    def __init__(self, upto: int, data_fds: list[int], index_fds: list[int], dir_fd: int | None,
+                 on_done: Callable[[int], None]) -> None:
+        self.upto = upto
+        self._data_fds = data_fds
+        self._index_fds = index_fds
+        self._dir_fd = dir_fd
+        self._on_done: Callable[[int], None] | None = on_done
+        self._done = False
+
+    def _fds(self) -> list[int]:
+        return self._data_fds + self._index_fds + ([] if self._dir_fd is None else [self._dir_fd])
+
+    def run(self) -> None:
+        """fdatasync the partitions (data, then index), fsync the dir; close the dups.
+
+        Raises the :class:`OSError` if a sync fails (the dups are closed
+        anyway); the covered batches are then not durable (on Linux a failed
+        fsync cannot be meaningfully retried).  A second call does nothing.
+        """
+        if self._done:
+            return
+        self._done = True
+        sys = current()
+        try:
+            for fd in self._data_fds:
+                sys.fdatasync(fd)
+            for fd in self._index_fds:
+                sys.fdatasync(fd)
+            if self._dir_fd is not None:
+                sys.fsync(self._dir_fd)
+        finally:
+            close_quietly(self._fds())
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done(self.upto)
+
+    def close(self) -> None:
+        """Drop the job without syncing (closes the dups).  Idempotent."""
+        if not self._done:
+            self._done = True
+            self._on_done = None
+            close_quietly(self._fds())
+
+
+class RemoveJob:
+    """Partitions retention dropped: close their fds and unlink their files, oldest first.
+
+    Closing the last fd of a multi-GB unlinked file frees its blocks, which
+    takes long: run it in a worker thread.  The partitions are already out of
+    the log, so no new read can plan them (open plans hold their own dups).
+    """
+
+    __slots__ = ("_log", "_parts", "_paths", "_topic")
+
+    def __init__(self, parts: list[Partition], paths: list[Path], topic: str, log: logging.Logger) -> None:
+        self._parts = parts
+        self._paths = paths
+        self._topic = topic
+        self._log = log
+
+    @property
+    def paths(self) -> list[Path]:
+        return list(self._paths)
+
+    def run(self) -> None:
+        """Blocking; never raises for a file that cannot be removed (it is logged)."""
+        parts, self._parts = self._parts, []
+        paths, self._paths = self._paths, []
+        remove_files(paths, self._log, self._topic)
+        for p in parts:
+            p.close()

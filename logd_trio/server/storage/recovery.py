@@ -1,0 +1,232 @@
+"""Opening a topic directory: find the partitions, check their indexes, repair what a crash left.
+
+Synchronous, no trio; run it off the Trio thread.  For each ``<start>.log``:
+the index is checked against the log (:func:`~logd_trio.server.storage.index.validate`)
+and whatever it does not cover is rescanned frame by frame; a torn tail is
+truncated; damage followed by more data is copied aside first (never silently
+dropped).  Frames trusted through the index are verified later, before they
+are first served (:mod:`logd_trio.server.storage.verify`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from logd_trio.core.errors import InvalidBatchError, StorageError
+from logd_trio.core.framing import check_frame, parse_frame_header
+from logd_trio.server.storage import files
+from logd_trio.server.storage.files import (
+    CORRUPT_MARK,
+    GO_INDEX_SUFFIX,
+    INDEX_SUFFIX,
+    LOG_SUFFIX,
+    O_CLOEXEC,
+    close_quietly,
+    copy_aside,
+    index_path,
+    log_path,
+    parse_start,
+    remove_files,
+)
+from logd_trio.server.storage.index import PENDING_FLUSH, REC_SIZE, PartitionIndex, validate
+from logd_trio.server.storage.partition import Partition
+from logd_trio.server.storage.syscalls import current
+
+__all__ = ["Recovery"]
+
+SCAN_CHUNK = files.SCAN_CHUNK
+# A rescan logs its progress every this many bytes.
+PROGRESS_BYTES = 256 << 20
+# On open, frames in the last this-many indexed bytes of the head partition are
+# re-verified (CRC + framing): the index may reach disk before the log data.
+VERIFY_TAIL = 64 * 1024
+
+
+class Recovery:
+    """One topic directory being opened; :meth:`run` returns its partitions, oldest first."""
+
+    def __init__(self, directory: Path, topic: str, file_mode: int, log: logging.Logger) -> None:
+        self.dir = directory
+        self.topic = topic
+        self.file_mode = file_mode
+        self.log = log
+        self.dir_dirty = False  # entries were removed or created: the directory needs an fsync
+
+    def run(self) -> list[Partition]:
+        """Recover every partition (creating partition 0 if there is none).
+
+        Raises :class:`StorageError` (chained); partitions opened so far are closed then.
+        """
+        logs: list[int] = []
+        indexes: set[int] = set()
+        for name in os.listdir(self.dir):
+            start = parse_start(name, LOG_SUFFIX)
+            if start is not None and (self.dir / name).is_file():
+                logs.append(start)
+                continue
+            istart = parse_start(name, INDEX_SUFFIX)
+            if istart is not None:
+                indexes.add(istart)
+            elif parse_start(name, GO_INDEX_SUFFIX) is None and CORRUPT_MARK not in name:
+                self.log.warning("topic %s: ignoring stray file %s", self.topic, self.dir / name)
+        logs.sort()
+        for start in sorted(indexes.difference(logs)):
+            self.log.warning("topic %s: removing orphan index %s", self.topic, index_path(self.dir, start))
+            remove_files([index_path(self.dir, start)], self.log, self.topic)
+        parts: list[Partition] = []
+        try:
+            for i, start in enumerate(logs):
+                last = i == len(logs) - 1
+                limit = None if last else logs[i + 1] - start
+                try:
+                    p = self._partition(start, limit, head=last)
+                except OSError as e:
+                    raise StorageError(f"topic {self.topic}: recovering {log_path(self.dir, start)}: {e}") from e
+                if p.size == 0 and not last:
+                    self.log.warning("topic %s: removing empty partition %s", self.topic, log_path(self.dir, start))
+                    p.close()
+                    remove_files(p.paths(self.dir), self.log, self.topic)
+                    self.dir_dirty = True
+                    continue
+                parts.append(p)
+            if not parts:
+                try:
+                    parts.append(Partition.create(self.dir, 0, self.file_mode))
+                except OSError as e:
+                    raise StorageError(f"topic {self.topic}: cannot create partition 0: {e}") from e
+                self.dir_dirty = True
+        except BaseException:
+            for p in parts:
+                p.close()
+            raise
+        return parts
+
+    def _partition(self, start: int, limit: int | None, *, head: bool) -> Partition:
+        fd = os.open(log_path(self.dir, start), os.O_RDWR | O_CLOEXEC)
+        try:
+            ifd = os.open(index_path(self.dir, start), os.O_RDWR | os.O_CREAT | O_CLOEXEC, self.file_mode)
+        except OSError:
+            os.close(fd)
+            raise
+        try:
+            return self._files(start, fd, ifd, limit, head=head)
+        except BaseException:
+            close_quietly([fd, ifd])
+            raise
+
+    def _files(self, start: int, fd: int, ifd: int, limit: int | None, *, head: bool) -> Partition:
+        lpath = log_path(self.dir, start)
+        fsize = os.fstat(fd).st_size
+        stop = fsize if limit is None else min(fsize, limit)
+        isize = os.fstat(ifd).st_size
+        n_rec, why = validate(fd, ifd, isize // REC_SIZE, stop)
+        if why:
+            self.log.warning("topic %s: index of %s: %s; rescanning", self.topic, lpath, why)
+        elif isize % REC_SIZE:
+            self.log.warning("topic %s: index of %s has a torn record; rescanning tail", self.topic, lpath)
+        idx = PartitionIndex(ifd, n_rec)
+        end, cum = idx.entry(n_rec - 1)
+        if head and end > 0:
+            # The index may have reached disk before the log data: re-verify its tail.
+            k = idx.last_end_at_most(end - VERIFY_TAIL)
+            end, cum = idx.entry(k)
+            n_rec = k + 1
+        if n_rec * REC_SIZE != isize:
+            os.ftruncate(ifd, n_rec * REC_SIZE)
+        idx.reset(n_rec)
+        scanned = len(idx)
+        good, cum = self._scan(fd, idx, end, stop, cum)
+        if good < fsize:
+            self._cut(fd, start, good, fsize, torn_ok=head)
+        rebuilt = len(idx) - scanned
+        idx.flush()
+        if rebuilt and not head:
+            current().fdatasync(ifd)  # a sealed partition's rebuilt index: make the next open fast
+            idx.synced_n = idx.n_file
+        p = Partition(start, fd, idx, good, cum)
+        p.vend = min(end, good)  # trusted through the index, not checked: verified before it is served
+        if rebuilt > 1000:
+            self.log.info("topic %s: %s: %d batches rescanned", self.topic, lpath, rebuilt)
+        p.synced_size = 0  # durability of what a crashed process left is unknown: first job syncs it
+        return p
+
+    def _scan(self, fd: int, idx: PartitionIndex, pos: int, stop: int, cum: int) -> tuple[int, int]:
+        """Check frames from ``pos`` up to ``stop``, adding index records; return (good end, cum)."""
+        buf = b""
+        base = pos  # file position of buf[0]
+        i = 0
+        start, next_report = pos, pos + PROGRESS_BYTES
+        while base + i < stop:
+            try:
+                h = parse_frame_header(buf, i)
+            except InvalidBatchError:
+                break
+            need = SCAN_CHUNK if h is None else h.frame_len
+            if h is not None and base + i + need > stop:
+                break
+            if h is None or i + need > len(buf):
+                more = os.pread(fd, min(max(need, SCAN_CHUNK), stop - base - len(buf)), base + len(buf))
+                if not more:
+                    break
+                buf = buf[i:] + more
+                base += i
+                i = 0
+                if len(idx.pending) >= PENDING_FLUSH:
+                    idx.flush()  # a rebuild must not hold a whole partition's records in memory
+                if base >= next_report:  # a long rescan (no usable index) shows progress
+                    self.log.info("topic %s: rescanning: %d of %d MiB checked", self.topic,
+                                  (base - start) >> 20, (stop - start) >> 20)
+                    next_report = base + PROGRESS_BYTES
+                continue
+            if check_frame(buf, i, i + need) is None:
+                break
+            i += need
+            cum += h.count
+            idx.add(base + i, cum)
+        return base + i, cum
+
+    def _valid_frame_after(self, fd: int, pos: int, fsize: int) -> bool:
+        """Whether any valid frame starts in ``(pos, fsize)``."""
+        at = pos + 1
+        while at < fsize:
+            chunk = os.pread(fd, SCAN_CHUNK, at)
+            if not chunk:
+                return False
+            j = chunk.find(b"BATCH ")
+            while j >= 0:
+                if _frame_at(fd, at + j, fsize):
+                    return True
+                j = chunk.find(b"BATCH ", j + 1)
+            at += max(1, len(chunk) - 5)
+        return False
+
+    def _cut(self, fd: int, start: int, good: int, fsize: int, *, torn_ok: bool) -> None:
+        """Remove ``[good, fsize)`` from a partition: a torn tail, or corruption copied aside first."""
+        lpath = log_path(self.dir, start)
+        n = fsize - good
+        if torn_ok and not self._valid_frame_after(fd, good, fsize):
+            self.log.warning("topic %s: %s: truncating torn tail at position %d (%d bytes)",
+                             self.topic, lpath, good, n)
+        else:
+            copy = copy_aside(self.dir, start, fd, good, fsize, self.file_mode)
+            self.log.error(
+                "topic %s: CORRUPTION in %s at position %d (offset %d): %d bytes from there to the end "
+                "are not a clean torn tail (bad bytes followed by more data); copied them to %s "
+                "and truncated the partition",
+                self.topic, lpath, good, start + good, n, copy,
+            )
+        os.ftruncate(fd, good)
+        current().fsync(fd)
+
+
+def _frame_at(fd: int, pos: int, fsize: int) -> bool:
+    """Whether a valid frame starts at ``pos`` of the file and ends by ``fsize``."""
+    try:
+        h = parse_frame_header(os.pread(fd, 4096, pos))
+    except InvalidBatchError:
+        return False
+    if h is None or pos + h.frame_len > fsize:
+        return False
+    return check_frame(os.pread(fd, h.frame_len, pos)) is not None
