@@ -171,12 +171,7 @@ class ThreadedStore(Generic[C]):
 
     async def call(self, fn: Callable[[Slot[C]], T]) -> T:
         """Run ``fn(slot)`` in a worker thread that has the slot to itself; at most ``timeout`` seconds."""
-        with self._cv:
-            if self._closed:
-                raise CheckpointError(f"{self.what} is closed")
-            if self._stuck >= MAX_STUCK:
-                raise CheckpointUnavailable(
-                    f"{self.what} is not answering: {self._stuck} earlier calls still wait for it")
+        self._admit()
         call: _Call[C] = _Call()
 
         def work() -> T:
@@ -208,10 +203,19 @@ class ThreadedStore(Generic[C]):
         with anyio.move_on_after(self.timeout):
             try:
                 async with self._turn:
+                    self._admit()  # again: calls that queued for their turn may have got stuck meanwhile
                     return await anyio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=self._pool)
             finally:
                 self._leave(call)
         raise CheckpointUnavailable(f"{self.what} did not answer within {self.timeout:g} s")
+
+    def _admit(self) -> None:
+        with self._cv:
+            if self._closed:
+                raise CheckpointError(f"{self.what} is closed")
+            if self._stuck >= MAX_STUCK:
+                raise CheckpointUnavailable(
+                    f"{self.what} is not answering: {self._stuck} earlier calls still wait for it")
 
     def _leave(self, call: _Call[C]) -> None:
         """The caller stops waiting: a thread still running is abandoned and its slot retired."""

@@ -544,6 +544,21 @@ def test_silent_postgres_leaves_no_thread_behind(own_pg: PostgresServer, backend
                         with anyio.fail_after(1.5):
                             await cp.commit("t", Position(2, 0))
                     assert store_threads() <= MAX_STUCK + 1  # bounded the same under Trio and asyncio
+                await eventually(lambda: store_threads() == 0, 8)
+                # calls arriving one after the other, each queued behind the one before
+                most = 0
+
+                async def caller() -> None:
+                    with pytest.raises(CheckpointUnavailable):
+                        await cp.commit("t", Position(3, 0))
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(6):
+                        tg.start_soon(caller)
+                        for _ in range(3):  # sampled while they come and go: a bound, not a timing
+                            await anyio.sleep(0.05)
+                            most = max(most, store_threads())
+                assert most <= MAX_STUCK + 1
                 # all woken or timed out (libpq's connect_timeout) while the server is still silent
                 await eventually(lambda: store_threads() == 0, 8)
                 assert cp.stuck_calls == 0
