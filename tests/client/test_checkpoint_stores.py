@@ -9,10 +9,13 @@ that stop, crash or pause a database get one of their own.
 from __future__ import annotations
 
 import random
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -573,6 +576,36 @@ def test_silent_postgres_leaves_no_thread_behind(own_pg: PostgresServer, backend
                         await anyio.sleep(0.1)
 
     run(backend, main)
+
+
+def test_harness_only_trusts_its_own_server(pg_server: PostgresServer, redis_server: RedisServer) -> None:
+    # a server that took the chosen port meanwhile is not mistaken for the one being started
+    assert pg_server._ready() and redis_server._ready()
+    other_pg, other_redis = PostgresServer(), RedisServer()
+    try:
+        other_pg.port, other_redis.port = pg_server.port, redis_server.port
+        assert not other_pg._ready()
+        assert not other_redis._ready()
+    finally:
+        other_pg.close()
+        other_redis.close()
+    assert not other_pg.dir.exists() and not other_redis.dir.exists()
+
+
+def test_harness_cleans_up_after_a_failed_initdb(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = Path(tempfile.mkdtemp(prefix="logd-fake-pg-", dir="/tmp"))  # reachable for nobody when run as root
+    try:
+        fake.chmod(0o755)
+        (fake / "initdb").write_text("#!/bin/sh\necho cannot create the cluster\nexit 3\n")
+        (fake / "initdb").chmod(0o755)
+        monkeypatch.setenv("LOGD_PG_BIN", str(fake))
+        before = set(Path(tempfile.gettempdir()).glob("logd-postgres-*")) | set(Path("/tmp").glob("logd-postgres-*"))
+        with pytest.raises(RuntimeError, match=r"initdb failed:\n.*cannot create the cluster"):
+            PostgresServer()
+        after = set(Path(tempfile.gettempdir()).glob("logd-postgres-*")) | set(Path("/tmp").glob("logd-postgres-*"))
+        assert after <= before  # its temporary directory is gone
+    finally:
+        shutil.rmtree(fake, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- a database that goes away
