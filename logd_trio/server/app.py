@@ -75,8 +75,12 @@ async def serve(
     root = Path(config.workdir)
     log.info("logd-trio %s starting on %s: data in %s, fsync=%s", __version__, config.host, _absolute(root),
              _fsync_text(config))
-    await trio.to_thread.run_sync(make_root, root, config.dir_mode)  # durably: parents fsynced
-    lock = await trio.to_thread.run_sync(DataDirLock.acquire, root, config.file_mode)
+    # Two short steps before anything else, in a thread limiter of their own (so a
+    # busy default limiter cannot hold them up): the directory, durably (parents
+    # fsynced), and its lock.
+    startup = trio.CapacityLimiter(1)
+    await trio.to_thread.run_sync(make_root, root, config.dir_mode, limiter=startup)
+    lock = await trio.to_thread.run_sync(DataDirLock.acquire, root, config.file_mode, limiter=startup)
     try:
         fd_limit = raise_fd_limit()  # before recovery opens every partition
         counters = Counters()

@@ -341,8 +341,8 @@ async def test_readyz_fails_during_shutdown_and_the_http_server_stops_with_the_s
 
 
 async def test_readyz_fails_until_recovery_is_done(nursery: trio.Nursery, tmp_path: Path) -> None:
-    # Hold every worker-thread token: the server's first step off the Trio thread
-    # (creating the data directory, then recovering topics) waits for one.
+    # Hold every worker-thread token: recovering topics waits for one (the data
+    # directory and its lock, before it, have a thread limiter of their own).
     limiter = trio.to_thread.current_default_thread_limiter()
     borrowers = [object() for _ in range(int(limiter.total_tokens))]
     for b in borrowers:
