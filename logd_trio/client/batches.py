@@ -66,7 +66,7 @@ class Receipt:
 class WriteBatch:
     """A sealed batch: the encoded ``BATCH`` request and, once it failed, its ``error``."""
 
-    __slots__ = ("count", "error", "last_seq", "offset", "receipts", "request", "resolved", "topic")
+    __slots__ = ("attempts", "count", "error", "last_seq", "offset", "receipts", "request", "resolved", "topic")
 
     def __init__(self, topic: str, request: bytes, count: int, last_seq: int) -> None:
         self.topic = topic
@@ -77,6 +77,7 @@ class WriteBatch:
         self.offset: int | None = None
         self.resolved = False
         self.receipts: list[Receipt] | None = None
+        self.attempts = 0  # times sent
 
     def messages(self) -> list[bytes]:
         """The messages of this batch, in order."""

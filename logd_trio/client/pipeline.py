@@ -25,6 +25,7 @@ from logd_trio.core.replies import ErrorReply, OffsetReply, Reply, ReplyKind
 __all__ = ["AckCallback", "Pipeline"]
 
 AckCallback = Callable[[int, int], None]
+RESEND_ATTEMPTS = 3  # with resend: a batch is sent at most this many times
 
 
 class _Link:
@@ -50,8 +51,10 @@ class Pipeline:
     """
 
     def __init__(self, client: ClientLike, topic: str, topic_raw: bytes, *, max_in_flight: int,
-                 flush_interval: float, ack_timeout: float | None, on_ack: AckCallback | None) -> None:
+                 flush_interval: float, ack_timeout: float | None, on_ack: AckCallback | None,
+                 resend: bool = False) -> None:
         self._client = client
+        self.resend = resend
         self.topic = topic
         self.max_in_flight = max_in_flight
         self.flush_interval = flush_interval
@@ -193,6 +196,7 @@ class Pipeline:
                 self._fail_queued(exc)
                 continue
             link.inflight.append(batch)
+            batch.attempts += 1
             self._in_hand = None
             if link.wait is not None and link.wait.deadline == math.inf and self.ack_timeout is not None:
                 link.wait.deadline = anyio.current_time() + self.ack_timeout
@@ -266,9 +270,18 @@ class Pipeline:
         link.dead = True
         if self._link is link:
             self._link = None
+        again: list[WriteBatch] = []
         while link.inflight:
             self._slots.release()
-            self._resolve(link.inflight.popleft(), exc)
+            batch = link.inflight.popleft()
+            if self.resend and batch.attempts < RESEND_ATTEMPTS:
+                again.append(batch)  # its outcome is unknown: send it again on a new connection
+            else:
+                self._resolve(batch, exc)
+        if again:
+            self._ready.extendleft(reversed(again))  # before anything queued after them
+            self._queued_bytes += sum(len(b.request) for b in again)
+            self._wake()
         if link in self._links:
             self._links.remove(link)
         assert self._tg is not None

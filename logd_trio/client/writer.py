@@ -9,9 +9,8 @@ pipelined on one connection, at most ``max_in_flight`` unacknowledged
 (:mod:`logd_trio.client.pipeline`).  When more than ``max_pending`` bytes are
 queued and not yet sent, ``write`` waits (backpressure).
 
-Receipts.  ``write`` / ``write_many`` are the fast fire-and-batch path;
-``ack = await w.send_and_wait(msg)`` (or ``receipt = await w.send(msg)``, then
-``await receipt``) gives one message's offset and delta, or raises its batch's error.
+Receipts.  ``write`` / ``write_many`` are the fast path; ``await w.send_and_wait(msg)``
+(or ``await (await w.send(msg))``) gives one message's offset and delta, or its error.
 
 Failures.  A batch the server rejects (``ERR``) or whose connection breaks
 before its reply arrives (or, with ``ack_timeout``, whose reply does not come
@@ -23,10 +22,10 @@ clear ``failed``).  A *permanent* error (a refused topic, a request the server
 will never accept) stops the writer at once: the batches queued behind it fail
 with the same error and every later ``write`` raises ``WriteFailed``.
 :meth:`Writer.flush` raises ``WriteFailed`` when any batch failed.  The writer
-reconnects for the next batch; when connecting fails (after the client's
-retries), every queued batch fails with that error at once.
-:meth:`Writer.retry_failed` sends the failed batches again (at-least-once: a
-batch whose reply was lost may have been stored, and is then stored twice).
+reconnects for the next batch (with ``resend=True`` the unanswered ones first);
+when connecting fails, every queued batch fails with that error at once.
+:meth:`Writer.retry_failed` sends failed batches again (at-least-once: a batch
+whose reply was lost may have been stored, and is then stored twice).
 Leaving the ``async with`` block normally flushes, and raises ``WriteFailed``
 if failed batches remain (clear ``w.failed`` to accept the loss).
 
@@ -80,6 +79,7 @@ class WriterOptions(TypedDict, total=False):
     close_timeout: float
     ack_timeout: float | None
     open_timeout: float | None
+    resend: bool
 
 
 class Writer(Pipeline):
@@ -91,7 +91,8 @@ class Writer(Pipeline):
     ``max_pending`` (bytes queued before ``write`` waits), ``on_ack(offset,
     count)``, ``close_timeout`` (the exit flush after an error), ``ack_timeout``
     (a batch not acknowledged within it fails), ``open_timeout`` (opening:
-    asking the server its batch size).
+    asking the server its batch size), ``resend`` (a batch whose connection broke before
+    its reply is sent again on a new one, 3 times at most: at-least-once).
 
     Attributes: ``failed`` (list of :class:`WriteBatch`), ``acked_batches``,
     ``acked_messages``, ``last_offset`` (offset of the last acknowledged batch).
@@ -110,6 +111,7 @@ class Writer(Pipeline):
         close_timeout: float = 5.0,
         ack_timeout: float | None = None,
         open_timeout: float | None = DEFAULT_OPEN_TIMEOUT,
+        resend: bool = False,
     ) -> None:
         raw = check_topic(topic)
         if max_in_flight < 1:
@@ -122,7 +124,7 @@ class Writer(Pipeline):
             raise ValueError("open_timeout must be > 0 or None")
         super().__init__(client, topic, raw, max_in_flight=max_in_flight,
                          flush_interval=math.inf if flush_interval is None else flush_interval,
-                         ack_timeout=ack_timeout, on_ack=on_ack)
+                         ack_timeout=ack_timeout, on_ack=on_ack, resend=resend)
         self._requested_batch_size = batch_size
         self._max_pending_opt = max_pending
         self.close_timeout = close_timeout

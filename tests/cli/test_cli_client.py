@@ -181,8 +181,8 @@ def test_ctrl_c_mid_stream_stores_every_line_read(addr: str, round: int) -> None
     took, nothing is reported lost, exit code 130.  (Before the fix, a Ctrl-C landing in the
     writer's background tasks failed the exit flush, or left a half-built batch.)"""
     r, w = os.pipe()
-    p = subprocess.Popen([*LOGD, "write", "--host", addr, "--topic", f"sig{round}", "--batch-size", "2000"],
-                         stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen([*LOGD, "write", "--host", addr, "--topic", f"sig{round}", "--batch-size", "2000",
+                          "--count"], stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     os.close(r)
     feeder = threading.Thread(target=_feed, args=(w, 3_000_000), daemon=True)
     feeder.start()
@@ -196,6 +196,8 @@ def test_ctrl_c_mid_stream_stores_every_line_read(addr: str, round: int) -> None
     assert b"not written" not in err and b"Traceback" not in err, err
     stored = read_back(addr, f"sig{round}")
     assert len(stored) > 1000
+    # --count reports, also when interrupted, what was acknowledged
+    assert err.startswith(b"%d messages, " % len(stored)) and err.endswith(b"logd write: interrupted\n"), err
     assert stored == [b"%d" % i for i in range(1, len(stored) + 1)]  # no gap, no duplicate
 
 
