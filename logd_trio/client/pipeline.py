@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
+from typing import TypedDict
 
 import anyio
 import anyio.abc
@@ -22,10 +23,24 @@ from logd_trio.client.transport import ClientLike, Connection, ki_protected
 from logd_trio.core.errors import ClientError, ConnectionLost, LogdError, Timeout, WriterClosed
 from logd_trio.core.replies import ErrorReply, OffsetReply, Reply, ReplyKind
 
-__all__ = ["AckCallback", "Pipeline"]
+__all__ = ["AckCallback", "Pipeline", "WriterOptions"]
 
 AckCallback = Callable[[int, int], None]
 RESEND_ATTEMPTS = 3  # with resend: a batch is sent at most this many times
+
+
+class WriterOptions(TypedDict, total=False):
+    """The keyword options of :meth:`Client.writer` (checked by type checkers, see :class:`Writer`)."""
+
+    batch_size: int | None
+    flush_interval: float | None
+    max_in_flight: int
+    max_pending: int | None
+    on_ack: AckCallback | None
+    close_timeout: float
+    ack_timeout: float | None
+    open_timeout: float | None
+    resend: bool
 
 
 class _Link:

@@ -51,13 +51,13 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Final, TypedDict, Unpack
+from typing import Final, Unpack
 
 import anyio
 import anyio.abc
 
 from logd_trio.client.batches import CRLF, MAX_MSG_OVERHEAD, Ack, Receipt, WriteBatch
-from logd_trio.client.pipeline import AckCallback, Pipeline, _close
+from logd_trio.client.pipeline import AckCallback, Pipeline, WriterOptions, _close
 from logd_trio.client.transport import ClientLike, check_topic, deadline, fast_checkpoint_if_cancelled, ki_protected
 from logd_trio.core.errors import WriteFailed, WriterClosed, unwrap_group
 from logd_trio.core.framing import msg_header
@@ -66,20 +66,6 @@ __all__ = ["Ack", "AckCallback", "Receipt", "WriteBatch", "Writer", "WriterOptio
 
 Data = bytes | bytearray | memoryview
 DEFAULT_OPEN_TIMEOUT: Final = 10.0
-
-
-class WriterOptions(TypedDict, total=False):
-    """The keyword options of :meth:`Client.writer` (checked by type checkers, see :class:`Writer`)."""
-
-    batch_size: int | None
-    flush_interval: float | None
-    max_in_flight: int
-    max_pending: int | None
-    on_ack: AckCallback | None
-    close_timeout: float
-    ack_timeout: float | None
-    open_timeout: float | None
-    resend: bool
 
 
 class Writer(Pipeline):
