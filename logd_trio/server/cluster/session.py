@@ -70,7 +70,12 @@ async def open_session(etcd: EtcdClient, ttl: int, *, margin: float | None = Non
     exit stop renewing and revoke it (best effort, bounded), which deletes its keys."""
     sent = trio.current_time()
     lease = await etcd.lease_grant(ttl)
-    session = Session(lease.id, LeaseClock(lease.ttl, sent, margin=margin), etcd.lease_keepalive)
+    clock = LeaseClock(lease.ttl, sent, margin=margin)
+
+    async def renew(lease_id: int) -> int:  # every endpoint gets its share of the attempt's time
+        return await etcd.lease_keepalive(lease_id, budget=clock.attempt_timeout())
+
+    session = Session(lease.id, clock, renew)
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:

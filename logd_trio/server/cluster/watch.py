@@ -114,11 +114,16 @@ class Watch:
         deadline = trio.current_time() + self.timeout
         n = len(client.endpoints)
         problems: list[str] = []
+        share = self.timeout / n  # a stalled member gets its share of the budget, not all of it
         attempt = -1
+        index = client.current
         while (remaining := deadline - trio.current_time()) > 0:
             attempt += 1
-            index = (client.current + attempt) % n
+            if attempt:
+                index = (index + 1) % n
             url = f"{client.endpoints[index]}/v3/watch"
+            remaining = min(remaining, share)
+            opened = False
             try:
                 with trio.fail_after(remaining):
                     request = client.http.build_request(
@@ -135,13 +140,18 @@ class Watch:
                 if not result.get("created"):
                     raise EtcdBadReply(f"watch not created: {json.dumps(first)[:80]}")
                 client.current = index
+                opened = True
                 return
             except (httpx.HTTPError, trio.TooSlowError, EtcdBadReply) as e:
                 problems.append(f"{client.endpoints[index]}: {describe(e)}")
             except EtcdError as e:
                 if e.code != CODE_UNAVAILABLE:
+                    opened = True  # the member answered: the error is the answer
                     raise
                 problems.append(f"{client.endpoints[index]}: {e.message}")
+            finally:
+                if not opened:  # also when the caller gave up on this attempt
+                    client.failed(index)
             await self._close()
             await client.pause_after_round(attempt + 1, deadline)
         raise EtcdUnavailable(f"etcd watch: no endpoint served a watch within {self.timeout:g}s "

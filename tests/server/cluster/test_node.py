@@ -46,9 +46,9 @@ def leaders(nodes: list[ClusterNode]) -> list[ClusterNode]:
 
 
 def start_node(nursery: trio.Nursery, etcd: EtcdClient, keys: ClusterKeys, name: str,
-               changes: Changes) -> ClusterNode:
-    node = ClusterNode(etcd, keys, Member(name, f"127.0.0.1:{PORTS[name]}"), lease_ttl=1, margin=0.1,
-                       idle_timeout=1, on_change=changes.callback(name))
+               changes: Changes, lease_ttl: int = 1) -> ClusterNode:
+    node = ClusterNode(etcd, keys, Member(name, f"127.0.0.1:{PORTS[name]}"), lease_ttl=lease_ttl,
+                       margin=0.1 * lease_ttl, idle_timeout=1, on_change=changes.callback(name))
     nursery.start_soon(node.run)
     return node
 
@@ -133,3 +133,36 @@ async def _etcd_down(etcd1: EtcdCluster, keys: ClusterKeys, changes: Changes) ->
         assert (again is leader and again.view.epoch == 1) or again.view.epoch == 2
         assert leaders(nodes) == [again]
         nursery.cancel_scope.cancel()
+
+
+async def test_one_stalled_etcd_member_leaves_the_leader_alone(etcd3: EtcdCluster, cluster_name: str) -> None:
+    """Two members healthy, one stopped (SIGSTOP): the member every node talks to
+    first.  Keepalives, watches and campaigns move on to the others; nothing changes."""
+    changes = Changes()
+    keys = ClusterKeys(cluster_name)
+    raft_leader = etcd3.leader()
+    stalled = next(m for m in etcd3.members if m is not raft_leader)
+    endpoints = [stalled.url] + [m.url for m in etcd3.members if m is not stalled]
+    with trio.fail_after(15):
+        async with EtcdClient(endpoints) as ea, EtcdClient(endpoints) as eb, trio.open_nursery() as nursery:
+            nodes = [start_node(nursery, ea, keys, "a", changes, lease_ttl=2),
+                     start_node(nursery, eb, keys, "b", changes, lease_ttl=2)]
+            await changes.until(lambda: len(leaders(nodes)) == 1 and all(n.view.epoch == 1 for n in nodes))
+            (leader,) = leaders(nodes)
+            stalled.pause()
+            try:
+                refused: list[str] = []
+                for _ in range(200):  # 4 s: two lease TTLs
+                    reason = leader.refusal()
+                    if reason is not None:
+                        refused.append(reason)
+                    await trio.sleep(0.02)
+                assert refused == []
+                assert leaders(nodes) == [leader]
+                assert [(v.role, v.epoch) for _, name, v in changes.log if v.role == "leader"] == [("leader", 1)]
+                assert all(n.view.epoch == 1 and n.view.etcd_ok for n in nodes) and leader.sessions == 1
+                async with EtcdClient(endpoints, timeout=1.5) as fresh, fresh.watch(keys.leader):
+                    assert fresh.endpoint != stalled.url  # the stalled member had only its share of the budget
+            finally:
+                stalled.resume()
+            nursery.cancel_scope.cancel()
