@@ -53,6 +53,7 @@ class Watch:
         self._response: httpx.Response | None = None
         self._chunks: AsyncIterator[bytes] | None = None
         self._buf = bytearray()
+        self._index = transport.current  # the endpoint serving the stream
         self.reconnects = 0
 
     async def __aenter__(self) -> Watch:
@@ -73,12 +74,18 @@ class Watch:
     async def __anext__(self) -> WatchEvent:
         while not self._events:
             message = await self._next_message()
-            if message is None:  # stream idle, broken or ended: a new one from where we are
-                await self._close()
-                self.reconnects += 1
-                await self._open()
-                continue
-            self._handle(message)
+            if message is not None:
+                try:
+                    self._handle(message)
+                    continue
+                except EtcdError as e:  # "no leader" and the like: another member may serve it
+                    if e.code != CODE_UNAVAILABLE:
+                        raise
+                    self._transport.failed(self._index)
+            # stream idle, broken, ended or refused: a new one from where we are
+            await self._close()
+            self.reconnects += 1
+            await self._open()
         return self._events.popleft()
 
     def _handle(self, message: Json) -> None:
@@ -139,7 +146,7 @@ class Watch:
                 result = as_obj(first.get("result"))
                 if not result.get("created"):
                     raise EtcdBadReply(f"watch not created: {json.dumps(first)[:80]}")
-                client.current = index
+                client.current = self._index = index
                 opened = True
                 return
             except (httpx.HTTPError, trio.TooSlowError, EtcdBadReply) as e:
@@ -171,7 +178,10 @@ class Watch:
                 try:
                     with trio.fail_after(max(0.0, limit - trio.current_time())):
                         chunk = await chunks.__anext__()
-                except (StopAsyncIteration, httpx.HTTPError, trio.TooSlowError):
+                except StopAsyncIteration:  # the gateway ends an error stream without a newline
+                    last, self._buf = bytes(self._buf), bytearray()
+                    return decode(last, "watch") if last.strip() else None
+                except (httpx.HTTPError, trio.TooSlowError):
                     return None
                 self._buf += chunk
                 limit = min(deadline, trio.current_time() + self.idle_timeout)
