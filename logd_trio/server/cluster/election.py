@@ -1,12 +1,4 @@
-"""Membership and leader election of logd nodes in etcd.
-
-Keys under ``/logd/<cluster>/``:
-
-- ``cluster_id``: created once; a node remembers it and refuses another one.
-- ``members/<node>``: ``{"node", "addr"}``, on the node's session lease.
-- ``leader``: ``{"node", "addr", "epoch"}``, on the leader's session lease.
-- ``epoch``: the last epoch handed out (decimal); never deleted.
-- ``isr``: ``{"epoch", "members"}``, the in-sync set; only its members may take over.
+"""Membership and leader election of logd nodes in etcd (the keys: keys.py).
 
 A takeover is one txn: the leader key does not exist, the epoch and the in-sync
 set are what the candidate read; then it puts the leader key (on its lease), the
@@ -18,9 +10,7 @@ node can win.  A node's epoch is its fencing token.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import trio
 
@@ -28,7 +18,6 @@ from logd_trio.server.cluster.etcd import EtcdClient
 from logd_trio.server.cluster.etcd_wire import (
     Compare,
     Delete,
-    EtcdBadReply,
     EtcdException,
     EtcdIndeterminate,
     EtcdUnavailable,
@@ -39,131 +28,26 @@ from logd_trio.server.cluster.etcd_wire import (
     RangeResult,
 )
 from logd_trio.server.cluster.fencing import LeaderGate
+from logd_trio.server.cluster.keys import (
+    NAME,
+    ClusterDataError,
+    ClusterKeys,
+    ClusterMismatch,
+    InSync,
+    LeaderInfo,
+    Member,
+    SessionLost,
+    epoch_of,
+    json_obj,
+    kvs_of,
+)
 from logd_trio.server.cluster.session import Session
 
 __all__ = [
-    "ClusterDataError", "ClusterKeys", "InSync", "LeaderInfo", "Leadership", "Member", "SessionLost",
-    "campaign", "campaign_once", "current_leader", "ensure_cluster_id", "follow_leader", "list_members",
-    "register",
+    "ClusterDataError", "ClusterKeys", "ClusterMismatch", "InSync", "LeaderInfo", "Leadership", "Member",
+    "SessionLost", "campaign", "campaign_once", "current_leader", "ensure_cluster_id", "follow_leader",
+    "list_members", "register",
 ]
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-class ClusterDataError(EtcdException):
-    """A key of the cluster holds something this version cannot read."""
-
-
-class SessionLost(EtcdException):
-    """The session's lease is gone: open a new session."""
-
-
-def check_name(kind: str, name: str) -> str:
-    if not NAME.fullmatch(name):
-        raise ValueError(f"bad {kind} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with "
-                         f"a letter or digit")
-    return name
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterKeys:
-    cluster: str
-
-    def __post_init__(self) -> None:
-        check_name("cluster name", self.cluster)
-
-    @property
-    def prefix(self) -> str:
-        return f"/logd/{self.cluster}/"
-
-    @property
-    def members(self) -> str:
-        return self.prefix + "members/"
-
-    def member(self, node: str) -> str:
-        return self.members + check_name("node id", node)
-
-    @property
-    def leader(self) -> str:
-        return self.prefix + "leader"
-
-    @property
-    def epoch(self) -> str:
-        return self.prefix + "epoch"
-
-    @property
-    def isr(self) -> str:
-        return self.prefix + "isr"
-
-    @property
-    def cluster_id(self) -> str:
-        return self.prefix + "cluster_id"
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    node: str
-    addr: str
-
-    def __post_init__(self) -> None:
-        check_name("node id", self.node)
-
-    def to_json(self) -> str:
-        return json.dumps({"node": self.node, "addr": self.addr})
-
-
-@dataclass(frozen=True, slots=True)
-class LeaderInfo:
-    node: str
-    addr: str
-    epoch: int
-    lease: int
-    create_revision: int  # identifies this leadership: a new leader key has a new one
-
-    @classmethod
-    def from_kv(cls, kv: KeyValue) -> LeaderInfo:
-        d = _json_obj(kv)
-        node, addr, epoch = d.get("node"), d.get("addr"), d.get("epoch")
-        if not (isinstance(node, str) and isinstance(addr, str) and isinstance(epoch, int) and epoch > 0):
-            raise ClusterDataError(f"{kv.key.decode(errors='replace')}: expected node, addr and epoch")
-        return cls(node, addr, epoch, kv.lease, kv.create_revision)
-
-
-@dataclass(frozen=True, slots=True)
-class InSync:
-    epoch: int
-    members: tuple[str, ...]
-
-    @classmethod
-    def from_kv(cls, kv: KeyValue) -> InSync:
-        d = _json_obj(kv)
-        epoch, members = d.get("epoch"), d.get("members")
-        if not (isinstance(epoch, int) and isinstance(members, list) and all(isinstance(m, str) for m in members)):
-            raise ClusterDataError(f"{kv.key.decode(errors='replace')}: expected epoch and members")
-        return cls(epoch, tuple(members))
-
-    def to_json(self) -> str:
-        return json.dumps({"epoch": self.epoch, "members": list(self.members)})
-
-
-def _json_obj(kv: KeyValue) -> dict[str, object]:
-    try:
-        d = json.loads(kv.value)
-    except ValueError:
-        d = None
-    if not isinstance(d, dict):
-        raise ClusterDataError(f"{kv.key.decode(errors='replace')}: not a JSON object: {kv.value[:60]!r}")
-    return d
-
-
-def _epoch_of(kv: KeyValue | None) -> int:
-    if kv is None:
-        return 0
-    try:
-        return int(kv.value)
-    except ValueError:
-        raise ClusterDataError(f"{kv.key.decode(errors='replace')}: not an epoch: {kv.value[:30]!r}") from None
-
 
 # ---------------------------------------------------------------- membership
 
@@ -197,7 +81,7 @@ async def register(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Me
 async def list_members(etcd: EtcdClient, keys: ClusterKeys) -> dict[str, Member]:
     out: dict[str, Member] = {}
     for kv in (await etcd.get_prefix(keys.members)).kvs:
-        d = _json_obj(kv)
+        d = json_obj(kv)
         node, addr = d.get("node"), d.get("addr")
         if isinstance(node, str) and isinstance(addr, str) and NAME.fullmatch(node):
             out[node] = Member(node, addr)
@@ -226,14 +110,26 @@ async def follow_leader(etcd: EtcdClient, keys: ClusterKeys, on_change: Callable
 # ---------------------------------------------------------------- leadership
 
 class Leadership:
-    """This node is leader of ``epoch`` while ``gate`` says so (see fencing.py)."""
+    """This node is leader of ``epoch`` while ``gate`` says so (see fencing.py).
 
-    def __init__(self, etcd: EtcdClient, keys: ClusterKeys, session: Session, info: LeaderInfo) -> None:
+    ``in_sync`` is the in-sync set as last confirmed in etcd, written at
+    ``isr_revision`` (the takeover's revision at first).  Each write of the set
+    compares that revision, so writes apply in the order the leader made them: a
+    write whose reply was lost (EtcdIndeterminate) can land later only if no
+    other write came after it.  Until a later write succeeds, ``in_sync_unsure``
+    holds the set of such a write: the caller must treat both sets as possible
+    (the high watermark waits for the union) until then."""
+
+    def __init__(self, etcd: EtcdClient, keys: ClusterKeys, session: Session, info: LeaderInfo, *,
+                 in_sync: tuple[str, ...], isr_revision: int) -> None:
         self.etcd = etcd
         self.keys = keys
         self.session = session
         self.info = info
         self.gate = LeaderGate(info.epoch, session.clock)
+        self.in_sync = in_sync
+        self.isr_revision = isr_revision
+        self.in_sync_unsure: tuple[str, ...] | None = None
 
     @property
     def epoch(self) -> int:
@@ -247,14 +143,33 @@ class Leadership:
         return Compare.create_revision(self.keys.leader, self.info.create_revision)
 
     async def set_in_sync(self, members: tuple[str, ...]) -> bool:
-        """Write the in-sync set, only while the leader key is still ours (fenced);
-        False (and deposed) if it is not.  EtcdIndeterminate: not known, retry."""
+        """Write the in-sync set, only while the leader key is still ours and the set
+        is as this leader last wrote it (fenced and ordered); False (and deposed) if
+        the key is not ours.  If the set changed since (an earlier write of ours
+        whose reply was lost, landing late), adopt what etcd holds and write again.
+        EtcdIndeterminate: not known (see ``in_sync_unsure``); call again."""
         if self.info.node not in members:
             raise ValueError("the leader is always in its in-sync set")
-        r = await self.etcd.txn([self._mine()], [Put(self.keys.isr, InSync(self.epoch, members).to_json())])
-        if not r.succeeded:
-            self.gate.depose("the leader key is no longer ours")
-        return r.succeeded
+        value = InSync(self.epoch, members).to_json()
+        for _ in range(3):
+            compare = [self._mine(), Compare.mod_revision(self.keys.isr, self.isr_revision)]
+            try:
+                r = await self.etcd.txn(compare, [Put(self.keys.isr, value)],
+                                        [Get(self.keys.leader), Get(self.keys.isr)])
+            except EtcdIndeterminate:
+                self.in_sync_unsure = members
+                raise
+            if r.succeeded:
+                self.in_sync, self.isr_revision, self.in_sync_unsure = members, r.header.revision, None
+                return True
+            leader_kv, isr_kv = kvs_of(r.responses, "in-sync write")
+            if leader_kv is None or leader_kv.create_revision != self.info.create_revision:
+                self.gate.depose("the leader key is no longer ours")
+                return False
+            if isr_kv is None:
+                raise ClusterDataError(f"{self.keys.isr}: deleted while this node leads")
+            self.in_sync, self.isr_revision = InSync.from_kv(isr_kv).members, isr_kv.mod_revision
+        raise EtcdUnavailable("in-sync set: it kept changing under this leader")
 
     async def resign(self) -> None:
         """Stop acknowledging, then delete the leader key if it is still ours."""
@@ -294,12 +209,7 @@ class Leadership:
 
 async def _snapshot(etcd: EtcdClient, keys: ClusterKeys) -> tuple[list[KeyValue | None], int]:
     r = await etcd.txn([], [Get(keys.leader), Get(keys.epoch), Get(keys.isr)])
-    out: list[KeyValue | None] = []
-    for resp in r.responses:
-        if not isinstance(resp, RangeResult):
-            raise EtcdBadReply("campaign: a read-only txn answered with a write")
-        out.append(resp.kvs[0] if resp.kvs else None)
-    return out, r.header.revision
+    return kvs_of(r.responses, "campaign"), r.header.revision
 
 
 async def _attempt(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Member) -> tuple[Leadership | None, int]:
@@ -308,12 +218,12 @@ async def _attempt(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Me
         if leader_kv is not None:
             info = LeaderInfo.from_kv(leader_kv)
             if info.node == me.node and info.lease == session.lease_id:  # an earlier attempt did win
-                return Leadership(etcd, keys, session, info), revision
+                return _resumed(etcd, keys, session, info, isr_kv), revision
             return None, revision
         isr = InSync.from_kv(isr_kv) if isr_kv is not None else None
         if isr is not None and me.node not in isr.members:
             return None, revision  # not in sync: may not take over
-        epoch = _epoch_of(epoch_kv) + 1
+        epoch = epoch_of(epoch_kv) + 1
         value = json.dumps({"node": me.node, "addr": me.addr, "epoch": epoch})
         in_sync = InSync(epoch, isr.members if isr is not None else (me.node,))
         compare = [Compare.create_revision(keys.leader, 0),
@@ -329,9 +239,19 @@ async def _attempt(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Me
             raise SessionLost(f"lease {session.lease_id:x} is gone") from e
         if r.succeeded:
             info = LeaderInfo(me.node, me.addr, epoch, session.lease_id, r.header.revision)
-            return Leadership(etcd, keys, session, info), r.header.revision
+            return Leadership(etcd, keys, session, info, in_sync=in_sync.members,
+                              isr_revision=r.header.revision), r.header.revision
         return None, r.header.revision
     raise EtcdUnavailable("campaign: the outcome of the takeover stayed unknown")
+
+
+def _resumed(etcd: EtcdClient, keys: ClusterKeys, session: Session, info: LeaderInfo,
+             isr_kv: KeyValue | None) -> Leadership:
+    """The leadership an earlier attempt of ours won (its reply was lost)."""
+    if isr_kv is None:
+        raise ClusterDataError(f"{keys.isr}: missing although {info.node} leads")
+    return Leadership(etcd, keys, session, info, in_sync=InSync.from_kv(isr_kv).members,
+                      isr_revision=isr_kv.mod_revision)
 
 
 async def campaign_once(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Member) -> Leadership | None:

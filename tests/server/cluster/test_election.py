@@ -23,6 +23,7 @@ from logd_trio.server.cluster.election import (
     register,
 )
 from logd_trio.server.cluster.etcd import EtcdClient
+from logd_trio.server.cluster.etcd_wire import EtcdIndeterminate
 from logd_trio.server.cluster.session import Session, open_session
 
 from ...etcd_harness import EtcdCluster, TcpProxy
@@ -211,3 +212,58 @@ async def test_partitioned_leader_stops_acknowledging_before_another_is_elected(
                     await a_deposed.wait()
                 assert a.refusal() is not None and b.refusal() is None
                 inner.cancel_scope.cancel()
+
+
+async def _isr_events(etcd: EtcdClient, keys: ClusterKeys, start_revision: int, seconds: float) -> list[InSync]:
+    """The in-sync sets written from ``start_revision`` on, as seen for ``seconds``."""
+    seen: list[InSync] = []
+    with trio.move_on_after(seconds):
+        async with etcd.watch(keys.isr, start_revision=start_revision) as w:
+            async for event in w:
+                seen.append(InSync.from_kv(event.kv))
+    return seen
+
+
+async def test_a_late_in_sync_write_cannot_undo_a_later_one(nursery: trio.Nursery, shared_etcd: EtcdCluster,
+                                                            etcd: EtcdClient, cluster_name: str) -> None:
+    """A grow whose reply is lost (held in a frozen proxy) reaches etcd after the
+    shrink that followed it: it must not apply (the shrink is what the leader relies on)."""
+    keys = ClusterKeys(cluster_name)
+    proxy = TcpProxy(shared_etcd.members[0].client_port)
+    await proxy.start(nursery)
+    async with EtcdClient([proxy.url, *shared_etcd.endpoints], timeout=0.5) as two, open_session(etcd, 3) as s:
+        lead = await campaign(two, keys, s, A)
+        assert await lead.set_in_sync(("a", "b")) and two.endpoint == proxy.url
+        proxy.freeze()
+        with pytest.raises(EtcdIndeterminate):
+            await lead.set_in_sync(("a", "b", "c"))  # c caught up: grow, reply lost
+        assert lead.in_sync == ("a", "b") and lead.in_sync_unsure == ("a", "b", "c")
+        assert await lead.set_in_sync(("a", "b"))  # c fell behind again: shrink (through the other endpoint)
+        shrunk_at = lead.isr_revision
+        proxy.thaw()  # the held grow reaches etcd now
+        assert await _isr_events(etcd, keys, shrunk_at + 1, 1.5) == []
+        kv = await etcd.get(keys.isr)
+        assert kv is not None and InSync.from_kv(kv) == InSync(1, ("a", "b")) and kv.mod_revision == shrunk_at
+        assert lead.in_sync == ("a", "b") and lead.in_sync_unsure is None
+
+
+async def test_an_in_sync_write_after_a_late_one_landed_reconciles(
+        nursery: trio.Nursery, shared_etcd: EtcdCluster, etcd: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    proxy = TcpProxy(shared_etcd.members[0].client_port)
+    await proxy.start(nursery)
+    async with EtcdClient([proxy.url, *shared_etcd.endpoints], timeout=0.5) as two, open_session(etcd, 3) as s:
+        lead = await campaign(two, keys, s, A)
+        first = lead.isr_revision
+        proxy.freeze()
+        with pytest.raises(EtcdIndeterminate):
+            await lead.set_in_sync(("a", "b"))
+        proxy.thaw()
+        with trio.fail_after(3):  # the late write lands before the next one is sent
+            async with etcd.watch(keys.isr, start_revision=first + 1) as w:
+                landed = await w.__anext__()
+        assert InSync.from_kv(landed.kv) == InSync(1, ("a", "b")) and lead.isr_revision == first
+        assert await lead.set_in_sync(("a",))  # compares the landed write's revision after re-reading it
+        kv = await etcd.get(keys.isr)
+        assert kv is not None and InSync.from_kv(kv).members == ("a",) and kv.mod_revision == lead.isr_revision
+        assert lead.in_sync == ("a",) and lead.in_sync_unsure is None
