@@ -51,8 +51,16 @@ __all__ = [
 
 # ---------------------------------------------------------------- membership
 
-async def ensure_cluster_id(etcd: EtcdClient, keys: ClusterKeys, proposed: str) -> str:
-    """The cluster's id: ``proposed`` if this call created it, else the one already there."""
+async def ensure_cluster_id(etcd: EtcdClient, keys: ClusterKeys, proposed: str, *, create: bool = True) -> str:
+    """The cluster's id: ``proposed`` if this call created it, else the one already
+    there.  With ``create=False`` (a node that already joined a cluster) an etcd
+    without an id is ClusterMismatch: it was wiped, or it is the wrong one."""
+    if not create:
+        kv = await etcd.get(keys.cluster_id)
+        if kv is None:
+            raise ClusterMismatch(f"etcd holds no id for cluster {keys.cluster!r} although this node joined it "
+                                  f"as {proposed!r}: etcd wiped or restored, or a wrong endpoint")
+        return kv.value.decode(errors="replace")
     for _ in range(3):
         try:
             r = await etcd.txn([Compare.create_revision(keys.cluster_id, 0)], [Put(keys.cluster_id, proposed)],
@@ -71,11 +79,22 @@ async def ensure_cluster_id(etcd: EtcdClient, keys: ClusterKeys, proposed: str) 
 
 
 async def register(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Member) -> None:
-    """Put this node's member key on its session lease (it vanishes with the session)."""
+    """Put this node's member key on its session lease (it vanishes with the session).
+    A lost reply is resent (the same value on the same lease: applying it twice is
+    harmless) or, after three, read back."""
+    key, value = keys.member(me.node), me.to_json()
     try:
-        await etcd.put(keys.member(me.node), me.to_json(), lease=session.lease_id)
+        for _ in range(3):
+            try:
+                await etcd.put(key, value, lease=session.lease_id)
+                return
+            except EtcdIndeterminate:
+                continue
+        kv = await etcd.get(key)
     except LeaseNotFound as e:
         raise SessionLost(f"lease {session.lease_id:x} is gone") from e
+    if kv is None or kv.lease != session.lease_id or kv.value != value.encode():
+        raise EtcdUnavailable(f"{key}: registration not confirmed (replies lost)")
 
 
 async def list_members(etcd: EtcdClient, keys: ClusterKeys) -> dict[str, Member]:
@@ -96,15 +115,16 @@ async def current_leader(etcd: EtcdClient, keys: ClusterKeys) -> tuple[LeaderInf
     return (LeaderInfo.from_kv(r.kvs[0]) if r.kvs else None), r.header.revision
 
 
-async def follow_leader(etcd: EtcdClient, keys: ClusterKeys, on_change: Callable[[LeaderInfo | None], None], *,
-                        idle_timeout: float = 5.0) -> None:
-    """Call ``on_change`` with the leader now, then at each change (None: no leader).
-    Runs until cancelled; raises EtcdUnavailable when etcd cannot be reached."""
+async def follow_leader(etcd: EtcdClient, keys: ClusterKeys, on_change: Callable[[LeaderInfo | None, int], None],
+                        *, idle_timeout: float = 5.0) -> None:
+    """Call ``on_change(leader, revision)`` with the leader now, then at each change
+    (None: no leader), with the revision it was seen at.  Runs until cancelled;
+    raises EtcdUnavailable when etcd cannot be reached."""
     leader, revision = await current_leader(etcd, keys)
-    on_change(leader)
+    on_change(leader, revision)
     async with etcd.watch(keys.leader, start_revision=revision + 1, idle_timeout=idle_timeout) as w:
         async for event in w:
-            on_change(None if event.type == "DELETE" else LeaderInfo.from_kv(event.kv))
+            on_change(None if event.type == "DELETE" else LeaderInfo.from_kv(event.kv), event.kv.mod_revision)
 
 
 # ---------------------------------------------------------------- leadership
@@ -130,6 +150,12 @@ class Leadership:
         self.in_sync = in_sync
         self.isr_revision = isr_revision
         self.in_sync_unsure: tuple[str, ...] | None = None
+        self.over = trio.Event()  # set when deposed: ends guard()
+
+    def depose(self, reason: str) -> None:
+        """From now on this leadership never acknowledges again."""
+        self.gate.depose(reason)
+        self.over.set()
 
     @property
     def epoch(self) -> int:
@@ -164,7 +190,7 @@ class Leadership:
                 return True
             leader_kv, isr_kv = kvs_of(r.responses, "in-sync write")
             if leader_kv is None or leader_kv.create_revision != self.info.create_revision:
-                self.gate.depose("the leader key is no longer ours")
+                self.depose("the leader key is no longer ours")
                 return False
             if isr_kv is None:
                 raise ClusterDataError(f"{self.keys.isr}: deleted while this node leads")
@@ -173,7 +199,7 @@ class Leadership:
 
     async def resign(self) -> None:
         """Stop acknowledging, then delete the leader key if it is still ours."""
-        self.gate.depose("resigned")
+        self.depose("resigned")
         await self.etcd.txn([self._mine()], [Delete(self.keys.leader)])
 
     async def guard(self, *, idle_timeout: float = 5.0) -> None:
@@ -183,10 +209,15 @@ class Leadership:
 
             async def on_session_lost() -> None:
                 await self.session.lost.wait()
-                self.gate.depose("the session's lease is gone")
+                self.depose("the session's lease is gone")
+                nursery.cancel_scope.cancel()
+
+            async def on_deposed() -> None:  # deposed elsewhere (say, the node saw the key deleted)
+                await self.over.wait()
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(on_session_lost)
+            nursery.start_soon(on_deposed)
             while not self.gate.deposed:
                 try:
                     await self._watch_key(idle_timeout)
@@ -197,13 +228,13 @@ class Leadership:
     async def _watch_key(self, idle_timeout: float) -> None:
         r = await self.etcd.range(self.keys.leader)
         if not r.kvs or r.kvs[0].create_revision != self.info.create_revision:
-            self.gate.depose("the leader key is gone or another node's")
+            self.depose("the leader key is gone or another node's")
             return
         async with self.etcd.watch(self.keys.leader, start_revision=r.header.revision + 1,
                                    idle_timeout=idle_timeout) as w:
             async for event in w:
                 if event.type == "DELETE" or event.kv.create_revision != self.info.create_revision:
-                    self.gate.depose("the leader key is gone or another node's")
+                    self.depose("the leader key is gone or another node's")
                     return
 
 
@@ -212,7 +243,8 @@ async def _snapshot(etcd: EtcdClient, keys: ClusterKeys) -> tuple[list[KeyValue 
     return kvs_of(r.responses, "campaign"), r.header.revision
 
 
-async def _attempt(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Member) -> tuple[Leadership | None, int]:
+async def _attempt(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Member,
+                   local_epoch: int) -> tuple[Leadership | None, int]:
     for _ in range(3):
         (leader_kv, epoch_kv, isr_kv), revision = await _snapshot(etcd, keys)
         if leader_kv is not None:
@@ -220,10 +252,17 @@ async def _attempt(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Me
             if info.node == me.node and info.lease == session.lease_id:  # an earlier attempt did win
                 return _resumed(etcd, keys, session, info, isr_kv), revision
             return None, revision
+        seen = epoch_of(epoch_kv)
+        if seen < local_epoch:
+            raise ClusterMismatch(f"etcd's epoch {seen} is below this node's {local_epoch}: etcd wiped or "
+                                  f"restored, or a wrong endpoint")
         isr = InSync.from_kv(isr_kv) if isr_kv is not None else None
+        if isr is None and (epoch_kv is not None or local_epoch > 0):
+            raise ClusterDataError(f"{keys.isr}: missing although the cluster had a leader (epoch "
+                                   f"{max(seen, local_epoch)}): no node may take over")
         if isr is not None and me.node not in isr.members:
             return None, revision  # not in sync: may not take over
-        epoch = epoch_of(epoch_kv) + 1
+        epoch = seen + 1
         value = json.dumps({"node": me.node, "addr": me.addr, "epoch": epoch})
         in_sync = InSync(epoch, isr.members if isr is not None else (me.node,))
         compare = [Compare.create_revision(keys.leader, 0),
@@ -232,7 +271,7 @@ async def _attempt(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Me
         success = [Put(keys.leader, value, lease=session.lease_id), Put(keys.epoch, str(epoch)),
                    Put(keys.isr, in_sync.to_json())]
         try:
-            r = await etcd.txn(compare, success)
+            r = await etcd.txn(compare, success, [Get(keys.leader), Get(keys.isr)])
         except EtcdIndeterminate:
             continue  # the next snapshot tells whether it won
         except LeaseNotFound as e:
@@ -241,6 +280,11 @@ async def _attempt(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Me
             info = LeaderInfo(me.node, me.addr, epoch, session.lease_id, r.header.revision)
             return Leadership(etcd, keys, session, info, in_sync=in_sync.members,
                               isr_revision=r.header.revision), r.header.revision
+        held, isr_now = kvs_of(r.responses, "takeover")
+        if held is not None:  # an earlier attempt of ours, whose reply was lost, may have won meanwhile
+            info = LeaderInfo.from_kv(held)
+            if info.node == me.node and info.lease == session.lease_id:
+                return _resumed(etcd, keys, session, info, isr_now), r.header.revision
         return None, r.header.revision
     raise EtcdUnavailable("campaign: the outcome of the takeover stayed unknown")
 
@@ -254,24 +298,27 @@ def _resumed(etcd: EtcdClient, keys: ClusterKeys, session: Session, info: Leader
                       isr_revision=isr_kv.mod_revision)
 
 
-async def campaign_once(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Member) -> Leadership | None:
+async def campaign_once(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Member, *,
+                        local_epoch: int = 0) -> Leadership | None:
     """One try: the leadership if this node took over, None if another node leads
-    (or this node is not in the in-sync set)."""
+    (or this node is not in the in-sync set).  ``local_epoch``: the highest epoch
+    in this node's logs; etcd's epoch below it is ClusterMismatch."""
     if session.lost.is_set():
         raise SessionLost("the session is over")
-    won, _ = await _attempt(etcd, keys, session, me)
+    won, _ = await _attempt(etcd, keys, session, me, local_epoch)
     return won
 
 
 async def campaign(etcd: EtcdClient, keys: ClusterKeys, session: Session, me: Member, *,
-                   recheck: float = 2.0, idle_timeout: float = 5.0) -> Leadership:
+                   recheck: float = 2.0, idle_timeout: float = 5.0,
+                   local_epoch: Callable[[], int] = lambda: 0) -> Leadership:
     """Try until this node is leader: after each lost try, wait for the leader key to
     change (or at most ``recheck`` seconds) and try again.  Cancel to give up."""
     while True:
         if session.lost.is_set():
             raise SessionLost("the session is over")
         try:
-            won, revision = await _attempt(etcd, keys, session, me)
+            won, revision = await _attempt(etcd, keys, session, me, local_epoch())
         except EtcdUnavailable:
             await trio.sleep(min(recheck, 0.5))
             continue

@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Self
 
 from logd_trio.server.cluster.etcd_wire import (
     Bytes,
@@ -62,7 +63,7 @@ class EtcdClient:
     def timeout(self) -> float:
         return self.transport.timeout
 
-    async def __aenter__(self) -> EtcdClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import pytest
 import trio
 
 from logd_trio.server.cluster.election import (
+    ClusterDataError,
     ClusterKeys,
+    ClusterMismatch,
     InSync,
     LeaderInfo,
     Leadership,
@@ -23,7 +26,7 @@ from logd_trio.server.cluster.election import (
     register,
 )
 from logd_trio.server.cluster.etcd import EtcdClient
-from logd_trio.server.cluster.etcd_wire import EtcdIndeterminate
+from logd_trio.server.cluster.etcd_wire import Compare, EtcdIndeterminate, Op, Put, TxnResult
 from logd_trio.server.cluster.session import Session, open_session
 
 from ...etcd_harness import EtcdCluster, TcpProxy
@@ -94,10 +97,12 @@ async def test_two_campaigners_exactly_one_leader(etcd: EtcdClient, cluster_name
 async def test_epoch_strictly_increases_across_leader_changes(etcd: EtcdClient, cluster_name: str) -> None:
     keys = ClusterKeys(cluster_name)
     seen: list[tuple[str, int] | None] = []
+    revisions: list[int] = []
     six_seen = trio.Event()
 
-    def on_change(leader: LeaderInfo | None) -> None:
+    def on_change(leader: LeaderInfo | None, revision: int) -> None:
         seen.append(None if leader is None else (leader.node, leader.epoch))
+        revisions.append(revision)
         if len(seen) == 6:
             six_seen.set()
 
@@ -132,6 +137,7 @@ async def test_epoch_strictly_increases_across_leader_changes(etcd: EtcdClient, 
             await six_seen.wait()
         watchers.cancel_scope.cancel()
     assert seen[:6] == [None, ("a", 1), None, ("b", 2), None, ("a", 3)]
+    assert revisions[:6] == sorted(set(revisions[:6]))  # each seen at a later revision
     epoch = await etcd.get(keys.epoch)
     assert epoch is not None and epoch.value == b"3"
 
@@ -267,3 +273,77 @@ async def test_an_in_sync_write_after_a_late_one_landed_reconciles(
         kv = await etcd.get(keys.isr)
         assert kv is not None and InSync.from_kv(kv).members == ("a",) and kv.mod_revision == lead.isr_revision
         assert lead.in_sync == ("a",) and lead.in_sync_unsure is None
+
+
+async def test_a_lost_register_reply_is_resent(nursery: trio.Nursery, shared_etcd: EtcdCluster,
+                                               etcd: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    proxy = TcpProxy(shared_etcd.members[0].client_port)
+    await proxy.start(nursery)
+    async with EtcdClient([proxy.url, *shared_etcd.endpoints], timeout=0.5) as two, open_session(etcd, 3) as s:
+        proxy.freeze()
+        await register(two, keys, s, A)  # the first put's reply is lost; the same put again elsewhere
+        kv = await etcd.get(keys.member("a"))
+        assert kv is not None and kv.lease == s.lease_id and json.loads(kv.value) == {"node": "a", "addr": A.addr}
+        proxy.thaw()
+
+
+class HeldTakeover(EtcdClient):
+    """Loses the reply of the first takeover txn (a frozen proxy holds it), and
+    lets it land just before the second one is sent: the second then fails."""
+
+    def __init__(self, endpoints: list[str], proxy: TcpProxy, direct: EtcdClient, keys: ClusterKeys) -> None:
+        super().__init__(endpoints, timeout=0.5)
+        self.proxy, self.direct, self.keys = proxy, direct, keys
+        self.takeovers = 0
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        if any(isinstance(op, Put) and op.key == self.keys.leader for op in success):
+            self.takeovers += 1
+            if self.takeovers == 1:
+                self.proxy.freeze()
+            elif self.takeovers == 2:
+                async with self.direct.watch(self.keys.leader) as w:
+                    self.proxy.thaw()
+                    with trio.fail_after(3):
+                        await w.__anext__()  # the first takeover landed after all
+        return await super().txn(compare, success, failure)
+
+
+async def test_a_takeover_whose_reply_was_lost_is_found_by_the_next_one(
+        nursery: trio.Nursery, shared_etcd: EtcdCluster, etcd: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    proxy = TcpProxy(shared_etcd.members[0].client_port)
+    await proxy.start(nursery)
+    async with HeldTakeover([proxy.url, *shared_etcd.endpoints], proxy, etcd, keys) as held, \
+            open_session(etcd, 3) as s:
+        won = await campaign_once(held, keys, s, A)
+        assert held.takeovers == 2
+        assert won is not None and won.epoch == 1 and won.refusal() is None  # it holds the key: it leads
+        leader, _ = await current_leader(etcd, keys)
+        assert leader is not None and leader.create_revision == won.info.create_revision
+        assert won.in_sync == ("a",) and await won.set_in_sync(("a", "b"))
+
+
+async def test_etcd_older_than_the_node_is_refused(etcd: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    async with open_session(etcd, 2) as s:
+        with pytest.raises(ClusterMismatch, match="etcd's epoch 0 is below this node's 4"):
+            await campaign_once(etcd, keys, s, A, local_epoch=4)  # etcd wiped: epochs start again
+        assert await etcd.get(keys.leader) is None
+        await etcd.put(keys.epoch, "3")  # an epoch but no in-sync set: not a new cluster
+        with pytest.raises(ClusterDataError, match="isr: missing although the cluster had a leader"):
+            await campaign_once(etcd, keys, s, A)
+        assert await etcd.get(keys.leader) is None
+        await etcd.delete(keys.epoch)
+        won = await campaign_once(etcd, keys, s, A)  # nothing anywhere: a new cluster
+        assert won is not None and won.epoch == 1
+
+
+async def test_a_stored_cluster_id_is_never_created(etcd: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    with pytest.raises(ClusterMismatch, match="etcd holds no id"):
+        await ensure_cluster_id(etcd, keys, "id-1", create=False)
+    assert await etcd.get(keys.cluster_id) is None
+    assert await ensure_cluster_id(etcd, keys, "id-1") == "id-1"
+    assert await ensure_cluster_id(etcd, keys, "id-2", create=False) == "id-1"
