@@ -163,7 +163,7 @@ class Leadership:
 
     def refusal(self) -> str | None:
         """None if this leader may acknowledge now, else the reason (``not leader: ...``)."""
-        return self.gate.refusal(trio.current_time())
+        return self.gate.refusal(self.session.now())
 
     def _mine(self) -> Compare:
         return Compare.create_revision(self.keys.leader, self.info.create_revision)
