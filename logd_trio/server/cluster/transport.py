@@ -118,7 +118,7 @@ class Transport:
         most budget / endpoints); a write is sent at most once."""
         budget = self.timeout if budget is None else budget
         if budget <= 0:
-            raise ValueError("etcd call timeout must be positive")
+            raise ValueError("etcd call budget must be positive")
         deadline = trio.current_time() + budget
         n = len(self.endpoints)
         share = budget / n

@@ -20,6 +20,7 @@ from logd_trio.server.cluster.etcd_wire import (
     PutResult,
     RangeResult,
     WatchEvent,
+    error_from_reply,
 )
 from logd_trio.server.cluster.session import open_session
 
@@ -378,3 +379,15 @@ async def test_no_leader_mid_watch_reopens_on_another_member(nursery: trio.Nurse
             with trio.fail_after(3):
                 event = await w.__anext__()
         assert event.kv.value == b"1" and refused == 1 and both.endpoint == shared_etcd.endpoints[0]
+
+
+def test_both_gateway_error_formats_carry_their_code() -> None:
+    unary = {"error": "etcdserver: no leader", "message": "etcdserver: no leader", "code": 14}
+    streaming = {"error": {"grpc_code": 14, "http_code": 503, "message": "etcdserver: no leader",
+                           "http_status": "Service Unavailable"}}
+    gone = {"error": {"grpc_code": 5, "http_code": 404, "message": "etcdserver: requested lease not found"}}
+    for reply in (unary, streaming):
+        err = error_from_reply(reply)
+        assert (err.code, err.message) == (14, "etcdserver: no leader")
+    assert isinstance(error_from_reply(gone), LeaseNotFound)
+    assert error_from_reply({"error": {"grpc_code": "x"}}).code == -1
