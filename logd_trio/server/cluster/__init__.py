@@ -6,7 +6,8 @@
 - fencing.py: pure decisions: the lease deadline counted from keepalive send times,
   and whether a leader may still acknowledge.
 - session.py: a node's lease, kept alive by one task.
-- election.py: key layout, membership, the takeover txn with its epoch, leadership.
+- keys.py: the key layout and the values kept in etcd (pure).
+- election.py: membership, the takeover txn with its epoch, leadership and the in-sync set.
 - node.py: a node's cluster task: session, registration, following, campaigning;
   its view (role, leader, epoch, etcd health) and whether it may acknowledge.
 """

@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Self
 
 from logd_trio.server.cluster.etcd_wire import (
     Bytes,
@@ -62,7 +63,7 @@ class EtcdClient:
     def timeout(self) -> float:
         return self.transport.timeout
 
-    async def __aenter__(self) -> EtcdClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
@@ -77,9 +78,10 @@ class EtcdClient:
         """The endpoint that answered last (the next call tries it first)."""
         return self.transport.endpoints[self.transport.current]
 
-    async def call(self, path: str, body: Json, *, idempotent: bool) -> Json:
-        """POST ``body`` to ``/v3/<path>``; the decoded reply (or a typed error)."""
-        return await self.transport.call(path, body, idempotent=idempotent)
+    async def call(self, path: str, body: Json, *, idempotent: bool, budget: float | None = None) -> Json:
+        """POST ``body`` to ``/v3/<path>``; the decoded reply (or a typed error).
+        ``budget`` (seconds) overrides the client's timeout for this call."""
+        return await self.transport.call(path, body, idempotent=idempotent, budget=budget)
 
     # ------------------------------------------------------------ kv
 
@@ -126,9 +128,10 @@ class EtcdClient:
         data = await self.call("lease/grant", {"TTL": str(ttl)}, idempotent=False)
         return Lease(num(data.get("ID")), num(data.get("TTL")))
 
-    async def lease_keepalive(self, lease_id: int) -> int:
-        """Renew once; the TTL granted from now.  LeaseNotFound once it expired."""
-        data = await self.call("lease/keepalive", {"ID": str(lease_id)}, idempotent=True)
+    async def lease_keepalive(self, lease_id: int, *, budget: float | None = None) -> int:
+        """Renew once; the TTL granted from now.  LeaseNotFound once it expired.
+        ``budget`` (seconds) bounds all attempts (each endpoint gets its share of it)."""
+        data = await self.call("lease/keepalive", {"ID": str(lease_id)}, idempotent=True, budget=budget)
         result = data.get("result")
         if not isinstance(result, dict):
             raise EtcdBadReply(f"lease keepalive: no result in {json.dumps(data)[:80]}")

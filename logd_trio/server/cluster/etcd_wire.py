@@ -71,7 +71,17 @@ class EtcdBadReply(EtcdError):
 
 
 def error_from_reply(data: Mapping[str, Any]) -> EtcdError:
-    code = _int(data.get("code", -1))
+    """The typed error of an error reply.  Unary endpoints answer
+    ``{"error": "...", "code": 14, "message": "..."}``; streaming ones (watch,
+    keepalive) ``{"error": {"grpc_code": 14, "http_code": 503, "message": "..."}}``."""
+    nested = data.get("error")
+    if isinstance(nested, Mapping):
+        data = nested
+    raw = data.get("code", data.get("grpc_code", -1))
+    try:
+        code = _int(raw)
+    except EtcdBadReply:
+        code = -1
     message = str(data.get("message") or data.get("error") or "unknown error")
     if code == CODE_NOT_FOUND and "lease not found" in message:
         return LeaseNotFound(code, message)

@@ -1,7 +1,7 @@
 """Pure decisions of the coordination layer: how long a lease surely lasts, when to
 renew it, and whether a leader may still acknowledge.  No I/O, no Trio: times are
-plain monotonic seconds passed in by the caller, so all of it is tested in
-virtual time.
+plain seconds passed in by the caller (lease time: see session.py), so all of
+it is tested in virtual time.
 
 Why the send time: etcd renews a lease when it *processes* the keepalive, which
 is after we sent it; so ``sent + ttl`` is a deadline etcd's expiry cannot come

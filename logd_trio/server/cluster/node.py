@@ -7,11 +7,18 @@ epoch, etcd health: for ``logd cluster`` and STATS) and
 acknowledge: checked before every acknowledgement).  A lost session (the lease
 expired, say after a long pause) is replaced by a new one; etcd unreachable is
 retried with a bounded backoff while the view says so.
+
+Before anything else the node checks that etcd is the one it joined: the cluster
+id it stored (None for a node that never joined: it takes, or creates, the id
+in etcd and the server stores ``cluster_id``) and the highest epoch in its own
+logs, which etcd's epoch may never be below.  On a mismatch ``run`` raises
+ClusterMismatch: the node must not serve as part of this cluster.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -20,11 +27,13 @@ import trio
 
 from logd_trio.server.cluster.election import (
     ClusterKeys,
+    ClusterMismatch,
     LeaderInfo,
     Leadership,
     Member,
     SessionLost,
     campaign,
+    ensure_cluster_id,
     follow_leader,
     register,
 )
@@ -54,7 +63,12 @@ class ClusterView:
 class ClusterNode:
     def __init__(self, etcd: EtcdClient, keys: ClusterKeys, me: Member, *, lease_ttl: int = 2,
                  margin: float | None = None, idle_timeout: float = 5.0,
-                 on_change: Callable[[ClusterView], None] | None = None) -> None:
+                 on_change: Callable[[ClusterView], None] | None = None,
+                 cluster_id: str | None = None, local_epoch: int = 0) -> None:
+        if local_epoch < 0:
+            raise ValueError(f"local epoch must be at least 0, got {local_epoch}")
+        self.cluster_id = cluster_id  # as stored by the node; set once joined
+        self.local_epoch = local_epoch  # the highest epoch in this node's logs (raise with note_epoch)
         self.etcd = etcd
         self.keys = keys
         self.me = me
@@ -66,6 +80,10 @@ class ClusterNode:
         self.leadership: Leadership | None = None
         self.sessions = 0  # how many sessions this node opened (a new one after each loss)
 
+    def note_epoch(self, epoch: int) -> None:
+        """This node's logs now hold ``epoch`` (etcd's epoch may never be below it)."""
+        self.local_epoch = max(self.local_epoch, epoch)
+
     def refusal(self) -> str | None:
         """None if this node is leader and may acknowledge now, else why not."""
         leadership = self.leadership
@@ -75,9 +93,11 @@ class ClusterNode:
         return leadership.refusal()
 
     def _update(self, view: ClusterView) -> None:
-        leading = self.leadership is not None and not self.leadership.gate.deposed
-        role: Role = "leader" if leading else "follower" if view.leader is not None else "no leader"
-        view = replace(view, role=role)
+        leadership = self.leadership
+        if leadership is not None and not leadership.gate.deposed:
+            view = replace(view, role="leader", leader=leadership.info)  # never a leader of epoch 0
+        else:
+            view = replace(view, role="follower" if view.leader is not None else "no leader")
         if view != self.view:
             self.view = view
             if self.on_change is not None:
@@ -86,8 +106,39 @@ class ClusterNode:
     def _etcd_state(self, error: str | None) -> None:
         self._update(replace(self.view, etcd_ok=error is None, etcd_error=error))
 
+    async def join(self) -> str:
+        """The cluster id, once etcd is known to be the one this node joined (retried
+        while etcd is unreachable); ClusterMismatch if it is not."""
+        backoff = 0.1
+        while True:
+            try:
+                stored = self.cluster_id
+                got = await ensure_cluster_id(self.etcd, self.keys, stored or uuid.uuid4().hex,
+                                              create=stored is None)
+                break
+            except EtcdUnavailable as e:
+                self._etcd_state(str(e))
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+        if stored is not None and got != stored:
+            raise ClusterMismatch(f"etcd holds cluster id {got!r} for {self.keys.cluster!r}, this node joined "
+                                  f"{stored!r}: etcd wiped or restored, or a wrong endpoint")
+        self.cluster_id = got
+        return got
+
     async def run(self) -> None:
-        """Runs until cancelled."""
+        """Runs until cancelled; ClusterMismatch (after saying so in the view) if etcd
+        is not the one this node joined."""
+        try:
+            await self._run()
+        except ClusterMismatch as e:
+            self._end_leadership("etcd is not the one this node joined")
+            self._etcd_state(str(e))
+            log.error("cluster %s: node %s: %s; not running", self.keys.cluster, self.me.node, e)
+            raise
+
+    async def _run(self) -> None:
+        await self.join()
         backoff = 0.1
         while True:
             try:
@@ -97,6 +148,8 @@ class ClusterNode:
                     self._etcd_state(None)
                     backoff = 0.1
                     await self._run_session(session)
+            except ClusterMismatch:
+                raise
             except EtcdException as e:  # SessionLost included
                 self._end_leadership("the session ended")
                 if isinstance(e, EtcdUnavailable):
@@ -107,7 +160,7 @@ class ClusterNode:
 
     def _end_leadership(self, reason: str) -> None:
         if self.leadership is not None:
-            self.leadership.gate.depose(reason)
+            self.leadership.depose(reason)
             self.leadership = None
         self._update(self.view)
 
@@ -133,8 +186,9 @@ class ClusterNode:
 
     async def _lead_once(self, session: Session) -> None:
         leadership = await campaign(self.etcd, self.keys, session, self.me, recheck=self.lease_ttl,
-                                    idle_timeout=self.idle_timeout)
+                                    idle_timeout=self.idle_timeout, local_epoch=lambda: self.local_epoch)
         self.leadership = leadership
+        self.note_epoch(leadership.epoch)
         self._update(replace(self.view, leader=leadership.info))
         log.info("cluster %s: node %s leads epoch %d", self.keys.cluster, self.me.node, leadership.epoch)
         try:
@@ -153,7 +207,15 @@ class ClusterNode:
                 self._etcd_state(str(e))
                 await trio.sleep(0.2)
 
-    def _on_leader(self, leader: LeaderInfo | None) -> None:
-        if self.leadership is not None and leader is not None:
-            self.leadership.gate.observe_epoch(leader.epoch)
+    def _on_leader(self, leader: LeaderInfo | None, revision: int) -> None:
+        """The leader key as seen at ``revision``.  A leader deposes itself as soon as
+        the key is gone or another's, whether or not its guard's watch is live; a
+        sighting older than its own leadership says nothing about it."""
+        leadership = self.leadership
+        if leadership is not None:
+            if leader is not None:
+                leadership.gate.observe_epoch(leader.epoch)
+            if revision > leadership.info.create_revision and (
+                    leader is None or leader.create_revision != leadership.info.create_revision):
+                leadership.depose("the leader key is gone or another node's")
         self._update(replace(self.view, leader=leader, etcd_ok=True, etcd_error=None))

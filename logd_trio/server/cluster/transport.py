@@ -1,9 +1,11 @@
 """The HTTP side of the etcd client: endpoints, failover between them, timeouts.
 
 Every call is bounded by a timeout that covers all its attempts.  Calls go to the
-endpoint that answered last; when it cannot be reached they move on to the next,
-round after round, until the timeout.  A call marked idempotent (a read, a
-keepalive, a revoke) is retried on another endpoint whatever went wrong; a write
+current endpoint; every failed attempt (an error, no reply in time, or the caller
+giving up on it) moves ``current`` past that endpoint, so a stalled member is not
+asked again while others answer.  An idempotent call gives each endpoint a share
+of its budget (budget / number of endpoints): a stalled member cannot eat it all.
+A call marked idempotent (a read, a keepalive, a revoke) is retried on another endpoint whatever went wrong; a write
 whose request may have reached etcd is not (it might have been applied): it raises
 EtcdIndeterminate and the caller re-reads to find out.
 """
@@ -103,27 +105,38 @@ class Transport:
                     raise EtcdBadReply(f"{url}: reply over {MAX_REPLY} bytes")
         return reply.status_code, decode(bytes(content), url)
 
-    async def call(self, path: str, body: Json, *, idempotent: bool) -> Json:
+    def failed(self, index: int) -> None:
+        """An attempt on endpoint ``index`` failed: the next call starts on the next one
+        (unless a concurrent call already moved on)."""
+        if self.current == index:
+            self.current = (index + 1) % len(self.endpoints)
+
+    async def call(self, path: str, body: Json, *, idempotent: bool, budget: float | None = None) -> Json:
         """POST ``body`` to ``/v3/<path>``; the decoded reply.  Tries every endpoint,
-        round after round, until one answers or the client's timeout passes.  A read may
-        retry the same member later (an attempt takes at most a third of the timeout);
-        a write is sent at most once."""
-        budget = self.timeout
+        round after round, until one answers or ``budget`` seconds (the client's timeout
+        by default) pass.  A read may retry the same member later (an attempt takes at
+        most budget / endpoints); a write is sent at most once."""
+        budget = self.timeout if budget is None else budget
+        if budget <= 0:
+            raise ValueError("etcd call budget must be positive")
         deadline = trio.current_time() + budget
         n = len(self.endpoints)
+        share = budget / n
         problems: list[str] = []
         attempt = 0
+        index = self.current
         while True:
-            index = (self.current + attempt) % n
             url = f"{self.endpoints[index]}/v3/{path}"
             remaining = deadline - trio.current_time()
             if remaining <= 0:
                 break
-            if idempotent:  # a member stuck (say, its raft leader just died) must not eat the whole budget
-                remaining = min(remaining, max(self.connect_timeout, budget / 3))
+            if idempotent:  # a member stuck (paused, or its raft leader just died) must not eat the whole budget
+                remaining = min(remaining, share)
+            ok = False
             try:
                 with trio.fail_after(remaining):
                     status, data = await self._post(url, body, self.httpx_timeout(remaining))
+                ok = "error" not in data and status < 400
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
                 problems.append(f"{self.endpoints[index]}: {describe(e)}")  # not sent: safe to retry
             except (httpx.HTTPError, trio.TooSlowError) as e:
@@ -132,16 +145,21 @@ class Transport:
                                             f"({describe(e)}): the write may have been applied") from e
                 problems.append(f"{self.endpoints[index]}: {describe(e)}")
             else:
-                if "error" not in data and status < 400:
+                if ok:
                     self.current = index
                     return data
                 err = error_from_reply(data)
                 if err.code != CODE_UNAVAILABLE:
+                    ok = True  # the endpoint works: the error is the answer
                     raise err
                 if not idempotent and "no leader" not in err.message:
                     raise EtcdIndeterminate(f"etcd {path}: {err.message}: the write may have been applied") from err
                 problems.append(f"{self.endpoints[index]}: {err.message}")
+            finally:
+                if not ok:  # also when the caller gave up on this attempt (cancelled)
+                    self.failed(index)
             attempt += 1
+            index = (index + 1) % n
             await self.pause_after_round(attempt, deadline)
         last = "; ".join(problems[-n:]) or "no attempt fitted in the timeout"
         raise EtcdUnavailable(f"etcd {path}: no endpoint answered within {budget:g}s ({last})")

@@ -53,6 +53,7 @@ class Watch:
         self._response: httpx.Response | None = None
         self._chunks: AsyncIterator[bytes] | None = None
         self._buf = bytearray()
+        self._index = transport.current  # the endpoint serving the stream
         self.reconnects = 0
 
     async def __aenter__(self) -> Watch:
@@ -73,12 +74,18 @@ class Watch:
     async def __anext__(self) -> WatchEvent:
         while not self._events:
             message = await self._next_message()
-            if message is None:  # stream idle, broken or ended: a new one from where we are
-                await self._close()
-                self.reconnects += 1
-                await self._open()
-                continue
-            self._handle(message)
+            if message is not None:
+                try:
+                    self._handle(message)
+                    continue
+                except EtcdError as e:  # "no leader" and the like: another member may serve it
+                    if e.code != CODE_UNAVAILABLE:
+                        raise
+                    self._transport.failed(self._index)
+            # stream idle, broken, ended or refused: a new one from where we are
+            await self._close()
+            self.reconnects += 1
+            await self._open()
         return self._events.popleft()
 
     def _handle(self, message: Json) -> None:
@@ -114,11 +121,16 @@ class Watch:
         deadline = trio.current_time() + self.timeout
         n = len(client.endpoints)
         problems: list[str] = []
+        share = self.timeout / n  # a stalled member gets its share of the budget, not all of it
         attempt = -1
+        index = client.current
         while (remaining := deadline - trio.current_time()) > 0:
             attempt += 1
-            index = (client.current + attempt) % n
+            if attempt:
+                index = (index + 1) % n
             url = f"{client.endpoints[index]}/v3/watch"
+            remaining = min(remaining, share)
+            opened = False
             try:
                 with trio.fail_after(remaining):
                     request = client.http.build_request(
@@ -134,14 +146,19 @@ class Watch:
                 result = as_obj(first.get("result"))
                 if not result.get("created"):
                     raise EtcdBadReply(f"watch not created: {json.dumps(first)[:80]}")
-                client.current = index
+                client.current = self._index = index
+                opened = True
                 return
             except (httpx.HTTPError, trio.TooSlowError, EtcdBadReply) as e:
                 problems.append(f"{client.endpoints[index]}: {describe(e)}")
             except EtcdError as e:
                 if e.code != CODE_UNAVAILABLE:
+                    opened = True  # the member answered: the error is the answer
                     raise
                 problems.append(f"{client.endpoints[index]}: {e.message}")
+            finally:
+                if not opened:  # also when the caller gave up on this attempt
+                    client.failed(index)
             await self._close()
             await client.pause_after_round(attempt + 1, deadline)
         raise EtcdUnavailable(f"etcd watch: no endpoint served a watch within {self.timeout:g}s "
@@ -161,7 +178,10 @@ class Watch:
                 try:
                     with trio.fail_after(max(0.0, limit - trio.current_time())):
                         chunk = await chunks.__anext__()
-                except (StopAsyncIteration, httpx.HTTPError, trio.TooSlowError):
+                except StopAsyncIteration:  # the gateway ends an error stream without a newline
+                    last, self._buf = bytes(self._buf), bytearray()
+                    return decode(last, "watch") if last.strip() else None
+                except (httpx.HTTPError, trio.TooSlowError):
                     return None
                 self._buf += chunk
                 limit = min(deadline, trio.current_time() + self.idle_timeout)

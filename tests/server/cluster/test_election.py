@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import pytest
 import trio
 
 from logd_trio.server.cluster.election import (
+    ClusterDataError,
     ClusterKeys,
+    ClusterMismatch,
     InSync,
     LeaderInfo,
     Leadership,
@@ -23,6 +26,7 @@ from logd_trio.server.cluster.election import (
     register,
 )
 from logd_trio.server.cluster.etcd import EtcdClient
+from logd_trio.server.cluster.etcd_wire import Compare, EtcdIndeterminate, Op, Put, TxnResult
 from logd_trio.server.cluster.session import Session, open_session
 
 from ...etcd_harness import EtcdCluster, TcpProxy
@@ -93,10 +97,12 @@ async def test_two_campaigners_exactly_one_leader(etcd: EtcdClient, cluster_name
 async def test_epoch_strictly_increases_across_leader_changes(etcd: EtcdClient, cluster_name: str) -> None:
     keys = ClusterKeys(cluster_name)
     seen: list[tuple[str, int] | None] = []
+    revisions: list[int] = []
     six_seen = trio.Event()
 
-    def on_change(leader: LeaderInfo | None) -> None:
+    def on_change(leader: LeaderInfo | None, revision: int) -> None:
         seen.append(None if leader is None else (leader.node, leader.epoch))
+        revisions.append(revision)
         if len(seen) == 6:
             six_seen.set()
 
@@ -131,6 +137,7 @@ async def test_epoch_strictly_increases_across_leader_changes(etcd: EtcdClient, 
             await six_seen.wait()
         watchers.cancel_scope.cancel()
     assert seen[:6] == [None, ("a", 1), None, ("b", 2), None, ("a", 3)]
+    assert revisions[:6] == sorted(set(revisions[:6]))  # each seen at a later revision
     epoch = await etcd.get(keys.epoch)
     assert epoch is not None and epoch.value == b"3"
 
@@ -211,3 +218,132 @@ async def test_partitioned_leader_stops_acknowledging_before_another_is_elected(
                     await a_deposed.wait()
                 assert a.refusal() is not None and b.refusal() is None
                 inner.cancel_scope.cancel()
+
+
+async def _isr_events(etcd: EtcdClient, keys: ClusterKeys, start_revision: int, seconds: float) -> list[InSync]:
+    """The in-sync sets written from ``start_revision`` on, as seen for ``seconds``."""
+    seen: list[InSync] = []
+    with trio.move_on_after(seconds):
+        async with etcd.watch(keys.isr, start_revision=start_revision) as w:
+            async for event in w:
+                seen.append(InSync.from_kv(event.kv))
+    return seen
+
+
+async def test_a_late_in_sync_write_cannot_undo_a_later_one(nursery: trio.Nursery, shared_etcd: EtcdCluster,
+                                                            etcd: EtcdClient, cluster_name: str) -> None:
+    """A grow whose reply is lost (held in a frozen proxy) reaches etcd after the
+    shrink that followed it: it must not apply (the shrink is what the leader relies on)."""
+    keys = ClusterKeys(cluster_name)
+    proxy = TcpProxy(shared_etcd.members[0].client_port)
+    await proxy.start(nursery)
+    async with EtcdClient([proxy.url, *shared_etcd.endpoints], timeout=0.5) as two, open_session(etcd, 3) as s:
+        lead = await campaign(two, keys, s, A)
+        assert await lead.set_in_sync(("a", "b")) and two.endpoint == proxy.url
+        proxy.freeze()
+        with pytest.raises(EtcdIndeterminate):
+            await lead.set_in_sync(("a", "b", "c"))  # c caught up: grow, reply lost
+        assert lead.in_sync == ("a", "b") and lead.in_sync_unsure == ("a", "b", "c")
+        assert await lead.set_in_sync(("a", "b"))  # c fell behind again: shrink (through the other endpoint)
+        shrunk_at = lead.isr_revision
+        proxy.thaw()  # the held grow reaches etcd now
+        assert await _isr_events(etcd, keys, shrunk_at + 1, 1.5) == []
+        kv = await etcd.get(keys.isr)
+        assert kv is not None and InSync.from_kv(kv) == InSync(1, ("a", "b")) and kv.mod_revision == shrunk_at
+        assert lead.in_sync == ("a", "b") and lead.in_sync_unsure is None
+
+
+async def test_an_in_sync_write_after_a_late_one_landed_reconciles(
+        nursery: trio.Nursery, shared_etcd: EtcdCluster, etcd: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    proxy = TcpProxy(shared_etcd.members[0].client_port)
+    await proxy.start(nursery)
+    async with EtcdClient([proxy.url, *shared_etcd.endpoints], timeout=0.5) as two, open_session(etcd, 3) as s:
+        lead = await campaign(two, keys, s, A)
+        first = lead.isr_revision
+        proxy.freeze()
+        with pytest.raises(EtcdIndeterminate):
+            await lead.set_in_sync(("a", "b"))
+        proxy.thaw()
+        with trio.fail_after(3):  # the late write lands before the next one is sent
+            async with etcd.watch(keys.isr, start_revision=first + 1) as w:
+                landed = await w.__anext__()
+        assert InSync.from_kv(landed.kv) == InSync(1, ("a", "b")) and lead.isr_revision == first
+        assert await lead.set_in_sync(("a",))  # compares the landed write's revision after re-reading it
+        kv = await etcd.get(keys.isr)
+        assert kv is not None and InSync.from_kv(kv).members == ("a",) and kv.mod_revision == lead.isr_revision
+        assert lead.in_sync == ("a",) and lead.in_sync_unsure is None
+
+
+async def test_a_lost_register_reply_is_resent(nursery: trio.Nursery, shared_etcd: EtcdCluster,
+                                               etcd: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    proxy = TcpProxy(shared_etcd.members[0].client_port)
+    await proxy.start(nursery)
+    async with EtcdClient([proxy.url, *shared_etcd.endpoints], timeout=0.5) as two, open_session(etcd, 3) as s:
+        proxy.freeze()
+        await register(two, keys, s, A)  # the first put's reply is lost; the same put again elsewhere
+        kv = await etcd.get(keys.member("a"))
+        assert kv is not None and kv.lease == s.lease_id and json.loads(kv.value) == {"node": "a", "addr": A.addr}
+        proxy.thaw()
+
+
+class HeldTakeover(EtcdClient):
+    """Loses the reply of the first takeover txn (a frozen proxy holds it), and
+    lets it land just before the second one is sent: the second then fails."""
+
+    def __init__(self, endpoints: list[str], proxy: TcpProxy, direct: EtcdClient, keys: ClusterKeys) -> None:
+        super().__init__(endpoints, timeout=0.5)
+        self.proxy, self.direct, self.keys = proxy, direct, keys
+        self.takeovers = 0
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        if any(isinstance(op, Put) and op.key == self.keys.leader for op in success):
+            self.takeovers += 1
+            if self.takeovers == 1:
+                self.proxy.freeze()
+            elif self.takeovers == 2:
+                async with self.direct.watch(self.keys.leader) as w:
+                    self.proxy.thaw()
+                    with trio.fail_after(3):
+                        await w.__anext__()  # the first takeover landed after all
+        return await super().txn(compare, success, failure)
+
+
+async def test_a_takeover_whose_reply_was_lost_is_found_by_the_next_one(
+        nursery: trio.Nursery, shared_etcd: EtcdCluster, etcd: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    proxy = TcpProxy(shared_etcd.members[0].client_port)
+    await proxy.start(nursery)
+    async with HeldTakeover([proxy.url, *shared_etcd.endpoints], proxy, etcd, keys) as held, \
+            open_session(etcd, 3) as s:
+        won = await campaign_once(held, keys, s, A)
+        assert held.takeovers == 2
+        assert won is not None and won.epoch == 1 and won.refusal() is None  # it holds the key: it leads
+        leader, _ = await current_leader(etcd, keys)
+        assert leader is not None and leader.create_revision == won.info.create_revision
+        assert won.in_sync == ("a",) and await won.set_in_sync(("a", "b"))
+
+
+async def test_etcd_older_than_the_node_is_refused(etcd: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    async with open_session(etcd, 2) as s:
+        with pytest.raises(ClusterMismatch, match="etcd's epoch 0 is below this node's 4"):
+            await campaign_once(etcd, keys, s, A, local_epoch=4)  # etcd wiped: epochs start again
+        assert await etcd.get(keys.leader) is None
+        await etcd.put(keys.epoch, "3")  # an epoch but no in-sync set: not a new cluster
+        with pytest.raises(ClusterDataError, match="isr: missing although the cluster had a leader"):
+            await campaign_once(etcd, keys, s, A)
+        assert await etcd.get(keys.leader) is None
+        await etcd.delete(keys.epoch)
+        won = await campaign_once(etcd, keys, s, A)  # nothing anywhere: a new cluster
+        assert won is not None and won.epoch == 1
+
+
+async def test_a_stored_cluster_id_is_never_created(etcd: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    with pytest.raises(ClusterMismatch, match="etcd holds no id"):
+        await ensure_cluster_id(etcd, keys, "id-1", create=False)
+    assert await etcd.get(keys.cluster_id) is None
+    assert await ensure_cluster_id(etcd, keys, "id-1") == "id-1"
+    assert await ensure_cluster_id(etcd, keys, "id-2", create=False) == "id-1"

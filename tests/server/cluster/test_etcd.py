@@ -20,6 +20,7 @@ from logd_trio.server.cluster.etcd_wire import (
     PutResult,
     RangeResult,
     WatchEvent,
+    error_from_reply,
 )
 from logd_trio.server.cluster.session import open_session
 
@@ -328,3 +329,65 @@ async def test_malformed_gateway_replies_are_clear_errors(nursery: trio.Nursery)
             await etcd.lease_keepalive(1)
         with pytest.raises(EtcdBadReply, match="kvs: expected a list"):
             await etcd.get("k")
+
+
+async def test_no_leader_on_streaming_endpoints_is_unavailable(etcd3: EtcdCluster) -> None:
+    """Keepalive and watch answer in the streaming error format
+    (``{"error": {"grpc_code": 14, ...}}``): etcd unavailable, tried elsewhere."""
+    survivor, *others = etcd3.members
+    async with EtcdClient([m.url for m in etcd3.members], timeout=1) as etcd:
+        lease = await etcd.lease_grant(5)
+        assert etcd.endpoint == survivor.url
+        async with etcd.watch("w", idle_timeout=30) as w:
+            for m in others:
+                m.kill()  # the survivor loses its raft leader
+            with trio.fail_after(5), pytest.raises(EtcdUnavailable, match="no endpoint served a watch"):
+                await w.__anext__()  # the stream's "no leader" ends it; no other member serves one
+        with trio.fail_after(3), pytest.raises(EtcdUnavailable) as error:
+            await etcd.lease_keepalive(lease.id)
+        assert "no leader" in str(error.value) and any(m.url in str(error.value) for m in others)
+
+
+async def test_no_leader_mid_watch_reopens_on_another_member(nursery: trio.Nursery, etcd: EtcdClient,
+                                                             shared_etcd: EtcdCluster, prefix: str) -> None:
+    """A member that loses its raft leader ends the watch stream with the streaming
+    error format (no newline after it, as the gateway sends it); the watch goes on
+    from another member, missing nothing."""
+    start = (await etcd.put(prefix + "k", "0")).header.revision
+    refused = 0
+
+    async def leaderless(stream: trio.SocketStream) -> None:
+        nonlocal refused
+        await stream.receive_some(65536)
+        refused += 1
+        created = b'{"result":{"header":{"revision":"%d"},"created":true}}\n' % start
+        error = (b'{"error":{"grpc_code":14,"http_code":503,"message":"etcdserver: no leader",'
+                 b'"http_status":"Service Unavailable"}}')
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+                              + created + error)
+        await stream.send_eof()  # the end of the reply; closing with the request unread would reset it
+        with trio.move_on_after(5):
+            while await stream.receive_some(65536):
+                pass
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, leaderless, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    async with EtcdClient([f"http://127.0.0.1:{port}", *shared_etcd.endpoints], timeout=1) as both:
+        async with both.watch(prefix + "k", start_revision=start + 1, idle_timeout=5) as w:
+            await etcd.put(prefix + "k", "1")
+            with trio.fail_after(3):
+                event = await w.__anext__()
+        assert event.kv.value == b"1" and refused == 1 and both.endpoint == shared_etcd.endpoints[0]
+
+
+def test_both_gateway_error_formats_carry_their_code() -> None:
+    unary = {"error": "etcdserver: no leader", "message": "etcdserver: no leader", "code": 14}
+    streaming = {"error": {"grpc_code": 14, "http_code": 503, "message": "etcdserver: no leader",
+                           "http_status": "Service Unavailable"}}
+    gone = {"error": {"grpc_code": 5, "http_code": 404, "message": "etcdserver: requested lease not found"}}
+    for reply in (unary, streaming):
+        err = error_from_reply(reply)
+        assert (err.code, err.message) == (14, "etcdserver: no leader")
+    assert isinstance(error_from_reply(gone), LeaseNotFound)
+    assert error_from_reply({"error": {"grpc_code": "x"}}).code == -1

@@ -143,3 +143,22 @@ async def test_slow_replies_count_from_their_send_time(autojump_clock: trio.test
         await trio.sleep(3)
         assert session.failed_renewals >= 5 and not session.valid() and not session.lost.is_set()
         nursery.cancel_scope.cancel()
+
+
+async def test_time_spent_suspended_counts_against_the_lease(autojump_clock: trio.testing.MockClock) -> None:
+    """Trio's clock stops while the machine is suspended; etcd's lease does not."""
+    etcd = ScriptedLeases(ttl=2)
+    asleep = 0.0
+    session = Session(7, LeaseClock(2, trio.current_time(), margin=0.2), etcd.renew, suspended=lambda: asleep)
+    gate = LeaderGate(1, session.clock)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.keep_alive)
+        await trio.sleep(1)
+        assert session.valid() and gate.may_acknowledge(session.now())
+        renewals = session.renewals
+        asleep = 5.0  # the machine was suspended for 5 s: Trio's clock did not move
+        assert not session.valid() and gate.refusal(session.now()) is not None
+        await trio.sleep(0.7)  # the next keepalive, sent after waking, counts from lease time
+        assert session.renewals > renewals and session.valid() and gate.may_acknowledge(session.now())
+        assert session.clock.last_ok_sent >= trio.current_time() - 0.7 + 5.0
+        nursery.cancel_scope.cancel()
