@@ -49,7 +49,11 @@ def serve(
     shutdown_timeout: Annotated[str | None, typer.Option(
         help="Grace period for in-flight requests on SIGINT/SIGTERM. Default: 15s.")] = None,
     max_connections: Annotated[int | None, typer.Option(
-        help="Connections beyond this get 'ERR too many connections'. Default: 1024.")] = None,
+        help="Connections beyond this get 'ERR too many connections' (lowered at start if the open-file "
+             "limit cannot afford it). Default: 1024.")] = None,
+    max_connections_per_ip: Annotated[int | None, typer.Option(
+        help="Connections from one client address beyond this get 'ERR too many connections'; 0: no cap "
+             "(behind a proxy every client has the proxy's address). Default: 256.")] = None,
     max_wait: Annotated[str | None, typer.Option(help="Cap on a long-poll READ's wait. Default: 30s.")] = None,
     pipeline_depth: Annotated[int | None, typer.Option(
         help="Requests in flight per connection before the server stops reading it. Default: 128.")] = None,
@@ -75,7 +79,8 @@ def serve(
         "partitions": partitions, "fsync": fsync, "flush_interval": flush_interval,
         "flush_batches": flush_batches, "topics": topics, "topics_whitelist": topics_whitelist,
         "max_messages": max_messages, "timeout": timeout, "idle_timeout": idle_timeout,
-        "shutdown_timeout": shutdown_timeout, "max_connections": max_connections, "max_wait": max_wait,
+        "shutdown_timeout": shutdown_timeout, "max_connections": max_connections,
+        "max_connections_per_ip": max_connections_per_ip, "max_wait": max_wait,
         "pipeline_depth": pipeline_depth, "file_mode": file_mode, "dir_mode": dir_mode,
         "min_free_space": min_free_space, "max_waiters": max_waiters, "scrub_rate": scrub_rate,
         "http_host": http_host,

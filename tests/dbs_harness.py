@@ -60,6 +60,10 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], log: P
     raise RuntimeError(f"{what} not ready after {START_TIMEOUT} s:\n{log.read_text(errors='replace')[-2000:]}")
 
 
+def _same_dir(reported: str, ours: Path) -> bool:
+    return os.path.realpath(reported) == os.path.realpath(ours)
+
+
 def _stat(pid: int) -> tuple[str, int] | None:
     """(state, parent pid) of a live process, None when it is gone."""
     try:
@@ -199,13 +203,23 @@ class PostgresServer(_Server):
 
     def __init__(self) -> None:
         super().__init__()
-        self.bin = postgres_bin()
         self.data = self.dir / "data"
         log = self.dir / "initdb.log"
-        proc = self._popen([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                            "-E", "UTF8", "--no-locale", "--no-sync"], log)
-        if proc.wait(timeout=120) != 0:
-            raise RuntimeError(f"initdb failed:\n{log.read_text(errors='replace')[-2000:]}")
+        proc: subprocess.Popen[bytes] | None = None
+        try:  # the fixtures' cleanup does not cover the constructor: clean up here
+            self.bin = postgres_bin()
+            proc = self._popen([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+                                "-E", "UTF8", "--no-locale", "--no-sync"], log)
+            if proc.wait(timeout=120) != 0:
+                raise RuntimeError(f"initdb failed:\n{log.read_text(errors='replace')[-2000:]}")
+        except BaseException:
+            if proc is not None and proc.poll() is None:
+                tree = _tree(proc.pid)
+                _signal(tree, signal.SIGKILL)
+                proc.wait()
+                _wait_gone(tree)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     @property
     def conninfo(self) -> str:
@@ -218,11 +232,13 @@ class PostgresServer(_Server):
                 "-c", "shared_buffers=16MB"]
 
     def _ready(self) -> bool:
+        # The port may have been taken by another server meanwhile: only ours counts as ready.
         try:
-            with psycopg.connect(self.conninfo, connect_timeout=2):
-                return True
-        except psycopg.OperationalError:
+            with psycopg.connect(self.conninfo, connect_timeout=2) as conn:
+                row = conn.execute("SHOW data_directory").fetchone()
+        except psycopg.Error:
             return False
+        return row is not None and _same_dir(str(row[0]), self.data)
 
     def crash(self) -> None:
         """Immediate shutdown (SIGQUIT): no checkpoint, WAL recovery on the next start, like a crash."""
@@ -251,8 +267,13 @@ class RedisServer(_Server):
                 "--daemonize", "no", *persist]
 
     def _ready(self) -> bool:
+        # The port may have been taken by another server meanwhile: only ours counts as ready.
         try:
             with redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1, socket_timeout=1) as r:
-                return bool(r.ping())
+                config = {(k.decode() if isinstance(k, bytes) else k): v for k, v in r.config_get("dir").items()}
         except redis.RedisError:
             return False
+        found = config.get("dir")
+        if isinstance(found, bytes):
+            found = found.decode(errors="replace")
+        return isinstance(found, str) and _same_dir(found, self.dir)

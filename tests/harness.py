@@ -163,10 +163,12 @@ class ServerProcess:
         self.log = log
 
 
-async def spawn(nursery: trio.Nursery, workdir: Path, *args: str) -> ServerProcess:
+async def spawn(nursery: trio.Nursery, workdir: Path, *args: str,
+                preexec_fn: Callable[[], None] | None = None) -> ServerProcess:
     cmd = [sys.executable, "-m", "logd_trio_cli.main", "serve", "--host", "127.0.0.1:0",
            "--workdir", str(workdir), *args]
-    proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                            preexec_fn=preexec_fn)
     assert proc.stderr is not None
     log = bytearray()
     found = trio.Event()

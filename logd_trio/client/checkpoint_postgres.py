@@ -13,12 +13,15 @@ write is a few per second at most, so the thread hop costs nothing that
 matters.
 
 Bounds: connecting waits at most ``connect_timeout`` (libpq, whole seconds,
-at least 2), a statement at most ``timeout`` (``statement_timeout``, and TCP's
-``tcp_user_timeout`` for a peer that vanished), and every call returns or
-raises :class:`~logd_trio.core.errors.CheckpointError` within ``timeout``
-seconds even if the server is alive but silent.  A connection broken by a
-server restart is replaced on the next call (once per call, transparently);
-while the server is down each call raises ``CheckpointError`` naming the
+at least 2), a statement at most ``timeout`` (``statement_timeout``, unless
+the conninfo's ``options`` or PGOPTIONS set it, and TCP's ``tcp_user_timeout``
+for a peer that vanished), and every call returns or raises
+:class:`~logd_trio.core.errors.CheckpointError` within ``timeout`` seconds
+even if the server is alive but silent.  psycopg's sync connection has no
+read timeout, so the thread of an abandoned call is woken by shutting its
+socket down.  A connection broken by a server restart is replaced on the next
+call (once per call, transparently); while the server is down or silent each
+call raises :class:`CheckpointUnavailable` (a ``CheckpointError``) naming the
 store and the driver's reason.  Nothing is cached: a failed commit leaves the
 stored position as it was, and the scanner commits again later.
 """
@@ -32,12 +35,14 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from logd_trio.client._checkpoint_store import (
+    CheckpointUnavailable,
     Slot,
     ThreadedStore,
     check_consumer,
     check_position,
     check_topic,
     first_line,
+    shutdown_socket,
 )
 from logd_trio.client.checkpoint import Position
 from logd_trio.core.errors import CheckpointError
@@ -50,7 +55,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("PostgresCheckpoint needs psycopg 3: pip install 'logd-trio[postgres]'") from exc
 
-__all__ = ["SCHEMA", "PostgresCheckpoint"]
+__all__ = ["SCHEMA", "CheckpointUnavailable", "PostgresCheckpoint"]
 
 T = TypeVar("T")
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -186,34 +191,44 @@ class PostgresCheckpoint(ThreadedStore[Conn]):
                 ) from exc
         self._schema_done = True
 
-    def _open(self) -> Conn:
-        conn = psycopg.connect(self._conninfo, autocommit=True)
-        try:
-            conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{math.ceil(self.timeout * 1000)}",))
-            if self.create_schema and not self._schema_done:
-                self._create(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+    def _interrupt(self, conn: Conn) -> None:
+        # psycopg's sync connection has no read timeout: a thread abandoned on a silent server would
+        # wait forever.  Shutting the socket down makes its wait return with a broken connection.
+        shutdown_socket(conn.fileno())
+
+    def _setup(self, conn: Conn) -> None:
+        """A new session: ``statement_timeout`` unless the client set it (conninfo ``options``, PGOPTIONS)."""
+        conn.execute("SELECT set_config('statement_timeout', %s, false) FROM pg_settings "
+                     "WHERE name = 'statement_timeout' AND source <> 'client'",
+                     (f"{math.ceil(self.timeout * 1000)}",))
+        if self.create_schema and not self._schema_done:
+            self._create(conn)
 
     def _run(self, slot: Slot[Conn], op: Callable[[Conn], T]) -> T:
         """``op`` on the slot's connection; a connection found broken (server restarted) is replaced once."""
         while True:
             fresh = slot.conn is None
             try:
-                if slot.conn is None:
-                    slot.conn = self._open()
-                return op(slot.conn)
+                conn = slot.conn
+                if conn is None:
+                    # attached before the session setup, so that aclose() or an abandon can wake it
+                    conn = self.attach(slot, psycopg.connect(self._conninfo, autocommit=True))
+                    try:
+                        self._setup(conn)
+                    except BaseException:
+                        self.drop(slot)
+                        raise
+                return op(conn)
             except psycopg.OperationalError as exc:
                 broken = slot.conn is None or slot.conn.broken or slot.conn.closed
                 if broken:
                     self.drop(slot)
+                self.stopped(slot)  # woken by aclose() or an abandon: no retry
                 if broken and not fresh:
                     continue  # a connection from before a restart: try once with a new one
                 if isinstance(exc, pg_errors.QueryCanceled):
-                    raise CheckpointError(f"{self.what} did not answer within {self.timeout:g} s") from exc
-                raise CheckpointError(f"{self.what} is unavailable: {first_line(exc)}") from exc
+                    raise CheckpointUnavailable(f"{self.what} did not answer in time: {first_line(exc)}") from exc
+                raise CheckpointUnavailable(f"{self.what} is unavailable: {first_line(exc)}") from exc
             except pg_errors.UndefinedTable as exc:
                 raise CheckpointError(
                     f"{self.what}: table {self.table} does not exist: call ensure_schema() "

@@ -19,9 +19,11 @@ because redis-py's asyncio client runs on asyncio only; this way the handler
 works under Trio and asyncio alike.  Connecting and each command are bounded
 by ``timeout`` (socket timeouts, no driver retries), and every call returns or
 raises :class:`~logd_trio.core.errors.CheckpointError` within ``timeout``
-seconds.  A connection broken by a Redis restart is replaced on the next call
-(once per call, transparently); while Redis is down each call raises
-``CheckpointError`` naming the store and the driver's reason.
+seconds (the socket timeouts also end the thread of an abandoned call).  A
+connection broken by a Redis restart is replaced on the next call (once per
+call, transparently); while Redis is down or silent each call raises
+:class:`CheckpointUnavailable` (a ``CheckpointError``) naming the store and the
+driver's reason.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from logd_trio.client._checkpoint_store import (
+    CheckpointUnavailable,
     Slot,
     ThreadedStore,
     check_consumer,
@@ -49,16 +52,18 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("RedisCheckpoint needs redis-py: pip install 'logd-trio[redis]'") from exc
 
-__all__ = ["COMMIT_SCRIPT", "RedisCheckpoint"]
+__all__ = ["COMMIT_SCRIPT", "CheckpointUnavailable", "RedisCheckpoint"]
 
 T = TypeVar("T")
 _parse_url = cast(Callable[[str], dict[str, Any]], _connection.parse_url)  # untyped in redis-py
 
 #: Compare-and-set of one position.  KEYS[1]: the consumer's hash; ARGV: topic, offset, delta
 #: (decimal, no leading zeros).  Returns 1 when written, 0 when the stored position is not lower,
-#: or the stored value when it is not OFFSET:DELTA.  Digits are compared as strings (length, then
-#: byte by byte), so every 64-bit position compares exactly (Lua numbers are doubles).
+#: or the stored value when it is not a position (OFFSET:DELTA, each at most 2**63-1: the rule
+#: RedisCheckpoint's loader applies too).  Digits are compared as strings (length, then byte by
+#: byte), so every 64-bit position compares exactly (Lua numbers are doubles).
 COMMIT_SCRIPT = """\
+local MAX = '9223372036854775807'
 local function less(a, b)
   if #a ~= #b then return #a < #b end
   for i = 1, #a do
@@ -73,13 +78,14 @@ if cur then
   local co, cd = string.match(cur, '^(%d+):(%d+)$')
   if not co then return cur end
   co, cd = norm(co), norm(cd)
+  if less(MAX, co) or less(MAX, cd) then return cur end
   if not (less(co, ARGV[2]) or (co == ARGV[2] and less(cd, ARGV[3]))) then return 0 end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
 return 1
 """
 
-_VALUE = re.compile(rb"(\d{1,19}):(\d{1,19})")
+_VALUE = re.compile(rb"0*(\d{1,19}):0*(\d{1,19})")
 
 
 class RedisCheckpoint(ThreadedStore[redis.Redis]):
@@ -134,8 +140,8 @@ class RedisCheckpoint(ThreadedStore[redis.Redis]):
 
         def op(r: redis.Redis) -> None:
             res = r.eval(COMMIT_SCRIPT, 1, self.key, topic, str(position.offset), str(position.delta))
-            if isinstance(res, bytes):
-                self._parse(res, topic)  # raises: the stored value is not a position
+            if isinstance(res, bytes | str):  # str when the URL asks for decode_responses
+                self._parse(res if isinstance(res, bytes) else res.encode(), topic)  # raises: not a position
 
         await self.call(lambda slot: self._run(slot, op))
 
@@ -184,16 +190,17 @@ class RedisCheckpoint(ThreadedStore[redis.Redis]):
         while True:
             fresh = slot.conn is None
             try:
-                if slot.conn is None:
-                    slot.conn = self._open()
-                return op(slot.conn)
+                conn = slot.conn if slot.conn is not None else self.attach(slot, self._open())
+                return op(conn)
             except redis.TimeoutError as exc:
                 self.drop(slot)
-                raise CheckpointError(f"{self.what} did not answer within {self.timeout:g} s") from exc
+                self.stopped(slot)
+                raise CheckpointUnavailable(f"{self.what} did not answer within {self.timeout:g} s") from exc
             except redis.ConnectionError as exc:  # also BusyLoadingError (Redis is loading its data)
                 self.drop(slot)
+                self.stopped(slot)  # closed or abandoned meanwhile: no retry
                 if not fresh:
                     continue  # a connection from before a restart: try once with a new one
-                raise CheckpointError(f"{self.what} is unavailable: {first_line(exc)}") from exc
+                raise CheckpointUnavailable(f"{self.what} is unavailable: {first_line(exc)}") from exc
             except redis.RedisError as exc:
                 raise CheckpointError(f"{self.what}: {first_line(exc)}") from exc

@@ -102,6 +102,7 @@ class ServerConfig:
     idle_timeout: float = 30.0
     shutdown_timeout: float = 15.0
     max_connections: int = 1024
+    max_connections_per_ip: int = 256
     max_wait: float = 30.0
     pipeline_depth: int = 128
     file_mode: int = 0o600
@@ -121,7 +122,7 @@ class ServerConfig:
             raise ConfigError(f"batch_size: must be at least 64 bytes, got {self.batch_size}")
         if self.fsync not in FSYNC_MODES:
             raise ConfigError(f"fsync: must be one of {', '.join(FSYNC_MODES)}, got {self.fsync!r}")
-        for name in ("flush_batches", "min_free_space", "max_waiters", "scrub_rate"):
+        for name in ("flush_batches", "min_free_space", "max_waiters", "scrub_rate", "max_connections_per_ip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         for name in ("flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait"):
@@ -162,7 +163,8 @@ class ServerConfig:
 _FIELDS: Final = {f.name: f for f in dataclasses.fields(ServerConfig) }
 _DURATIONS: Final = {"flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait"}
 _INTS: Final = {"batch_size", "max_messages", "partition_size", "partitions", "flush_batches", "topics",
-                "max_connections", "pipeline_depth", "min_free_space", "max_waiters", "scrub_rate"}
+                "max_connections", "max_connections_per_ip", "pipeline_depth", "min_free_space", "max_waiters",
+                "scrub_rate"}
 _MODES: Final = {"file_mode", "dir_mode"}
 
 

@@ -16,18 +16,17 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import trio
 
 from logd_trio.core import requests as p
 from logd_trio.core.errors import LogdError, NotFound, RequestError, StorageError
+from logd_trio.server.reasons import public_reason
+from logd_trio.server.registry import Registry
 from logd_trio.server.stats import Counters, StatsRequest
 from logd_trio.server.storage.reads import CorruptData, ReadPlan
 from logd_trio.server.topic import Append
-
-if TYPE_CHECKING:
-    from logd_trio.server.app import Registry
 
 __all__ = ["Connection"]
 
@@ -41,6 +40,9 @@ SENDFILE_CHUNK: Final = 1 << 20
 # and destroy the ERR reply before the peer reads it.
 LINGER_SECONDS: Final = 1.0
 LINGER_BYTES: Final = 1 << 20
+# Once a graceful shutdown has begun, a reply may wait this long for progress (instead of
+# --timeout), so that a client that never reads does not hold the shutdown.
+DRAIN_SEND_TIMEOUT: Final = 2.0
 
 
 def error_reply(e: LogdError) -> bytes:
@@ -52,7 +54,7 @@ def error_reply(e: LogdError) -> bytes:
     if isinstance(e, CorruptData):  # never send a frame that fails its CRC
         return b"ERR corrupt data\r\n"
     if isinstance(e, StorageError):
-        return p.reply_err(f"storage error: {e}")
+        return p.reply_err(f"storage error: {public_reason(e)}")
     return p.reply_err(f"internal error: {type(e).__name__}")
 
 
@@ -108,14 +110,21 @@ class Connection:
         # A batch queued at its topic whose reply slot the reader could not get before it was
         # stopped (graceful shutdown): the writer answers it last, so no stored batch loses its OK.
         self._orphan: Append | None = None
+        # Bound on each wait for send progress (--timeout; shorter once draining).
+        self.send_timeout = self.config.timeout or math.inf
+        self._send_scope: trio.CancelScope | None = None
 
     def stop_reading(self) -> None:
         """Graceful shutdown: take no new request; in-flight ones still get replies
-        (a waiting long-poll answers at once, as when its wait runs out)."""
+        (a waiting long-poll answers at once, as when its wait runs out), each send
+        waiting at most DRAIN_SEND_TIMEOUT for progress."""
         self._eof = True
         self.read_scope.cancel()
         if self._poll_scope is not None:
             self._poll_scope.cancel()
+        self.send_timeout = min(self.send_timeout, DRAIN_SEND_TIMEOUT)
+        if self._send_scope is not None:
+            self._send_scope.deadline = min(self._send_scope.deadline, trio.current_time() + self.send_timeout)
 
     async def run(self) -> None:
         send, recv = trio.open_memory_channel[_Item](self.config.pipeline_depth)
@@ -143,11 +152,16 @@ class Connection:
         counters = self.counters
         idle = self.config.idle_timeout or math.inf
         timeout = self.config.timeout or math.inf
+        # --timeout bounds the time spent waiting for the bytes of one request, from its
+        # first byte to its last (not each wait alone: a trickle must not reset it).  Time
+        # the reader spends waiting for room in the pipeline does not count.
+        budget = timeout
         while True:
             while True:
                 try:
                     event = parser.next_event()
                 except RequestError as e:
+                    budget = timeout
                     counters.errors["protocol"] += 1
                     counters.error_kinds["protocol"] += 1
                     if e.close:
@@ -157,17 +171,27 @@ class Connection:
                     continue
                 if event is p.NEED_DATA:
                     break
+                budget = timeout
                 if not await self._dispatch(event, out):
                     return
-            with trio.move_on_after(timeout if parser.buffered else idle) as cs:
+            partial = bool(parser.buffered)
+            started = trio.current_time()
+            with trio.move_on_after(max(budget, 0.0) if partial else idle) as cs:
                 n = await self.sock.recv_into(view)
+            if partial:
+                budget -= trio.current_time() - started
             if cs.cancelled_caught:
-                if self.inflight or (not parser.buffered and self.config.idle_timeout == 0):
-                    continue
-                log.debug("closing connection: %s", "request timeout" if parser.buffered else "idle")
-                if parser.buffered:
-                    counters.error_kinds["timeout"] += 1
-                    await out.send(_Closing(p.reply_err("timeout")))
+                if not partial:
+                    if self.inflight or self.config.idle_timeout == 0:
+                        continue
+                    log.debug("closing connection: idle")
+                    return
+                log.debug("closing connection: a request did not arrive within --timeout")
+                counters.error_kinds["timeout"] += 1
+                self._eof = True  # a waiting long-poll answers now
+                if self._poll_scope is not None:
+                    self._poll_scope.cancel()
+                await out.send(_Closing(p.reply_err("timeout")))
                 return
             if n == 0:
                 self._eof = True
@@ -313,12 +337,15 @@ class Connection:
         """Send everything; ``--timeout`` bounds each wait for progress, not the whole reply."""
         view = memoryview(data)
         total = len(view)
-        timeout = self.config.timeout or math.inf
-        with trio.fail_after(timeout) as scope:
-            while view:
-                n = await self.sock.send(view)
-                view = view[n:]
-                scope.deadline = trio.current_time() + timeout
+        with trio.fail_after(self.send_timeout) as scope:
+            self._send_scope = scope
+            try:
+                while view:
+                    n = await self.sock.send(view)
+                    view = view[n:]
+                    scope.deadline = trio.current_time() + self.send_timeout
+            finally:
+                self._send_scope = None
         self.counters.bytes_out += total
 
     async def _send_plan(self, plan: ReadPlan, pending: bytearray) -> None:
@@ -327,8 +354,8 @@ class Connection:
             pending += p.reply_read_header(plan.offset, plan.nbatches)
             await self._send_all(pending)
             out_fd = self.sock.fileno()
-            timeout = self.config.timeout or math.inf
-            with trio.fail_after(timeout) as scope:  # bounds each wait for progress
+            with trio.fail_after(self.send_timeout) as scope:  # bounds each wait for progress
+                self._send_scope = scope  # stop_reading() shortens it (left set after: harmless)
                 for fd, pos, length in plan.segments:
                     while length:
                         try:
@@ -341,7 +368,7 @@ class Connection:
                         pos += n
                         length -= n
                         self.counters.bytes_out += n
-                        scope.deadline = trio.current_time() + timeout
+                        scope.deadline = trio.current_time() + self.send_timeout
                     await trio.lowlevel.checkpoint_if_cancelled()
 
     async def _linger_close(self) -> None:

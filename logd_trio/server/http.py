@@ -2,8 +2,10 @@
 
 It answers GET and HEAD with an async handler.  Every wait is bounded:
 reading a request, sending a response, and a kept-alive connection's idle
-time; connections beyond :data:`MAX_CONNECTIONS` are closed at once.  It runs
-until cancelled.
+time; connections beyond :data:`MAX_CONNECTIONS` are closed at once, and a
+connection serves at most :data:`MAX_REQUESTS` requests before it is closed (so
+keep-alive clients cannot hold every slot for good).  A failure while serving
+one connection costs that connection only.  It runs until cancelled.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ __all__ = ["MAX_CONNECTIONS", "Request", "Response", "serve_http"]
 log = logging.getLogger("logd_trio.server.http")
 
 MAX_CONNECTIONS: Final = 64
-TIMEOUT: Final = 10.0  # to receive a whole request, to send a response, and idle between requests
-MAX_HEAD: Final = 16 * 1024
+MAX_REQUESTS: Final = 100
+TIMEOUT: Final = 10.0  # idle before a request's first byte; then to receive it whole; to send a response
+MAX_HEAD: Final = 16 * 1024  # h11 checks between reads: a head is refused (431) past MAX_HEAD + RECV_SIZE
 MAX_BODY: Final = 64 * 1024  # a request body is read and discarded; beyond this: 413
-RECV_SIZE: Final = 16 * 1024
+RECV_SIZE: Final = 4 * 1024
+LINGER: Final = 1.0  # after an error reply: drain what the peer still sends, so no reset eats the reply
 _SERVER: Final = b"logd-trio"
 
 
@@ -81,6 +85,8 @@ async def serve_http(
         active[0] += 1
         try:
             await _serve_connection(stream, handler)
+        except Exception:  # a bug must cost this connection, never the server
+            log.exception("monitoring connection failed")
         finally:
             active[0] -= 1
 
@@ -92,14 +98,16 @@ async def serve_http(
 
 async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    method = ["GET"]  # of the request being read, once its head is in (an error reply to HEAD has no body)
     try:
-        while True:
+        for served in range(1, MAX_REQUESTS + 1):
             try:
-                req = await _receive_request(stream, conn)
+                req = await _receive_request(stream, conn, method)
             except (_BadRequest, h11.RemoteProtocolError) as e:
                 status = e.status if isinstance(e, _BadRequest) else e.error_status_hint
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await _send(stream, conn, "GET", Response(status, f"{e}\n".encode()), close=True)
+                    await _send(stream, conn, method[0], Response(status, f"{e}\n".encode()), close=True)
+                    await _linger(stream)
                 return
             if req is None:
                 return
@@ -111,7 +119,7 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
                 except Exception:  # a bug in a scrape must not cost more than this response
                     log.exception("monitoring request %s failed", req.path)
                     resp = Response(500, b"internal error, see the server log\n")
-            await _send(stream, conn, req.method, resp, close=False)
+            await _send(stream, conn, req.method, resp, close=served == MAX_REQUESTS)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
@@ -121,18 +129,36 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
         await stream.aclose()
 
 
-async def _receive_request(stream: trio.SocketStream, conn: h11.Connection) -> Request | None:
-    """The next whole request (body discarded); None when the peer closes or stays idle."""
+async def _linger(stream: trio.SocketStream) -> None:
+    """Half-close, then discard what the peer still sends for a moment (bounded in time and bytes)."""
+    with trio.move_on_after(LINGER):
+        await stream.send_eof()
+        drained = 0
+        while drained < MAX_BODY and (data := await stream.receive_some(RECV_SIZE)):
+            drained += len(data)
+
+
+async def _receive_request(stream: trio.SocketStream, conn: h11.Connection, method: list[str]) -> Request | None:
+    """The next whole request (body discarded); None when the peer closes or stays idle.
+
+    The idle wait before the request's first byte and the time to receive the
+    rest of it are bounded separately, each by :data:`TIMEOUT`.
+    """
     request: h11.Request | None = None
     body = 0
-    with trio.move_on_after(TIMEOUT):
+    started = False
+    with trio.move_on_after(TIMEOUT) as scope:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 data = await stream.receive_some(RECV_SIZE)
+                if data and not started:
+                    started = True
+                    scope.deadline = trio.current_time() + TIMEOUT
                 conn.receive_data(data)  # b"" is EOF
             elif isinstance(event, h11.Request):
                 request = event
+                method[0] = event.method.decode("ascii", "replace")
             elif isinstance(event, h11.Data):
                 body += len(event.data)
                 if body > MAX_BODY:
@@ -140,11 +166,14 @@ async def _receive_request(stream: trio.SocketStream, conn: h11.Connection) -> R
             elif isinstance(event, h11.EndOfMessage):
                 assert request is not None
                 headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-                target = request.target.decode("latin-1")
-                return Request(request.method.decode("ascii", "replace"), urlsplit(target).path, headers)
+                try:
+                    path = urlsplit(request.target.decode("latin-1")).path
+                except ValueError as e:  # e.g. "//[x": an unparsable authority
+                    raise _BadRequest(400, f"bad request target: {e}") from None
+                return Request(request.method.decode("ascii", "replace"), path, headers)
             else:  # ConnectionClosed or PAUSED
                 return None
-    if request is not None:  # a request started but did not finish in time
+    if request is not None or started:  # a request started but did not finish in time
         raise _BadRequest(408, "request timeout")
     return None
 

@@ -14,9 +14,8 @@ server state there.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -26,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from logd_trio._version import __version__
 from logd_trio.server.histogram import Histogram
 from logd_trio.server.http import Request, Response, serve_http
 from logd_trio.server.stats import COMMANDS, Counters
@@ -38,12 +38,6 @@ log = logging.getLogger("logd_trio.server.metrics")
 # Kinds of logd_errors_total that always appear (others appear once counted).
 ERROR_KINDS: Final = ("corrupt", "not_found", "protocol", "refused", "storage", "timeout", "too_many_connections")
 
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("logd-trio")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "unknown"
 
 
 class ServerState(Protocol):
@@ -82,11 +76,11 @@ class Snapshot:
     version: str
 
     @classmethod
-    def take(cls, c: Counters, state: ServerState | None, ready: bool, version: str) -> Snapshot:
+    def take(cls, c: Counters, state: ServerState | None, conns: int, ready: bool, version: str) -> Snapshot:
         h = c.histograms
         topics = state.topics if state is not None else {}
         return cls(
-            dict(c.requests), dict(c.errors), dict(c.error_kinds), c.bytes_in, c.bytes_out, c.conns_active,
+            dict(c.requests), dict(c.errors), dict(c.error_kinds), c.bytes_in, c.bytes_out, conns,
             c.conns_total, c.conns_refused, c.longpoll_waiting, h.batch_latency.copy(), h.read_latency.copy(),
             h.fsync_latency.copy(), h.batches_per_fsync.copy(),
             tuple([(n, t.visible_head, t.first, t.log.head - t.first, t.fsyncs, t.failed is not None)
@@ -171,7 +165,8 @@ class Monitor:
     def __init__(self, counters: Counters, shutdown: trio.Event | None) -> None:
         self.counters = counters
         self.state: ServerState | None = None
-        self.version = _version()
+        self.open_connections: Callable[[], int] = lambda: 0  # set by serve() once it has the stats task
+        self.version = __version__
         self._shutdown = shutdown
         self.registry = CollectorRegistry(auto_describe=False)
         self._collector = _SnapshotCollector()
@@ -192,7 +187,8 @@ class Monitor:
         return None
 
     def snapshot(self) -> Snapshot:
-        return Snapshot.take(self.counters, self.state, self.not_ready() is None, self.version)
+        return Snapshot.take(self.counters, self.state, self.open_connections(), self.not_ready() is None,
+                             self.version)
 
     async def scrape(self, accept: str = "") -> tuple[bytes, str]:
         """The metrics text and its content type (Prometheus text, or OpenMetrics if ``accept`` asks)."""

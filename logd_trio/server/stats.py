@@ -1,34 +1,42 @@
-"""Server counters and the stats task that answers STATS, CONFIG and TOPICS.
+"""The server's numbers and the stats task that answers STATS, CONFIG and TOPICS.
 
-Counters are plain integers bumped by the connection tasks (one Trio thread,
-so no locks).  The stats task owns the formatting: connections hand it a
-request and a one-shot slot and go on with their next request.
+:class:`Counters` are plain integers that connections and the listener bump (one
+Trio thread, so no locks).  Everything else STATS reports is *sampled* when a
+request is answered, from the one place that owns it: topic heads and fsync
+counts from the registry, the open connections from the listener's admission
+control, the bound address from the listener.  Nothing is copied, so nothing
+can drift.  Connections hand the task a request and a one-shot slot and go on
+with their next request.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Mapping
+from typing import Final
 
 import trio
 
+from logd_trio._version import __version__
 from logd_trio.core import requests as p
 from logd_trio.server.config import ServerConfig, format_duration
 from logd_trio.server.histogram import Histograms
 
-__all__ = ["Counters", "StatsRequest", "run_stats_task"]
+__all__ = ["Counters", "Stats", "StatsRequest", "TopicView"]
+
+# Requests waiting for the stats task; a connection that finds it full waits (backpressure).
+QUEUE_SIZE: Final = 16
 
 # Commands whose requests.* / errors.* keys always appear (Go's names).
 COMMANDS = ("batch", "close", "config", "ping", "read", "stats", "tail", "topics")
 
 
 class Counters:
-    """Every number STATS reports that connections and topics update."""
+    """The event counts STATS reports, bumped where the events happen."""
 
     def __init__(self) -> None:
         self.bytes_in = 0
         self.bytes_out = 0
-        self.conns_active = 0
         self.conns_total = 0
         self.conns_refused = 0
         self.requests: collections.Counter[str] = collections.Counter()
@@ -60,12 +68,13 @@ class TopicView:
         self.synced_batches = synced_batches
 
 
-def format_stats(counters: Counters, topics: Mapping[str, TopicView]) -> bytes:
+def format_stats(counters: Counters, topics: Mapping[str, TopicView], connections: int) -> bytes:
     c = counters
     values: dict[str, int | str] = {
+        "version": __version__,
         "bytes.in": c.bytes_in,
         "bytes.out": c.bytes_out,
-        "conns.active": c.conns_active,
+        "conns.active": connections,
         "conns.total": c.conns_total,
         "conns.refused": c.conns_refused,
         "requests.total": sum(c.requests.values()),
@@ -105,23 +114,57 @@ def format_topics(topics: Mapping[str, TopicView]) -> bytes:
     return b"".join(b"%s: %d %d\r\n" % (n.encode(), t.first, t.head) for n, t in sorted(topics.items()))
 
 
-async def run_stats_task(
-    requests: trio.MemoryReceiveChannel[StatsRequest],
-    config: ServerConfig,
-    counters: Counters,
-    topics: Callable[[], Mapping[str, TopicView]],
-    host: Callable[[], str],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Answer STATS/CONFIG/TOPICS until the channel closes."""
-    async with requests:
-        task_status.started()
-        async for req in requests:
-            if isinstance(req.request, p.Config):
-                req.reply = p.reply_mok(format_config(config, host()))
-            elif isinstance(req.request, p.Stats):
-                req.reply = p.reply_mok(format_stats(counters, topics()))
-            else:
-                req.reply = p.reply_mok(format_topics(topics()))
-            req.done.set()
+def _no_connections() -> int:
+    return 0
+
+
+class Stats:
+    """The stats task and what it samples.
+
+    ``serve`` creates it with the counters and the registry's topic views, the
+    listener tells it the bound address and how to count open connections
+    (:meth:`listening`), and connections send :class:`StatsRequest` items to
+    :attr:`requests`.
+    """
+
+    def __init__(self, config: ServerConfig, counters: Counters,
+                 topics: Callable[[], Mapping[str, TopicView]]) -> None:
+        self.config = config
+        self.counters = counters
+        self._topics = topics
+        self._connections: Callable[[], int] = _no_connections
+        self._address = config.host
+        self.requests, self._inbox = trio.open_memory_channel[StatsRequest](QUEUE_SIZE)
+
+    @property
+    def address(self) -> str:
+        """The address CONFIG reports: the bound one once listening, else the configured one."""
+        return self._address
+
+    def listening(self, address: str, connections: Callable[[], int]) -> None:
+        self._address = address
+        self._connections = connections
+
+    def open_connections(self) -> int:
+        """Client connections open now (0 before listening)."""
+        return self._connections()
+
+    def answer(self, request: p.Stats | p.Config | p.Topics) -> bytes:
+        """The reply to one request, from numbers sampled now."""
+        if isinstance(request, p.Config):
+            return p.reply_mok(format_config(self.config, self._address))
+        if isinstance(request, p.Stats):
+            return p.reply_mok(format_stats(self.counters, self._topics(), self._connections()))
+        return p.reply_mok(format_topics(self._topics()))
+
+    def close(self) -> None:
+        """No more requests: :meth:`run` returns once it has answered the queued ones."""
+        self.requests.close()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Answer STATS/CONFIG/TOPICS until :meth:`close`."""
+        async with self._inbox:
+            task_status.started()
+            async for req in self._inbox:
+                req.reply = self.answer(req.request)
+                req.done.set()

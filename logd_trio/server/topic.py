@@ -215,7 +215,8 @@ class Topic:
                 item.done.set()
             now = time.monotonic()
             if now >= self._next_error_log:  # at most one line a second while the disk refuses
-                log.error("topic %s: append failed: %s (%d more since the last report)", self.name, e,
+                cause = f" ({e.__cause__})" if isinstance(e.__cause__, OSError) else ""  # the log names the path
+                log.error("topic %s: append failed: %s%s (%d more since the last report)", self.name, e, cause,
                           self._errors_unlogged)
                 self._next_error_log = now + 1.0
                 self._errors_unlogged = 0

@@ -9,9 +9,13 @@ that stop, crash or pause a database get one of their own.
 from __future__ import annotations
 
 import random
+import shutil
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,8 +25,10 @@ import pytest
 import redis
 import trio
 
+from logd_trio.client import checkpoint_redis
+from logd_trio.client._checkpoint_store import MAX_STUCK
 from logd_trio.client.checkpoint import Checkpoint, Position
-from logd_trio.client.checkpoint_postgres import PostgresCheckpoint
+from logd_trio.client.checkpoint_postgres import CheckpointUnavailable, PostgresCheckpoint
 from logd_trio.client.checkpoint_redis import RedisCheckpoint
 from logd_trio.client.client import Client
 from logd_trio.core.errors import CheckpointError
@@ -145,6 +151,21 @@ def test_positions_beyond_double_precision_compare_exactly(make: Factory, name: 
             assert await cp.load("t") == Position(2**62 + 1, 0)
             await cp.commit("t", Position(2**63 - 1, 2**63 - 1))
             assert await cp.load("t") == Position(2**63 - 1, 2**63 - 1)
+
+    run(backend, main)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_offset_compares_the_delta(make: Factory, name: str, backend: str) -> None:
+    async def main() -> None:
+        async with make(name) as cp:
+            await cp.commit("t", Position(4096, 0))
+            await cp.commit("t", Position(4096, 3))
+            assert await cp.load("t") == Position(4096, 3)
+            await cp.commit("t", Position(4096, 1))  # same offset, lower delta: ignored
+            assert await cp.load("t") == Position(4096, 3)
+            await cp.commit("t", Position(4097, 0))  # a higher offset wins over any delta
+            assert await cp.load("t") == Position(4097, 0)
 
     run(backend, main)
 
@@ -332,6 +353,261 @@ def test_redis_key_layout_and_corrupt_values(redis_server: RedisServer, name: st
         r.close()
 
 
+def test_redis_script_and_loader_agree_on_stored_values(redis_server: RedisServer, name: str) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    key = f"logd:checkpoint:{name}"
+    assert checkpoint_redis.CheckpointUnavailable is CheckpointUnavailable
+
+    async def main() -> None:
+        async with RedisCheckpoint(redis_server.url, consumer=name) as cp:
+            for bad in ("1" + "0" * 20 + ":0", "0:" + "9" * 20, "9223372036854775808:0", "9999999999999999999:1"):
+                r.hset(key, "t", bad)  # more than 64 bits: neither side takes it for a position
+                with pytest.raises(CheckpointError, match="not OFFSET:DELTA"):
+                    await cp.commit("t", Position(5, 0))
+                with pytest.raises(CheckpointError, match="not OFFSET:DELTA"):
+                    await cp.load("t")
+                assert r.hget(key, "t") == bad.encode()
+            r.hset(key, "t", "0" * 25 + "7:0009223372036854775807")  # leading zeros are not digits that count
+            assert await cp.load("t") == Position(7, 2**63 - 1)
+            await cp.commit("t", Position(7, 5))  # lower: ignored
+            assert r.hget(key, "t") == b"0" * 25 + b"7:0009223372036854775807"
+            await cp.commit("t", Position(8, 0))
+            assert await cp.load("t") == Position(8, 0)
+        # decode_responses in the URL: the script's answer is a str, checked all the same
+        async with RedisCheckpoint(redis_server.url + "?decode_responses=true", consumer=name) as cp:
+            assert await cp.load("t") == Position(8, 0)
+            await cp.commit("t", Position(9, 1))
+            assert await cp.load("t") == Position(9, 1)
+            r.hset(key, "t", "garbage")
+            with pytest.raises(CheckpointError, match="not OFFSET:DELTA"):
+                await cp.commit("t", Position(10, 0))
+            with pytest.raises(CheckpointError, match="not OFFSET:DELTA"):
+                await cp.load("t")
+
+    try:
+        run("trio", main)
+    finally:
+        r.close()
+
+
+# ---------------------------------------------------------------- calls that hang: row locks, a silent server
+
+
+def store_threads() -> int:
+    """Threads of this process running a store's worker function right now."""
+    count = 0
+    for top in sys._current_frames().values():
+        frame: Any = top
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name == "work" and code.co_filename.endswith("_checkpoint_store.py"):
+                count += 1
+                break
+            frame = frame.f_back
+    return count
+
+
+class RowLock:
+    """Another session holding the row lock of (consumer, topic) in a transaction, so a commit waits."""
+
+    def __init__(self, conninfo: str, consumer: str, topic: str) -> None:
+        self.conninfo, self.consumer, self.topic = conninfo, consumer, topic
+        self.conn: psycopg.Connection[Any] | None = None
+
+    def take(self) -> None:
+        self.conn = psycopg.connect(self.conninfo)
+        row = self.conn.execute("SELECT 1 FROM logd_checkpoints WHERE consumer = %s AND topic = %s FOR UPDATE",
+                                (self.consumer, self.topic)).fetchone()
+        assert row is not None
+
+    def release(self) -> None:
+        if self.conn is not None:
+            self.conn.rollback()
+            self.conn.close()
+            self.conn = None
+
+    def backends(self, state: str = "") -> int:
+        """The store's sessions (application name logd-checkpoint:<consumer>), or those waiting for a lock."""
+        with psycopg.connect(self.conninfo, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                " AND (%s = '' OR wait_event_type = 'Lock')",
+                (f"logd-checkpoint:{self.consumer}", state)).fetchone()
+        return int(row[0]) if row else 0
+
+
+async def eventually(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    with anyio.fail_after(seconds):
+        while not await anyio.to_thread.run_sync(check):  # noqa: ASYNC110 - the state is in the database
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aclose_stops_running_and_queued_calls(pg_server: PostgresServer, name: str, backend: str) -> None:
+    lock = RowLock(pg_server.conninfo, name, "t")
+    errors: dict[str, str] = {}
+
+    async def main() -> None:
+        a_done = anyio.Event()
+        async with PostgresCheckpoint(pg_server.conninfo, consumer=name) as warm:
+            await warm.commit("t", Position(1, 0))
+        await anyio.to_thread.run_sync(lock.take)
+        cp = PostgresCheckpoint(pg_server.conninfo, consumer=name, timeout=30)
+
+        async def commit(tag: str, pos: Position) -> None:
+            try:
+                await cp.commit("t", pos)
+                errors[tag] = "no error"
+            except CheckpointError as exc:
+                errors[tag] = str(exc)
+            if tag == "A":
+                a_done.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(commit, "A", Position(2, 0))
+                await eventually(lambda: lock.backends("lock") == 1)  # A waits for the row lock
+                tg.start_soon(commit, "B", Position(3, 0))  # B queues behind A
+                for _ in range(20):
+                    await anyio.lowlevel.checkpoint()
+                with anyio.fail_after(2):
+                    await cp.aclose()
+                    await a_done.wait()  # stopped, not left to wait 30 s for the lock
+        finally:
+            await anyio.to_thread.run_sync(lock.release)
+        # no connection of the closed store is left, and none was opened for B
+        await eventually(lambda: lock.backends() == 0)
+
+    run(backend, main)
+    assert errors["A"].endswith("is closed") and errors["B"].endswith("is closed"), errors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_abandoned_call_does_not_hold_the_next_one(pg_server: PostgresServer, name: str, backend: str) -> None:
+    lock = RowLock(pg_server.conninfo, name, "t")
+    # the server would cancel the stuck statement only after 20 s: the store does not override it
+    patient = pg_server.conninfo + " options='-c statement_timeout=20000'"
+
+    async def main() -> None:
+        async with PostgresCheckpoint(pg_server.conninfo, consumer=name) as warm:
+            await warm.commit("t", Position(1, 0))
+        await anyio.to_thread.run_sync(lock.take)
+        try:
+            async with PostgresCheckpoint(patient, consumer=name, timeout=10) as cp:
+                with anyio.move_on_after(0.3) as scope:  # a cancelled caller
+                    await cp.commit("t", Position(2, 0))
+                assert scope.cancelled_caught
+                with anyio.fail_after(3):  # the next calls run on a new connection, not behind the stuck one
+                    assert await cp.load("t") == Position(1, 0)
+                    await cp.commit("u", Position(4, 0))
+                    assert await cp.load("u") == Position(4, 0)
+                await eventually(lambda: store_threads() == 0, 3)  # the stuck thread was woken, the lock is held
+            async with PostgresCheckpoint(patient, consumer=name, timeout=0.5) as cp:
+                with pytest.raises(CheckpointUnavailable, match=r"did not answer within 0\.5 s"):  # a timeout
+                    await cp.commit("t", Position(3, 0))
+                with anyio.fail_after(3):
+                    assert await cp.load("u") == Position(4, 0)
+                await eventually(lambda: store_threads() == 0, 3)
+        finally:
+            await anyio.to_thread.run_sync(lock.release)
+
+    run(backend, main)
+
+
+def test_postgres_statement_timeout_of_the_conninfo_is_kept(pg_server: PostgresServer, name: str) -> None:
+    lock = RowLock(pg_server.conninfo, name, "t")
+    quick = pg_server.conninfo + " options='-c statement_timeout=300'"
+
+    async def main() -> None:
+        async with PostgresCheckpoint(pg_server.conninfo, consumer=name) as warm:
+            await warm.commit("t", Position(1, 0))
+        await anyio.to_thread.run_sync(lock.take)
+        try:
+            async with PostgresCheckpoint(quick, consumer=name, timeout=10) as cp:
+                start = time.monotonic()
+                with pytest.raises(CheckpointUnavailable, match="statement timeout"):
+                    await cp.commit("t", Position(2, 0))
+                assert time.monotonic() - start < 3  # the server cancelled it after 0.3 s, not after 10 s
+                assert await cp.load("t") == Position(1, 0)  # the same connection goes on
+        finally:
+            await anyio.to_thread.run_sync(lock.release)
+
+    run("trio", main)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_silent_postgres_leaves_no_thread_behind(own_pg: PostgresServer, backend: str) -> None:
+    async def main() -> None:
+        async with PostgresCheckpoint(own_pg.conninfo, consumer="etl", timeout=0.5) as cp:
+            await cp.commit("t", Position(1, 0))
+            own_pg.pause()
+            try:
+                for _ in range(6):
+                    with pytest.raises(CheckpointUnavailable):
+                        with anyio.fail_after(1.5):
+                            await cp.commit("t", Position(2, 0))
+                    assert store_threads() <= MAX_STUCK + 1  # bounded the same under Trio and asyncio
+                await eventually(lambda: store_threads() == 0, 8)
+                # calls arriving one after the other, each queued behind the one before
+                most = 0
+
+                async def caller() -> None:
+                    with pytest.raises(CheckpointUnavailable):
+                        await cp.commit("t", Position(3, 0))
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(6):
+                        tg.start_soon(caller)
+                        for _ in range(3):  # sampled while they come and go: a bound, not a timing
+                            await anyio.sleep(0.05)
+                            most = max(most, store_threads())
+                assert most <= MAX_STUCK + 1
+                # all woken or timed out (libpq's connect_timeout) while the server is still silent
+                await eventually(lambda: store_threads() == 0, 8)
+                assert cp.stuck_calls == 0
+            finally:
+                own_pg.resume()
+            with anyio.fail_after(10):
+                while True:
+                    try:
+                        assert await cp.load("t") in (Position(1, 0), Position(2, 0))
+                        break
+                    except CheckpointUnavailable:
+                        await anyio.sleep(0.1)
+
+    run(backend, main)
+
+
+def test_harness_only_trusts_its_own_server(pg_server: PostgresServer, redis_server: RedisServer) -> None:
+    # a server that took the chosen port meanwhile is not mistaken for the one being started
+    assert pg_server._ready() and redis_server._ready()
+    other_pg, other_redis = PostgresServer(), RedisServer()
+    try:
+        other_pg.port, other_redis.port = pg_server.port, redis_server.port
+        assert not other_pg._ready()
+        assert not other_redis._ready()
+    finally:
+        other_pg.close()
+        other_redis.close()
+    assert not other_pg.dir.exists() and not other_redis.dir.exists()
+
+
+def test_harness_cleans_up_after_a_failed_initdb(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = Path(tempfile.mkdtemp(prefix="logd-fake-pg-", dir="/tmp"))  # reachable for nobody when run as root
+    try:
+        fake.chmod(0o755)
+        (fake / "initdb").write_text("#!/bin/sh\necho cannot create the cluster\nexit 3\n")
+        (fake / "initdb").chmod(0o755)
+        monkeypatch.setenv("LOGD_PG_BIN", str(fake))
+        before = set(Path(tempfile.gettempdir()).glob("logd-postgres-*")) | set(Path("/tmp").glob("logd-postgres-*"))
+        with pytest.raises(RuntimeError, match=r"initdb failed:\n.*cannot create the cluster"):
+            PostgresServer()
+        after = set(Path(tempfile.gettempdir()).glob("logd-postgres-*")) | set(Path("/tmp").glob("logd-postgres-*"))
+        assert after <= before  # its temporary directory is gone
+    finally:
+        shutil.rmtree(fake, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- a database that goes away
 
 
@@ -391,7 +667,7 @@ def test_silent_database_times_out_then_recovers(kind: str, request: pytest.Fixt
             try:
                 for _ in range(3):  # each call gives up on its own: no queue behind a stuck call
                     await bounded(2.0)(lambda: cp.commit("t", Position(200, 0)))
-                with pytest.raises(CheckpointError, match=r"did not answer within 0\.5 s"):
+                with pytest.raises(CheckpointUnavailable, match=r"did not answer within 0\.5 s|not answering"):
                     await cp.load("t")
                 async with make("billing", timeout=30) as patient:  # a cancelled caller is not held either
                     start = time.monotonic()

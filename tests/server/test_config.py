@@ -90,3 +90,13 @@ def test_cli_serve_port_in_use_is_one_line(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, ["serve", "--host", f"127.0.0.1:{port}", "--workdir", str(tmp_path)])
     assert result.exit_code == 1
     assert "Address already in use" in result.output and "Traceback" not in result.output
+
+
+def test_max_connections_per_ip() -> None:
+    assert ServerConfig().max_connections_per_ip == 256
+    assert load_config(env={"LOGD_MAX_CONNECTIONS_PER_IP": "0"}).max_connections_per_ip == 0  # 0: no cap
+    assert load_config(flags={"max_connections_per_ip": 3}, env={}).max_connections_per_ip == 3
+    with pytest.raises(ConfigError, match="max_connections_per_ip"):
+        load_config(flags={"max_connections_per_ip": -1}, env={})
+    result = CliRunner().invoke(app, ["serve", "--help"])
+    assert "--max-connections-per-ip" in result.output

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from logd_trio.server.app import serve
 from logd_trio.server.config import ConfigError, ServerConfig, load_config
 from logd_trio.server.histogram import Histogram
+from logd_trio.server.http import MAX_REQUESTS
 
 from ..harness import make_config, spawn
 from ..wire import Wire, batch_request
@@ -264,6 +265,47 @@ async def test_health_ready_and_http_basics(nursery: trio.Nursery, tmp_path: Pat
         assert (await http.get("/healthz")).status_code == 200
 
 
+async def _raw(srv: Server, request: bytes) -> bytes:
+    """Send ``request`` on a fresh connection; everything the server sends until it closes."""
+    host, port = srv.http.removeprefix("http://").rsplit(":", 1)
+    s = await trio.open_tcp_stream(host, int(port))
+    await s.send_all(request)
+    got = b""
+    with trio.fail_after(10):
+        while chunk := await s.receive_some(4096):
+            got += chunk
+    await s.aclose()
+    return got
+
+
+async def test_hostile_requests_cost_one_connection_never_the_server(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await start(nursery, make_config(tmp_path / "d", http_host="127.0.0.1:0"))
+    # A target urlsplit cannot parse: 400, and both the monitoring and the logd port go on.
+    for target in (b"//[x", b"http://[/"):
+        got = await _raw(srv, b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 400 "), got
+    # An error reply to HEAD is sent without a body (h11 refuses one), not dropped.
+    got = await _raw(srv, b"HEAD /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 70000\r\n\r\n" + b"x" * 70000)
+    assert got.startswith(b"HTTP/1.1 413 ") and got.endswith(b"\r\n\r\n"), got[:200]
+    # A header block over the limit: 431, at most one receive past MAX_HEAD.
+    got = await _raw(srv, b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"y" * 21_000 + b"\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 431 "), got[:200]
+    async with http_client(srv) as http:
+        assert (await http.get("/healthz")).status_code == 200
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(b"PING\r\n")
+    assert await w.line() == b"PONG\r\n"
+    await w.aclose()
+
+
+async def test_a_keep_alive_connection_is_closed_after_max_requests(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await start(nursery, make_config(tmp_path / "d", http_host="127.0.0.1:0"))
+    got = await _raw(srv, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n" * (MAX_REQUESTS + 5))
+    assert got.count(b"HTTP/1.1 200 ") == MAX_REQUESTS  # then "Connection: close" and the socket closes
+    last = got[got.rindex(b"HTTP/1.1 200 "):]
+    assert b"connection: close" in last.lower() and last.endswith(b"\r\n\r\nok\n")
+
+
 async def test_readyz_fails_during_shutdown_and_the_http_server_stops_with_the_server(tmp_path: Path) -> None:
     cfg = make_config(tmp_path / "d", fsync="never", http_host="127.0.0.1:0", shutdown_timeout=60.0)
     with trio.fail_after(30):
@@ -299,8 +341,8 @@ async def test_readyz_fails_during_shutdown_and_the_http_server_stops_with_the_s
 
 
 async def test_readyz_fails_until_recovery_is_done(nursery: trio.Nursery, tmp_path: Path) -> None:
-    # Hold every worker-thread token: the server's first step off the Trio thread
-    # (creating the data directory, then recovering topics) waits for one.
+    # Hold every worker-thread token: recovering topics waits for one (the data
+    # directory and its lock, before it, have a thread limiter of their own).
     limiter = trio.to_thread.current_default_thread_limiter()
     borrowers = [object() for _ in range(int(limiter.total_tokens))]
     for b in borrowers:

@@ -1,0 +1,47 @@
+"""The one step between a server-side error and the reason text a client may see.
+
+Log lines carry full paths (the operator needs them); replies must not: a client
+learns nothing useful from ``/srv/logd/data/t/1200.log`` and an attacker learns
+the layout of the host.  :func:`public_reason` keeps the message and cuts every
+path in it to its last component (``1200.log``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Final
+
+__all__ = ["public_reason", "strip_paths"]
+
+# An absolute path of two or more components, not inside a word ("I/O" stays).
+_ABSOLUTE: Final = re.compile(r"(?<![\w.~-])/(?:[^\s'\":/]+/)+([^\s'\":/]+)")
+
+
+def _names(exc: BaseException) -> list[str]:
+    """The file names of the OSErrors in ``exc``'s chain of causes."""
+    names: list[str] = []
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            for name in (e.filename, e.filename2):
+                if isinstance(name, str | bytes | os.PathLike):
+                    names.append(os.fsdecode(name))
+        e = e.__cause__ or e.__context__
+    return names
+
+
+def strip_paths(text: str, names: list[str] | None = None) -> str:
+    """``text`` with each of ``names`` and every absolute path cut to its last component."""
+    for name in sorted(names or (), key=len, reverse=True):
+        base = os.path.basename(name.rstrip("/")) or name
+        if name != base:
+            text = text.replace(name, base)
+    return _ABSOLUTE.sub(lambda m: m.group(1), text)
+
+
+def public_reason(exc: BaseException) -> str:
+    """``str(exc)`` fit for an ``ERR`` reply: no directory names of the server."""
+    return strip_paths(str(exc), _names(exc))
