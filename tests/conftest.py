@@ -15,7 +15,7 @@ import trio.testing
 from logd_trio.client.client import Client, open_client
 from logd_trio.server.storage import syscalls
 
-from .harness import FAST_RETRY, LocalServer, SlowDisk, parse_delay
+from .harness import FAST_RETRY, DiskTakesNoVirtualTime, LocalServer, SlowDisk, parse_delay
 
 L = TypeVar("L", bound=syscalls.Layer)
 
@@ -80,10 +80,12 @@ async def client(server: LocalServer) -> AsyncIterator[Client]:
 
 
 @pytest.fixture
-def vclock() -> trio.testing.MockClock:
-    """Virtual time for timeout tests.  It jumps only after 50 ms of real
-    idleness (pytest-trio's autojump_clock jumps at once), so that short work the
-    server does in worker threads (topic creation) usually completes before
-    virtual time moves on.  A test whose timing must not depend on the disk
-    waits for the server's own signal instead (see ``--slow-disk``)."""
-    return trio.testing.MockClock(autojump_threshold=0.05)
+def vclock() -> Iterator[trio.testing.MockClock]:
+    """Virtual time for timeout tests.  It jumps after 50 ms of real idleness
+    (pytest-trio's autojump_clock jumps at once), so that short work the server
+    does in worker threads completes before virtual time moves on, and never
+    while a storage fsync runs: disk work takes no virtual time, so no test's
+    timing depends on the disk (see ``--slow-disk``)."""
+    clock = trio.testing.MockClock(autojump_threshold=0.05)
+    with syscalls.install(DiskTakesNoVirtualTime(clock)):
+        yield clock

@@ -3,7 +3,9 @@ server processes, and scripted peers that stand in for other servers."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import re
 import subprocess
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 
 from logd_trio.client.client import RetryPolicy
 from logd_trio.server.app import serve
@@ -148,6 +151,49 @@ class SlowDisk(syscalls.Layer):
     def fdatasync(self, fd: int) -> None:
         time.sleep(self.delay)
         self.inner.fdatasync(fd)
+
+
+class DiskTakesNoVirtualTime(syscalls.Layer):
+    """While a storage fsync/fdatasync runs (in a Trio worker thread), ``clock`` does not
+    autojump: real disk work takes no virtual time, however slow the disk.
+
+    Without it, a virtual-time test whose server fsyncs (creating a topic, shutting down)
+    sees the clock jump to the next deadline whenever an fsync outlasts the autojump
+    threshold, so its timing depends on the disk.  Calls from outside a Trio worker
+    thread (synchronous storage code) are left alone."""
+
+    def __init__(self, clock: trio.testing.MockClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.threshold = clock.autojump_threshold
+        self.busy = 0  # changed on the Trio thread only
+
+    def _pause(self) -> None:
+        self.busy += 1
+        self.clock.autojump_threshold = math.inf
+
+    def _resume(self) -> None:
+        self.busy -= 1
+        if self.busy == 0:
+            self.clock.autojump_threshold = self.threshold
+
+    def _around(self, call: Callable[[int], None], fd: int) -> None:
+        try:
+            trio.from_thread.run_sync(self._pause)
+        except RuntimeError:  # not a Trio worker thread, or the run is over
+            call(fd)
+            return
+        try:
+            call(fd)
+        finally:
+            with contextlib.suppress(RuntimeError):
+                trio.from_thread.run_sync(self._resume)
+
+    def fsync(self, fd: int) -> None:
+        self._around(self.inner.fsync, fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self._around(self.inner.fdatasync, fd)
 
 
 # ---------------------------------------------------------------- server processes

@@ -23,11 +23,12 @@ import trio
 from logd_trio.core.errors import LogdError, NotFound, StorageError
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.histogram import Histograms
-from logd_trio.server.storage.jobs import SyncJob
+from logd_trio.server.storage.jobs import FilesGone, SyncJob
 from logd_trio.server.storage.reads import ReadPlan
+from logd_trio.server.storage.rebuild import IndexSuspect
 from logd_trio.server.storage.space import FreeSpace
 from logd_trio.server.storage.topic_log import TopicLog
-from logd_trio.server.storage.verify import VerifyJob
+from logd_trio.server.verifier import Verifier
 
 __all__ = ["Append", "Topic"]
 
@@ -36,11 +37,7 @@ log = logging.getLogger("logd_trio.server.topic")
 # How many appends may queue for one topic before senders wait (backpressure).
 # Each holds at most one max-size batch, so this bounds memory per topic.
 INBOX_SIZE = 64
-# Background scrub: bytes verified per worker-thread call (paced to --scrub-rate).
-SCRUB_CHUNK = 4 * 1024 * 1024
-# Reads verify up to this many unchecked bytes on the Trio thread (cheaper than a thread hop).
-INLINE_VERIFY_BYTES = 256 * 1024
-# Rounds of verify-then-plan-again a read may take (one unless retention or new data interferes).
+# Rounds of verify-then-plan-again a read may take (one, two after an index rebuild).
 _VERIFY_ROUNDS = 4
 
 
@@ -81,6 +78,7 @@ class Topic:
         self._next_error_log = 0.0
         self._errors_unlogged = 0
         self._space = FreeSpace(Path(config.workdir) / name, config.min_free_space)
+        self.verifier = Verifier(name, tlog, config.scrub_rate)
         self.histograms = Histograms()  # the server's own replace it (Registry)
 
     @classmethod
@@ -141,52 +139,14 @@ class Topic:
         for _ in range(_VERIFY_ROUNDS):
             if offset >= self.visible_head:
                 raise NotFound(offset)
-            plan = self.log.read_plan(offset, limit, end=self.visible_head)
-            if not plan.checks:
-                return plan
             try:
-                job = self.log.verify_job(plan.checks)
-            finally:
-                plan.close()
-            if job.size <= INLINE_VERIFY_BYTES:
-                try:
-                    job.run()
-                except OSError as e:
-                    raise StorageError(f"topic {self.name}: cannot read for verification: {e.strerror}") from e
-                self.log.apply_verification(job)
-            else:
-                await self._run_verify(job)
+                plan = self.log.read_plan(offset, limit, end=self.visible_head)
+                if not plan.checks:
+                    return plan
+                await self.verifier.check(plan)
+            except IndexSuspect as e:  # the log and its index disagree: rebuild it, plan again
+                await self.verifier.rebuild(e)
         raise StorageError(f"topic {self.name}: could not verify the read at {offset}")
-
-    async def _run_verify(self, job: VerifyJob) -> None:
-        try:
-            await trio.to_thread.run_sync(job.run)
-        except OSError as e:
-            raise StorageError(f"topic {self.name}: cannot read for verification: {e.strerror}") from e
-        finally:
-            job.close()
-        self.log.apply_verification(job)
-
-    async def _scrubber(self) -> None:
-        """Verify, at ``scrub_rate`` bytes/s, the frames an earlier process left and the index vouched for."""
-        rate = self.config.scrub_rate
-        total = self.log.unverified_bytes
-        if rate <= 0 or not total:
-            return
-        log.info("topic %s: verifying %d bytes written before this start (scrub at %d bytes/s)",
-                 self.name, total, rate)
-        t0 = trio.current_time()
-        try:
-            while (job := self.log.scrub_job(SCRUB_CHUNK)) is not None:
-                await self._run_verify(job)
-                if not job.checked:  # the index could not place the range: leave it to the reads
-                    log.warning("topic %s: scrub stopped: cannot locate unverified frames", self.name)
-                    return
-                await trio.sleep(job.nbytes / rate)
-        except (StorageError, OSError) as e:
-            log.error("topic %s: scrub stopped: %s (reads still verify what they touch)", self.name, e)
-            return
-        log.info("topic %s: scrub done: %d bytes verified in %.1fs", self.name, total, trio.current_time() - t0)
 
     async def wait_for_data(self, offset: int) -> None:
         """Return once the acknowledged head moves past ``offset`` (caller bounds the wait)."""
@@ -212,7 +172,7 @@ class Topic:
                     nursery.start_soon(self._syncer_always)
                 elif mode == "interval":
                     nursery.start_soon(self._syncer_interval)
-                nursery.start_soon(self._scrubber)
+                nursery.start_soon(self.verifier.scrub)
                 nursery.start_soon(self._remover)
                 task_status.started()
                 async for item in self._recv:
@@ -322,8 +282,14 @@ class Topic:
         t0 = time.perf_counter()
         try:
             await trio.to_thread.run_sync(job.run)
+            self.log.check_linked(job)
         except OSError as e:
             self._fail_stop(f"fsync failed: {e.strerror or e}")
+            return
+        except FilesGone as e:  # never acknowledge into a file that is gone
+            log.critical("topic %s: DATA FILE REMOVED OR REPLACED UNDER THE SERVER: %s; the batches written "
+                         "to it since the last fsync are not acknowledged", self.name, e.path)
+            self._fail_stop(str(e))
             return
         self.histograms.fsync_latency.observe(time.perf_counter() - t0)
         covered = self._ack_upto(job.upto)
@@ -385,6 +351,7 @@ class Topic:
                 job = self.log.sync_job(final=True)
                 if job is not None:
                     await trio.to_thread.run_sync(job.run, abandon_on_cancel=True)
+                    self.log.check_linked(job)
                 self._ack_upto(self.log.head)
                 await self._remove()
             except (OSError, StorageError) as e:

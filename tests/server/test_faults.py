@@ -29,6 +29,7 @@ from logd_trio.core.framing import parse_frame_header
 from logd_trio.server.config import ConfigError, ServerConfig, load_config
 from logd_trio.server.storage import space, syscalls
 from logd_trio.server.storage.partition import Ranges
+from logd_trio.server.storage.rebuild import IndexSuspect
 from logd_trio.server.storage.topic_log import TopicLog
 
 from ..harness import ServerProcess, make_config, spawn, start_server
@@ -254,9 +255,10 @@ async def test_scrub_finds_corruption_before_any_read(
     await srv.stop()
 
 
-def test_stale_index_records_do_not_serve_wrong_bytes(tmp_path: Path) -> None:
-    """An index whose middle records are wrong (sampling at open cannot see it): verification
-    withholds those batches instead of sending misaligned bytes."""
+def test_wrong_index_record_is_rebuilt_from_the_log(tmp_path: Path) -> None:
+    """An index whose middle record is wrong (sampling at open cannot see it) while the log is
+    intact: verification finds the disagreement, the index is rebuilt from the log, and every
+    batch is served with its own bytes; nothing is copied aside (the log is not damaged)."""
     root = tmp_path / "d"
     offs, frames = fill_topic(root, "x", 200, psize=6000)
     d = root / "x"
@@ -270,16 +272,24 @@ def test_stale_index_records_do_not_serve_wrong_bytes(tmp_path: Path) -> None:
     try:
         job = tl.verify_job([(s0, 0, offs[n] - s0)])
         job.run()
-        tl.apply_verification(job)
-        assert [(a, b) for _, a, b, _ in job.bad] == [(offs[mid] - s0, offs[mid + 2] - s0)]
+        with pytest.raises(IndexSuspect) as ei:
+            tl.apply_verification(job)
+        rebuild = tl.rebuild_job(ei.value.start, ei.value.generation)
+        assert rebuild is not None and ei.value.start == s0
+        rebuild.run()
+        tl.apply_rebuild(rebuild)
         for k in range(n):
-            try:
-                with tl.read_plan(offs[k], 1) as plan:
-                    assert plan.checks == []
-                    data = b"".join(os.pread(fd, ln, pos) for fd, pos, ln in plan.segments)
-                assert data == frames[k], k
-            except Exception as e:  # the two batches the bad record straddles
-                assert k in (mid, mid + 1), (k, e)
+            with tl.read_plan(offs[k], 1) as plan:
+                assert plan.checks == []  # the rebuild's scan verified the partition
+                data = b"".join(os.pread(fd, ln, pos) for fd, pos, ln in plan.segments)
+            assert data == frames[k], k
+        assert not list(d.glob("*.corrupt-*"))
+    finally:
+        tl.close()
+    tl = TopicLog.open(root, "x", partition_size=6000, partitions=10_000)  # the rebuilt index is on disk
+    try:
+        with tl.read_plan(offs[mid], 1) as plan:
+            assert b"".join(os.pread(fd, ln, pos) for fd, pos, ln in plan.segments) == frames[mid]
     finally:
         tl.close()
 
@@ -895,3 +905,118 @@ def test_limit_settings_parse_validate_and_reach_the_cli(monkeypatch: pytest.Mon
                                       "--scrub-rate", "1MiB"])
     assert result.exit_code == 0, result.output
     assert (seen[0].min_free_space, seen[0].max_waiters, seen[0].scrub_rate) == (64 << 20, 3, 1 << 20)
+
+
+# ---------------------------------------------------------------- index damage, files removed under the server
+
+
+async def read_all_acked(w: Wire, topic: str, acked: dict[int, bytes]) -> dict[int, bytes]:
+    """Each acknowledged offset read on its own: what the server answers for it."""
+    got: dict[int, bytes] = {}
+    for off in sorted(acked):
+        reply, frames = await read_one(w, topic, off)
+        got[off] = frames[0] if reply.startswith(b"OK ") and frames else reply
+    return got
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "removed"])
+async def test_index_damaged_under_a_running_server(nursery: trio.Nursery, tmp_path: Path, damage: str) -> None:
+    """A sealed partition's index truncated, zeroed or removed while the server runs (a server
+    process: a SIGBUS would kill pytest too): reads of that partition are answered from the
+    log (the index is rebuilt), the server stays up, nothing is called corruption."""
+    root = tmp_path / "d"
+    offs, frames = fill_topic(root, "ix", 120, psize=3000)
+    d = root / "ix"
+    starts = partitions_of(d)
+    assert len(starts) >= 4
+    srv = await spawn(nursery, root, "--scrub-rate", "0", "--partition-size", "3000", "--partitions", "1000")
+    w = await Wire.connect(srv.host, srv.port)
+    victim = starts[1]
+    inside = [k for k, o in enumerate(offs) if victim <= o < starts[2]]
+    _, got = await read_one(w, "ix", offs[inside[0]])  # verified once, through the index
+    assert got == [frames[inside[0]]]
+    idx = d / f"{victim}.index"
+    if damage == "truncated":
+        os.truncate(idx, 16)
+    elif damage == "zeroed":
+        idx.write_bytes(b"\0" * idx.stat().st_size)
+    else:
+        idx.unlink()
+    acked = {offs[k]: frames[k] for k in inside}
+    assert await read_all_acked(w, "ix", acked) == acked
+    _, got = await read_one(w, "ix", victim, 50_000)  # a long read across the partition
+    assert got == [frames[k] for k, o in enumerate(offs) if o >= victim][: len(got)] and len(got) > len(inside)
+    await w.send(b"PING\r\n")
+    assert await w.reply() == b"PONG\r\n"
+    assert srv.proc.returncode is None
+    assert b"CORRUPTION" not in srv.log and not list(d.glob("*.corrupt-*"))
+    srv.proc.send_signal(signal.SIGTERM)
+    with trio.fail_after(10):
+        assert await srv.proc.wait() == 0
+
+
+async def test_index_record_off_by_one_after_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """One index record off by one byte in two sealed partitions (records a restart's sampling
+    does not look at), the .log intact, restart: every acknowledged batch is readable and
+    nothing is copied aside."""
+    root = tmp_path / "d"
+    cfg = make_config(root, partition_size=4000, partitions=1000, scrub_rate=0)
+    srv = await start_server(nursery, cfg)
+    w = await Wire.connect(srv.host, srv.port)
+    rng = random.Random(4)
+    acked: dict[int, bytes] = {}
+    for i in range(150):
+        req = batch_request("ob", [b"%d " % i + rng.randbytes(rng.randrange(20, 200))])
+        await w.send(req)
+        line = await w.reply()
+        acked[int(line.split()[1])] = req
+    await srv.stop()
+    d = root / "ob"
+    starts = partitions_of(d)
+    assert len(starts) >= 3
+    for start in starts[:2]:
+        raw = bytearray((d / f"{start}.index").read_bytes())
+        n = len(raw) // 16
+        sampled = {0, n - 1, *(n * j // 8 for j in range(1, 8))}  # the records a restart checks
+        mid = next(k for k in range(n // 2, n) if k not in sampled and k + 1 not in sampled)
+        end = int.from_bytes(raw[mid * 16 : mid * 16 + 8], "little")
+        raw[mid * 16 : mid * 16 + 8] = (end + 1).to_bytes(8, "little")
+        (d / f"{start}.index").write_bytes(bytes(raw))
+    srv = await start_server(nursery, cfg)
+    w = await Wire.connect(srv.host, srv.port)
+    assert await read_all_acked(w, "ob", acked) == acked
+    assert not list(d.glob("*.corrupt-*"))
+    await srv.stop()
+
+
+@pytest.mark.parametrize("removal", ["data-dir", "head-partition"])
+async def test_files_removed_under_the_server_are_never_acknowledged_into(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture, removal: str
+) -> None:
+    """``rm -rf`` of the data directory, or an unlinked head partition, while the server runs
+    (--fsync always): the next BATCH is refused with a clear ERR (no path in it), a loud log line
+    names the file, and the topic stays read-only: no batch is acknowledged into a file that is gone."""
+    root = tmp_path / "d"
+    srv = await start_server(nursery, make_config(root, fsync="always"))
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(batch_request("rm", [b"before"]))
+    assert await w.reply() == b"OK 0 1\r\n"
+    if removal == "data-dir":
+        import shutil
+
+        shutil.rmtree(root)
+    else:
+        (root / "rm" / "0.log").unlink()
+    await w.send(batch_request("rm", [b"into the void"]))
+    reply = await w.reply()
+    assert reply.startswith(b"ERR storage error: partition file 0.log was removed or replaced"), reply
+    assert str(root).encode() not in reply
+    for _ in range(3):
+        await w.send(batch_request("rm", [b"later"]))
+        assert b"read-only" in await w.reply()
+    assert any(r.levelno == logging.CRITICAL and "REMOVED OR REPLACED" in r.getMessage()
+               and str(root / "rm" / "0.log") in r.getMessage() for r in caplog.records)
+    await w.send(b"READ rm 0 10\r\n")  # what was acknowledged before is still served (open fds)
+    _, frames = await w.read_reply()
+    assert frames == [batch_request("rm", [b"before"])]
+    await srv.stop()

@@ -19,7 +19,7 @@ from logd_trio.core.framing import build_body, build_frame
 from logd_trio.server.storage import recovery, syscalls
 from logd_trio.server.storage.files import list_topics
 from logd_trio.server.storage.index import REC_SIZE, PartitionIndex
-from logd_trio.server.storage.reads import ReadPlan
+from logd_trio.server.storage.reads import CorruptData, ReadPlan
 from logd_trio.server.storage.recovery import Recovery
 from logd_trio.server.storage.topic_log import TopicLog
 
@@ -482,17 +482,25 @@ def test_corruption_in_middle_is_copied_aside(
     lpath.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
         tl = open_log(tmp_path, partition_size=10**6)
-    assert tl.head == bad
-    assert read_all(tl) == b"".join(frames[:4])
+    # The damaged batch is withheld; the valid ones after it stay (they were acknowledged).
+    assert tl.head == len(data)
+    assert read_all(tl) == b"".join(frames[:4])  # a read stops before the damage
+    with pytest.raises(CorruptData):
+        tl.read_plan(bad, 1)
+    with tl.read_plan(offs[5], 10**6) as plan:
+        assert plan_bytes(plan) == b"".join(frames[5:])
     copies = list((tmp_path / TOPIC).glob("0.log.corrupt-*"))
     assert len(copies) == 1 and copies[0].name.startswith(f"0.log.corrupt-{bad}-")
-    assert copies[0].read_bytes() == bytes(data[bad:])
+    assert copies[0].read_bytes() == bytes(data[bad : offs[5]])
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and str(copies[0]) in errors[0] and str(len(data) - bad) in errors[0]
-    assert tl.append(frames[4], 3) == bad
+    assert len(errors) == 1 and str(copies[0]) in errors[0]
+    assert tl.append(frames[4], 3) == len(data)
     tl.close()
     tl = open_log(tmp_path, partition_size=10**6)  # the copy is not a stray warning nor a partition
-    assert tl.head == bad + len(frames[4])
+    assert tl.head == len(data) + len(frames[4])
+    assert len(list((tmp_path / TOPIC).glob("0.log.corrupt-*"))) == 1  # not copied twice
+    with pytest.raises(CorruptData):
+        tl.read_plan(bad, 1)
     tl.close()
 
 

@@ -12,19 +12,20 @@ files are never read, written or deleted):
 Cumulative counts make ``READ``'s "add batches while the message sum is below
 the limit" a search instead of a walk.  Lookups ``pread`` single records
 (binary / galloping search), so memory does not grow with the number of
-indexed batches.  Records not yet written to the file live in ``pending`` (a
-``bytearray`` in the same format) and are written with one ``pwrite`` at
-flush time.
+indexed batches, and a damaged file costs a rebuild, never a crash.
+Records not yet written to the file live in ``pending`` (a ``bytearray`` in
+the same format) and are written with one ``pwrite`` at flush time.
 
 The index is a cache: it is never trusted blindly.  :func:`validate` checks
 it against the ``.log`` before use, and the caller rescans whatever it does
-not cover.
+not cover; frames trusted through it are verified before they are served,
+and any disagreement with the ``.log`` rebuilds it from the ``.log``
+(:mod:`logd_trio.server.storage.rebuild`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import struct
 
@@ -32,7 +33,7 @@ from logd_trio.core.errors import InvalidBatchError, StorageError
 from logd_trio.core.framing import parse_frame_header
 from logd_trio.server.storage.syscalls import current
 
-__all__ = ["PENDING_FLUSH", "REC", "REC_SIZE", "PartitionIndex", "validate"]
+__all__ = ["PENDING_FLUSH", "REC", "REC_SIZE", "IndexDamaged", "PartitionIndex", "validate"]
 
 # Pending records are written to the page cache once they reach this size.
 PENDING_FLUSH = 64 * 1024
@@ -44,23 +45,29 @@ _SAMPLES = 8
 _MAX_HINTS = 256
 
 
+class IndexDamaged(StorageError):
+    """An index file no longer holds the records it held (truncated or replaced under the
+    server): the partition's index must be rebuilt from its log."""
+
+
 class PartitionIndex:
     """The records of one partition: ``n_file`` in the index file, then ``pending``.
 
-    A sealed partition's records are read through a read-only ``mmap``
-    (:meth:`seal`); the head's through ``pread``.
+    Records are read with ``pread`` (never through a mapping: a file truncated
+    under the server must cost a rebuild, not a SIGBUS).  While ``frozen``
+    (a rebuild is running) flushes keep the records pending.
     """
 
-    __slots__ = ("fd", "file_end", "hints", "mm", "mm_n", "n_file", "pending", "synced_n")
+    __slots__ = ("fd", "file_cum", "file_end", "frozen", "hints", "n_file", "pending", "synced_n")
 
     def __init__(self, fd: int, n_file: int) -> None:
         self.fd = fd
-        self.mm: mmap.mmap | None = None
-        self.mm_n = 0  # records readable through mm
         self.pending = bytearray()  # records not yet written to the file
         self.n_file = 0
         self.file_end = 0
+        self.file_cum = 0
         self.synced_n = 0
+        self.frozen = False
         # position -> index of the batch starting there, remembered from recent read plans so that
         # a follower asking for "where my last read ended" costs no search
         self.hints: dict[int, int] = {}
@@ -69,19 +76,10 @@ class PartitionIndex:
     def reset(self, n_file: int) -> None:
         """Declare the first ``n_file`` records of the file valid (recovery)."""
         self.n_file = self.synced_n = n_file  # records in the file / covered by a captured fsync
-        self.file_end = self.entry(n_file - 1)[0]  # end position of the last record in the file
-
-    def seal(self) -> None:
-        """Map the file read-only for lookups (the partition will not grow any more)."""
-        if self.mm is None and self.n_file > 0:
-            self.mm = mmap.mmap(self.fd, self.n_file * REC_SIZE, access=mmap.ACCESS_READ)
-            self.mm_n = self.n_file
+        # end position and cum of the last record in the file, kept in memory
+        self.file_end, self.file_cum = self.entry(n_file - 1)
 
     def close(self) -> None:
-        if self.mm is not None:
-            self.mm.close()
-            self.mm = None
-            self.mm_n = 0
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
@@ -92,21 +90,32 @@ class PartitionIndex:
         self.pending += REC.pack(end, cum)
 
     def entry(self, i: int) -> tuple[int, int]:
-        """``(end_i, cum_i)``; ``(0, 0)`` for ``i == -1``."""
+        """``(end_i, cum_i)``; ``(0, 0)`` for ``i == -1``.  Raises :class:`IndexDamaged`
+        (or OSError) if the file lost the record."""
         if i < 0:
             return 0, 0
-        if i < self.mm_n:
-            assert self.mm is not None
-            end, cum = REC.unpack_from(self.mm, i * REC_SIZE)
-            return int(end), int(cum)
         if i >= self.n_file:
             end, cum = REC.unpack_from(self.pending, (i - self.n_file) * REC_SIZE)
             return int(end), int(cum)
         raw = os.pread(self.fd, REC_SIZE, i * REC_SIZE)
         if len(raw) != REC_SIZE:
-            raise StorageError(f"index file shrank under us (record {i})")
+            raise IndexDamaged(f"index file shrank under the server (record {i} of {self.n_file})")
         end, cum = REC.unpack(raw)
         return int(end), int(cum)
+
+    def adopt(self, fd: int, n_file: int, end: int, cum: int, delta: int) -> None:
+        """Switch to a rebuilt file of ``n_file`` records ending at ``(end, cum)``; the
+        pending records' counts move by ``delta`` (the old file's count was wrong)."""
+        old, self.fd = self.fd, fd
+        with contextlib.suppress(OSError):
+            os.close(old)
+        if delta:
+            recs = [REC.unpack_from(self.pending, k) for k in range(0, len(self.pending), REC_SIZE)]
+            self.pending = bytearray(b"".join(REC.pack(e, c + delta) for e, c in recs))
+        self.n_file, self.synced_n = n_file, 0
+        self.file_end, self.file_cum = end, cum
+        self.hints.clear()
+        self.frozen = False
 
     def flush(self) -> None:
         """Write pending records to the file (page cache only).  Raises OSError.
@@ -114,7 +123,7 @@ class PartitionIndex:
         On failure the file is cut back to ``n_file`` records and the records
         stay pending, so nothing is lost and a later flush retries.
         """
-        if not self.pending:
+        if not self.pending or self.frozen:
             return
         data = bytes(self.pending)
         pos = self.n_file * REC_SIZE
@@ -130,7 +139,7 @@ class PartitionIndex:
                 os.ftruncate(self.fd, pos)
             raise
         self.n_file += len(data) // REC_SIZE
-        self.file_end = REC.unpack_from(data, len(data) - REC_SIZE)[0]
+        self.file_end, self.file_cum = REC.unpack_from(data, len(data) - REC_SIZE)
         del self.pending[:]
 
     def find_start(self, pos: int) -> int:

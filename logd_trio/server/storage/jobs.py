@@ -8,14 +8,16 @@ thread while the log keeps appending, rotating and planning reads.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
+from logd_trio.core.errors import StorageError
 from logd_trio.server.storage.files import close_quietly, remove_files
 from logd_trio.server.storage.partition import Partition
 from logd_trio.server.storage.syscalls import current
 
-__all__ = ["RemoveJob", "SyncJob"]
+__all__ = ["FilesGone", "RemoveJob", "SyncJob"]
 
 
 class SyncJob:
@@ -25,12 +27,14 @@ class SyncJob:
     assumes the previous jobs have completed.
     """
 
-    __slots__ = ("_data_fds", "_dir_fd", "_done", "_index_fds", "_on_done", "upto")
+    __slots__ = ("_data_fds", "_dir_fd", "_done", "_index_fds", "_on_done", "_paths", "unlinked", "upto")
 
-    def __init__(self, upto: int, data_fds: list[int], index_fds: list[int], dir_fd: int | None,
-                 on_done: Callable[[int], None]) -> None:
+    def __init__(self, upto: int, data_fds: list[int], paths: list[Path], index_fds: list[int],
+                 dir_fd: int | None, on_done: Callable[[int], None]) -> None:
         self.upto = upto
         self._data_fds = data_fds
+        self._paths = paths  # of the data fds: checked to be still theirs
+        self.unlinked: list[Path] = []
         self._index_fds = index_fds
         self._dir_fd = dir_fd
         self._on_done: Callable[[int], None] | None = on_done
@@ -44,7 +48,10 @@ class SyncJob:
 
         Raises the :class:`OSError` if a sync fails (the dups are closed
         anyway); the covered batches are then not durable (on Linux a failed
-        fsync cannot be meaningfully retried).  A second call does nothing.
+        fsync cannot be meaningfully retried).  ``unlinked`` then lists the
+        synced partition files whose path no longer names them (removed or
+        replaced: what was written there is not where a restart will look).
+        A second call does nothing.
         """
         if self._done:
             return
@@ -57,6 +64,8 @@ class SyncJob:
                 sys.fdatasync(fd)
             if self._dir_fd is not None:
                 sys.fsync(self._dir_fd)
+            self.unlinked = [path for fd, path in zip(self._data_fds, self._paths, strict=True)
+                             if not _linked(fd, path)]
         finally:
             close_quietly(self._fds())
         on_done, self._on_done = self._on_done, None
@@ -69,6 +78,26 @@ class SyncJob:
             self._done = True
             self._on_done = None
             close_quietly(self._fds())
+
+
+class FilesGone(StorageError):
+    """A partition file was removed or replaced under the server (``path``: where it was)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"partition file {path.name} was removed or replaced under the server")
+        self.path = path
+
+
+def _linked(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    st = os.fstat(fd)
+    if st.st_nlink == 0:
+        return False
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 class RemoveJob:

@@ -63,7 +63,7 @@ class Ranges:
 class Partition:
     """``<start>.log`` (open read-write as ``fd``) and its index."""
 
-    __slots__ = ("bad", "cum", "fd", "idx", "size", "start", "synced_size", "vend", "verified")
+    __slots__ = ("bad", "cum", "fd", "generation", "idx", "size", "start", "synced_size", "vend", "verified")
 
     def __init__(self, start: int, fd: int, idx: PartitionIndex, size: int, cum: int) -> None:
         self.start = start
@@ -76,7 +76,8 @@ class Partition:
         # they are verified (CRC + framing) before being served; ``verified`` holds what was.
         self.vend = 0
         self.verified = Ranges()
-        self.bad = Ranges()  # batches that failed verification: never served
+        self.bad = Ranges()  # bytes that are not valid batches (found by a rebuild): never served
+        self.generation = 0  # bumped when the index is rebuilt
 
     @classmethod
     def create(cls, directory: Path, start: int, file_mode: int) -> Partition:

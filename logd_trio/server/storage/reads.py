@@ -12,7 +12,9 @@ from types import TracebackType
 
 from logd_trio.core.errors import NotFound, StorageError
 from logd_trio.server.storage.files import close_quietly
+from logd_trio.server.storage.index import IndexDamaged
 from logd_trio.server.storage.partition import Partition
+from logd_trio.server.storage.rebuild import IndexSuspect, frame_at
 from logd_trio.server.storage.syscalls import current
 
 __all__ = ["CorruptData", "ReadPlan", "plan_read"]
@@ -65,8 +67,17 @@ def plan_read(parts: Sequence[Partition], j: int, offset: int, limit: int, stop:
     batch failed verification, :class:`StorageError` on an I/O error.
     """
     p = parts[j]
-    i = p.idx.find_start(offset - p.start)
+    try:
+        i = p.idx.find_start(offset - p.start)
+    except IndexDamaged as e:
+        raise IndexSuspect(p.start, p.generation, str(e)) from e
     if i < 0:
+        pos = offset - p.start
+        if p.bad.first_overlap(pos, pos + 1) is not None:
+            raise CorruptData(f"topic {topic}: batch at offset {offset} is corrupt")
+        if pos < p.vend and p.verified.missing(pos, pos + 1) and frame_at(p.fd, pos, p.size)[0]:
+            # a valid batch the (not yet verified) index does not know: the index is wrong
+            raise IndexSuspect(p.start, p.generation, f"no record for the batch at position {pos}")
         raise NotFound(f"offset {offset} is not the start of a batch")
     plan = ReadPlan(offset)
     remaining = max(limit, 1)
@@ -96,6 +107,8 @@ def plan_read(parts: Sequence[Partition], j: int, offset: int, limit: int, stop:
             if b_end < p.vend:  # written by an earlier process and not verified yet
                 for a, b in p.verified.missing(b_end, min(e_end, p.vend)):
                     plan.checks.append((p.start, a, b))
+            if not b_end < e_end <= p.size or e_cum <= base:  # a record the log contradicts
+                raise IndexSuspect(p.start, p.generation, f"record {k} is out of bounds")
             p.idx.hint(e_end, k + 1)
             plan.segments.append((dup(p.fd), b_end, e_end - b_end))
             plan.nbatches += k - i + 1
@@ -111,6 +124,9 @@ def plan_read(parts: Sequence[Partition], j: int, offset: int, limit: int, stop:
             if nxt.start != p.end or nxt.size == 0:
                 break  # a gap left by recovery: stop here
             p, i = nxt, 0
+    except IndexDamaged as e:
+        plan.close()
+        raise IndexSuspect(p.start, p.generation, str(e)) from e
     except OSError as e:
         plan.close()
         raise StorageError(f"topic {topic}: cannot plan read: {e.strerror or type(e).__name__}") from e

@@ -32,6 +32,7 @@ from logd_trio.server.storage.files import (
 )
 from logd_trio.server.storage.index import PENDING_FLUSH, REC_SIZE, PartitionIndex, validate
 from logd_trio.server.storage.partition import Partition
+from logd_trio.server.storage.rebuild import damaged_end, next_frame
 from logd_trio.server.storage.syscalls import current
 
 __all__ = ["Recovery"]
@@ -138,6 +139,23 @@ class Recovery:
         idx.reset(n_rec)
         scanned = len(idx)
         good, cum = self._scan(fd, idx, end, stop, cum)
+        if good == end > 0 and good < stop:
+            # No valid frame where the index says one starts: the index is wrong, not the log.
+            self.log.warning("topic %s: index of %s points at no valid frame (position %d); rescanning "
+                             "the whole partition", self.topic, lpath, end)
+            os.ftruncate(ifd, 0)
+            idx.reset(0)
+            scanned = end = 0
+            good, cum = self._scan(fd, idx, 0, stop, 0)
+        bad: list[tuple[int, int]] = []
+        while good < stop and next_frame(fd, good, stop) < stop:
+            # damage followed by valid frames: keep them, withhold only the damaged bytes
+            nxt = damaged_end(fd, good, stop)
+            self._damaged(fd, start, good, nxt)
+            bad.append((good, nxt))
+            cum += 1  # a placeholder record for the damaged range
+            idx.add(nxt, cum)
+            good, cum = self._scan(fd, idx, nxt, stop, cum)
         if good < fsize:
             self._cut(fd, start, good, fsize, torn_ok=head)
         rebuilt = len(idx) - scanned
@@ -146,6 +164,8 @@ class Recovery:
             current().fdatasync(ifd)  # a sealed partition's rebuilt index: make the next open fast
             idx.synced_n = idx.n_file
         p = Partition(start, fd, idx, good, cum)
+        for a, b in bad:
+            p.bad.add(a, b)
         p.vend = min(end, good)  # trusted through the index, not checked: verified before it is served
         if rebuilt > 1000:
             self.log.info("topic %s: %s: %d batches rescanned", self.topic, lpath, rebuilt)
@@ -187,46 +207,29 @@ class Recovery:
             idx.add(base + i, cum)
         return base + i, cum
 
-    def _valid_frame_after(self, fd: int, pos: int, fsize: int) -> bool:
-        """Whether any valid frame starts in ``(pos, fsize)``."""
-        at = pos + 1
-        while at < fsize:
-            chunk = os.pread(fd, SCAN_CHUNK, at)
-            if not chunk:
-                return False
-            j = chunk.find(b"BATCH ")
-            while j >= 0:
-                if _frame_at(fd, at + j, fsize):
-                    return True
-                j = chunk.find(b"BATCH ", j + 1)
-            at += max(1, len(chunk) - 5)
-        return False
+    def _damaged(self, fd: int, start: int, a: int, b: int) -> None:
+        """Bytes ``[a, b)`` of a partition are not valid batches, valid ones follow: copy them aside, log it."""
+        copy = copy_aside(self.dir, start, fd, a, b, self.file_mode, reuse=True)
+        self.log.error(
+            "topic %s: CORRUPTION in %s at positions %d..%d (offsets [%d, %d)): not valid batches, "
+            "valid ones follow; they are not served (ERR corrupt data); copied them to %s",
+            self.topic, log_path(self.dir, start), a, b, start + a, start + b, copy,
+        )
 
     def _cut(self, fd: int, start: int, good: int, fsize: int, *, torn_ok: bool) -> None:
         """Remove ``[good, fsize)`` from a partition: a torn tail, or corruption copied aside first."""
         lpath = log_path(self.dir, start)
         n = fsize - good
-        if torn_ok and not self._valid_frame_after(fd, good, fsize):
+        if torn_ok:  # (no valid frame follows: see the caller)
             self.log.warning("topic %s: %s: truncating torn tail at position %d (%d bytes)",
                              self.topic, lpath, good, n)
         else:
             copy = copy_aside(self.dir, start, fd, good, fsize, self.file_mode)
             self.log.error(
-                "topic %s: CORRUPTION in %s at position %d (offset %d): %d bytes from there to the end "
-                "are not a clean torn tail (bad bytes followed by more data); copied them to %s "
+                "topic %s: CORRUPTION in %s at position %d (offset %d): the %d bytes from there to the "
+                "end are not valid batches, and a sealed partition has no torn tail; copied them to %s "
                 "and truncated the partition",
                 self.topic, lpath, good, start + good, n, copy,
             )
         os.ftruncate(fd, good)
         current().fsync(fd)
-
-
-def _frame_at(fd: int, pos: int, fsize: int) -> bool:
-    """Whether a valid frame starts at ``pos`` of the file and ends by ``fsize``."""
-    try:
-        h = parse_frame_header(os.pread(fd, 4096, pos))
-    except InvalidBatchError:
-        return False
-    if h is None or pos + h.frame_len > fsize:
-        return False
-    return check_frame(os.pread(fd, h.frame_len, pos)) is not None

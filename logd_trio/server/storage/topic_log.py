@@ -31,12 +31,13 @@ from types import TracebackType
 
 from logd_trio.core.errors import NotFound, StorageError
 from logd_trio.core.framing import valid_topic
-from logd_trio.server.storage import verify
-from logd_trio.server.storage.files import close_quietly, open_topic_dir, write_all
-from logd_trio.server.storage.index import PENDING_FLUSH, REC_SIZE
-from logd_trio.server.storage.jobs import RemoveJob, SyncJob
+from logd_trio.server.storage import rebuild, verify
+from logd_trio.server.storage.files import close_quietly, log_path, open_topic_dir, write_all
+from logd_trio.server.storage.index import PENDING_FLUSH, REC_SIZE, IndexDamaged
+from logd_trio.server.storage.jobs import FilesGone, RemoveJob, SyncJob
 from logd_trio.server.storage.partition import Partition
 from logd_trio.server.storage.reads import ReadPlan, plan_read
+from logd_trio.server.storage.rebuild import IndexSuspect, RebuildJob
 from logd_trio.server.storage.recovery import Recovery
 from logd_trio.server.storage.syscalls import current
 from logd_trio.server.storage.verify import VerifyJob
@@ -105,22 +106,12 @@ class TopicLog:
             tl.close_without_sync()
             raise
         tl._dir_dirty = rec.dir_dirty
-        for p in tl._parts[:-1]:
-            tl._seal(p)
         tl.head = tl._parts[-1].end
         tl.first = tl._parts[0].start
         tl.acked = tl.head  # what an earlier process left counts as acknowledged
         return tl
 
     # ------------------------------------------------------------------ writing
-
-    def _seal(self, p: Partition) -> None:
-        if p.idx.pending:
-            return  # the index write failed: keep using pread + pending
-        try:
-            p.idx.seal()
-        except (OSError, ValueError) as e:  # lookups fall back to pread
-            self._log.warning("topic %s: cannot map index of partition %d: %s", self.topic, p.start, e)
 
     def _flush_index(self, p: Partition) -> None:
         try:
@@ -173,7 +164,6 @@ class TopicLog:
         self._truncate_head()
         old = self._parts[-1]
         self._flush_index(old)
-        self._seal(old)
         start = self.head
         try:
             p = Partition.create(self._dir, start, self._file_mode)
@@ -269,13 +259,23 @@ class TopicLog:
         for p in index:
             p.idx.synced_n = p.idx.n_file
         self._dir_dirty = False
-        return SyncJob(self.head, data_fds, index_fds, dir_fd, self._synced)
+        paths = [log_path(self._dir, p.start) for p in data]
+        return SyncJob(self.head, data_fds, paths, index_fds, dir_fd, self._synced)
+
+    def check_linked(self, job: SyncJob) -> None:
+        """Raise :class:`FilesGone` if a file ``job`` synced was removed or replaced under the
+        server while this log still holds it (retention's own removals do not count)."""
+        live = {log_path(self._dir, p.start) for p in self._parts}
+        for path in job.unlinked:
+            if path in live:
+                raise FilesGone(path)
 
     def sync(self) -> None:
         """Blocking: capture and run a final job, if there is anything to sync."""
         job = self.sync_job(final=True)
         if job is not None:
             job.run()
+            self.check_linked(job)
 
     # ------------------------------------------------------------------ reading
 
@@ -306,8 +306,13 @@ class TopicLog:
         return None
 
     def verify_job(self, checks: Sequence[tuple[int, int, int]]) -> VerifyJob:
-        """A job checking ``checks`` (``ReadPlan.checks``: batch-aligned ranges); run it anywhere."""
-        return verify.verify_job(self.topic, self._dir, self._file_mode, self._part_at, checks)
+        """A job checking ``checks`` (``ReadPlan.checks``: batch-aligned ranges); run it anywhere.
+        Raises :class:`IndexSuspect` if an index file was damaged under the server."""
+        try:
+            return verify.verify_job(self.topic, self._dir, self._file_mode, self._part_at, checks)
+        except IndexDamaged as e:
+            p = self._part_at(checks[0][0]) if checks else None
+            raise IndexSuspect(checks[0][0], -1 if p is None else p.generation, str(e)) from e
 
     def scrub_job(self, max_bytes: int) -> VerifyJob | None:
         """The next unverified range (about ``max_bytes``, newest partition first), or None when done."""
@@ -320,8 +325,37 @@ class TopicLog:
         return sum(b - a for p in self._parts for a, b in p.unverified())
 
     def apply_verification(self, job: VerifyJob) -> None:
-        """Record a finished job's result (owning thread): verified ranges, bad batches (logged loudly)."""
-        verify.apply(job, self._part_at, self._dir, self._log)
+        """Record a finished job's verified ranges (owning thread).  Raises :class:`IndexSuspect`
+        if a batch disagreed with its index record: rebuild that index, then plan again."""
+        verify.apply(job, self._part_at)
+        for start in job.suspect:
+            p = self._part_at(start)
+            if p is not None:
+                raise IndexSuspect(start, p.generation, "a batch disagrees with its index record")
+
+    def rebuild_job(self, start: int, generation: int) -> RebuildJob | None:
+        """A job rebuilding partition ``start``'s index from its log (None: gone, or rebuilt since
+        ``generation``, or being rebuilt).  Run it anywhere; then :meth:`apply_rebuild`."""
+        p = self._part_at(start)
+        if p is None or p.idx.frozen or (generation >= 0 and p.generation != generation):
+            return None
+        try:
+            fd = current().dup(p.fd)
+            try:
+                old_fd = current().dup(p.idx.fd)
+            except OSError:
+                os.close(fd)
+                raise
+        except OSError as e:
+            raise StorageError(f"topic {self.topic}: cannot rebuild an index: {_why(e)}") from e
+        p.idx.frozen = True  # new records stay pending until the rebuilt file is in place
+        self._log.warning("topic %s: index of partition %d disagrees with its log; rebuilding it",
+                          self.topic, start)
+        return RebuildJob(p, fd, old_fd, self._dir, self._file_mode, self.topic)
+
+    def apply_rebuild(self, job: RebuildJob) -> None:
+        """Swap a finished rebuild in (owning thread); the partition's reads are verified by it."""
+        rebuild.apply(job, self._part_at(job.start), self._dir, self._log)
 
     # ------------------------------------------------------------------ closing
 

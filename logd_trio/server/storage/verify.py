@@ -9,15 +9,14 @@ owning thread builds a :class:`VerifyJob` (:func:`verify_job`), anything may
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from logd_trio.core.errors import StorageError
 from logd_trio.core.framing import check_frame
-from logd_trio.server.storage.files import close_quietly, copy_aside, log_path
-from logd_trio.server.storage.index import REC, REC_SIZE
+from logd_trio.server.storage.files import close_quietly
+from logd_trio.server.storage.index import REC, REC_SIZE, IndexDamaged
 from logd_trio.server.storage.partition import Partition
 from logd_trio.server.storage.syscalls import current
 
@@ -34,11 +33,12 @@ class VerifyJob:
     """Checks stored batches against their CRC, framing and index record, off the owning thread.
 
     :meth:`run` is blocking and thread-safe (it owns dup'ed fds and copies of
-    the index records).  Bad batches are copied aside
-    (``<start>.log.corrupt-<pos>-<time>``) by ``run``.
+    the index records).  A batch that fails makes its partition ``suspect``:
+    the caller rebuilds that index from the log (:mod:`.rebuild`), which finds
+    out whether the log or the index is wrong.
     """
 
-    __slots__ = ("_closed", "_dir", "_file_mode", "_parts", "bad", "checked", "nbytes", "topic")
+    __slots__ = ("_closed", "_dir", "_file_mode", "_parts", "checked", "nbytes", "suspect", "topic")
 
     def __init__(self, topic: str, directory: Path, file_mode: int, parts: list[_Part]) -> None:
         self.topic = topic
@@ -48,7 +48,7 @@ class VerifyJob:
         self._closed = False
         self.nbytes = 0  # bytes read by run()
         self.checked: list[tuple[int, int, int]] = []  # (start, a, b): checked by run()
-        self.bad: list[tuple[int, int, int, str]] = []  # (start, a, b, where the bytes were copied)
+        self.suspect: list[int] = []  # partitions whose log and index disagree: rebuild them
 
     @property
     def size(self) -> int:
@@ -56,7 +56,7 @@ class VerifyJob:
         return sum(REC.unpack_from(r, len(r) - REC_SIZE)[0] - pos for _, _, pos, _, r in self._parts if r)
 
     def run(self) -> None:
-        """Verify every batch; copy bad ones aside.  Raises OSError only if the log cannot be read."""
+        """Verify every batch.  Raises OSError only if the log cannot be read."""
         try:
             for start, fd, pos, cum, records in self._parts:
                 self._run_part(start, fd, pos, cum, records)
@@ -68,7 +68,6 @@ class VerifyJob:
         topic = self.topic.encode("ascii")
         n = len(records) // REC_SIZE
         i = 0
-        bad_a = -1
         while i < n:
             # one chunk: consecutive batches up to VERIFY_CHUNK bytes (at least one batch)
             j = i
@@ -85,25 +84,14 @@ class VerifyJob:
             for k in range(i, j):
                 end, c = REC.unpack_from(records, k * REC_SIZE)
                 h = check_frame(buf, pos - base, end - base) if c > cum else None
-                ok = h is not None and h.frame_len == end - pos and h.count == c - cum and h.topic == topic
-                if not ok and bad_a < 0:
-                    bad_a = pos
-                elif ok and bad_a >= 0:
-                    self._bad(start, bad_a, pos, fd)
-                    bad_a = -1
+                if h is None or h.frame_len != end - pos or h.count != c - cum or h.topic != topic:
+                    # The log or its index is wrong here: a rebuild from the log tells which.
+                    self.suspect.append(start)
+                    self.checked.append((start, first, pos))
+                    return
                 pos, cum = end, c
             i = j
-        if bad_a >= 0:
-            self._bad(start, bad_a, pos, fd)
         self.checked.append((start, first, pos))
-
-    def _bad(self, start: int, a: int, b: int, fd: int) -> None:
-        where = "(not copied)"
-        try:
-            where = str(copy_aside(self._dir, start, fd, a, b, self._file_mode, reuse=True))
-        except OSError as e:
-            where = f"(copy failed: {e})"
-        self.bad.append((start, a, b, where))
 
     def close(self) -> None:
         """Close the dup'ed fds (``run`` does it too).  Idempotent."""
@@ -112,7 +100,7 @@ class VerifyJob:
             close_quietly([fd for _, fd, _, _, _ in self._parts])
 
 
-def _records(p: Partition, i: int, k: int) -> bytes:
+def records(p: Partition, i: int, k: int) -> bytes:
     """Raw index records ``i..k`` of ``p`` (file part with one pread, then pending)."""
     idx = p.idx
     out = b""
@@ -120,7 +108,7 @@ def _records(p: Partition, i: int, k: int) -> bytes:
         top = min(k + 1, idx.n_file)
         out = os.pread(idx.fd, (top - i) * REC_SIZE, i * REC_SIZE)
         if len(out) != (top - i) * REC_SIZE:
-            raise StorageError(f"index of partition {p.start} shrank")
+            raise IndexDamaged(f"index of partition {p.start} shrank under the server")
         i = top
     if i <= k:
         out += bytes(idx.pending[(i - idx.n_file) * REC_SIZE : (k + 1 - idx.n_file) * REC_SIZE])
@@ -144,8 +132,7 @@ def verify_job(topic: str, directory: Path, file_mode: int, part_at: Callable[[i
             k = p.idx.last_end_at_most(b)
             if i < 0 or k < i:
                 continue
-            records = _records(p, i, k)
-            parts.append((start, sys.dup(p.fd), a, p.idx.entry(i - 1)[1], records))
+            parts.append((start, sys.dup(p.fd), a, p.idx.entry(i - 1)[1], records(p, i, k)))
     except OSError as e:
         close_quietly([fd for _, fd, _, _, _ in parts])
         raise StorageError(f"topic {topic}: cannot verify: {e}") from e
@@ -166,19 +153,8 @@ def scrub_range(parts: Sequence[Partition], max_bytes: int) -> tuple[int, int, i
     return None
 
 
-def apply(job: VerifyJob, part_at: Callable[[int], Partition | None], directory: Path,
-          log: logging.Logger) -> None:
-    """Record a finished job's result (owning thread): verified ranges, bad batches (logged loudly)."""
-    for start, a, b, where in job.bad:
-        p = part_at(start)
-        if p is None:
-            continue
-        p.bad.add(a, b)
-        log.error(
-            "topic %s: CORRUPTION in %s: the batches at offsets [%d, %d) (positions %d..%d) fail their "
-            "CRC/framing check; they are not served (ERR corrupt data); their bytes were copied to %s",
-            job.topic, log_path(directory, start), start + a, start + b, a, b, where,
-        )
+def apply(job: VerifyJob, part_at: Callable[[int], Partition | None]) -> None:
+    """Record a finished job's verified ranges (owning thread)."""
     for start, a, b in job.checked:
         p = part_at(start)
         if p is not None:
