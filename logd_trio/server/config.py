@@ -19,7 +19,8 @@ from typing import Any, Final
 
 from logd_trio.core.errors import LogdError
 
-__all__ = ["FSYNC_MODES", "ConfigError", "ServerConfig", "format_duration", "load_config", "parse_duration"]
+__all__ = ["FSYNC_MODES", "ConfigError", "ServerConfig", "format_duration", "join_host_port", "load_config",
+           "parse_duration"]
 
 FSYNC_MODES: Final = ("always", "interval", "never")
 MIB: Final = 1024 * 1024
@@ -75,6 +76,11 @@ def format_duration(seconds: float) -> str:
     if m:
         return f"{int(m)}m{s_text}s"
     return f"{s_text}s"
+
+
+def join_host_port(host: str, port: int) -> str:
+    """``HOST:PORT``, with an IPv6 address in brackets (``[::1]:1774``), as ``--host`` takes it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _positive(name: str, value: int) -> None:

@@ -24,7 +24,7 @@ from typing import Final, Protocol
 
 import trio
 
-from logd_trio.server.limits import REFUSING_MAX, Admission
+from logd_trio.server.limits import REFUSING_MAX, Admission, Throttled, open_null
 from logd_trio.server.stats import Counters
 
 __all__ = ["Listener", "Served", "exposed_addresses"]
@@ -58,35 +58,6 @@ class Served(Protocol):
 Factory = Callable[[trio.SocketStream, Callable[[Served], None]], Served]
 
 
-class _Throttled:
-    """A log line at most once per ``period``; it says how many were held back."""
-
-    def __init__(self, level: int, period: float = REPORT_EVERY) -> None:
-        self.level = level
-        self.period = period
-        self._next = -float("inf")
-        self._held = 0
-
-    def __call__(self, msg: str, *args: object) -> None:
-        now = trio.current_time()
-        if now < self._next:
-            self._held += 1
-            return
-        if self._held:
-            msg += " (%d more like it since the last report)"
-            args = (*args, self._held)
-        log.log(self.level, msg, *args)
-        self._next = now + self.period
-        self._held = 0
-
-
-def _open_spare() -> int | None:
-    try:
-        return os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-
-
 def _peer(sock: trio.socket.SocketType) -> str:
     try:
         return str(sock.getpeername()[0])
@@ -116,9 +87,9 @@ class Listener:
         self.counters = counters
         self._factory = factory
         self._refusing = 0
-        self._spare = _open_spare()
-        self._report_refused = _Throttled(logging.WARNING)
-        self._report_no_fds = _Throttled(logging.ERROR)
+        self._spare = open_null()
+        self._report_refused = Throttled(log, logging.WARNING, REPORT_EVERY)
+        self._report_no_fds = Throttled(log, logging.ERROR, REPORT_EVERY)
 
     async def serve(self, handlers: trio.Nursery) -> None:
         """Accept until cancelled; connections run in ``handlers``."""
@@ -146,6 +117,7 @@ class Listener:
                     continue
                 conn = got
             backoff = BACKOFF_MIN
+            self._keep_spare()
             self._admit(conn, handlers)
 
     def _admit(self, conn: trio.socket.SocketType, handlers: trio.Nursery) -> None:
@@ -180,7 +152,7 @@ class Listener:
             if e.errno not in CAPACITY_ERRNOS:
                 raise
         if self._spare is None:
-            self._spare = _open_spare()
+            self._keep_spare()
             return False
         os.close(self._spare)
         self._spare = None
@@ -195,8 +167,14 @@ class Listener:
                 raise
             return False
         finally:  # the slot the client took is free again: make it the spare
-            self._spare = _open_spare()
+            self._keep_spare()
         return True
+
+    def _keep_spare(self) -> None:
+        """Hold the spare descriptor again if it was given up or lost (never a second one: the
+        accept loops share it)."""
+        if self._spare is None:
+            self._spare = open_null()
 
     @staticmethod
     def _refuse_now(conn: trio.socket.SocketType) -> None:

@@ -23,6 +23,7 @@ import trio
 from logd_trio.core.errors import LogdError, NotFound, StorageError
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.histogram import Histograms
+from logd_trio.server.limits import TopicFds
 from logd_trio.server.storage.jobs import SyncJob
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.storage.space import FreeSpace
@@ -82,6 +83,7 @@ class Topic:
         self._errors_unlogged = 0
         self._space = FreeSpace(Path(config.workdir) / name, config.min_free_space)
         self.histograms = Histograms()  # the server's own replace it (Registry)
+        self.fds = TopicFds()  # for its fsyncs and READ plans; the server's own replaces it (Registry)
 
     @classmethod
     def open(cls, root: Path, name: str, config: ServerConfig) -> Topic:
@@ -141,9 +143,9 @@ class Topic:
         for _ in range(_VERIFY_ROUNDS):
             if offset >= self.visible_head:
                 raise NotFound(offset)
-            plan = self.log.read_plan(offset, limit, end=self.visible_head)
+            plan = self.log.read_plan(offset, limit, self.visible_head, self.fds.max_partitions())
             if not plan.checks:
-                return plan
+                return self.fds.hold(plan)
             try:
                 job = self.log.verify_job(plan.checks)
             finally:
@@ -308,12 +310,10 @@ class Topic:
             return
         self._batches_since_sync = 0
         try:
-            job: SyncJob | None = self.log.sync_job()
-        except StorageError as e:
-            # Nothing was synced or lost (e.g. EMFILE while duplicating fds):
-            # try again shortly; the batches stay unanswered meanwhile.
-            log.error("topic %s: cannot start an fsync, retrying: %s", self.name, e)
-            await trio.sleep(0.1)
+            with self.fds.for_sync():  # the job's duplicates take the reserve's slots
+                job: SyncJob | None = self.log.sync_job()
+        except StorageError as e:  # nothing synced or lost (e.g. EMFILE): retry; the batches wait
+            await self.fds.sync_retry(self.name, e)
             self._dirty.set()
             return
         if job is None:
@@ -321,7 +321,7 @@ class Topic:
             return
         t0 = time.perf_counter()
         try:
-            await trio.to_thread.run_sync(job.run)
+            await trio.to_thread.run_sync(self.fds.run_job, job)  # then the reserve takes its slots back
         except OSError as e:
             self._fail_stop(f"fsync failed: {e.strerror or e}")
             return
