@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from logd_trio.server import limits
 from logd_trio.server.app import serve
-from logd_trio.server.limits import Admission, fd_budget, is_loopback
+from logd_trio.server.limits import Admission, fd_budget, is_loopback, raise_fd_limit
 from logd_trio.server.listener import exposed_addresses
 from logd_trio.server.lock import LOCK_NAME, DataDirLocked
 
@@ -447,3 +448,29 @@ async def test_loopback_start_logs_version_and_no_exposure_warning(
     await w.send(b"STATS\r\n")
     assert f"\r\nversion: {__version__}\r\n".encode() in b"\r\n" + await w.reply()
     await srv.stop()
+
+
+def test_raising_the_limit_falls_back_where_unlimited_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS: with an unlimited hard limit, setrlimit to it fails (the kernel caps open files lower):
+    the server asks for a bounded limit instead of keeping the low soft one."""
+    import resource
+
+    state = {"soft": 256}
+
+    def getrlimit(which: int) -> tuple[int, int]:
+        return state["soft"], resource.RLIM_INFINITY
+
+    def setrlimit(which: int, value: tuple[int, int]) -> None:
+        if value[0] == resource.RLIM_INFINITY or value[0] > limits.FALLBACK_LIMIT:
+            raise ValueError("current limit exceeds maximum limit")
+        state["soft"] = value[0]
+
+    monkeypatch.setattr(resource, "getrlimit", getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    assert raise_fd_limit() == limits.FALLBACK_LIMIT  # the old code stayed at 256
+
+
+def test_budget_counts_the_monitoring_connections() -> None:
+    plain = fd_budget(1024, max_connections=1024, topics=8, partitions=8)
+    http = fd_budget(1024, max_connections=1024, topics=8, partitions=8, http_connections=64)
+    assert http.reserve == plain.reserve + 64 and http.max_connections == plain.max_connections - 32
