@@ -5,7 +5,9 @@ runs out of descriptors (EMFILE/ENFILE): it logs a traceback and retries every
 0.1 s while the waiting clients hang.  Here the loop keeps one spare descriptor:
 when accept fails for lack of descriptors it frees the spare, accepts the
 waiting client, answers ``ERR too many connections`` and closes it, so clients
-get an answer instead of a hang; the condition is logged once per
+get an answer instead of a hang (the spare is held again after every accept
+that succeeds, so one lost is not lost for good; the accept loops share it, so
+none overwrites another's); the condition is logged once per
 :data:`REPORT_EVERY` seconds, without a traceback.  The connection caps of
 :class:`~logd_trio.server.limits.Admission` normally keep the process well
 away from that point.
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ from typing import Final, Protocol
 
 import trio
 
-from logd_trio.server.limits import REFUSING_MAX, Admission, Throttled, open_null
+from logd_trio.server.limits import REFUSING_MAX, Admission, Throttled, is_loopback, open_null
 from logd_trio.server.stats import Counters
 
 __all__ = ["Listener", "Served", "exposed_addresses"]
@@ -66,15 +67,9 @@ def _peer(sock: trio.socket.SocketType) -> str:
 
 
 def exposed_addresses(addresses: Iterable[str]) -> list[str]:
-    """The addresses among ``addresses`` that are not loopback (reachable from other hosts)."""
-    out = []
-    for a in addresses:
-        try:
-            if not ipaddress.ip_address(a.split("%", 1)[0]).is_loopback:
-                out.append(a)
-        except ValueError:  # not an IP address: say so rather than guess
-            out.append(a)
-    return out
+    """The addresses among ``addresses`` that are not loopback (reachable from other hosts; a name
+    that is not an IP address is counted among them rather than guessed)."""
+    return [a for a in addresses if not is_loopback(a)]
 
 
 class Listener:
