@@ -82,8 +82,8 @@ async def test_a_client_that_never_reads_does_not_hold_the_shutdown(
 
 
 async def _send_at(w: Wire, data: bytes, rate: int) -> None:
-    """Send ``data`` at ``rate`` bytes per (virtual) second, in 8 KiB pieces."""
-    piece = 8 * 1024
+    """Send ``data`` at ``rate`` bytes per (virtual) second, in 64 KiB pieces."""
+    piece = 64 * 1024
     for i in range(0, len(data), piece):
         await w.send(data[i : i + piece])
         await trio.sleep(piece / rate)
