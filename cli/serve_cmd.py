@@ -43,7 +43,8 @@ def serve(
         help="Comma-separated topics allowed (empty: any).")] = None,
     max_messages: Annotated[int | None, typer.Option(help="Maximum messages per READ/TAIL. Default: 50000.")] = None,
     timeout: Annotated[str | None, typer.Option(
-        help="Time allowed to receive the rest of a request or to send a reply. Default: 15s.")] = None,
+        help="Time allowed to receive the rest of a request (plus 1s per 64KiB of it) or for each step of "
+             "sending a reply. Default: 15s.")] = None,
     idle_timeout: Annotated[str | None, typer.Option(
         help="Close connections idle this long; 0 disables. Default: 30s.")] = None,
     shutdown_timeout: Annotated[str | None, typer.Option(
@@ -53,7 +54,8 @@ def serve(
              "limit cannot afford it). Default: 1024.")] = None,
     max_connections_per_ip: Annotated[int | None, typer.Option(
         help="Connections from one client address beyond this get 'ERR too many connections'; 0: no cap "
-             "(behind a proxy every client has the proxy's address). Default: 256.")] = None,
+             "(behind a proxy every client has the proxy's address); loopback clients are exempt. "
+             "Default: 256.")] = None,
     max_wait: Annotated[str | None, typer.Option(help="Cap on a long-poll READ's wait. Default: 30s.")] = None,
     pipeline_depth: Annotated[int | None, typer.Option(
         help="Requests in flight per connection before the server stops reading it. Default: 128.")] = None,

@@ -209,12 +209,18 @@ class ServerProcess:
         self.log = log
 
 
-async def spawn(nursery: trio.Nursery, workdir: Path, *args: str,
-                preexec_fn: Callable[[], None] | None = None) -> ServerProcess:
+def with_ulimit(ulimit: str, cmd: list[str]) -> list[str]:
+    """``cmd`` run after ``ulimit <ulimit>`` (e.g. ``-n 200``) in a shell: limits set between fork
+    and exec without a preexec_fn, which is not safe in a process with threads."""
+    return ["sh", "-c", f'ulimit {ulimit} && exec "$0" "$@"', *cmd]
+
+
+async def spawn(nursery: trio.Nursery, workdir: Path, *args: str, ulimit: str | None = None) -> ServerProcess:
     cmd = [sys.executable, "-m", "logd_trio_cli.main", "serve", "--host", "127.0.0.1:0",
            "--workdir", str(workdir), *args]
-    proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                            preexec_fn=preexec_fn)
+    if ulimit is not None:
+        cmd = with_ulimit(ulimit, cmd)
+    proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     assert proc.stderr is not None
     log = bytearray()
     found = trio.Event()

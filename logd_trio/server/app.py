@@ -31,8 +31,9 @@ from pathlib import Path
 import trio
 
 from logd_trio._version import __version__
-from logd_trio.server.config import ServerConfig
+from logd_trio.server.config import ServerConfig, join_host_port
 from logd_trio.server.connection import Connection
+from logd_trio.server.http import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from logd_trio.server.limits import Admission, fd_budget, raise_fd_limit
 from logd_trio.server.listener import Listener, Served, exposed_addresses
 from logd_trio.server.lock import DataDirLock
@@ -118,7 +119,8 @@ async def _serve_connections(
     task_status: trio.TaskStatus[tuple[str, int]],
 ) -> None:
     budget = fd_budget(fd_limit, max_connections=config.max_connections,
-                       topics=max(config.topics, len(registry.topics)), partitions=config.partitions)
+                       topics=max(config.topics, len(registry.topics)), partitions=config.partitions,
+                       http_connections=HTTP_MAX_CONNECTIONS if config.http_address is not None else 0)
     if budget.shortfall:
         log.warning("open-file limit %d: %d topics of %d partitions could need %d descriptors more than that; "
                     "at most %d connections; raise `ulimit -n` or lower --partitions/--topics", budget.limit,
@@ -141,12 +143,12 @@ async def _serve_connections(
         return Connection(stream, registry, stats.requests, stats.counters, on_close)
 
     listener = Listener(listeners, admission, stats.counters, connection)
-    stats.listening(f"{first[0]}:{first[1]}", admission.__len__)
+    stats.listening(join_host_port(*first), admission.__len__)
     try:
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as accept:
                 accept.start_soon(listener.serve, handlers)
-                log.info("listening on %s:%d, data in %s, fsync=%s", first[0], first[1], _absolute(registry.root),
+                log.info("listening on %s, data in %s, fsync=%s", join_host_port(*first), _absolute(registry.root),
                          _fsync_text(config))
                 registry.accepting = True
                 task_status.started(first)

@@ -21,7 +21,8 @@ from logd_trio.core.defaults import DEFAULT_ADDRESS, DEFAULT_MAX_BATCH_SIZE, DEF
 from logd_trio.core.durations import format_duration
 from logd_trio.core.errors import LogdError
 
-__all__ = ["FSYNC_MODES", "ConfigError", "ServerConfig", "format_duration", "load_config", "parse_duration"]
+__all__ = ["FSYNC_MODES", "ConfigError", "ServerConfig", "format_duration", "join_host_port", "load_config",
+           "parse_duration"]
 
 FSYNC_MODES: Final = ("always", "interval", "never")
 MIB: Final = 1024 * 1024
@@ -38,6 +39,11 @@ def parse_duration(value: str | float | int, *, key: str = "duration") -> float:
         return durations.parse_duration(value, key=key)
     except durations.DurationError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def join_host_port(host: str, port: int) -> str:
+    """``HOST:PORT``, with an IPv6 address in brackets (``[::1]:1774``), as ``--host`` takes it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _positive(name: str, value: int) -> None:

@@ -40,6 +40,9 @@ SENDFILE_CHUNK: Final = 1 << 20
 # and destroy the ERR reply before the peer reads it.
 LINGER_SECONDS: Final = 1.0
 LINGER_BYTES: Final = 1 << 20
+# --timeout grows with the request: each byte received adds 1/MIN_REQUEST_RATE seconds, so a large
+# BATCH sent at this rate or faster is never cut off, while a trickle still is.
+MIN_REQUEST_RATE: Final = 64 * 1024  # bytes/s
 # Once a graceful shutdown has begun, a reply may wait this long for progress (instead of
 # --timeout), so that a client that never reads does not hold the shutdown.
 DRAIN_SEND_TIMEOUT: Final = 2.0
@@ -153,8 +156,9 @@ class Connection:
         idle = self.config.idle_timeout or math.inf
         timeout = self.config.timeout or math.inf
         # --timeout bounds the time spent waiting for the bytes of one request, from its
-        # first byte to its last (not each wait alone: a trickle must not reset it).  Time
-        # the reader spends waiting for room in the pipeline does not count.
+        # first byte to its last (not each wait alone: a trickle must not reset it), plus
+        # 1/MIN_REQUEST_RATE s per byte of it received.  Time the reader spends waiting
+        # for room in the pipeline does not count.
         budget = timeout
         while True:
             while True:
@@ -180,6 +184,8 @@ class Connection:
                 n = await self.sock.recv_into(view)
             if partial:
                 budget -= trio.current_time() - started
+            if not cs.cancelled_caught:
+                budget += n / MIN_REQUEST_RATE  # the request's size buys time (reset when it is whole)
             if cs.cancelled_caught:
                 if not partial:
                     if self.inflight or self.config.idle_timeout == 0:

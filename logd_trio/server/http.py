@@ -5,21 +5,26 @@ reading a request, sending a response, and a kept-alive connection's idle
 time; connections beyond :data:`MAX_CONNECTIONS` are closed at once, and a
 connection serves at most :data:`MAX_REQUESTS` requests before it is closed (so
 keep-alive clients cannot hold every slot for good).  A failure while serving
-one connection costs that connection only.  It runs until cancelled.
+one connection costs that connection only.  When accept fails for lack of
+descriptors it backs off (as the client listener does), logging once per
+10 s without a traceback.  It runs until cancelled.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from http import HTTPStatus
 from typing import Final
 from urllib.parse import urlsplit
 
 import h11
 import trio
+
+from logd_trio.server.limits import Throttled
+from logd_trio.server.listener import BACKOFF_MAX, BACKOFF_MIN, CAPACITY_ERRNOS, REPORT_EVERY, TRANSIENT_ERRNOS
 
 __all__ = ["MAX_CONNECTIONS", "Request", "Response", "serve_http"]
 
@@ -90,10 +95,32 @@ async def serve_http(
         finally:
             active[0] -= 1
 
+    report = Throttled(log, logging.ERROR, REPORT_EVERY)
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(trio.serve_listeners, connection, listeners, handler_nursery=nursery))
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, connection, nursery, report)
         task_status.started((addr[0], addr[1]))
-        await trio.sleep_forever()
+
+
+async def _accept_loop(listener: trio.SocketListener, connection: Callable[[trio.SocketStream], Awaitable[None]],
+                       nursery: trio.Nursery, report: Throttled) -> None:
+    """Accept until cancelled; without descriptors, back off instead of failing (or spinning)."""
+    backoff = BACKOFF_MIN
+    async with listener:
+        while True:
+            try:
+                sock, _ = await listener.socket.accept()
+            except OSError as e:
+                if e.errno in TRANSIENT_ERRNOS:
+                    continue
+                if e.errno not in CAPACITY_ERRNOS:
+                    raise
+                report("monitoring: cannot accept: %s; retrying in %.2gs", os.strerror(e.errno), backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_MIN
+            nursery.start_soon(connection, trio.SocketStream(sock))
 
 
 async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None:

@@ -5,7 +5,9 @@ runs out of descriptors (EMFILE/ENFILE): it logs a traceback and retries every
 0.1 s while the waiting clients hang.  Here the loop keeps one spare descriptor:
 when accept fails for lack of descriptors it frees the spare, accepts the
 waiting client, answers ``ERR too many connections`` and closes it, so clients
-get an answer instead of a hang; the condition is logged once per
+get an answer instead of a hang (the spare is held again after every accept
+that succeeds, so one lost is not lost for good; the accept loops share it, so
+none overwrites another's); the condition is logged once per
 :data:`REPORT_EVERY` seconds, without a traceback.  The connection caps of
 :class:`~logd_trio.server.limits.Admission` normally keep the process well
 away from that point.
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ from typing import Final, Protocol
 
 import trio
 
-from logd_trio.server.limits import REFUSING_MAX, Admission
+from logd_trio.server.limits import REFUSING_MAX, Admission, Throttled, is_loopback, open_null
 from logd_trio.server.stats import Counters
 
 __all__ = ["Listener", "Served", "exposed_addresses"]
@@ -58,35 +59,6 @@ class Served(Protocol):
 Factory = Callable[[trio.SocketStream, Callable[[Served], None]], Served]
 
 
-class _Throttled:
-    """A log line at most once per ``period``; it says how many were held back."""
-
-    def __init__(self, level: int, period: float = REPORT_EVERY) -> None:
-        self.level = level
-        self.period = period
-        self._next = -float("inf")
-        self._held = 0
-
-    def __call__(self, msg: str, *args: object) -> None:
-        now = trio.current_time()
-        if now < self._next:
-            self._held += 1
-            return
-        if self._held:
-            msg += " (%d more like it since the last report)"
-            args = (*args, self._held)
-        log.log(self.level, msg, *args)
-        self._next = now + self.period
-        self._held = 0
-
-
-def _open_spare() -> int | None:
-    try:
-        return os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-
-
 def _peer(sock: trio.socket.SocketType) -> str:
     try:
         return str(sock.getpeername()[0])
@@ -95,15 +67,9 @@ def _peer(sock: trio.socket.SocketType) -> str:
 
 
 def exposed_addresses(addresses: Iterable[str]) -> list[str]:
-    """The addresses among ``addresses`` that are not loopback (reachable from other hosts)."""
-    out = []
-    for a in addresses:
-        try:
-            if not ipaddress.ip_address(a.split("%", 1)[0]).is_loopback:
-                out.append(a)
-        except ValueError:  # not an IP address: say so rather than guess
-            out.append(a)
-    return out
+    """The addresses among ``addresses`` that are not loopback (reachable from other hosts; a name
+    that is not an IP address is counted among them rather than guessed)."""
+    return [a for a in addresses if not is_loopback(a)]
 
 
 class Listener:
@@ -116,9 +82,9 @@ class Listener:
         self.counters = counters
         self._factory = factory
         self._refusing = 0
-        self._spare = _open_spare()
-        self._report_refused = _Throttled(logging.WARNING)
-        self._report_no_fds = _Throttled(logging.ERROR)
+        self._spare = open_null()
+        self._report_refused = Throttled(log, logging.WARNING, REPORT_EVERY)
+        self._report_no_fds = Throttled(log, logging.ERROR, REPORT_EVERY)
 
     async def serve(self, handlers: trio.Nursery) -> None:
         """Accept until cancelled; connections run in ``handlers``."""
@@ -146,6 +112,7 @@ class Listener:
                     continue
                 conn = got
             backoff = BACKOFF_MIN
+            self._keep_spare()
             self._admit(conn, handlers)
 
     def _admit(self, conn: trio.socket.SocketType, handlers: trio.Nursery) -> None:
@@ -180,7 +147,7 @@ class Listener:
             if e.errno not in CAPACITY_ERRNOS:
                 raise
         if self._spare is None:
-            self._spare = _open_spare()
+            self._keep_spare()
             return False
         os.close(self._spare)
         self._spare = None
@@ -195,8 +162,14 @@ class Listener:
                 raise
             return False
         finally:  # the slot the client took is free again: make it the spare
-            self._spare = _open_spare()
+            self._keep_spare()
         return True
+
+    def _keep_spare(self) -> None:
+        """Hold the spare descriptor again if it was given up or lost (never a second one: the
+        accept loops share it)."""
+        if self._spare is None:
+            self._spare = open_null()
 
     @staticmethod
     def _refuse_now(conn: trio.socket.SocketType) -> None:

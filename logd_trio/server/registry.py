@@ -14,6 +14,7 @@ import trio
 
 from logd_trio.core.errors import RequestError, StorageError
 from logd_trio.server.config import ServerConfig
+from logd_trio.server.limits import READ_POOL_FDS, SYNC_RESERVE_FDS, ReadFdPool, TopicFds
 from logd_trio.server.stats import Counters, TopicView
 from logd_trio.server.storage.files import list_topics
 from logd_trio.server.topic import Topic
@@ -35,6 +36,8 @@ class Registry:
         self._nursery = nursery
         self._creating: dict[str, trio.Event] = {}
         self._created = trio.Event()
+        # The duplicates READ plans may hold beyond their first partition, shared by every topic.
+        self.read_fds = ReadFdPool(READ_POOL_FDS)
 
     def get(self, name: str) -> Topic | None:
         return self.topics.get(name)
@@ -72,7 +75,8 @@ class Registry:
                 why = cause.strerror if isinstance(cause, OSError) and cause.strerror else "see the server log"
                 raise StorageError(f"cannot open topic {name}: {why}") from e
             topic.histograms = self.counters.histograms
-            await self._nursery.start(topic.run)
+            topic.fds = TopicFds(SYNC_RESERVE_FDS, self.read_fds)
+            await self._nursery.start(self._run, topic)  # _run closes topic.fds when the topic ends
             self.topics[name] = topic
             self._created.set()
             self._created = trio.Event()
@@ -81,6 +85,13 @@ class Registry:
         finally:
             del self._creating[name]
             event.set()
+
+    @staticmethod
+    async def _run(topic: Topic, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await topic.run(task_status=task_status)
+        finally:
+            topic.fds.close()  # the sync reserve, once the topic's last fsync is done
 
     async def open_existing(self) -> None:
         """Recover every topic on disk (and ``default``) before the listener opens."""

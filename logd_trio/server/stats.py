@@ -12,6 +12,7 @@ with their next request.
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -23,6 +24,8 @@ from logd_trio.server.config import ServerConfig, format_duration
 from logd_trio.server.histogram import Histograms
 
 __all__ = ["Counters", "Stats", "StatsRequest", "TopicView"]
+
+log = logging.getLogger("logd_trio.server.stats")
 
 # Requests waiting for the stats task; a connection that finds it full waits (backpressure).
 QUEUE_SIZE: Final = 16
@@ -166,5 +169,9 @@ class Stats:
         async with self._inbox:
             task_status.started()
             async for req in self._inbox:
-                req.reply = self.answer(req.request)
+                try:
+                    req.reply = self.answer(req.request)
+                except Exception:  # a bug must cost this request, never the server
+                    log.exception("answering %s failed", type(req.request).__name__.upper())
+                    req.reply = p.reply_err("internal error")
                 req.done.set()

@@ -23,6 +23,7 @@ import trio
 from logd_trio.core.errors import LogdError, NotFound, StorageError
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.histogram import Histograms
+from logd_trio.server.limits import TopicFds
 from logd_trio.server.storage.jobs import FilesGone, SyncJob
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.storage.rebuild import IndexSuspect
@@ -80,6 +81,7 @@ class Topic:
         self._space = FreeSpace(Path(config.workdir) / name, config.min_free_space)
         self.verifier = Verifier(name, tlog, config.scrub_rate)
         self.histograms = Histograms()  # the server's own replace it (Registry)
+        self.fds = TopicFds()  # for its fsyncs and READ plans; the server's own replaces it (Registry)
 
     @classmethod
     def open(cls, root: Path, name: str, config: ServerConfig) -> Topic:
@@ -140,9 +142,10 @@ class Topic:
             if offset >= self.visible_head:
                 raise NotFound(offset)
             try:
-                plan = self.log.read_plan(offset, limit, end=self.visible_head)
+                plan = self.log.read_plan(offset, limit, end=self.visible_head,
+                                          max_partitions=self.fds.max_partitions())
                 if not plan.checks:
-                    return plan
+                    return self.fds.hold(plan)
                 await self.verifier.check(plan)
             except IndexSuspect as e:  # the log and its index disagree: rebuild it, plan again
                 await self.verifier.rebuild(e)
@@ -268,12 +271,10 @@ class Topic:
             return
         self._batches_since_sync = 0
         try:
-            job: SyncJob | None = self.log.sync_job()
-        except StorageError as e:
-            # Nothing was synced or lost (e.g. EMFILE while duplicating fds):
-            # try again shortly; the batches stay unanswered meanwhile.
-            log.error("topic %s: cannot start an fsync, retrying: %s", self.name, e)
-            await trio.sleep(0.1)
+            with self.fds.for_sync():  # the job's duplicates take the reserve's slots
+                job: SyncJob | None = self.log.sync_job()
+        except StorageError as e:  # nothing synced or lost (e.g. EMFILE): retry; the batches wait
+            await self.fds.sync_retry(self.name, e)
             self._dirty.set()
             return
         if job is None:
@@ -281,7 +282,7 @@ class Topic:
             return
         t0 = time.perf_counter()
         try:
-            await trio.to_thread.run_sync(job.run)
+            await trio.to_thread.run_sync(self.fds.run_job, job)  # then the reserve takes its slots back
             self.log.check_linked(job)
         except OSError as e:
             self._fail_stop(f"fsync failed: {e.strerror or e}")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from logd_trio import __version__
 from logd_trio.core import requests as p
 from logd_trio.server.config import ServerConfig
-from logd_trio.server.stats import Counters, Stats, TopicView
+from logd_trio.server.stats import Counters, Stats, StatsRequest, TopicView
 
 from ..harness import make_config, start_server
 from ..wire import Wire
@@ -60,3 +61,40 @@ async def test_config_host_is_the_bound_address_and_active_follows_closes(
             if _body(await w.reply())["conns.active"] == "1":
                 break
             await trio.sleep(0.01)
+
+
+async def test_a_failing_answer_costs_one_request(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug while sampling (here: the topic views raise) answers ERR and is logged; the stats task
+    goes on (the old one died, and took the server with it)."""
+    broken = [True]
+
+    def topics() -> dict[str, TopicView]:
+        if broken[0]:
+            raise RuntimeError("sampling bug")
+        return {}
+
+    stats = Stats(ServerConfig(host="127.0.0.1:0"), Counters(), topics)
+    async with trio.open_nursery() as n:
+        await n.start(stats.run)
+        first, second = StatsRequest(p.Stats()), StatsRequest(p.Config())
+        await stats.requests.send(first)
+        await first.done.wait()
+        assert first.reply == b"ERR internal error\r\n"
+        await stats.requests.send(second)
+        await second.done.wait()
+        assert second.reply.startswith(b"MOK ")
+        broken[0] = False
+        third = StatsRequest(p.Topics())
+        await stats.requests.send(third)
+        await third.done.wait()
+        assert third.reply.startswith(b"MOK ")
+        stats.close()
+    assert [r for r in caplog.records if "STATS" in r.getMessage() and r.exc_info]  # logged, with the traceback
+
+
+async def test_config_host_of_an_ipv6_listener_is_bracketed(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await start_server(nursery, make_config(tmp_path / "d", host="[::1]:0"))
+    w = await Wire.connect("::1", srv.port)
+    await w.send(b"CONFIG\r\n")
+    assert _body(await w.reply())["Host"] == f"[::1]:{srv.port}"  # was "::1:<port>", which no client parses
+    await srv.stop()

@@ -7,7 +7,7 @@ its segments with ``sendfile``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from logd_trio.core.errors import NotFound, StorageError
@@ -33,7 +33,7 @@ class ReadPlan:
     ``open_read`` verifies them and plans again.
     """
 
-    __slots__ = ("_closed", "checks", "nbatches", "nbytes", "nmessages", "offset", "segments")
+    __slots__ = ("_closed", "checks", "nbatches", "nbytes", "nmessages", "offset", "on_close", "segments")
 
     def __init__(self, offset: int) -> None:
         self.offset = offset
@@ -43,12 +43,15 @@ class ReadPlan:
         self.segments: list[tuple[int, int, int]] = []
         self.checks: list[tuple[int, int, int]] = []
         self._closed = False
+        self.on_close: Callable[[ReadPlan], None] | None = None  # called once, after the fds are closed
 
     def close(self) -> None:
         """Close the dup'ed fds.  Idempotent."""
         if not self._closed:
             self._closed = True
             close_quietly([fd for fd, _, _ in self.segments])
+            if self.on_close is not None:
+                self.on_close(self)
 
     def __enter__(self) -> ReadPlan:
         return self
@@ -59,9 +62,11 @@ class ReadPlan:
         self.close()
 
 
-def plan_read(parts: Sequence[Partition], j: int, offset: int, limit: int, stop: int, topic: str) -> ReadPlan:
+def plan_read(parts: Sequence[Partition], j: int, offset: int, limit: int, stop: int, topic: str,
+              max_partitions: int | None = None) -> ReadPlan:
     """Plan from ``offset`` (a retained offset before ``stop``, in ``parts[j]``) while the message
-    sum is below ``limit``, never past ``stop``, never over a batch that failed verification.
+    sum is below ``limit``, never past ``stop``, never over a batch that failed verification,
+    and over at most ``max_partitions`` partitions (each holds a dup'ed fd; at least one).
 
     Raises :class:`NotFound` if ``offset`` does not start a batch, :class:`CorruptData` if that
     batch failed verification, :class:`StorageError` on an I/O error.
@@ -116,7 +121,7 @@ def plan_read(parts: Sequence[Partition], j: int, offset: int, limit: int, stop:
             plan.nbytes += e_end - b_end
             remaining -= e_cum - base
             j += 1
-            if remaining <= 0 or j >= len(parts):
+            if remaining <= 0 or j >= len(parts) or len(plan.segments) >= (max_partitions or len(parts)):
                 break
             nxt = parts[j]
             if nxt.start >= stop:
