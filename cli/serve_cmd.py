@@ -69,6 +69,11 @@ def serve(
         = None,
     http_host: Annotated[str | None, typer.Option(
         help="HOST:PORT for /metrics (Prometheus), /healthz and /readyz; \"\": off. Default: off.")] = None,
+    node_id: Annotated[str | None, typer.Option(
+        help="This node's name in a replicated cluster (required with --replicate-from).")] = None,
+    replicate_from: Annotated[str | None, typer.Option(
+        help="HOST:PORT of the leader: run as a follower that copies every topic and refuses BATCH "
+             "('ERR not leader HOST:PORT'). Default: off (a leader).")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML file of settings (keys as the flags, or under [serve]).")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
@@ -83,7 +88,7 @@ def serve(
         "max_connections_per_ip": max_connections_per_ip, "max_wait": max_wait,
         "pipeline_depth": pipeline_depth, "file_mode": file_mode, "dir_mode": dir_mode,
         "min_free_space": min_free_space, "max_waiters": max_waiters, "scrub_rate": scrub_rate,
-        "http_host": http_host,
+        "http_host": http_host, "node_id": node_id, "replicate_from": replicate_from,
     }
     try:
         cfg = load_config(flags=flags, file=config)

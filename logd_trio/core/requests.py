@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Final
 
 from logd_trio.core.errors import InvalidBatchError, RequestError
+from logd_trio.core.fetch import Fetch, parse_fetch
 from logd_trio.core.framing import count_messages, parse_uint, valid_topic
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "Batch",
     "Close",
     "Config",
+    "Fetch",
     "NeedData",
     "Ping",
     "Read",
@@ -105,7 +107,7 @@ class Topics:
     pass
 
 
-Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics
+Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch
 
 _SIMPLE: Final[dict[bytes, Request]] = {
     b"STATS": Stats(),
@@ -215,6 +217,8 @@ class RequestParser:
             if len(words) != 3:
                 raise RequestError(INVALID_REQUEST)
             return Tail(_topic(words[1]), _limit(words[2], self.max_messages, zero_is_one=True))
+        if cmd == b"FETCH":  # replication between logd-trio nodes (logd_trio.core.fetch)
+            return parse_fetch(words)
         if cmd in _SIMPLE:
             raise RequestError(INVALID_REQUEST)
         raise RequestError("unknown command")

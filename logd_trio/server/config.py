@@ -111,6 +111,8 @@ class ServerConfig:
     max_waiters: int = 1024
     scrub_rate: int = 32 * MIB
     http_host: str = ""  # HOST:PORT of /metrics, /healthz, /readyz; "" (the default): off
+    node_id: str = ""  # this node's name in a replicated cluster (required with replicate_from)
+    replicate_from: str = ""  # HOST:PORT of the leader: this node is a follower; "": a leader
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workdir", Path(self.workdir))
@@ -139,6 +141,24 @@ class ServerConfig:
         for t in self.topics_whitelist:
             if not valid_topic(t.encode("ascii", "replace")):
                 raise ConfigError(f"topics_whitelist: {t!r} is not a valid topic name")
+        if self.node_id and not valid_topic(self.node_id.encode("ascii", "replace")):
+            raise ConfigError(f"node_id: {self.node_id!r} is not a valid name (letters, digits, '-', '_', '.')")
+        if self.replicate_from:
+            _ = self.leader_address
+            if not self.node_id:
+                raise ConfigError("replicate_from: needs node_id (each follower names itself to the leader)")
+            if self.replicate_from == self.host:
+                raise ConfigError(f"replicate_from: {self.replicate_from} is this server's own address")
+
+    @property
+    def leader_address(self) -> tuple[str, int] | None:
+        """The leader a follower copies (``replicate_from``); None on a leader."""
+        if not self.replicate_from:
+            return None
+        host, sep, port = self.replicate_from.rpartition(":")
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
+            raise ConfigError(f"replicate_from: expected HOST:PORT of the leader, got {self.replicate_from!r}")
+        return host.strip("[]"), int(port)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -199,7 +219,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{where}: expected a list of topic names, got {value!r}")
     if key == "workdir":
         return Path(str(value))
-    if key in ("host", "fsync", "http_host"):
+    if key in ("host", "fsync", "http_host", "node_id", "replicate_from"):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

@@ -24,6 +24,7 @@ from logd_trio.core import requests as p
 from logd_trio.core.errors import LogdError, NotFound, RequestError, StorageError
 from logd_trio.server.reasons import public_reason
 from logd_trio.server.registry import Registry
+from logd_trio.server.replica.serving import serve_fetch
 from logd_trio.server.stats import Counters, StatsRequest
 from logd_trio.server.storage.reads import CorruptData, ReadPlan
 from logd_trio.server.topic import Append
@@ -78,11 +79,11 @@ class _Closing:
         self.reply = reply
 
 
-_Item = bytes | Append | StatsRequest | p.Read | p.Tail | _Closing
+_Item = bytes | Append | StatsRequest | p.Read | p.Tail | p.Fetch | _Closing
 
 _CMD_NAMES: Final[dict[type, str]] = {
     p.Batch: "batch", p.Read: "read", p.Tail: "tail", p.Stats: "stats", p.Config: "config",
-    p.Close: "close", p.Ping: "ping", p.Topics: "topics",
+    p.Close: "close", p.Ping: "ping", p.Topics: "topics", p.Fetch: "fetch",
 }
 
 
@@ -211,10 +212,11 @@ class Connection:
         item: _Item
         try:
             if isinstance(req, p.Batch):
+                self.registry.replica.refuse_writes()  # a follower: ERR not leader HOST:PORT
                 topic = await self.registry.get_or_create(req.topic)
                 # No checkpoint per batch: queue all the batches of one receive, then yield once.
                 item = topic.try_append(req.frame, req.count) or await topic.append(req.frame, req.count)
-            elif isinstance(req, p.Read | p.Tail):
+            elif isinstance(req, p.Read | p.Tail | p.Fetch):
                 # Resolved by the writer, in order: a READ pipelined after a
                 # BATCH on this connection sees that batch.
                 item = req
@@ -280,6 +282,9 @@ class Connection:
                             pending += error_reply(item.error)
                     elif isinstance(item, p.Read | p.Tail):
                         await self._read(item, pending)
+                    elif isinstance(item, p.Fetch):  # replication (server/replica/serving.py)
+                        if (e := await serve_fetch(self, item, pending)) is not None:
+                            pending += error_reply(e)
                     elif isinstance(item, StatsRequest):
                         await self.stats.send(item)
                         await item.done.wait()
@@ -348,10 +353,10 @@ class Connection:
                 self._send_scope = None
         self.counters.bytes_out += total
 
-    async def _send_plan(self, plan: ReadPlan, pending: bytearray) -> None:
+    async def _send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None) -> None:
         """Header (after what is pending) then the frames straight from the files."""
         with plan:
-            pending += p.reply_read_header(plan.offset, plan.nbatches)
+            pending += p.reply_read_header(plan.offset, plan.nbatches) if header is None else header
             await self._send_all(pending)
             out_fd = self.sock.fileno()
             with trio.fail_after(self.send_timeout) as scope:  # bounds each wait for progress

@@ -14,6 +14,7 @@ import trio
 
 from logd_trio.core.errors import RequestError, StorageError
 from logd_trio.server.config import ServerConfig
+from logd_trio.server.replica.state import ReplicaState
 from logd_trio.server.stats import Counters, TopicView
 from logd_trio.server.storage.files import list_topics
 from logd_trio.server.topic import Topic
@@ -35,6 +36,7 @@ class Registry:
         self._nursery = nursery
         self._creating: dict[str, trio.Event] = {}
         self._created = trio.Event()
+        self.replica = ReplicaState(config)  # role, leader epoch, epoch files, followers' progress
 
     def get(self, name: str) -> Topic | None:
         return self.topics.get(name)
@@ -64,7 +66,7 @@ class Registry:
         event = self._creating[name] = trio.Event()
         try:
             try:
-                topic = await trio.to_thread.run_sync(Topic.open, self.root, name, self.config)
+                topic = await trio.to_thread.run_sync(self.replica.open_topic, self.root, name)
             except (OSError, StorageError) as e:
                 # Details (paths) go to the log, not to the client.
                 log.error("cannot open topic %s: %s", name, e)
@@ -84,6 +86,7 @@ class Registry:
 
     async def open_existing(self) -> None:
         """Recover every topic on disk (and ``default``) before the listener opens."""
+        await trio.to_thread.run_sync(self.replica.load)
         names = await trio.to_thread.run_sync(list_topics, self.root)
         if "default" not in names:
             names.append("default")
