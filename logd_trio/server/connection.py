@@ -24,6 +24,7 @@ from logd_trio.core import requests as p
 from logd_trio.core.errors import LogdError, NotFound, RequestError, StorageError
 from logd_trio.server.reasons import public_reason
 from logd_trio.server.registry import Registry
+from logd_trio.server.replica.acks import AwaitReplicas
 from logd_trio.server.replica.serving import serve_fetch
 from logd_trio.server.stats import Counters, StatsRequest
 from logd_trio.server.storage.reads import CorruptData, ReadPlan
@@ -79,7 +80,7 @@ class _Closing:
         self.reply = reply
 
 
-_Item = bytes | Append | StatsRequest | p.Read | p.Tail | p.Fetch | _Closing
+_Item = bytes | Append | AwaitReplicas | StatsRequest | p.Read | p.Tail | p.Fetch | _Closing
 
 _CMD_NAMES: Final[dict[type, str]] = {
     p.Batch: "batch", p.Read: "read", p.Tail: "tail", p.Stats: "stats", p.Config: "config",
@@ -216,6 +217,8 @@ class Connection:
                 topic = await self.registry.get_or_create(req.topic)
                 # No checkpoint per batch: queue all the batches of one receive, then yield once.
                 item = topic.try_append(req.frame, req.count) or await topic.append(req.frame, req.count)
+                if self.config.acks == "all":  # the reply waits for the followers too (server/replica/acks.py)
+                    item = AwaitReplicas(item, topic.name, self.registry.replica)
             elif isinstance(req, p.Read | p.Tail | p.Fetch):
                 # Resolved by the writer, in order: a READ pipelined after a
                 # BATCH on this connection sees that batch.
@@ -280,6 +283,11 @@ class Connection:
                             self.counters.errors["batch"] += 1
                             self.counters.error_kinds[error_kind(item.error)] += 1
                             pending += error_reply(item.error)
+                    elif isinstance(item, AwaitReplicas):
+                        if not item.ready and pending:
+                            await self._send_all(pending)
+                            pending.clear()
+                        pending += await item.answer(error_reply)
                     elif isinstance(item, p.Read | p.Tail):
                         await self._read(item, pending)
                     elif isinstance(item, p.Fetch):  # replication (server/replica/serving.py)

@@ -44,6 +44,7 @@ async def serve_fetch(conn: FetchingConnection, req: Fetch, pending: bytearray) 
         topic = registry.get(req.topic)
         if topic is None:
             raise RequestError(f"unknown topic {req.topic}")
+        state.record(req.node, req.topic, req.offset, topic.visible_head)  # the follower's acknowledgement
         if req.wait_ms and req.offset == topic.visible_head and req.offset >= topic.first:
             if pending:
                 await conn._send_all(pending)

@@ -12,10 +12,13 @@ files (written by the fetcher) and refuses BATCH and FETCH with
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import trio
 
 from logd_trio.core.errors import LogdError, RequestError, StorageError
 from logd_trio.core.fetch import Fetch, FetchHeader, encode_fetch_header
@@ -42,10 +45,13 @@ class ReplicationRefused(LogdError):
 
 @dataclass(slots=True)
 class FollowerProgress:
-    """What one follower acknowledged of one topic (its next fetch offset) and when."""
+    """What one follower acknowledged of one topic (its next fetch offset), when it last fetched it,
+    and when it was last caught up with the leader's durable head (the in-sync rule)."""
 
     offset: int
     at: float
+    caught_up: float
+    replied_head: int = 0  # the leader's head when it last answered this follower
 
 
 def _read_counter(path: Path) -> int:
@@ -85,6 +91,7 @@ class ReplicaState:
         self.epoch = 0  # the leader epoch this node serves (a leader) or last saw (a follower)
         self.epochs: dict[str, EpochFile] = {}
         self.followers: dict[tuple[str, str], FollowerProgress] = {}
+        self._progress = trio.Event()  # set (and replaced) whenever a follower's acknowledgement moves
 
     @property
     def is_follower(self) -> bool:
@@ -132,13 +139,54 @@ class ReplicaState:
     # ------------------------------------------------------------ leader side
 
     def refuse_writes(self) -> None:
-        """Raise ``ERR not leader HOST:PORT`` on a follower."""
+        """Raise ``ERR not leader HOST:PORT`` on a follower, ``ERR not enough replicas`` with
+        ``--acks all`` and fewer than ``--min-insync`` nodes in sync."""
         if self.leader:
             raise RequestError(f"not leader {self.leader}")
+        if self.config.acks == "all" and len(self.in_sync(time.monotonic())) + 1 < self.config.min_insync:
+            raise RequestError("not enough replicas")
+
+    def in_sync(self, now: float) -> set[str]:
+        """Followers that fetched every topic they follow, caught up, within ``--replica-lag``."""
+        lag = self.config.replica_lag
+        nodes: dict[str, bool] = {}
+        for (node, _), p in self.followers.items():
+            nodes[node] = nodes.get(node, True) and now - p.caught_up <= lag
+        return {n for n, ok in nodes.items() if ok}
+
+    def record(self, node: str, topic: str, offset: int, head: int) -> None:
+        """A fetch from ``node`` arrived at ``offset``: its acknowledgement.  It is caught up when it has
+        everything the leader had at its previous answer (or at ``head``, the leader's durable head now)."""
+        now = time.monotonic()
+        p = self.followers.get((node, topic))
+        if p is None:
+            p = self.followers[(node, topic)] = FollowerProgress(offset, now, now if offset >= head else -math.inf)
+        else:
+            p.offset, p.at = offset, now
+            if offset >= head or offset >= p.replied_head:
+                p.caught_up = now
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def wait_acks(self, topic: str, offset: int) -> None:
+        """``--acks all``: return once the batch at ``offset`` is durable on ``--min-insync`` nodes (the
+        leader's own copy is, when this is called).  Raises ``RequestError("not enough replicas")``
+        when the in-sync set shrinks below that meanwhile."""
+        need = self.config.min_insync - 1
+        while need > 0:
+            insync = self.in_sync(time.monotonic())
+            if len(insync) < need:
+                raise RequestError("not enough replicas")
+            acked = sum(1 for n in insync if (p := self.followers.get((n, topic))) is not None and p.offset > offset)
+            if acked >= need:
+                return
+            with trio.move_on_after(self.config.replica_lag / 4):
+                await self._progress.wait()
 
     def check_fetch(self, req: Fetch) -> None:
         """The request-level checks of a FETCH (before any wait).  Raises :class:`RequestError`."""
-        self.refuse_writes()
+        if self.leader:
+            raise RequestError(f"not leader {self.leader}")
         if self.node_id and req.node == self.node_id:
             raise RequestError(f"fetch from node id {req.node}, which is this node's own id")
         if req.epoch and req.epoch != self.epoch:
@@ -155,7 +203,9 @@ class ReplicaState:
         name = req.topic
         if req.offset > visible:
             raise RequestError(f"offset {req.offset} beyond the leader's head {visible}")
-        self.followers[(req.node, name)] = FollowerProgress(req.offset, time.monotonic())
+        progress = self.followers.get((req.node, name))
+        if progress is not None:
+            progress.replied_head = visible
         ef = self.epochs.get(name)
         starts: list[int] = []
         if req.offset < tlog.first:

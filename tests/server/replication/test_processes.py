@@ -179,3 +179,53 @@ async def test_a_follower_joining_after_retention_starts_at_the_leaders_first(nu
     await stop(f, leader)
     assert log_files(tmp_path / "b") == log_files(tmp_path / "a")
     assert f"t/{first}.log" in log_files(tmp_path / "b")
+
+
+async def test_acks_all_waits_for_followers_and_refuses_without_them(nursery: trio.Nursery,
+                                                                     tmp_path: Path) -> None:
+    acks = ("--acks", "all", "--min-insync", "2", "--replica-lag", "1s")
+    leader = await spawn(nursery, tmp_path / "a", "--node-id", "a", *acks)
+    addr = f"{leader.host}:{leader.port}"
+    w = await Wire.connect(leader.host, leader.port)
+    await w.send(batch_request("t", [b"lonely"]))
+    assert await w.reply() == b"ERR not enough replicas\r\n"  # at once: no follower in sync
+    args = ("--node-id", "b", "--replicate-from", addr)
+    b = await spawn(nursery, tmp_path / "b", *args)
+    with trio.fail_after(20):
+        while True:  # the follower joins the in-sync set with its first fetch
+            await w.send(batch_request("t", [b"probe"]))
+            reply = await w.reply()
+            if reply.startswith(b"OK "):
+                break
+            assert reply == b"ERR not enough replicas\r\n"
+            await trio.sleep(0.05)
+    acked: list[int] = []
+    reqs = [batch_request("t", [b"m%d" % i]) for i in range(300)]
+    await w.send(b"".join(reqs))
+    for _ in reqs:
+        reply = await w.reply()
+        assert reply.startswith(b"OK "), reply
+        acked.append(int(reply.split()[1]))
+    b.proc.kill()  # kill -9 right after the OKs: each acknowledged batch must already be on its disk
+    await b.proc.wait()
+    on_b = frames_of(tmp_path / "b", "t")
+    ends = {0}
+    pos = 0
+    for f in on_b:
+        pos += len(f)
+        ends.add(pos)
+    assert all(off in ends and off + len(r) <= pos for off, r in zip(acked, reqs, strict=True))
+    assert on_b[-300:] == reqs
+    with trio.fail_after(20):  # without the follower, writes are refused once --replica-lag passes
+        while True:
+            await w.send(batch_request("t", [b"after"]))
+            if await w.reply() == b"ERR not enough replicas\r\n":
+                break
+    b2 = await spawn(nursery, tmp_path / "b", *args)
+    with trio.fail_after(20):  # back in sync: writes resume
+        while True:
+            await w.send(batch_request("t", [b"again"]))
+            if (await w.reply()).startswith(b"OK "):
+                break
+            await trio.sleep(0.05)
+    await stop(b2, leader)
