@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,7 +142,7 @@ class ReplicaState:
         ``--acks all`` and fewer than ``--min-insync`` nodes in sync."""
         if self.leader:
             raise RequestError(f"not leader {self.leader}")
-        if self.config.acks == "all" and len(self.in_sync(time.monotonic())) + 1 < self.config.min_insync:
+        if self.config.acks == "all" and len(self.in_sync(trio.current_time())) + 1 < self.config.min_insync:
             raise RequestError("not enough replicas")
 
     def in_sync(self, now: float) -> set[str]:
@@ -157,7 +156,7 @@ class ReplicaState:
     def record(self, node: str, topic: str, offset: int, head: int) -> None:
         """A fetch from ``node`` arrived at ``offset``: its acknowledgement.  It is caught up when it has
         everything the leader had at its previous answer (or at ``head``, the leader's durable head now)."""
-        now = time.monotonic()
+        now = trio.current_time()
         p = self.followers.get((node, topic))
         if p is None:
             p = self.followers[(node, topic)] = FollowerProgress(offset, now, now if offset >= head else -math.inf)
@@ -174,7 +173,7 @@ class ReplicaState:
         when the in-sync set shrinks below that meanwhile."""
         need = self.config.min_insync - 1
         while need > 0:
-            insync = self.in_sync(time.monotonic())
+            insync = self.in_sync(trio.current_time())
             if len(insync) < need:
                 raise RequestError("not enough replicas")
             acked = sum(1 for n in insync if (p := self.followers.get((n, topic))) is not None and p.offset > offset)

@@ -229,3 +229,22 @@ async def test_acks_all_waits_for_followers_and_refuses_without_them(nursery: tr
                 break
             await trio.sleep(0.05)
     await stop(b2, leader)
+
+
+async def test_a_restarted_leader_starts_a_new_epoch_that_followers_copy(nursery: trio.Nursery,
+                                                                         tmp_path: Path) -> None:
+    leader = await spawn(nursery, tmp_path / "a", "--node-id", "a")
+    port = leader.port
+    f = await spawn(nursery, tmp_path / "b", "--node-id", "b", "--replicate-from", f"127.0.0.1:{port}")
+    await write(leader, "t", 20, b"one")
+    await converge(leader, f)
+    await stop(leader)
+    leader = await spawn(nursery, tmp_path / "a", "--node-id", "a", "--host", f"127.0.0.1:{port}")
+    assert b"leader epoch 2" in leader.log
+    await write(leader, "t", 20, b"two")
+    await converge(leader, f)
+    await stop(f, leader)
+    epochs = (tmp_path / "a" / "t" / "leader-epochs").read_text()
+    assert epochs.splitlines()[0] == "1 0" and epochs.splitlines()[1].startswith("2 ")
+    assert (tmp_path / "b" / "t" / "leader-epochs").read_text() == epochs
+    assert log_files(tmp_path / "b") == log_files(tmp_path / "a")
