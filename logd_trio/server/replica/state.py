@@ -50,7 +50,7 @@ class FollowerProgress:
     offset: int
     at: float
     caught_up: float
-    replied_head: int = 0  # the leader's head when it last answered this follower
+    replied_head: int = -1  # the leader's head when it last answered this follower (-1: not answered yet)
 
 
 def _read_counter(path: Path) -> int:
@@ -158,11 +158,12 @@ class ReplicaState:
         everything the leader had at its previous answer (or at ``head``, the leader's durable head now)."""
         now = trio.current_time()
         p = self.followers.get((node, topic))
-        if p is None:
-            p = self.followers[(node, topic)] = FollowerProgress(offset, now, now if offset >= head else -math.inf)
+        if p is None:  # a topic new to this follower: an in-sync follower gets --replica-lag to catch up on it
+            caught = offset >= head or node in self.in_sync(now)
+            p = self.followers[(node, topic)] = FollowerProgress(offset, now, now if caught else -math.inf)
         else:
             p.offset, p.at = offset, now
-            if offset >= head or offset >= p.replied_head:
+            if offset >= head or 0 <= p.replied_head <= offset:
                 p.caught_up = now
         self._progress.set()
         self._progress = trio.Event()

@@ -78,3 +78,16 @@ async def test_min_insync_one_never_waits(tmp_path: Path) -> None:
     s = state(tmp_path, n=1)
     s.refuse_writes()
     await s.wait_acks("t", 0)
+
+
+async def test_a_new_topic_does_not_throw_an_in_sync_follower_out(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    s = state(tmp_path)
+    s.record("b", "t", 100, 100)
+    s.record("b", "new", 0, 5000)  # its first fetch of a topic with a backlog: still in sync, for now
+    assert s.in_sync(trio.current_time()) == {"b"}
+    await trio.sleep(1.1)
+    s.record("b", "t", 100, 100)
+    s.followers[("b", "new")].replied_head = 5000
+    s.record("b", "new", 10, 5000)
+    assert s.in_sync(trio.current_time()) == set()  # it did not catch up within --replica-lag
