@@ -18,6 +18,7 @@ from typing import Final
 
 from logd_trio.core.defaults import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGES
 from logd_trio.core.errors import InvalidBatchError, RequestError
+from logd_trio.core.fetch import Fetch, parse_fetch
 from logd_trio.core.framing import build_frame, count_messages, parse_uint, valid_topic
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Batch",
     "Close",
     "Config",
+    "Fetch",
     "NeedData",
     "Ping",
     "Read",
@@ -104,7 +106,7 @@ class Topics:
     pass
 
 
-Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics
+Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch
 
 _SIMPLE: Final[dict[bytes, Request]] = {
     b"STATS": Stats(),
@@ -219,6 +221,8 @@ class RequestParser:
             if len(words) != 3:
                 raise RequestError(INVALID_REQUEST)
             return Tail(_topic(words[1]), _limit(words[2], self.max_messages, zero_is_one=True))
+        if cmd == b"FETCH":  # replication between logd-trio nodes (logd_trio.core.fetch)
+            return parse_fetch(words)
         if cmd in _SIMPLE:
             raise RequestError(INVALID_REQUEST)
         raise RequestError("unknown command")

@@ -39,6 +39,7 @@ from logd_trio.server.listener import Listener, Served, exposed_addresses
 from logd_trio.server.lock import DataDirLock
 from logd_trio.server.metrics import Monitor, serve_monitoring
 from logd_trio.server.registry import Registry
+from logd_trio.server.replica.fetcher import follow
 from logd_trio.server.stats import Counters, Stats
 from logd_trio.server.storage.files import make_root
 
@@ -99,7 +100,11 @@ async def serve(
                     try:
                         await registry.open_existing()
                         await root_nursery.start(stats.run)
-                        await _serve_connections(config, registry, stats, fd_limit, shutdown, task_status)
+                        async with trio.open_nursery() as replication:  # a follower's fetchers (replica/)
+                            if config.replicate_from:
+                                replication.start_soon(follow, registry)
+                            await _serve_connections(config, registry, stats, fd_limit, shutdown, task_status)
+                            replication.cancel_scope.cancel()
                     finally:
                         stats.close()
                         registry.close_inputs()

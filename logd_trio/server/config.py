@@ -80,6 +80,11 @@ class ServerConfig:
     max_waiters: int = 1024
     scrub_rate: int = 32 * MIB
     http_host: str = ""  # HOST:PORT of /metrics, /healthz, /readyz; "" (the default): off
+    node_id: str = ""  # this node's name in a replicated cluster (required with replicate_from)
+    replicate_from: str = ""  # HOST:PORT of the leader: this node is a follower; "": a leader
+    acks: str = "leader"  # leader: OK once durable on the leader; all: once durable on min_insync nodes
+    min_insync: int = 1  # nodes (the leader included) an OK needs with acks=all
+    replica_lag: float = 10.0  # a follower not caught up for this long leaves the in-sync set
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workdir", Path(self.workdir))
@@ -108,6 +113,29 @@ class ServerConfig:
         for t in self.topics_whitelist:
             if not valid_topic(t.encode("ascii", "replace")):
                 raise ConfigError(f"topics_whitelist: {t!r} is not a valid topic name")
+        if self.node_id and not valid_topic(self.node_id.encode("ascii", "replace")):
+            raise ConfigError(f"node_id: {self.node_id!r} is not a valid name (letters, digits, '-', '_', '.')")
+        if self.acks not in ("leader", "all"):
+            raise ConfigError(f"acks: must be leader or all, got {self.acks!r}")
+        _positive("min_insync", self.min_insync)
+        if self.replica_lag <= 0:
+            raise ConfigError("replica_lag: must be above 0")
+        if self.replicate_from:
+            _ = self.leader_address
+            if not self.node_id:
+                raise ConfigError("replicate_from: needs node_id (each follower names itself to the leader)")
+            if self.replicate_from == self.host:
+                raise ConfigError(f"replicate_from: {self.replicate_from} is this server's own address")
+
+    @property
+    def leader_address(self) -> tuple[str, int] | None:
+        """The leader a follower copies (``replicate_from``); None on a leader."""
+        if not self.replicate_from:
+            return None
+        host, sep, port = self.replicate_from.rpartition(":")
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
+            raise ConfigError(f"replicate_from: expected HOST:PORT of the leader, got {self.replicate_from!r}")
+        return host.strip("[]"), int(port)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -130,10 +158,10 @@ class ServerConfig:
 
 
 _FIELDS: Final = {f.name: f for f in dataclasses.fields(ServerConfig) }
-_DURATIONS: Final = {"flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait"}
+_DURATIONS: Final = {"flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait", "replica_lag"}
 _INTS: Final = {"batch_size", "max_messages", "partition_size", "partitions", "flush_batches", "topics",
                 "max_connections", "max_connections_per_ip", "pipeline_depth", "min_free_space", "max_waiters",
-                "scrub_rate"}
+                "scrub_rate", "min_insync"}
 _MODES: Final = {"file_mode", "dir_mode"}
 
 
@@ -168,7 +196,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{where}: expected a list of topic names, got {value!r}")
     if key == "workdir":
         return Path(str(value))
-    if key in ("host", "fsync", "http_host"):
+    if key in ("host", "fsync", "http_host", "node_id", "replicate_from", "acks"):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

@@ -21,11 +21,13 @@ from typing import Final
 import trio
 
 from logd_trio.core import requests as p
-from logd_trio.core.errors import LogdError, NotFound, RequestError, StorageError
-from logd_trio.server.reasons import public_reason
+from logd_trio.core.errors import NotFound, RequestError, StorageError
+from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
+from logd_trio.server.replica.acks import AwaitReplicas
+from logd_trio.server.replica.serving import serve_fetch
 from logd_trio.server.stats import Counters, StatsRequest
-from logd_trio.server.storage.reads import CorruptData, ReadPlan
+from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.topic import Append
 
 __all__ = ["Connection"]
@@ -48,30 +50,6 @@ MIN_REQUEST_RATE: Final = 64 * 1024  # bytes/s
 DRAIN_SEND_TIMEOUT: Final = 2.0
 
 
-def error_reply(e: LogdError) -> bytes:
-    """The ``ERR`` line for an error of a request: the one place errors become wire text."""
-    if isinstance(e, RequestError):
-        return p.reply_err(e.reason)
-    if isinstance(e, NotFound):
-        return b"ERR not found\r\n"
-    if isinstance(e, CorruptData):  # never send a frame that fails its CRC
-        return b"ERR corrupt data\r\n"
-    if isinstance(e, StorageError):
-        return p.reply_err(f"storage error: {public_reason(e)}")
-    return p.reply_err(f"internal error: {type(e).__name__}")
-
-
-def error_kind(e: LogdError) -> str:
-    """The ``errors`` metric label of an error of a request."""
-    if isinstance(e, RequestError):
-        return "refused"
-    if isinstance(e, NotFound):
-        return "not_found"
-    if isinstance(e, CorruptData):
-        return "corrupt"
-    return "storage"
-
-
 class _Closing:
     """Writer item: send ``reply`` then close the connection."""
 
@@ -81,11 +59,11 @@ class _Closing:
         self.reply = reply
 
 
-_Item = bytes | Append | StatsRequest | p.Read | p.Tail | _Closing
+_Item = bytes | Append | AwaitReplicas | StatsRequest | p.Read | p.Tail | p.Fetch | _Closing
 
 _CMD_NAMES: Final[dict[type, str]] = {
     p.Batch: "batch", p.Read: "read", p.Tail: "tail", p.Stats: "stats", p.Config: "config",
-    p.Close: "close", p.Ping: "ping", p.Topics: "topics",
+    p.Close: "close", p.Ping: "ping", p.Topics: "topics", p.Fetch: "fetch",
 }
 
 
@@ -217,10 +195,13 @@ class Connection:
         item: _Item
         try:
             if isinstance(req, p.Batch):
+                self.registry.replica.refuse_writes()  # a follower: ERR not leader HOST:PORT
                 topic = await self.registry.get_or_create(req.topic)
                 # No checkpoint per batch: queue all the batches of one receive, then yield once.
                 item = topic.try_append(req.frame, req.count) or await topic.append(req.frame, req.count)
-            elif isinstance(req, p.Read | p.Tail):
+                if self.config.acks == "all":  # the reply waits for the followers too (server/replica/acks.py)
+                    item = AwaitReplicas(item, topic.name, self.registry.replica)
+            elif isinstance(req, p.Read | p.Tail | p.Fetch):
                 # Resolved by the writer, in order: a READ pipelined after a
                 # BATCH on this connection sees that batch.
                 item = req
@@ -284,8 +265,16 @@ class Connection:
                             self.counters.errors["batch"] += 1
                             self.counters.error_kinds[error_kind(item.error)] += 1
                             pending += error_reply(item.error)
+                    elif isinstance(item, AwaitReplicas):
+                        if not item.ready and pending:
+                            await self._send_all(pending)
+                            pending.clear()
+                        pending += await item.answer(error_reply)
                     elif isinstance(item, p.Read | p.Tail):
                         await self._read(item, pending)
+                    elif isinstance(item, p.Fetch):  # replication (server/replica/serving.py)
+                        if (e := await serve_fetch(self, item, pending)) is not None:
+                            pending += error_reply(e)
                     elif isinstance(item, StatsRequest):
                         await self.stats.send(item)
                         await item.done.wait()
@@ -354,10 +343,10 @@ class Connection:
                 self._send_scope = None
         self.counters.bytes_out += total
 
-    async def _send_plan(self, plan: ReadPlan, pending: bytearray) -> None:
+    async def _send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None) -> None:
         """Header (after what is pending) then the frames straight from the files."""
         with plan:
-            pending += p.reply_read_header(plan.offset, plan.nbatches)
+            pending += p.reply_read_header(plan.offset, plan.nbatches) if header is None else header
             await self._send_all(pending)
             out_fd = self.sock.fileno()
             with trio.fail_after(self.send_timeout) as scope:  # bounds each wait for progress

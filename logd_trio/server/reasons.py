@@ -1,4 +1,5 @@
-"""The one step between a server-side error and the reason text a client may see.
+"""The one step between a server-side error and the reason text a client may see:
+:func:`error_reply` is the one place a request's error becomes ``ERR`` text.
 
 Log lines carry full paths (the operator needs them); replies must not: a client
 learns nothing useful from ``/srv/logd/data/t/1200.log`` and an attacker learns
@@ -12,7 +13,11 @@ import os
 import re
 from typing import Final
 
-__all__ = ["public_reason", "strip_paths"]
+from logd_trio.core import requests as p
+from logd_trio.core.errors import LogdError, NotFound, RequestError, StorageError
+from logd_trio.server.storage.reads import CorruptData
+
+__all__ = ["error_kind", "error_reply", "public_reason", "strip_paths"]
 
 # An absolute path of two or more components, not inside a word ("I/O" stays).
 _ABSOLUTE: Final = re.compile(r"(?<![\w.~-])/(?:[^\s'\":/]+/)+([^\s'\":/]+)")
@@ -45,3 +50,27 @@ def strip_paths(text: str, names: list[str] | None = None) -> str:
 def public_reason(exc: BaseException) -> str:
     """``str(exc)`` fit for an ``ERR`` reply: no directory names of the server."""
     return strip_paths(str(exc), _names(exc))
+
+
+def error_reply(e: LogdError) -> bytes:
+    """The ``ERR`` line for an error of a request: the one place errors become wire text."""
+    if isinstance(e, RequestError):
+        return p.reply_err(e.reason)
+    if isinstance(e, NotFound):
+        return b"ERR not found\r\n"
+    if isinstance(e, CorruptData):  # never send a frame that fails its CRC
+        return b"ERR corrupt data\r\n"
+    if isinstance(e, StorageError):
+        return p.reply_err(f"storage error: {public_reason(e)}")
+    return p.reply_err(f"internal error: {type(e).__name__}")
+
+
+def error_kind(e: LogdError) -> str:
+    """The ``errors`` metric label of an error of a request."""
+    if isinstance(e, RequestError):
+        return "refused"
+    if isinstance(e, NotFound):
+        return "not_found"
+    if isinstance(e, CorruptData):
+        return "corrupt"
+    return "storage"

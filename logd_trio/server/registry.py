@@ -15,6 +15,7 @@ import trio
 from logd_trio.core.errors import RequestError, StorageError
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.limits import READ_POOL_FDS, SYNC_RESERVE_FDS, ReadFdPool, TopicFds
+from logd_trio.server.replica.state import ReplicaState
 from logd_trio.server.stats import Counters, TopicView
 from logd_trio.server.storage.files import list_topics
 from logd_trio.server.topic import Topic
@@ -38,6 +39,7 @@ class Registry:
         self._created = trio.Event()
         # The duplicates READ plans may hold beyond their first partition, shared by every topic.
         self.read_fds = ReadFdPool(READ_POOL_FDS)
+        self.replica = ReplicaState(config)  # role, leader epoch, epoch files, followers' progress
 
     def get(self, name: str) -> Topic | None:
         return self.topics.get(name)
@@ -67,7 +69,7 @@ class Registry:
         event = self._creating[name] = trio.Event()
         try:
             try:
-                topic = await trio.to_thread.run_sync(Topic.open, self.root, name, self.config)
+                topic = await trio.to_thread.run_sync(self.replica.open_topic, self.root, name)
             except (OSError, StorageError) as e:
                 # Details (paths) go to the log, not to the client.
                 log.error("cannot open topic %s: %s", name, e)
@@ -95,6 +97,7 @@ class Registry:
 
     async def open_existing(self) -> None:
         """Recover every topic on disk (and ``default``) before the listener opens."""
+        await trio.to_thread.run_sync(self.replica.load)
         names = await trio.to_thread.run_sync(list_topics, self.root)
         if "default" not in names:
             names.append("default")

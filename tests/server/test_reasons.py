@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from logd_trio.core.errors import NotFound, StorageError
-from logd_trio.server.connection import error_reply
-from logd_trio.server.reasons import public_reason, strip_paths
+from logd_trio.server.reasons import error_reply, public_reason, strip_paths
 
 
 def test_storage_error_replies_go_through_public_reason() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from logd_trio.core.errors import InvalidBatchError, StorageError
 from logd_trio.core.framing import check_frame, parse_frame_header
 from logd_trio.server.storage import files
+from logd_trio.server.storage.epochs import EPOCHS_NAME
 from logd_trio.server.storage.files import (
     CORRUPT_MARK,
     GO_INDEX_SUFFIX,
@@ -70,7 +71,7 @@ class Recovery:
             istart = parse_start(name, INDEX_SUFFIX)
             if istart is not None:
                 indexes.add(istart)
-            elif parse_start(name, GO_INDEX_SUFFIX) is None and CORRUPT_MARK not in name:
+            elif parse_start(name, GO_INDEX_SUFFIX) is None and CORRUPT_MARK not in name and EPOCHS_NAME not in name:
                 self.log.warning("topic %s: ignoring stray file %s", self.topic, self.dir / name)
         logs.sort()
         for start in sorted(indexes.difference(logs)):

@@ -1,0 +1,230 @@
+"""A follower's side: learn the leader's topics, and one fetcher task per topic copying its frames.
+
+:func:`follow` runs for the server's lifetime (``serve --replicate-from``).
+It polls the leader's ``TOPICS`` every second and starts a fetcher for each
+new topic.  A fetcher holds one connection to the leader, asks with
+``FETCH`` from the topic's durable end (its acknowledgement), queues the
+frames of each reply through the topic's inbox (:class:`FollowerLog` puts
+each at its exact offset; the topic task stays the only appender and fsyncs
+them in groups) and asks again once they are durable.  Lost connections are
+retried with capped exponential backoff.  A leader that is this node itself,
+or that is a follower, stops the server with :class:`ReplicationRefused`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from logd_trio.core.errors import BadReply, InvalidBatchError, LogdError, RequestError, StorageError
+from logd_trio.core.fetch import FETCH_NEED_DATA, FetchError, FetchReply, FetchReplyParser, encode_fetch
+from logd_trio.core.framing import parse_frame_header
+from logd_trio.core.replies import NEED_DATA, ErrorReply, MokReply, ReplyKind, ReplyParser
+from logd_trio.server.registry import Registry
+from logd_trio.server.replica.follower_log import FollowerLog
+from logd_trio.server.replica.state import ReplicationRefused
+from logd_trio.server.storage.epochs import EpochFile
+from logd_trio.server.storage.replica_log import start_at, truncate_to
+from logd_trio.server.topic import Append, Topic
+
+__all__ = ["FETCH_MAX_BYTES", "FETCH_WAIT_MS", "follow"]
+
+log = logging.getLogger("logd_trio.server.replica")
+
+FETCH_MAX_BYTES = 1 << 20  # data per FETCH reply (at least one batch)
+FETCH_WAIT_MS = 1000  # long-poll at the leader's end
+TOPICS_POLL = 1.0  # seconds between looks at the leader's topic list
+CONNECT_TIMEOUT = 5.0
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
+_RECV = 256 * 1024
+
+
+class _Retry(LogdError):
+    """The leader refused this fetch for a reason worth retrying (logged, then backoff)."""
+
+
+def _fatal(reason: str) -> bool:
+    return reason.startswith("not leader") or "own id" in reason
+
+
+async def _connect(host: str, port: int) -> trio.SocketStream:
+    with trio.fail_after(CONNECT_TIMEOUT):
+        return await trio.open_tcp_stream(host, port)
+
+
+async def _leader_topics(host: str, port: int, limit: float) -> list[str]:
+    stream = await _connect(host, port)
+    async with stream:
+        with trio.fail_after(limit):
+            await stream.send_all(b"TOPICS\r\n")
+            parser = ReplyParser(max_reply=1 << 20)
+            while True:
+                reply = parser.next_reply(ReplyKind.MOK)
+                if isinstance(reply, MokReply):
+                    return [line.split(b":")[0].decode("ascii") for line in reply.body.split(b"\r\n") if line]
+                if isinstance(reply, ErrorReply):
+                    raise _Retry(f"TOPICS refused: {reply.reason}")
+                if reply is not NEED_DATA:
+                    raise BadReply(f"unexpected reply to TOPICS: {reply!r}")
+                data = await stream.receive_some(_RECV)
+                if not data:
+                    raise BadReply("the leader closed the connection")
+                parser.receive_data(data)
+
+
+async def follow(registry: Registry) -> None:
+    """Copy every topic of the leader (``replicate_from``) until cancelled."""
+    config = registry.config
+    addr = config.leader_address
+    assert addr is not None
+    host, port = addr
+    timeout = config.timeout or 15.0
+    backoff = BACKOFF_MIN
+    started: set[str] = set()
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                names = await _leader_topics(host, port, timeout)
+            except (OSError, trio.TooSlowError, BadReply, _Retry) as e:
+                log.warning("leader %s: cannot list topics: %s; retrying in %.2fs", config.replicate_from, e, backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_MIN
+            for name in names:
+                if name not in started:
+                    started.add(name)
+                    nursery.start_soon(_follow_topic, registry, name, host, port)
+            await trio.sleep(TOPICS_POLL)
+
+
+async def _follow_topic(registry: Registry, name: str, host: str, port: int) -> None:
+    backoff = BACKOFF_MIN
+    while True:
+        try:
+            topic = await registry.get_or_create(name)
+        except (RequestError, StorageError) as e:
+            log.error("topic %s: cannot replicate it here: %s", name, e)
+            return
+        try:
+            await _fetch_loop(registry, topic, host, port)
+        except trio.ClosedResourceError:
+            return  # shutting down: the topic's input is closed
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry, StorageError) as e:
+            log.warning("topic %s: replication from %s interrupted: %s; retrying in %.2fs", name,
+                        registry.config.replicate_from, e, backoff)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            continue
+        backoff = BACKOFF_MIN
+
+
+def _start_over(flog: FollowerLog, ef: EpochFile, start: int) -> None:
+    """Blocking: copy the whole log aside, empty it and make it start at ``start`` (the leader's first)."""
+    truncate_to(flog, flog.first)
+    ef.truncate(0)
+    start_at(flog, start)
+
+
+def _is_empty(flog: FollowerLog) -> bool:
+    return flog.head == flog.first
+
+
+async def _receive(stream: trio.SocketStream, parser: FetchReplyParser) -> FetchReply | FetchError:
+    while True:
+        reply = parser.next_reply()
+        if reply is not FETCH_NEED_DATA:
+            assert isinstance(reply, FetchReply | FetchError)
+            return reply
+        data = await stream.receive_some(_RECV)
+        if not data:
+            raise BadReply("the leader closed the connection")
+        parser.receive_data(data)
+
+
+async def _fetch_loop(registry: Registry, topic: Topic, host: str, port: int) -> None:
+    config = registry.config
+    state = registry.replica
+    flog = topic.log
+    if not isinstance(flog, FollowerLog):
+        raise ReplicationRefused(f"topic {topic.name} is not a follower's topic")
+    name = topic.name
+    wait = FETCH_WAIT_MS / 1000 + (config.timeout or 15.0)
+    parser = FetchReplyParser(max_bytes=FETCH_MAX_BYTES + config.batch_size)
+    stream = await _connect(host, port)
+    async with stream:
+        epoch = 0
+        leader_first = 0
+        while True:
+            offset = max(topic.visible_head, flog.first)  # the durable end (the first after a start-over)
+            if offset < leader_first and _is_empty(flog):
+                offset = leader_first  # joined after the leader's retention: start where the leader starts
+            with trio.fail_after(wait):
+                await stream.send_all(encode_fetch(state.node_id, epoch, name, offset, FETCH_MAX_BYTES,
+                                                   FETCH_WAIT_MS))
+                reply = await _receive(stream, parser)
+            if isinstance(reply, FetchError):
+                if _fatal(reply.reason):
+                    raise ReplicationRefused(f"--replicate-from {config.replicate_from}: {reply.reason}")
+                if reply.reason.startswith("fenced"):
+                    log.info("topic %s: the leader moved to a new epoch (%s)", name, reply.reason)
+                    epoch = 0
+                    continue
+                raise _Retry(f"the leader refused FETCH at {offset}: {reply.reason}")
+            h = reply.header
+            if h.leader_epoch > state.epoch:
+                await trio.to_thread.run_sync(state.note_epoch, h.leader_epoch)
+            epoch = h.leader_epoch
+            leader_first = h.first
+            if not reply.data:
+                if offset < h.first and not _is_empty(flog):
+                    log.warning("topic %s: this follower's log ends at %d, before the leader's first offset %d "
+                                "(removed by retention): its partitions are copied aside (.log.corrupt-*) and "
+                                "it starts again at %d", name, offset, h.first, h.first)
+                    ef = state.epochs[name]
+                    await trio.to_thread.run_sync(_start_over, flog, ef, h.first)
+                elif h.first == h.head == offset:
+                    await trio.sleep(FETCH_WAIT_MS / 1000)  # an empty topic at a non-zero start: nothing to wait on
+                continue
+            await _store(registry, topic, flog, reply)
+
+
+async def _settle(flog: FollowerLog, items: list[Append]) -> None:
+    """After a bad reply: let what was queued land, then drop the expectations of what was not."""
+    if items:
+        await items[-1].done.wait()
+    flog.forget_expectations()
+
+
+async def _store(registry: Registry, topic: Topic, flog: FollowerLog, reply: FetchReply) -> None:
+    """Queue the reply's frames at their offsets and wait until they are durable here."""
+    h = reply.header
+    ef = registry.replica.epochs[topic.name]
+    if h.batch_epoch != ef.latest:
+        await trio.to_thread.run_sync(ef.assign, h.batch_epoch, h.offset)  # before the epoch's first batch
+    data = reply.data
+    starts = set(h.starts)
+    at, offset = 0, h.offset
+    items: list[Append] = []
+    try:
+        while at < len(data):
+            fh = parse_frame_header(data, at)
+            if fh is None or at + fh.frame_len > len(data):
+                raise BadReply(f"topic {topic.name}: a torn frame in the FETCH reply at {offset}")
+            flog.expect(offset, offset in starts, h.first)
+            items.append(await topic.append(data[at:at + fh.frame_len], fh.count))
+            offset += fh.frame_len
+            at += fh.frame_len
+    except InvalidBatchError as e:
+        await _settle(flog, items)
+        raise BadReply(f"topic {topic.name}: a bad frame in the FETCH reply at {offset}: {e}") from None
+    except BadReply:
+        await _settle(flog, items)
+        raise
+    if items:
+        await items[-1].done.wait()
+    failed = next((i.error for i in items if i.error is not None), None)
+    if failed is not None:
+        flog.forget_expectations()
+        raise StorageError(str(failed))

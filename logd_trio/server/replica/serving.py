@@ -1,0 +1,68 @@
+"""The leader's answer to FETCH: checks, the long-poll at the end of the log, then the frames by sendfile.
+
+Called by the connection's writer (in reply order), like READ.  A reply
+never crosses an epoch boundary; the fetch offset is the follower's
+acknowledgement (recorded in ``ReplicaState.followers``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import trio
+
+from logd_trio.core.errors import LogdError, NotFound, RequestError, StorageError
+from logd_trio.core.fetch import Fetch
+from logd_trio.server.config import ServerConfig
+from logd_trio.server.registry import Registry
+from logd_trio.server.stats import Counters
+from logd_trio.server.storage.reads import ReadPlan
+
+__all__ = ["FetchingConnection", "serve_fetch"]
+
+
+class FetchingConnection(Protocol):
+    """What :func:`serve_fetch` needs of a :class:`~logd_trio.server.connection.Connection`."""
+
+    registry: Registry
+    config: ServerConfig
+    counters: Counters
+    _eof: bool
+    _poll_scope: trio.CancelScope | None
+
+    async def _send_all(self, data: bytes | bytearray) -> None: ...
+
+    async def _send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None) -> None: ...
+
+
+async def serve_fetch(conn: FetchingConnection, req: Fetch, pending: bytearray) -> LogdError | None:
+    """Answer ``req`` into ``pending`` / the socket; return the error to send instead, if any."""
+    registry = conn.registry
+    state = registry.replica
+    try:
+        state.check_fetch(req)
+        topic = registry.get(req.topic)
+        if topic is None:
+            raise RequestError(f"unknown topic {req.topic}")
+        state.record(req.node, req.topic, req.offset, topic.visible_head)  # the follower's acknowledgement
+        if req.wait_ms and req.offset == topic.visible_head and req.offset >= topic.first:
+            if pending:
+                await conn._send_all(pending)
+                pending.clear()
+            conn.counters.longpoll_waiting += 1
+            try:
+                with trio.move_on_after(min(req.wait_ms / 1000, conn.config.max_wait)) as scope:
+                    conn._poll_scope = scope
+                    if conn._eof:
+                        scope.cancel()
+                    await topic.wait_for_data(req.offset)
+            finally:
+                conn._poll_scope = None
+                conn.counters.longpoll_waiting -= 1
+            state.check_fetch(req)  # the epoch may have moved meanwhile
+        header, plan = state.fetch_reply(topic.log, req, topic.visible_head)
+    except (NotFound, RequestError, StorageError) as e:
+        return e
+    await conn._send_plan(plan, pending, header)
+    pending.clear()
+    return None

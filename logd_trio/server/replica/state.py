@@ -1,0 +1,222 @@
+"""A node's replication state: its role, the leader epoch, the topics' epoch files, the followers' progress.
+
+One per server, owned by the :class:`~logd_trio.server.registry.Registry`.
+A leader (no ``replicate_from``) starts a new epoch at every start: the
+counter in ``<workdir>/leader-epoch`` is incremented and fsynced before any
+topic opens, and each topic's epoch file gets ``<epoch> <head>`` before its
+first batch of that epoch.  A follower keeps the leader's epochs in its own
+files (written by the fetcher) and refuses BATCH and FETCH with
+``ERR not leader HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from logd_trio.core.errors import LogdError, RequestError, StorageError
+from logd_trio.core.fetch import Fetch, FetchHeader, encode_fetch_header
+from logd_trio.server.config import ServerConfig
+from logd_trio.server.replica.follower_log import FollowerLog
+from logd_trio.server.storage.epochs import EpochFile
+from logd_trio.server.storage.files import O_CLOEXEC, fsync_dir
+from logd_trio.server.storage.reads import ReadPlan
+from logd_trio.server.storage.replica_log import fetch_plan
+from logd_trio.server.storage.syscalls import current
+from logd_trio.server.storage.topic_log import TopicLog
+from logd_trio.server.topic import Topic
+
+__all__ = ["EPOCH_COUNTER", "FollowerProgress", "ReplicaState", "ReplicationRefused"]
+
+log = logging.getLogger("logd_trio.server.replica")
+
+EPOCH_COUNTER = "leader-epoch"
+
+
+class ReplicationRefused(LogdError):
+    """This node cannot replicate as configured (pointed at itself, at a follower, ...); the server stops."""
+
+
+@dataclass(slots=True)
+class FollowerProgress:
+    """What one follower acknowledged of one topic (its next fetch offset), when it last fetched it,
+    and when it was last caught up with the leader's durable head (the in-sync rule)."""
+
+    offset: int
+    at: float
+    caught_up: float
+    replied_head: int = -1  # the leader's head when it last answered this follower (-1: not answered yet)
+
+
+def _read_counter(path: Path) -> int:
+    try:
+        text = path.read_text("ascii").strip()
+    except FileNotFoundError:
+        return 0
+    except (OSError, UnicodeDecodeError) as e:
+        raise StorageError(f"cannot read {path}: {e}") from e
+    if not text.isdigit():
+        raise StorageError(f"{path}: expected a number, got {text[:40]!r}")
+    return int(text)
+
+
+def _write_counter(path: Path, value: int, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, mode)
+        try:
+            os.write(fd, b"%d\n" % value)
+            current().fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+class ReplicaState:
+    """See the module docstring."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.leader = config.replicate_from  # "" on the leader
+        self.epoch = 0  # the leader epoch this node serves (a leader) or last saw (a follower)
+        self.epochs: dict[str, EpochFile] = {}
+        self.followers: dict[tuple[str, str], FollowerProgress] = {}
+        self._progress = trio.Event()  # set (and replaced) whenever a follower's acknowledgement moves
+
+    @property
+    def is_follower(self) -> bool:
+        return bool(self.leader)
+
+    def load(self) -> None:
+        """Blocking: a leader takes the next epoch (durably) before its topics open."""
+        path = Path(self.config.workdir) / EPOCH_COUNTER
+        last = _read_counter(path)
+        if self.is_follower:
+            self.epoch = last
+            return
+        self.epoch = last + 1
+        _write_counter(path, self.epoch, self.config.file_mode)
+        log.info("leader epoch %d", self.epoch)
+
+    def open_topic(self, root: Path, name: str) -> Topic:
+        """Blocking: open (recover) a topic and its epoch file; a leader records its epoch from the head.
+
+        A follower's topics get a :class:`FollowerLog` (appends only at the offsets the fetcher expects).
+        """
+        c = self.config
+        if self.is_follower:
+            flog = FollowerLog.open(root, name, partition_size=c.partition_size, partitions=c.partitions,
+                                    file_mode=c.file_mode, dir_mode=c.dir_mode)
+            topic = Topic(name, flog, c)
+        else:
+            topic = Topic.open(root, name, c)
+        try:
+            ef = EpochFile.load(Path(root) / name, c.file_mode)
+            if not self.is_follower:
+                ef.assign(self.epoch, topic.log.head)
+        except BaseException:
+            topic.log.close_without_sync()
+            raise
+        self.epochs[name] = ef
+        return topic
+
+    def note_epoch(self, epoch: int) -> None:
+        """Blocking (follower): remember the newest leader epoch seen."""
+        if epoch > self.epoch:
+            self.epoch = epoch
+            _write_counter(Path(self.config.workdir) / EPOCH_COUNTER, epoch, self.config.file_mode)
+
+    # ------------------------------------------------------------ leader side
+
+    def refuse_writes(self) -> None:
+        """Raise ``ERR not leader HOST:PORT`` on a follower, ``ERR not enough replicas`` with
+        ``--acks all`` and fewer than ``--min-insync`` nodes in sync."""
+        if self.leader:
+            raise RequestError(f"not leader {self.leader}")
+        if self.config.acks == "all" and len(self.in_sync(trio.current_time())) + 1 < self.config.min_insync:
+            raise RequestError("not enough replicas")
+
+    def in_sync(self, now: float) -> set[str]:
+        """Followers that fetched every topic they follow, caught up, within ``--replica-lag``."""
+        lag = self.config.replica_lag
+        nodes: dict[str, bool] = {}
+        for (node, _), p in self.followers.items():
+            nodes[node] = nodes.get(node, True) and now - p.caught_up <= lag
+        return {n for n, ok in nodes.items() if ok}
+
+    def record(self, node: str, topic: str, offset: int, head: int) -> None:
+        """A fetch from ``node`` arrived at ``offset``: its acknowledgement.  It is caught up when it has
+        everything the leader had at its previous answer (or at ``head``, the leader's durable head now)."""
+        now = trio.current_time()
+        p = self.followers.get((node, topic))
+        if p is None:  # a topic new to this follower: an in-sync follower gets --replica-lag to catch up on it
+            caught = offset >= head or node in self.in_sync(now)
+            p = self.followers[(node, topic)] = FollowerProgress(offset, now, now if caught else -math.inf)
+        else:
+            p.offset, p.at = offset, now
+            if offset >= head or 0 <= p.replied_head <= offset:
+                p.caught_up = now
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def wait_acks(self, topic: str, offset: int) -> None:
+        """``--acks all``: return once the batch at ``offset`` is durable on ``--min-insync`` nodes (the
+        leader's own copy is, when this is called).  Raises ``RequestError("not enough replicas")``
+        when the in-sync set shrinks below that meanwhile."""
+        need = self.config.min_insync - 1
+        while need > 0:
+            insync = self.in_sync(trio.current_time())
+            if len(insync) < need:
+                raise RequestError("not enough replicas")
+            acked = sum(1 for n in insync if (p := self.followers.get((n, topic))) is not None and p.offset > offset)
+            if acked >= need:
+                return
+            with trio.move_on_after(self.config.replica_lag / 4):
+                await self._progress.wait()
+
+    def check_fetch(self, req: Fetch) -> None:
+        """The request-level checks of a FETCH (before any wait).  Raises :class:`RequestError`."""
+        if self.leader:
+            raise RequestError(f"not leader {self.leader}")
+        if self.node_id and req.node == self.node_id:
+            raise RequestError(f"fetch from node id {req.node}, which is this node's own id")
+        if req.epoch and req.epoch != self.epoch:
+            raise RequestError(f"fenced: epoch {req.epoch}, the leader's is {self.epoch}")
+
+    def fetch_reply(self, tlog: TopicLog, req: Fetch, visible: int) -> tuple[bytes, ReadPlan]:
+        """The reply header and the plan of its frames; records the follower's acknowledgement.
+
+        ``visible`` is the topic's readable head (a batch boundary).  An offset
+        before the leader's first gives an empty reply (the follower moves its
+        start there if it is empty).  Raises :class:`RequestError` for an offset
+        past the head or inside a batch.
+        """
+        name = req.topic
+        if req.offset > visible:
+            raise RequestError(f"offset {req.offset} beyond the leader's head {visible}")
+        progress = self.followers.get((req.node, name))
+        if progress is not None:
+            progress.replied_head = visible
+        ef = self.epochs.get(name)
+        starts: list[int] = []
+        if req.offset < tlog.first:
+            plan, epoch = ReadPlan(req.offset), self.epoch
+        else:
+            end = ef.end_of(req.offset) if ef is not None else None
+            stop = visible if end is None else min(end, visible)
+            epoch = ef.epoch_at(req.offset) if ef is not None else self.epoch
+            try:
+                plan, starts = fetch_plan(tlog, req.offset, req.max_bytes, stop)
+            except StorageError as e:  # an offset inside a batch: the follower's log is not the leader's
+                raise RequestError(str(e)) from e
+        header = FetchHeader(self.epoch, epoch, tlog.first, visible, req.offset, plan.nbytes, tuple(starts))
+        return encode_fetch_header(header), plan
