@@ -281,7 +281,10 @@ class Topic:
             return
         t0 = time.perf_counter()
         try:
-            await trio.to_thread.run_sync(job.run)
+            # Shielded: capturing the job counted its bytes as synced, so it must run (a cancel
+            # before its thread starts would drop it unrun; once started it is never abandoned).
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(job.run)
             self.log.check_linked(job)
         except OSError as e:
             self._fail_stop(f"fsync failed: {e.strerror or e}")
@@ -291,6 +294,8 @@ class Topic:
                          "to it since the last fsync are not acknowledged", self.name, e.path)
             self._fail_stop(str(e))
             return
+        finally:
+            job.close()  # a no-op once it ran; else its dup'ed fds must not leak
         self.histograms.fsync_latency.observe(time.perf_counter() - t0)
         covered = self._ack_upto(job.upto)
         self.synced_batches += covered

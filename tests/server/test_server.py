@@ -580,3 +580,60 @@ async def test_retention_never_drops_unacknowledged_batches(
     m = re.search(rb"rb: (\d+) (\d+)\r\n", await other.reply())
     assert m is not None and 0 < int(m.group(1)) <= int(m.group(2)) == end
     await srv.stop()
+
+
+# ---------------------------------------------------------------- cancellation of the topic task
+
+
+class CancelAtCapture(syscalls.Layer):
+    """Records each completed fdatasync (path, size); once ``scope`` is set, the next ``dup``
+    (a sync job being captured on the Trio thread) cancels it: the cancel lands between the
+    capture of a job and the start of its worker thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.scope: trio.CancelScope | None = None
+        self.synced: dict[str, int] = {}
+
+    def dup(self, fd: int) -> int:
+        if self.scope is not None:
+            self.scope.cancel()
+            self.scope = None
+        return self.inner.dup(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        self.inner.fdatasync(fd)
+        with self.lock:
+            self.synced[os.readlink(f"/proc/self/fd/{fd}")] = size
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_cancel_between_capture_and_fsync_never_acknowledges_unsynced_batches(
+    tmp_path: Path, syscall_layer: Callable[[CancelAtCapture], CancelAtCapture]
+) -> None:
+    """The topic task is cancelled (a second SIGTERM, an embedder cancelling serve()) right after
+    its syncer captured a job: the job still runs, so a batch answered OK was fdatasynced, and
+    the job's duplicated fds do not leak.  (The job used to be dropped unrun while its bytes
+    counted as synced: the final sync then acknowledged a batch whose .log was never synced.)"""
+    root = tmp_path / "d"
+    root.mkdir()
+    topic = Topic.open(root, "cc", make_config(root, fsync="always"))
+    layer = syscall_layer(CancelAtCapture())
+    fds = open_fds()
+    frame = batch_request("cc", [b"payload"])
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as n:
+            await n.start(topic.run)
+            layer.scope = scope
+            item = await topic.append(frame, 1)
+            await item.done.wait()
+    assert topic.closed
+    assert item.error is not None or item.offset == 0
+    if item.error is None:  # acknowledged: its bytes were made durable first
+        assert layer.synced.get(str(root / "cc" / "0.log"), 0) >= len(frame), layer.synced
+    assert open_fds() <= fds - 3  # the log, index and directory fds closed, and no dup left behind
