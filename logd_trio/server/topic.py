@@ -341,7 +341,10 @@ class Topic:
     async def _remove(self) -> None:
         job = self.log.remove_job()
         if job is not None:
-            await trio.to_thread.run_sync(job.run)  # not abandoned on cancel: a removal always completes
+            with trio.CancelScope(shield=True):  # the partitions left the log: a removal always completes
+                await trio.to_thread.run_sync(job.run)
+            self.log.removed()
+            self._dirty.set()  # with --fsync always, the syncer makes the unlinks durable
 
     async def _final_sync(self) -> None:
         """Shutdown: everything appended is made durable (in a worker thread), then files close.
@@ -353,12 +356,13 @@ class Topic:
             return
         with trio.move_on_after(self.config.shutdown_timeout) as scope:
             try:
-                job = self.log.sync_job(final=True)
-                if job is not None:
-                    await trio.to_thread.run_sync(job.run, abandon_on_cancel=True)
-                    self.log.check_linked(job)
-                self._ack_upto(self.log.head)
-                await self._remove()
+                for _ in range(2):  # the second round makes durable what the removal unlinked
+                    job = self.log.sync_job(final=True)
+                    if job is not None:
+                        await trio.to_thread.run_sync(job.run, abandon_on_cancel=True)
+                        self.log.check_linked(job)
+                    self._ack_upto(self.log.head)
+                    await self._remove()
             except (OSError, StorageError) as e:
                 log.critical("topic %s: final fsync failed: %s", self.name, e)
                 self._fail_all(StorageError("final fsync failed"))

@@ -637,3 +637,23 @@ async def test_cancel_between_capture_and_fsync_never_acknowledges_unsynced_batc
     if item.error is None:  # acknowledged: its bytes were made durable first
         assert layer.synced.get(str(root / "cc" / "0.log"), 0) >= len(frame), layer.synced
     assert open_fds() <= fds - 3  # the log, index and directory fds closed, and no dup left behind
+
+
+async def test_cancelled_removal_still_removes_the_partitions(tmp_path: Path) -> None:
+    """Cancelled just before its worker thread starts, a retention removal still runs: the
+    dropped partitions are out of the log already, so they would otherwise never be removed
+    (their files left behind, their fds leaked)."""
+    root = tmp_path / "d"
+    root.mkdir()
+    topic = Topic.open(root, "cr", make_config(root, partition_size=300, partitions=2))
+    for i in range(20):
+        topic.log.append(batch_request("cr", [b"%03d" % i + b"x" * 80]), 1)
+    topic.log.acknowledge(topic.log.head)
+    assert topic.log.removal_pending
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await topic._remove()
+    assert not topic.log.removal_pending
+    names = [p.name for p in (root / "cr").glob("*.log")]
+    assert len(names) == 2 and f"{topic.log.first}.log" in names, names  # only the retained ones
+    topic.log.close()

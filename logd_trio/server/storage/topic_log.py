@@ -209,8 +209,12 @@ class TopicLog:
         if not self._doomed:
             return None
         doomed, self._doomed = self._doomed, []
-        self._dir_dirty = True
         return RemoveJob(doomed, [f for p in doomed for f in p.paths(self._dir)], self.topic, self._log)
+
+    def removed(self) -> None:
+        """A :meth:`remove_job` has run (owning thread): the next sync fsyncs the directory, so
+        that the unlinks are durable (marked only now: a sync before them would not cover them)."""
+        self._dir_dirty = True
 
     # ------------------------------------------------------------------ syncing
 
@@ -368,6 +372,8 @@ class TopicLog:
             job = self.remove_job()
             if job is not None:
                 job.run()
+                self.removed()
+                self.sync()
         finally:
             self.close_without_sync()
 
