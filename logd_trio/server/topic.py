@@ -131,7 +131,7 @@ class Topic:
         """The acknowledged batches from ``offset`` (message sum below ``limit``), every frame verified.
 
         Frames an earlier process left that the scrub has not reached yet are verified
-        first (inline when small, else in a worker thread), then planned again; the plan
+        first (in a worker thread), then planned again; the plan
         stops before any corrupt batch.  Raises :class:`NotFound`, ``CorruptData`` (the
         batch at ``offset`` is corrupt) or :class:`StorageError`.  The caller closes the
         plan.  Cancelled: nothing to close; verified ranges are kept once applied.

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from logd_trio.server.storage import syscalls
+from logd_trio.server.storage import recovery, syscalls
 from logd_trio.server.storage.topic_log import TopicLog
 from logd_trio.server.topic import Topic
 
@@ -657,3 +657,37 @@ async def test_cancelled_removal_still_removes_the_partitions(tmp_path: Path) ->
     names = [p.name for p in (root / "cr").glob("*.log")]
     assert len(names) == 2 and f"{topic.log.first}.log" in names, names  # only the retained ones
     topic.log.close()
+
+
+class PreadRecorder(syscalls.Layer):
+    """Records, for each verification pread, whether it ran on the Trio (main) thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_main: list[bool] = []
+
+    def pread(self, fd: int, n: int, pos: int) -> bytes:
+        self.on_main.append(threading.current_thread() is threading.main_thread())
+        return self.inner.pread(fd, n, pos)
+
+
+async def test_read_verification_runs_off_the_trio_thread(
+    nursery: trio.Nursery, tmp_path: Path, syscall_layer: Callable[[PreadRecorder], PreadRecorder],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A READ of one small batch an earlier process wrote (not scrubbed yet) verifies it in a
+    worker thread: the log's pread can block on a cold page cache (it used to run inline)."""
+    root = tmp_path / "d"
+    tl = TopicLog.open(root, "vr", partition_size=1 << 20, partitions=10)
+    reqs = [batch_request("vr", [b"m%d" % i]) for i in range(5)]
+    offs = [tl.append(r, 1) for r in reqs]
+    tl.close()
+    monkeypatch.setattr(recovery, "VERIFY_TAIL", 0)  # the restart re-verifies none of it itself
+    rec = syscall_layer(PreadRecorder())
+    srv = await start_server(nursery, make_config(root, scrub_rate=0))
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(b"READ vr %d 1\r\n" % offs[2])
+    _, frames = await w.read_reply()
+    assert frames == [reqs[2]]
+    assert rec.on_main and not any(rec.on_main)
+    await srv.stop()

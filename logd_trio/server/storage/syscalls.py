@@ -1,7 +1,8 @@
 """The storage layer's seam to the operating system for the calls that decide durability.
 
-Every ``fsync``, ``fdatasync``, ``dup``, ``pwrite`` and ``unlink`` the storage
-code makes goes through :func:`current`, so that a test (or an operator's
+Every ``fsync``, ``fdatasync``, ``dup``, ``pwrite``, ``write``, ``ftruncate`` and
+``unlink`` the storage code makes, and the ``pread`` of frame verification, go
+through :func:`current`, so that a test (or an operator's
 diagnostic build) can fail, record or slow them down without patching
 :mod:`os` for the whole process::
 
@@ -46,6 +47,15 @@ class Syscalls:
     def pwrite(self, fd: int, data: _Buf, pos: int) -> int:
         return os.pwrite(fd, data, pos)
 
+    def write(self, fd: int, data: _Buf) -> int:
+        return os.write(fd, data)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    def pread(self, fd: int, n: int, pos: int) -> bytes:
+        return os.pread(fd, n, pos)
+
     def unlink(self, path: Path) -> None:
         os.unlink(path)
 
@@ -69,6 +79,15 @@ class Layer(Syscalls):
 
     def pwrite(self, fd: int, data: _Buf, pos: int) -> int:
         return self.inner.pwrite(fd, data, pos)
+
+    def write(self, fd: int, data: _Buf) -> int:
+        return self.inner.write(fd, data)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        self.inner.ftruncate(fd, length)
+
+    def pread(self, fd: int, n: int, pos: int) -> bytes:
+        return self.inner.pread(fd, n, pos)
 
     def unlink(self, path: Path) -> None:
         self.inner.unlink(path)

@@ -124,7 +124,7 @@ class TopicLog:
         if self._needs_truncate:
             hp = self._parts[-1]
             try:
-                os.ftruncate(hp.fd, hp.size)
+                current().ftruncate(hp.fd, hp.size)
             except OSError as e:
                 raise StorageError(f"topic {self.topic}: write failed: {_why(e)}") from e
             self._needs_truncate = False
@@ -147,7 +147,7 @@ class TopicLog:
             write_all(hp.fd, frame, n, pos)
         except OSError as e:
             try:
-                os.ftruncate(hp.fd, pos)
+                current().ftruncate(hp.fd, pos)
             except OSError:
                 self._needs_truncate = True
             raise StorageError(f"topic {self.topic}: write failed: {_why(e)}") from e
