@@ -13,6 +13,7 @@ import re
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -32,6 +33,7 @@ from logd_trio.server.storage.partition import Ranges
 from logd_trio.server.storage.rebuild import IndexSuspect
 from logd_trio.server.storage.topic_log import TopicLog
 
+from .. import harness
 from ..harness import ServerProcess, make_config, spawn, start_server
 from ..wire import Wire, batch_request
 from .test_server import capture_topics
@@ -1144,3 +1146,29 @@ async def test_files_removed_under_the_server_are_never_acknowledged_into(
     _, frames = await w.read_reply()
     assert frames == [batch_request("rm", [b"before"])]
     await srv.stop()
+
+
+async def test_slow_disk_reaches_spawned_server_processes(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--slow-disk`` (harness.SLOW_DISK) reaches a spawned server through LOGD_TEST_SLOW_DISK:
+    with --fsync always an OK takes at least the injected delay (a lower bound only: a fast
+    disk cannot make this fail, a slow one only makes it pass more surely)."""
+    monkeypatch.setattr(harness, "SLOW_DISK", "400ms")
+    srv = await spawn(nursery, tmp_path / "d", "--fsync", "always")
+    w = await Wire.connect(srv.host, srv.port)
+    t0 = time.monotonic()
+    await w.send(batch_request("sd", [b"x"]))
+    assert (await w.reply()).startswith(b"OK ")
+    assert time.monotonic() - t0 >= 0.4
+    await w.aclose()
+    srv.proc.terminate()
+    await srv.proc.wait()
+
+
+def test_slow_disk_variable_is_checked(tmp_path: Path) -> None:
+    """A bad LOGD_TEST_SLOW_DISK stops the server process with an error naming the variable."""
+    env = dict(os.environ, LOGD_TEST_SLOW_DISK="fast")
+    r = subprocess.run([sys.executable, "-c", "import logd_trio.server.storage.syscalls"], env=env,
+                       capture_output=True, timeout=60)
+    assert r.returncode != 0 and b"LOGD_TEST_SLOW_DISK: 'fast' is not a delay" in r.stderr
