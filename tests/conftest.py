@@ -15,6 +15,7 @@ import trio.testing
 from logd_trio.client.client import Client, open_client
 from logd_trio.server.storage import syscalls
 
+from . import harness
 from .harness import FAST_RETRY, DiskTakesNoVirtualTime, LocalServer, SlowDisk, parse_delay
 
 L = TypeVar("L", bound=syscalls.Layer)
@@ -39,6 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
             delay = parse_delay(value)
         except ValueError as e:
             raise pytest.UsageError(f"--slow-disk: {e}") from None
+        harness.SLOW_DISK = value  # for the server processes the tests spawn
         _slow_disk = contextlib.ExitStack()
         _slow_disk.enter_context(syscalls.install(SlowDisk(delay)))
 

@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -126,31 +125,12 @@ class LocalServer:
 
 # ---------------------------------------------------------------- slow disk
 
-_DELAY = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s)")
-
-
-def parse_delay(text: str) -> float:
-    """``60ms`` or ``0.2s`` -> seconds."""
-    m = _DELAY.fullmatch(text.strip())
-    if m is None:
-        raise ValueError(f"{text!r} is not a delay like 60ms or 0.2s")
-    return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
-
-
-class SlowDisk(syscalls.Layer):
-    """Every fsync/fdatasync of the storage layer takes ``delay`` seconds longer (real time)."""
-
-    def __init__(self, delay: float) -> None:
-        super().__init__()
-        self.delay = delay
-
-    def fsync(self, fd: int) -> None:
-        time.sleep(self.delay)
-        self.inner.fsync(fd)
-
-    def fdatasync(self, fd: int) -> None:
-        time.sleep(self.delay)
-        self.inner.fdatasync(fd)
+# parse_delay and SlowDisk live beside the seam: a spawned server installs the same layer
+# when SLOW_DISK_ENV is set (see spawn).
+parse_delay = syscalls.parse_delay
+SlowDisk = syscalls.SlowDisk
+# The --slow-disk delay of this run ("" for none); conftest sets it, spawn passes it on.
+SLOW_DISK = ""
 
 
 class DiskTakesNoVirtualTime(syscalls.Layer):
@@ -220,7 +200,11 @@ async def spawn(nursery: trio.Nursery, workdir: Path, *args: str, ulimit: str | 
            "--workdir", str(workdir), *args]
     if ulimit is not None:
         cmd = with_ulimit(ulimit, cmd)
-    proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    env = dict(os.environ)
+    env.pop(syscalls.SLOW_DISK_ENV, None)
+    if SLOW_DISK:  # the run's --slow-disk reaches the server process too
+        env[syscalls.SLOW_DISK_ENV] = SLOW_DISK
+    proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
     assert proc.stderr is not None
     log = bytearray()
     found = trio.Event()

@@ -133,7 +133,7 @@ class Topic:
         """The acknowledged batches from ``offset`` (message sum below ``limit``), every frame verified.
 
         Frames an earlier process left that the scrub has not reached yet are verified
-        first (inline when small, else in a worker thread), then planned again; the plan
+        first (in a worker thread), then planned again; the plan
         stops before any corrupt batch.  Raises :class:`NotFound`, ``CorruptData`` (the
         batch at ``offset`` is corrupt) or :class:`StorageError`.  The caller closes the
         plan.  Cancelled: nothing to close; verified ranges are kept once applied.
@@ -282,7 +282,10 @@ class Topic:
             return
         t0 = time.perf_counter()
         try:
-            await trio.to_thread.run_sync(self.fds.run_job, job)  # then the reserve takes its slots back
+            # Shielded: capturing the job counted its bytes as synced, so it must run (a cancel
+            # before its thread starts would drop it unrun; once started it is never abandoned).
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.fds.run_job, job)  # then the reserve takes its slots back
             self.log.check_linked(job)
         except OSError as e:
             self._fail_stop(f"fsync failed: {e.strerror or e}")
@@ -292,6 +295,8 @@ class Topic:
                          "to it since the last fsync are not acknowledged", self.name, e.path)
             self._fail_stop(str(e))
             return
+        finally:
+            job.close()  # a no-op once it ran; else its dup'ed fds must not leak
         self.histograms.fsync_latency.observe(time.perf_counter() - t0)
         covered = self._ack_upto(job.upto)
         self.synced_batches += covered
@@ -337,7 +342,10 @@ class Topic:
     async def _remove(self) -> None:
         job = self.log.remove_job()
         if job is not None:
-            await trio.to_thread.run_sync(job.run)  # not abandoned on cancel: a removal always completes
+            with trio.CancelScope(shield=True):  # the partitions left the log: a removal always completes
+                await trio.to_thread.run_sync(job.run)
+            self.log.removed()
+            self._dirty.set()  # with --fsync always, the syncer makes the unlinks durable
 
     async def _final_sync(self) -> None:
         """Shutdown: everything appended is made durable (in a worker thread), then files close.
@@ -349,12 +357,13 @@ class Topic:
             return
         with trio.move_on_after(self.config.shutdown_timeout) as scope:
             try:
-                job = self.log.sync_job(final=True)
-                if job is not None:
-                    await trio.to_thread.run_sync(job.run, abandon_on_cancel=True)
-                    self.log.check_linked(job)
-                self._ack_upto(self.log.head)
-                await self._remove()
+                for _ in range(2):  # the second round makes durable what the removal unlinked
+                    job = self.log.sync_job(final=True)
+                    if job is not None:
+                        await trio.to_thread.run_sync(job.run, abandon_on_cancel=True)
+                        self.log.check_linked(job)
+                    self._ack_upto(self.log.head)
+                    await self._remove()
             except (OSError, StorageError) as e:
                 log.critical("topic %s: final fsync failed: %s", self.name, e)
                 self._fail_all(StorageError("final fsync failed"))

@@ -13,6 +13,7 @@ import re
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -32,6 +33,7 @@ from logd_trio.server.storage.partition import Ranges
 from logd_trio.server.storage.rebuild import IndexSuspect
 from logd_trio.server.storage.topic_log import TopicLog
 
+from .. import harness
 from ..harness import ServerProcess, make_config, spawn, start_server
 from ..wire import Wire, batch_request
 from .test_server import capture_topics
@@ -453,22 +455,28 @@ def test_free_space_guard_checks_rarely(monkeypatch: pytest.MonkeyPatch) -> None
 class PowerLoss(syscalls.Layer):
     """Fault-injection layer over the storage layer's syscalls: records what fsync made durable.
 
-    * ``fsync``/``fdatasync`` of a file: its size at the *start* of the call is durable;
-    * ``fsync`` of a directory: its entries at the start of the call are durable;
+    * ``fsync``/``fdatasync`` of a file: its size at the *start* of the call is durable once
+      the call *returns* (``delay`` seconds later: an OK sent while an fsync still runs is
+      caught);
+    * ``fsync`` of a directory: likewise its entries at the start of the call;
+    * ``unlink`` of a file whose entry is durable: the file comes back after a power loss
+      (with its synced prefix) until a later directory fsync sees it gone;
     * everything present when the layer is installed counts as durable.
 
     :meth:`snapshot` builds what a power loss would leave: per file only the synced prefix,
     and only the entries of each directory that its last directory fsync saw (a new partition
-    whose directory was not fsynced vanishes).  The real fsync is not called (not needed to
-    simulate, and fast).  Not modelled: unlinked files coming back.
+    whose directory was not fsynced vanishes; an unlinked one not yet fsynced away returns).
+    The real fsync is not called (not needed to simulate, and fast).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, delay: float = 0.0) -> None:
         super().__init__()
         self.root = str(root)
+        self.delay = delay
         self.lock = threading.Lock()
         self.synced: dict[str, int] = {}
         self.entries: dict[str, set[str]] = {}
+        self.ghosts: dict[str, bytes] = {}  # unlinked, entry still durable: back after a power loss
         self.syncs = 0
         for dirpath, dirnames, filenames in os.walk(root):
             self.entries[dirpath] = set(dirnames) | set(filenames)
@@ -484,12 +492,26 @@ class PowerLoss(syscalls.Layer):
     def record(self, fd: int) -> None:
         path = os.readlink(f"/proc/self/fd/{fd}")
         st_ = os.fstat(fd)
-        with self.lock:
+        is_dir = stat.S_ISDIR(st_.st_mode)
+        seen = set(os.listdir(path)) if is_dir else set()  # what the call covers: fixed at its start
+        if self.delay:
+            time.sleep(self.delay)
+        with self.lock:  # ... and durable only once it returns
             self.syncs += 1
-            if stat.S_ISDIR(st_.st_mode):
-                self.entries[path] = set(os.listdir(path))
+            if is_dir:
+                self.entries[path] = seen
+                for g in [g for g in self.ghosts if os.path.dirname(g) == path and os.path.basename(g) not in seen]:
+                    del self.ghosts[g]
             else:
                 self.synced[path] = st_.st_size
+
+    def unlink(self, path: Path) -> None:
+        p = str(path)
+        with self.lock:
+            if os.path.basename(p) in self.entries.get(os.path.dirname(p), ()) and os.path.exists(p):
+                with open(p, "rb") as fh:
+                    self.ghosts[p] = fh.read(self.synced.get(p, 0))
+        self.inner.unlink(path)
 
     def durable(self, path: Path) -> int:
         """Bytes of ``path`` that survive a power loss now (0 if its entry would vanish)."""
@@ -520,6 +542,10 @@ class PowerLoss(syscalls.Layer):
                         src = os.path.join(dirpath, f)
                         with open(src, "rb") as fh:
                             (dest / rel / f).write_bytes(fh.read(self.synced.get(src, 0)))
+            for g, data in self.ghosts.items():
+                parent = dest / os.path.relpath(os.path.dirname(g), self.root)
+                if parent.is_dir() and os.path.basename(g) in self.entries.get(os.path.dirname(g), ()):
+                    (parent / os.path.basename(g)).write_bytes(data)
 
 
 def recovered_frames(root: Path, topic: str) -> dict[int, bytes]:
@@ -564,7 +590,7 @@ async def test_power_loss_fsync_always_keeps_every_acknowledged_batch(
     with every batch acknowledged before them, byte-identical."""
     root = tmp_path / "d"
     root.mkdir()
-    pl = syscall_layer(PowerLoss(root))
+    pl = syscall_layer(PowerLoss(root, delay=0.002))  # an fsync takes time: durable when it returns
     srv = await start_server(nursery, make_config(root, fsync="always", partition_size=16 * 1024,
                                                   partitions=100_000, scrub_rate=0))
     acked: list[tuple[int, bytes]] = []
@@ -595,6 +621,106 @@ async def test_power_loss_fsync_always_keeps_every_acknowledged_batch(
     print(f"fsync=always: {len(acked)} acknowledged, {len(snapshots)} power losses, {lost} lost")
     assert lost == 0
     assert len(snapshots) >= 6
+
+
+def test_power_loss_model_counts_an_fsync_once_it_returns(tmp_path: Path) -> None:
+    """The model itself: bytes are durable only when the fsync covering them has returned
+    (so an OK sent while that fsync runs is caught), and only the bytes written before it
+    started; an unlinked file comes back until a directory fsync sees it gone."""
+    root = tmp_path / "d"
+    (root / "t").mkdir(parents=True)
+    pl = PowerLoss(root, delay=0.3)
+    path = root / "t" / "0.log"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    dfd = os.open(root / "t", os.O_RDONLY)
+    try:
+        os.write(fd, b"a" * 10)
+        pl.fsync(dfd)
+        t = threading.Thread(target=pl.fdatasync, args=(fd,))
+        t.start()
+        time.sleep(0.1)  # (a real sleep: only the order of events matters, never how long it took)
+        os.write(fd, b"b" * 5)  # written while the fdatasync runs: not covered by it
+        assert t.is_alive() and pl.durable(path) == 0
+        t.join()
+        assert pl.durable(path) == 10
+        pl.delay = 0
+        pl.unlink(path)
+        pl.snapshot(tmp_path / "s1")
+        assert (tmp_path / "s1" / "t" / "0.log").read_bytes() == b"a" * 10  # the unlink is not durable
+        pl.fsync(dfd)
+        pl.snapshot(tmp_path / "s2")
+        assert not (tmp_path / "s2" / "t" / "0.log").exists()
+    finally:
+        os.close(fd)
+        os.close(dfd)
+
+
+def test_retention_unlinks_are_durable_at_close(
+    tmp_path: Path, syscall_layer: Callable[[PowerLoss], PowerLoss]
+) -> None:
+    """Closing a log removes what retention dropped and then fsyncs the directory: a power
+    loss after a clean close does not bring deleted partitions back (first never goes back)."""
+    root = tmp_path / "d"
+    root.mkdir()
+    pl = syscall_layer(PowerLoss(root))
+    tl = TopicLog.open(root, "rc", partition_size=300, partitions=2)
+    for i in range(20):
+        tl.append(batch_request("rc", [b"%03d" % i + b"x" * 80]), 1)
+    tl.acknowledge(tl.head)
+    first = tl.first
+    tl.close()
+    pl.snapshot(tmp_path / "snap")
+    assert partitions_of(tmp_path / "snap" / "rc") == partitions_of(root / "rc")
+    reopened = TopicLog.open(tmp_path / "snap", "rc", partition_size=300, partitions=2)
+    assert reopened.first == first
+    reopened.close()
+
+
+class GatedUnlink(syscalls.Layer):
+    """Once armed, every unlink waits for ``release`` (it runs in the remover's worker thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def unlink(self, path: Path) -> None:
+        if self.armed:
+            self.entered.set()
+            self.release.wait(20)
+        self.inner.unlink(path)
+
+
+async def test_retention_unlinks_are_made_durable_by_a_later_fsync(
+    nursery: trio.Nursery, tmp_path: Path, syscall_layer: Callable[[syscalls.Layer], syscalls.Layer]
+) -> None:
+    """An fsync that runs while retention's unlinks are still pending does not count for them
+    (the directory was marked synced before the files were gone): after the unlinks a later
+    directory fsync follows, so a power loss after shutdown does not resurrect them."""
+    root = tmp_path / "d"
+    root.mkdir()
+    pl, gate = PowerLoss(root), GatedUnlink()
+    syscall_layer(pl)
+    syscall_layer(gate)
+    gate.armed = True
+    srv = await start_server(nursery, make_config(root, fsync="always", partition_size=300, partitions=2,
+                                                  scrub_rate=0))
+    w = await Wire.connect(srv.host, srv.port)
+    i = 0
+    while not gate.entered.is_set():  # until retention starts removing a partition
+        await w.send(batch_request("ru", [b"%03d" % i + b"x" * 80]))
+        assert (await w.reply()).startswith(b"OK ")
+        i += 1
+        await trio.sleep(0.01)
+        assert i < 200
+    await w.send(batch_request("ru", [b"while the unlink is held"]))  # an fsync while it is pending
+    assert (await w.reply()).startswith(b"OK ")
+    gate.armed = False
+    gate.release.set()
+    await srv.stop()
+    pl.snapshot(tmp_path / "snap")
+    assert partitions_of(tmp_path / "snap" / "ru") == partitions_of(root / "ru")
 
 
 @pytest.mark.parametrize("mode", ["interval", "never"])
@@ -1020,3 +1146,29 @@ async def test_files_removed_under_the_server_are_never_acknowledged_into(
     _, frames = await w.read_reply()
     assert frames == [batch_request("rm", [b"before"])]
     await srv.stop()
+
+
+async def test_slow_disk_reaches_spawned_server_processes(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--slow-disk`` (harness.SLOW_DISK) reaches a spawned server through LOGD_TEST_SLOW_DISK:
+    with --fsync always an OK takes at least the injected delay (a lower bound only: a fast
+    disk cannot make this fail, a slow one only makes it pass more surely)."""
+    monkeypatch.setattr(harness, "SLOW_DISK", "400ms")
+    srv = await spawn(nursery, tmp_path / "d", "--fsync", "always")
+    w = await Wire.connect(srv.host, srv.port)
+    t0 = time.monotonic()
+    await w.send(batch_request("sd", [b"x"]))
+    assert (await w.reply()).startswith(b"OK ")
+    assert time.monotonic() - t0 >= 0.4
+    await w.aclose()
+    srv.proc.terminate()
+    await srv.proc.wait()
+
+
+def test_slow_disk_variable_is_checked(tmp_path: Path) -> None:
+    """A bad LOGD_TEST_SLOW_DISK stops the server process with an error naming the variable."""
+    env = dict(os.environ, LOGD_TEST_SLOW_DISK="fast")
+    r = subprocess.run([sys.executable, "-c", "import logd_trio.server.storage.syscalls"], env=env,
+                       capture_output=True, timeout=60)
+    assert r.returncode != 0 and b"LOGD_TEST_SLOW_DISK: 'fast' is not a delay" in r.stderr

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from logd_trio.server.storage import syscalls
+from logd_trio.server.storage import recovery, syscalls
 from logd_trio.server.storage.topic_log import TopicLog
 from logd_trio.server.topic import Topic
 
@@ -579,4 +579,115 @@ async def test_retention_never_drops_unacknowledged_batches(
     await other.send(b"TOPICS\r\n")
     m = re.search(rb"rb: (\d+) (\d+)\r\n", await other.reply())
     assert m is not None and 0 < int(m.group(1)) <= int(m.group(2)) == end
+    await srv.stop()
+
+
+# ---------------------------------------------------------------- cancellation of the topic task
+
+
+class CancelAtCapture(syscalls.Layer):
+    """Records each completed fdatasync (path, size); once ``scope`` is set, the next ``dup``
+    (a sync job being captured on the Trio thread) cancels it: the cancel lands between the
+    capture of a job and the start of its worker thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.scope: trio.CancelScope | None = None
+        self.synced: dict[str, int] = {}
+
+    def dup(self, fd: int) -> int:
+        if self.scope is not None:
+            self.scope.cancel()
+            self.scope = None
+        return self.inner.dup(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        self.inner.fdatasync(fd)
+        with self.lock:
+            self.synced[os.readlink(f"/proc/self/fd/{fd}")] = size
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_cancel_between_capture_and_fsync_never_acknowledges_unsynced_batches(
+    tmp_path: Path, syscall_layer: Callable[[CancelAtCapture], CancelAtCapture]
+) -> None:
+    """The topic task is cancelled (a second SIGTERM, an embedder cancelling serve()) right after
+    its syncer captured a job: the job still runs, so a batch answered OK was fdatasynced, and
+    the job's duplicated fds do not leak.  (The job used to be dropped unrun while its bytes
+    counted as synced: the final sync then acknowledged a batch whose .log was never synced.)"""
+    root = tmp_path / "d"
+    root.mkdir()
+    topic = Topic.open(root, "cc", make_config(root, fsync="always"))
+    layer = syscall_layer(CancelAtCapture())
+    fds = open_fds()
+    frame = batch_request("cc", [b"payload"])
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as n:
+            await n.start(topic.run)
+            layer.scope = scope
+            item = await topic.append(frame, 1)
+            await item.done.wait()
+    assert topic.closed
+    assert item.error is not None or item.offset == 0
+    if item.error is None:  # acknowledged: its bytes were made durable first
+        assert layer.synced.get(str(root / "cc" / "0.log"), 0) >= len(frame), layer.synced
+    assert open_fds() <= fds - 3  # the log, index and directory fds closed, and no dup left behind
+
+
+async def test_cancelled_removal_still_removes_the_partitions(tmp_path: Path) -> None:
+    """Cancelled just before its worker thread starts, a retention removal still runs: the
+    dropped partitions are out of the log already, so they would otherwise never be removed
+    (their files left behind, their fds leaked)."""
+    root = tmp_path / "d"
+    root.mkdir()
+    topic = Topic.open(root, "cr", make_config(root, partition_size=300, partitions=2))
+    for i in range(20):
+        topic.log.append(batch_request("cr", [b"%03d" % i + b"x" * 80]), 1)
+    topic.log.acknowledge(topic.log.head)
+    assert topic.log.removal_pending
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await topic._remove()
+    assert not topic.log.removal_pending
+    names = [p.name for p in (root / "cr").glob("*.log")]
+    assert len(names) == 2 and f"{topic.log.first}.log" in names, names  # only the retained ones
+    topic.log.close()
+
+
+class PreadRecorder(syscalls.Layer):
+    """Records, for each verification pread, whether it ran on the Trio (main) thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_main: list[bool] = []
+
+    def pread(self, fd: int, n: int, pos: int) -> bytes:
+        self.on_main.append(threading.current_thread() is threading.main_thread())
+        return self.inner.pread(fd, n, pos)
+
+
+async def test_read_verification_runs_off_the_trio_thread(
+    nursery: trio.Nursery, tmp_path: Path, syscall_layer: Callable[[PreadRecorder], PreadRecorder],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A READ of one small batch an earlier process wrote (not scrubbed yet) verifies it in a
+    worker thread: the log's pread can block on a cold page cache (it used to run inline)."""
+    root = tmp_path / "d"
+    tl = TopicLog.open(root, "vr", partition_size=1 << 20, partitions=10)
+    reqs = [batch_request("vr", [b"m%d" % i]) for i in range(5)]
+    offs = [tl.append(r, 1) for r in reqs]
+    tl.close()
+    monkeypatch.setattr(recovery, "VERIFY_TAIL", 0)  # the restart re-verifies none of it itself
+    rec = syscall_layer(PreadRecorder())
+    srv = await start_server(nursery, make_config(root, scrub_rate=0))
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(b"READ vr %d 1\r\n" % offs[2])
+    _, frames = await w.read_reply()
+    assert frames == [reqs[2]]
+    assert rec.on_main and not any(rec.on_main)
     await srv.stop()

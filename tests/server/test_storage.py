@@ -749,3 +749,43 @@ def test_long_rescan_logs_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert tl.head == 400 * 100
     assert sum("rescanning:" in r.getMessage() for r in caplog.records) >= 5
     tl.close()
+
+
+class SeamRecorder(syscalls.Layer):
+    """Records (call, fd's file name, argument) of write, ftruncate and fsync."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str, int]] = []
+
+    def _name(self, fd: int) -> str:
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def write(self, fd: int, data: bytes | bytearray | memoryview) -> int:
+        self.calls.append(("write", self._name(fd), len(data)))
+        return self.inner.write(fd, data)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        self.calls.append(("ftruncate", self._name(fd), length))
+        self.inner.ftruncate(fd, length)
+
+    def fsync(self, fd: int) -> None:
+        self.calls.append(("fsync", self._name(fd), 0))
+        self.inner.fsync(fd)
+
+
+def test_copy_aside_and_truncation_go_through_the_seam(tmp_path: Path) -> None:
+    """Copy-aside writes and recovery's truncation of a torn tail use the syscall seam, so
+    injected faults and a slow disk apply to them."""
+    offs, frames = _write_sample(tmp_path, n=12, psize=10**6)
+    lpath = tmp_path / TOPIC / "0.log"
+    data = bytearray(lpath.read_bytes())
+    bad = offs[4]
+    data[bad + len(frames[4]) - 3] ^= 1  # corruption in the middle: copied aside
+    lpath.write_bytes(bytes(data) + b"BATCH 9")  # and a torn tail: cut off
+    with syscalls.install(SeamRecorder()) as rec:
+        tl = open_log(tmp_path, partition_size=10**6)
+        tl.close()
+    copy = next((tmp_path / TOPIC).glob("0.log.corrupt-*")).name
+    assert ("write", copy, offs[5] - bad) in rec.calls and ("fsync", copy, 0) in rec.calls
+    assert ("ftruncate", "0.log", len(data)) in rec.calls

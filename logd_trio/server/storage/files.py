@@ -144,6 +144,7 @@ def copy_aside(directory: Path, start: int, fd: int, a: int, b: int, file_mode: 
     entry, in chunks.  With ``reuse``, an existing copy of the same range (made
     by an earlier run) is returned instead of copying again."""
     prefix = f"{start}{CORRUPT_MARK}{a}-"
+    sys = current()
     if reuse:
         for name in os.listdir(directory):
             if name.startswith(prefix) and (directory / name).stat().st_size == b - a:
@@ -166,9 +167,9 @@ def copy_aside(directory: Path, start: int, fd: int, a: int, b: int, file_mode: 
                 raise OSError(errno.EIO, f"partition {start} shrank while copying")
             view = memoryview(chunk)
             while view:
-                view = view[os.write(cfd, view) :]
+                view = view[sys.write(cfd, view) :]
             at += len(chunk)
-        current().fsync(cfd)
+        sys.fsync(cfd)
     finally:
         os.close(cfd)
     fsync_dir(directory)

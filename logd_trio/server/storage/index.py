@@ -136,7 +136,7 @@ class PartitionIndex:
                 done += w
         except OSError:
             with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, pos)
+                current().ftruncate(self.fd, pos)
             raise
         self.n_file += len(data) // REC_SIZE
         self.file_end, self.file_cum = REC.unpack_from(data, len(data) - REC_SIZE)

@@ -136,7 +136,7 @@ class Recovery:
             end, cum = idx.entry(k)
             n_rec = k + 1
         if n_rec * REC_SIZE != isize:
-            os.ftruncate(ifd, n_rec * REC_SIZE)
+            current().ftruncate(ifd, n_rec * REC_SIZE)
         idx.reset(n_rec)
         scanned = len(idx)
         good, cum = self._scan(fd, idx, end, stop, cum)
@@ -144,7 +144,7 @@ class Recovery:
             # No valid frame where the index says one starts: the index is wrong, not the log.
             self.log.warning("topic %s: index of %s points at no valid frame (position %d); rescanning "
                              "the whole partition", self.topic, lpath, end)
-            os.ftruncate(ifd, 0)
+            current().ftruncate(ifd, 0)
             idx.reset(0)
             scanned = end = 0
             good, cum = self._scan(fd, idx, 0, stop, 0)
@@ -232,5 +232,5 @@ class Recovery:
                 "and truncated the partition",
                 self.topic, lpath, good, start + good, n, copy,
             )
-        os.ftruncate(fd, good)
+        current().ftruncate(fd, good)
         current().fsync(fd)

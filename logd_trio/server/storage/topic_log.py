@@ -124,7 +124,7 @@ class TopicLog:
         if self._needs_truncate:
             hp = self._parts[-1]
             try:
-                os.ftruncate(hp.fd, hp.size)
+                current().ftruncate(hp.fd, hp.size)
             except OSError as e:
                 raise StorageError(f"topic {self.topic}: write failed: {_why(e)}") from e
             self._needs_truncate = False
@@ -147,7 +147,7 @@ class TopicLog:
             write_all(hp.fd, frame, n, pos)
         except OSError as e:
             try:
-                os.ftruncate(hp.fd, pos)
+                current().ftruncate(hp.fd, pos)
             except OSError:
                 self._needs_truncate = True
             raise StorageError(f"topic {self.topic}: write failed: {_why(e)}") from e
@@ -209,8 +209,12 @@ class TopicLog:
         if not self._doomed:
             return None
         doomed, self._doomed = self._doomed, []
-        self._dir_dirty = True
         return RemoveJob(doomed, [f for p in doomed for f in p.paths(self._dir)], self.topic, self._log)
+
+    def removed(self) -> None:
+        """A :meth:`remove_job` has run (owning thread): the next sync fsyncs the directory, so
+        that the unlinks are durable (marked only now: a sync before them would not cover them)."""
+        self._dir_dirty = True
 
     # ------------------------------------------------------------------ syncing
 
@@ -368,6 +372,8 @@ class TopicLog:
             job = self.remove_job()
             if job is not None:
                 job.run()
+                self.removed()
+                self.sync()
         finally:
             self.close_without_sync()
 

@@ -78,7 +78,7 @@ class VerifyJob:
                     break
                 chunk_end = end
                 j += 1
-            buf = os.pread(fd, chunk_end - pos, pos) if chunk_end > pos else b""
+            buf = current().pread(fd, chunk_end - pos, pos) if chunk_end > pos else b""
             self.nbytes += len(buf)
             base = pos
             for k in range(i, j):
