@@ -188,7 +188,8 @@ class Scanner:
     # ------------------------------------------------------------ fetching
 
     async def _start(self) -> None:
-        self._started = True
+        """Resolve where to start; ``_started`` is set only once this succeeded, so a cancelled
+        or failed first ``__anext__`` resolves it again instead of reading from the oldest."""
         pos: Position | None = None
         if self.checkpoint is not None and not self.from_beginning:
             pos = await self.checkpoint.load(self.topic)
@@ -197,6 +198,7 @@ class Scanner:
             pos = await self._resolve_start(self._start_at)
         self._fetch = pos
         self._done = None if pos is None else (pos.offset, pos.delta)
+        self._started = True
 
     async def _cap_read_size(self) -> None:
         if not self._sized:
@@ -227,11 +229,11 @@ class Scanner:
 
     async def _fill(self) -> bool:
         """Read the next reply into the buffer; False at the end of the log (not in follow mode)."""
-        if not self._started:
-            await self._start()
         backoff = 0.05
         while True:
             try:
+                if not self._started:
+                    await self._start()
                 await self._cap_read_size()
                 got = await self._fill_once()
             except BadReply:

@@ -13,6 +13,7 @@ import pytest
 
 from logd_trio.client.checkpoint import FileCheckpoint, MemoryCheckpoint, Position
 from logd_trio.client.client import Client, open_client
+from logd_trio.client.positions import Last
 from logd_trio.client.scanner import ScannerOptions
 from logd_trio.core.errors import BadReply, CheckpointError, NotFound, OffsetRemoved
 from logd_trio.core.framing import build_body, build_frame
@@ -251,3 +252,68 @@ async def test_read_size_halves_for_a_server_with_lower_max_messages(
         assert int(stats["errors.protocol"]) == 6  # refused once per halving, not once per read
         assert await scan(c, "lim", offset=0, read_size=5000, limit=1) != []  # READ as well as TAIL
     await srv.stop()
+
+
+# ---------------------------------------------------------------- review 3: start resolution
+
+
+class _FlakyLoad(MemoryCheckpoint):
+    """A checkpoint whose first load fails (its database briefly down)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads = 0
+
+    async def load(self, topic: str) -> Position | None:
+        self.loads += 1
+        if self.loads == 1:
+            raise ConnectionError("db down")
+        return await super().load(topic)
+
+
+async def test_cancelled_first_next_still_starts_at_the_end(client: Client) -> None:
+    """A first __anext__ cancelled while the start was resolved used to leave the scanner
+    'started' at the oldest message."""
+    await write_batches(client, "cs", [[b"old1"], [b"old2"]])
+    async with client.scanner("cs", start="end") as s:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await s.__anext__()
+        with anyio.fail_after(10):
+            assert [m.body async for m in s] == []  # the old code yielded old1, old2
+
+
+async def test_failed_checkpoint_load_is_resolved_again(client: Client) -> None:
+    await write_batches(client, "fl", [[b"a"], [b"b"], [b"c"]])
+    cp = _FlakyLoad()
+    async with client.scanner("fl", start=Last(1), checkpoint=cp) as s:
+        with pytest.raises(ConnectionError):
+            await s.__anext__()
+        assert (await s.__anext__()).body == b"c"
+    assert cp.loads == 2
+
+
+@virtual_time(0)
+async def test_follow_retries_a_lost_connection_while_starting(tmp_path: Path, anyio_backend_name: str) -> None:
+    """start='end' in follow mode with the server down: retried until it is back, not raised."""
+    async with anyio.create_task_group() as tg:
+        srv = new_server(anyio_backend_name, tg, tmp_path / "d")
+        await srv.start()
+        async with open_client(srv.addr, retry=FAST_RETRY) as c:
+            await c.batch("fs", [b"old"])
+            await c.supports_extensions()
+            await c.max_batch_size()
+            await srv.stop()
+            got: list[bytes] = []
+
+            async def consume() -> None:
+                async with c.scanner("fs", start="end", follow=True) as s:
+                    got.append((await s.__anext__()).body)
+
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(consume)
+                await anyio.sleep(2)  # virtual: the scanner retries meanwhile
+                await srv.start()
+                await c.batch("fs", [b"new"])
+            assert got == [b"new"]
+            await srv.stop()
