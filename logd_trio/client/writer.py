@@ -272,6 +272,12 @@ class Writer(Pipeline):
         self._raise_fatal()
         await anyio.lowlevel.checkpoint_if_cancelled()
         while self._full():
+            b = self._b
+            if b.count and b.size + self._failed_bytes >= self.max_pending:
+                # The batch being built fills max_pending by itself: nothing else would make
+                # room (max_pending below the batch size), so it goes out now.
+                self._seal()
+                self._wake()
             await self._progress.wait()
             if self._closing:
                 raise WriterClosed(f"{what} on a closed writer")

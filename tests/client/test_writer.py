@@ -715,3 +715,16 @@ async def test_opening_a_writer_against_a_stalled_server_times_out(
             async with c.writer("t", open_timeout=3.0):
                 pass  # pragma: no cover
         assert anyio.current_time() - start == pytest.approx(3.0, abs=0.1)
+
+
+async def test_max_pending_below_the_batch_size_does_not_deadlock(client: Client) -> None:
+    """Nothing sealed a batch still being built that filled max_pending alone: with no
+    flush_interval the writer waited forever."""
+    async with client.writer("bp", max_pending=4096, flush_interval=None) as w:
+        with anyio.fail_after(10):
+            for i in range(100):
+                await w.write(b"%03d" % i + b"x" * 97)
+            await w.flush()
+        assert w.acked_messages == 100
+    async with client.scanner("bp") as s:
+        assert [m.body[:3] async for m in s] == [b"%03d" % i for i in range(100)]
