@@ -60,18 +60,22 @@ _STREAM_ERRORS: Final = (OSError, anyio.BrokenResourceError, anyio.ClosedResourc
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How connecting retries: ``attempts`` tries in all, sleeping ``initial``,
-    then ``initial * multiplier``, ... (at most ``maximum``) between them."""
+    then ``initial * multiplier``, ... (at most ``maximum``) between them.  An attempt
+    that takes longer than ``connect_timeout`` seconds (a host that drops the SYN) fails."""
 
     attempts: int = 10
     initial: float = 0.05
     maximum: float = 2.0
     multiplier: float = 2.0
+    connect_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError("RetryPolicy.attempts must be at least 1")
         if self.initial < 0 or self.maximum < 0 or self.multiplier < 1:
             raise ValueError("RetryPolicy delays must be >= 0 and multiplier >= 1")
+        if not self.connect_timeout > 0:
+            raise ValueError("RetryPolicy.connect_timeout must be > 0")
 
     def delays(self) -> Iterator[float]:
         """The sleeps between attempts (``attempts - 1`` of them)."""
@@ -172,7 +176,11 @@ async def connect(address: str, *, retry: RetryPolicy, max_reply: int = DEFAULT_
     delays = retry.delays()
     while True:
         try:
-            stream = await anyio.connect_tcp(host, port)  # sets TCP_NODELAY
+            try:
+                with anyio.fail_after(retry.connect_timeout):
+                    stream = await anyio.connect_tcp(host, port)  # sets TCP_NODELAY
+            except TimeoutError:
+                raise OSError(f"no answer within {retry.connect_timeout:g} s") from None
         except OSError as exc:
             delay = next(delays, None)
             if delay is None:

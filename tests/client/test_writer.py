@@ -4,6 +4,7 @@ backpressure, flush on exit, failures kept and retried, cancellation."""
 from __future__ import annotations
 
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -728,3 +729,27 @@ async def test_max_pending_below_the_batch_size_does_not_deadlock(client: Client
         assert w.acked_messages == 100
     async with client.scanner("bp") as s:
         assert [m.body[:3] async for m in s] == [b"%03d" % i for i in range(100)]
+
+
+async def test_a_black_holed_connect_is_a_failed_attempt() -> None:
+    """A listener whose accept queue is full drops the SYNs: each connect attempt used to hang
+    for the kernel's minutes of SYN retries, and flush with it."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):  # never accepted: the queue is full, later SYNs are dropped
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        policy = RetryPolicy(attempts=2, initial=0.01, connect_timeout=0.2)
+        async with open_client(f"127.0.0.1:{port}", retry=policy, extensions=False) as c:
+            with anyio.fail_after(10), pytest.raises(ConnectionLost, match=r"2 attempts.*no answer within 0.2 s"):
+                await c.connect()
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
