@@ -19,7 +19,7 @@ import select
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Final, Protocol, TypeVar
+from typing import Final, NoReturn, Protocol, TypeVar
 
 import anyio
 import anyio.abc
@@ -29,7 +29,7 @@ from trio.lowlevel import enable_ki_protection
 
 from logd_trio.core.addresses import format_address, parse_address
 from logd_trio.core.defaults import DEFAULT_MAX_REPLY
-from logd_trio.core.errors import BadReply, ConnectionLost, InvalidTopic, Timeout
+from logd_trio.core.errors import BadReply, ConnectionLost, InvalidTopic, Timeout, unwrap_group
 from logd_trio.core.framing import valid_topic
 from logd_trio.core.replies import Reply, ReplyKind, ReplyParser
 from logd_trio.core.requests import NEED_DATA
@@ -40,6 +40,7 @@ __all__ = [
     "RetryPolicy",
     "Session",
     "check_topic",
+    "raise_leaf",
     "connect",
     "deadline",
     "ki_protected",
@@ -200,6 +201,18 @@ def _why(exc: OSError) -> str:
     if isinstance(cause, OSError):
         exc = cause
     return exc.strerror or str(exc)
+
+
+def raise_leaf(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise the one exception to show for a task group's ``group`` (see
+    :func:`~logd_trio.core.errors.unwrap_group`), with its own ``__cause__`` and ``__context__``
+    as the code that raised it left them (not the group's)."""
+    exc = unwrap_group(group, skip=(anyio.get_cancelled_exc_class(),))
+    cause, context, suppress = exc.__cause__, exc.__context__, exc.__suppress_context__
+    try:
+        raise exc
+    finally:
+        exc.__cause__, exc.__context__, exc.__suppress_context__ = cause, context, suppress
 
 
 @contextmanager

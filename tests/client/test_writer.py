@@ -753,3 +753,27 @@ async def test_a_black_holed_connect_is_a_failed_attempt() -> None:
         for s in fillers:
             s.close()
         listener.close()
+
+
+class _AppError(Exception):
+    pass
+
+
+async def test_the_users_exception_keeps_its_cause_and_context(client: Client) -> None:
+    """open_writer re-raised the body's exception 'from None', erasing its chain."""
+    with pytest.raises(_AppError) as caught:
+        async with client.writer("ch") as w:
+            await w.write(b"x")
+            try:
+                {}["k"]
+            except KeyError as e:
+                raise _AppError("failed") from e
+    assert isinstance(caught.value.__cause__, KeyError)
+    assert caught.value.__suppress_context__
+    with pytest.raises(_AppError) as caught:
+        async with client.writer("ch"):
+            try:
+                raise KeyError("inner")
+            except KeyError:
+                raise _AppError("while handling")  # noqa: B904 (the implicit context is the point)
+    assert isinstance(caught.value.__context__, KeyError) and not caught.value.__suppress_context__
