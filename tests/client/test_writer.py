@@ -765,7 +765,7 @@ async def test_the_users_exception_keeps_its_cause_and_context(client: Client) -
         async with client.writer("ch") as w:
             await w.write(b"x")
             try:
-                {}["k"]
+                raise KeyError("k")
             except KeyError as e:
                 raise _AppError("failed") from e
     assert isinstance(caught.value.__cause__, KeyError)
