@@ -4,6 +4,7 @@ follow (long-poll and polling), checkpoints, retention policy, restarts."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Unpack
 
@@ -317,3 +318,40 @@ async def test_follow_retries_a_lost_connection_while_starting(tmp_path: Path, a
                 await c.batch("fs", [b"new"])
             assert got == [b"new"]
             await srv.stop()
+
+
+@pytest.mark.parametrize("new", [[b"n"], [b"n" * 500]], ids=["shorter", "not-a-batch-start"])
+async def test_follow_fails_clearly_when_the_server_comes_back_with_a_shorter_log(
+        tmp_path: Path, anyio_backend_name: str, new: list[bytes]) -> None:
+    """The follower's position is past the head, or not a batch start, of the log the server
+    came back with: it used to wait there forever without a word."""
+    data = tmp_path / "d"
+    caught: list[BaseException] = []
+    at_head, failed = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg:
+        srv = new_server(anyio_backend_name, tg, data)
+        await srv.start()
+        async with open_client(srv.addr, retry=FAST_RETRY) as c:
+            await write_batches(c, "sh", [[b"old0"], [b"old1"], [b"old2"]])
+
+            async def reader() -> None:
+                try:
+                    async with c.scanner("sh", follow=True, wait_ms=100, poll_interval=0.05) as s:
+                        async for m in s:
+                            if m.body == b"old2":
+                                at_head.set()
+                except NotFound as exc:
+                    caught.append(exc)
+                    failed.set()
+
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(reader)
+                await at_head.wait()
+                await srv.stop()
+                await anyio.to_thread.run_sync(shutil.rmtree, data)
+                await srv.start()
+                await c.batch("sh", new)
+                with anyio.fail_after(10):
+                    await failed.wait()
+        await srv.stop()
+    assert "the server's log is shorter" in str(caught[0])
