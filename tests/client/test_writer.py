@@ -24,11 +24,13 @@ from logd_trio.core.replies import Message
 from ..harness import FAST_RETRY
 from .live import (
     LiveServer,
+    elapsed_ok,
     new_server,
     read_body,
     read_line,
     receive_some,
     scripted_peer,
+    virtual_or_scaled,
     virtual_time,
     wait_all_tasks_blocked,
 )
@@ -165,8 +167,8 @@ async def test_pipelining_keeps_depth_batches_in_flight(
     assert seen_before_reply[:3] == [3, 3, 3]
 
 
-@virtual_time()
-async def test_backpressure_bounds_the_queue(tg: anyio.abc.TaskGroup) -> None:
+@virtual_or_scaled()
+async def test_backpressure_bounds_the_queue(tg: anyio.abc.TaskGroup, unit: float) -> None:
     config = b"MaxBatchSize: 1000\r\n"
     release = anyio.Event()
 
@@ -187,7 +189,7 @@ async def test_backpressure_bounds_the_queue(tg: anyio.abc.TaskGroup) -> None:
     async with open_client(addr, retry=FAST_RETRY) as c, c.writer(
             "bp", max_in_flight=1, max_pending=3000, flush_interval=None) as w:
         queued = 0
-        with anyio.move_on_after(5):
+        with anyio.move_on_after(5 * unit):
             while True:
                 await w.write(b"x" * 100)
                 queued += 1
@@ -263,7 +265,6 @@ async def test_permanent_error_stops_the_writer_at_once(
     await srv.stop()
 
 
-@virtual_time()
 async def test_batches_queued_behind_a_permanent_error_fail_without_being_sent(
         tg: anyio.abc.TaskGroup) -> None:
     """A peer that refuses the first batch and counts the others it receives."""
@@ -329,8 +330,8 @@ async def test_body_exception_propagates_unwrapped_after_flush(client: Client) -
         await w.write(b"late")
 
 
-@virtual_time()
-async def test_cancel_while_flushing_on_exit_is_bounded(tg: anyio.abc.TaskGroup) -> None:
+@virtual_or_scaled()
+async def test_cancel_while_flushing_on_exit_is_bounded(tg: anyio.abc.TaskGroup, unit: float) -> None:
     async def silent(stream: anyio.abc.SocketStream) -> None:
         buf = bytearray()
         while (line := await read_line(stream, buf)) is not None:
@@ -340,12 +341,12 @@ async def test_cancel_while_flushing_on_exit_is_bounded(tg: anyio.abc.TaskGroup)
     addr = await scripted_peer(tg, silent)
     async with open_client(addr, retry=FAST_RETRY) as c:
         start = anyio.current_time()
-        with anyio.move_on_after(1) as scope:
-            async with c.writer("never", close_timeout=2.0) as w:
+        with anyio.move_on_after(unit) as scope:
+            async with c.writer("never", close_timeout=2 * unit) as w:
                 await w.write(b"lost?")
                 await anyio.sleep_forever()
         assert scope.cancelled_caught
-        assert anyio.current_time() - start == pytest.approx(3.0, abs=0.1)
+        assert elapsed_ok(anyio.current_time() - start, 3 * unit)
         assert len(w.failed) == 1 and w.failed[0].count == 1  # kept, not dropped
 
 
@@ -368,7 +369,6 @@ def _held_peer(config: bytes, release: anyio.Event) -> Callable[[anyio.abc.Socke
     return peer
 
 
-@virtual_time()
 async def test_cancellation_at_each_await_point_of_write(tg: anyio.abc.TaskGroup
                                                          ) -> None:
     """Each wait of write / write_many / flush cancelled part-way through, for real."""
@@ -552,8 +552,8 @@ async def test_oversize_after_a_sealed_batch_does_not_hang_flush(client: Client)
     assert await read_all(client, "huge") == [b"first", b"x" * 50, b"y" * 50, z]
 
 
-@virtual_time()
-async def test_ack_timeout_fails_unacknowledged_batches(tg: anyio.abc.TaskGroup) -> None:
+@virtual_or_scaled()
+async def test_ack_timeout_fails_unacknowledged_batches(tg: anyio.abc.TaskGroup, unit: float) -> None:
     """A peer that answers CONFIG and never acknowledges a batch (a stuck disk)."""
     config = b"MaxBatchSize: 65536\r\n"
     connections = []
@@ -569,14 +569,14 @@ async def test_ack_timeout_fails_unacknowledged_batches(tg: anyio.abc.TaskGroup)
     async with open_client(addr, retry=FAST_RETRY) as c:
         start = anyio.current_time()
         with pytest.raises(WriteFailed) as info:
-            async with c.writer("t", ack_timeout=2.0) as w:
+            async with c.writer("t", ack_timeout=2 * unit) as w:
                 await w.write(b"one")
                 with pytest.raises(WriteFailed):
                     await w.flush()
-                assert anyio.current_time() - start == pytest.approx(2.0, abs=0.1)
+                assert elapsed_ok(anyio.current_time() - start, 2 * unit)
                 assert len(w.failed) == 1 and isinstance(w.failed[0].error, Timeout)
                 await w.write(b"two")  # a new connection, and again no answer
-        assert anyio.current_time() - start == pytest.approx(4.0, abs=0.2)
+        assert elapsed_ok(anyio.current_time() - start, 4 * unit, 0.2)
         assert len(info.value.failed) == 2 and [b.count for b in w.failed] == [1, 1]
         assert all(isinstance(b.error, Timeout) for b in w.failed)
     with pytest.raises(ValueError):
@@ -703,9 +703,9 @@ async def test_receipt_raises_the_batch_error(
     await srv.stop()
 
 
-@virtual_time()
+@virtual_or_scaled()
 async def test_opening_a_writer_against_a_stalled_server_times_out(
-        tg: anyio.abc.TaskGroup) -> None:
+        tg: anyio.abc.TaskGroup, unit: float) -> None:
     async def stalled(stream: anyio.abc.SocketStream) -> None:
         await anyio.sleep_forever()  # accepts, never answers
 
@@ -713,9 +713,9 @@ async def test_opening_a_writer_against_a_stalled_server_times_out(
     async with open_client(addr, retry=FAST_RETRY) as c:
         start = anyio.current_time()
         with pytest.raises(Timeout, match="CONFIG"):
-            async with c.writer("t", open_timeout=3.0):
+            async with c.writer("t", open_timeout=3 * unit):
                 pass  # pragma: no cover
-        assert anyio.current_time() - start == pytest.approx(3.0, abs=0.1)
+        assert elapsed_ok(anyio.current_time() - start, 3 * unit)
 
 
 async def test_max_pending_below_the_batch_size_does_not_deadlock(client: Client) -> None:
