@@ -16,7 +16,7 @@ from logd_trio.client.checkpoint import FileCheckpoint, MemoryCheckpoint, Positi
 from logd_trio.client.client import Client, open_client
 from logd_trio.client.positions import Last
 from logd_trio.client.scanner import ScannerOptions
-from logd_trio.core.errors import BadReply, CheckpointError, NotFound, OffsetRemoved
+from logd_trio.core.errors import BadReply, CheckpointError, ConnectionLost, NotFound, OffsetRemoved
 from logd_trio.core.framing import build_body, build_frame
 from logd_trio.core.replies import Message
 
@@ -305,17 +305,32 @@ async def test_follow_retries_a_lost_connection_while_starting(tmp_path: Path, a
             await c.supports_extensions()
             await c.max_batch_size()
             await srv.stop()
+            failed, resolved = anyio.Event(), anyio.Event()
+            topics = c.topics
+
+            async def topics_signalled() -> dict[str, tuple[int, int]]:
+                try:
+                    heads = await topics()
+                except ConnectionLost:
+                    failed.set()
+                    raise
+                resolved.set()  # the follower has its head: what is written now is new
+                return heads
+
+            c.topics = topics_signalled  # type: ignore[method-assign]
             got: list[bytes] = []
 
             async def consume() -> None:
                 async with c.scanner("fs", start="end", follow=True) as s:
                     got.append((await s.__anext__()).body)
 
-            async with anyio.create_task_group() as inner:
-                inner.start_soon(consume)
-                await anyio.sleep(2)  # virtual: the scanner retries meanwhile
-                await srv.start()
-                await c.batch("fs", [b"new"])
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(consume)
+                    await failed.wait()  # the first attempt failed: the old code raised here
+                    await srv.start()
+                    await resolved.wait()
+                    await c.batch("fs", [b"new"])
             assert got == [b"new"]
             await srv.stop()
 
