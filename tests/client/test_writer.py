@@ -617,7 +617,6 @@ async def test_failed_connect_fails_every_queued_batch_at_once(
 # ---------------------------------------------------------------- accounting, outages, receipts
 
 
-@virtual_time()
 async def test_pending_messages_counts_batches_being_retried(
         tg: anyio.abc.TaskGroup) -> None:
     """While retry_failed() re-sends, its messages are pending again (they are not acknowledged)."""
@@ -657,7 +656,6 @@ async def test_pending_messages_counts_batches_being_retried(
         assert w.pending_messages == 0 and w.acked_messages == 4
 
 
-@virtual_time()
 async def test_failed_batches_count_against_max_pending(
         client: Client, server: LiveServer) -> None:
     """With the server down, failed batches do not pile up without bound: once they hold
