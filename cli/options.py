@@ -8,8 +8,10 @@ from typing import Annotated
 import typer
 
 from logd_trio.client.client import Client, RetryPolicy, open_client
+from logd_trio.client.transport import check_topic
 from logd_trio.core.addresses import AddressError, parse_address
 from logd_trio.core.durations import DurationError, parse_duration
+from logd_trio.core.errors import InvalidTopic
 
 
 def check_host(value: str) -> str:
@@ -17,6 +19,15 @@ def check_host(value: str) -> str:
     try:
         parse_address(value)
     except AddressError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def check_topic_name(value: str) -> str:
+    """A ``--topic`` flag: a name no server accepts is a usage error, before connecting."""
+    try:
+        check_topic(value)
+    except InvalidTopic as exc:
         raise typer.BadParameter(str(exc)) from None
     return value
 
@@ -39,7 +50,7 @@ def positive_duration(text: str) -> float:
 HostOpt = Annotated[
     str, typer.Option("--host", envvar="LOGD_HOST", help="Server address HOST:PORT.", callback=check_host)
 ]
-TopicOpt = Annotated[str, typer.Option("--topic", "-t", help="Topic name.")]
+TopicOpt = Annotated[str, typer.Option("--topic", "-t", help="Topic name.", callback=check_topic_name)]
 RetriesOpt = Annotated[
     int, typer.Option("--retries", min=1, help="Connection attempts before giving up (backoff between).")
 ]

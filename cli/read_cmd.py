@@ -19,7 +19,9 @@ from logd_trio.core.replies import Message
 from .errors import run
 from .options import HostOpt, RetriesOpt, TimeoutOpt, TopicOpt, VerboseOpt, connect_client
 
-FIELDS = {"topic": "t", "offset": 0, "delta": 0, "body": ""}
+# A template is tried on small and on large values: '{offset:c}' works for 0 only.
+SAMPLES = ({"topic": "t", "offset": 0, "delta": 0, "body": ""},
+           {"topic": "t" * 255, "offset": 1 << 62, "delta": 1 << 40, "body": "x" * 100})
 
 
 def _check_format(value: str) -> str:
@@ -28,8 +30,9 @@ def _check_format(value: str) -> str:
     if "{" not in value:
         raise typer.BadParameter("use raw, json or a template such as '{offset}:{delta} {body}'")
     try:
-        value.format(**FIELDS)
-    except (KeyError, IndexError, ValueError) as exc:
+        for sample in SAMPLES:
+            value.format(**sample)
+    except (KeyError, IndexError, AttributeError, TypeError, ValueError, OverflowError) as exc:
         raise typer.BadParameter(f"bad template {value!r}: fields are {{topic}} {{offset}} {{delta}} {{body}} ({exc})"
                                  ) from None
     return value
@@ -54,7 +57,10 @@ def _format(msg: Message, fmt: str, numbers: bool) -> bytes:
         return json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n"
     if fmt != "raw":  # a template; bytes that are not UTF-8 pass through unchanged
         body = msg.body.decode("utf-8", "surrogateescape")
-        line = fmt.format(topic=msg.topic, offset=msg.offset, delta=msg.delta, body=body)
+        try:
+            line = fmt.format(topic=msg.topic, offset=msg.offset, delta=msg.delta, body=body)
+        except (LookupError, AttributeError, TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"--format {fmt!r} cannot show the message at {msg.offset}:{msg.delta}: {exc}") from None
         return line.encode("utf-8", "surrogateescape") + b"\n"
     if numbers:
         return b"%d:%d\t%s\n" % (msg.offset, msg.delta, msg.body)

@@ -10,6 +10,7 @@ public API (building batches, backpressure, flush) on top.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Callable
@@ -81,10 +82,8 @@ class Pipeline:
         self._queued_bytes = 0
         self._pending = 0
         self._seq = 0  # messages ever queued
-        self._seq_resolved = 0  # every message up to this one is resolved
         self._retrying: list[WriteBatch] = []
         self._in_hand: WriteBatch | None = None  # taken by the sender, not yet in flight
-        self._for_slot: WriteBatch | None = None  # the one in hand while it waits for a slot
         self._link: _Link | None = None
         self._links: list[_Link] = []
         self._slots = anyio.Semaphore(max_in_flight)
@@ -122,10 +121,12 @@ class Pipeline:
     def _resolve(self, batch: WriteBatch, error: LogdError | None, offset: int | None = None) -> None:
         batch.settle(error, offset)
         self._pending -= batch.count
-        if batch.last_seq > self._seq_resolved:
-            self._seq_resolved = batch.last_seq
         if error is not None:
-            self.failed.append(batch)
+            failed = self.failed
+            if failed and failed[-1].last_seq > batch.last_seq:  # in sequence order, as sent
+                bisect.insort(failed, batch, key=_seq_of)
+            else:
+                failed.append(batch)
             self._failed_bytes += len(batch.request)
             if isinstance(error, ClientError) and error.permanent and self._fatal is None:
                 self._fatal = error
@@ -147,10 +148,6 @@ class Pipeline:
         """Fail every batch waiting to be sent (in order), the one being built too, with ``error``."""
         if self._b.count:
             self._seal()
-        first = self._for_slot
-        if first is not None and not first.resolved:
-            self._queued_bytes -= len(first.request)
-            self._resolve(first, error)
         for queue in (self._ready, self._sealed):
             while queue:
                 batch = queue.popleft()
@@ -190,14 +187,10 @@ class Pipeline:
 
     async def _send_loop(self) -> None:
         while True:
-            batch = self._in_hand = await self._next_batch()
-            self._for_slot = batch
+            # The slot first, then the batch: batches re-queued (resend) while this waited
+            # for a slot are taken before the ones queued after them.
             await self._slots.acquire()
-            self._for_slot = None
-            if batch.resolved:  # the writer stopped (a permanent error) while it waited
-                self._in_hand = None
-                self._slots.release()
-                continue
+            batch = self._in_hand = await self._next_batch()
             self._queued_bytes -= len(batch.request)
             self._notify()
             try:
@@ -313,13 +306,29 @@ class Pipeline:
         if self._crashed:
             raise WriterClosed("the writer's background task failed")
 
-    async def _flush_wait(self) -> None:
-        target = self._seq
-        retrying = list(self._retrying)
+    def _unresolved(self) -> deque[WriteBatch]:
+        """Every batch not yet resolved, wherever it is now (queued, in hand, in flight)."""
         if self._b.count:
             self._seal()
+        waiting: deque[WriteBatch] = deque()
+        for link in self._links:
+            waiting.extend(link.inflight)
+        if self._in_hand is not None:
+            waiting.append(self._in_hand)
+        waiting.extend(self._ready)
+        waiting.extend(self._sealed)
+        waiting.extend(self._retrying)
+        return waiting
+
+    async def _flush_wait(self) -> None:
+        # Each batch queued so far, not a running maximum of resolved sequence numbers: a
+        # permanent error fails the queued batches while earlier ones are still in flight.
+        waiting = self._unresolved()
         self._wake()  # also when nothing is being built: sealed batches may be waiting
-        while self._seq_resolved < target or any(not b.resolved for b in retrying):
+        while waiting:
+            if waiting[0].resolved:
+                waiting.popleft()
+                continue
             self._check_running()
             await self._progress.wait()
 
@@ -327,7 +336,8 @@ class Pipeline:
         self._closing = True
         self._notify()
         await self._flush_wait()
-        while any(not b.resolved for b in self._retrying) and not self._crashed:
+        while not self._crashed and (any(not b.resolved for b in self._retrying)
+                                     or any(link.inflight for link in self._links)):
             await self._progress.wait()
 
     def _stop(self) -> list[Connection]:
@@ -354,6 +364,10 @@ class Pipeline:
                 self._resolve(queue.popleft(), unsent)
         self._queued_bytes = 0
         return conns
+
+
+def _seq_of(batch: WriteBatch) -> int:
+    return batch.last_seq
 
 
 @ki_protected

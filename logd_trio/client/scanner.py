@@ -13,7 +13,8 @@ long-poll extension (``READ ... <wait_ms>``) on logd-trio, by polling every
 ``poll_interval`` seconds on a Go server.  In follow mode a lost connection
 (a server restart) is retried forever with backoff, resuming at the same
 position.  :class:`~logd_trio.core.errors.BadReply` (the server sent something that
-is not a reply) is never retried.
+is not a reply) is never retried.  A server that comes back with a shorter log
+(the position past its head, or not a batch start) raises ``NotFound`` (logd-trio).
 
 Reply size: one READ asks for at most ``read_size`` messages, and never more
 than ``max_reply // MaxBatchSize`` (the client's reply limit over the server's
@@ -188,7 +189,8 @@ class Scanner:
     # ------------------------------------------------------------ fetching
 
     async def _start(self) -> None:
-        self._started = True
+        """Resolve where to start; ``_started`` is set only once this succeeded, so a cancelled
+        or failed first ``__anext__`` resolves it again instead of reading from the oldest."""
         pos: Position | None = None
         if self.checkpoint is not None and not self.from_beginning:
             pos = await self.checkpoint.load(self.topic)
@@ -197,6 +199,7 @@ class Scanner:
             pos = await self._resolve_start(self._start_at)
         self._fetch = pos
         self._done = None if pos is None else (pos.offset, pos.delta)
+        self._started = True
 
     async def _cap_read_size(self) -> None:
         if not self._sized:
@@ -227,11 +230,11 @@ class Scanner:
 
     async def _fill(self) -> bool:
         """Read the next reply into the buffer; False at the end of the log (not in follow mode)."""
-        if not self._started:
-            await self._start()
         backoff = 0.05
         while True:
             try:
+                if not self._started:
+                    await self._start()
                 await self._cap_read_size()
                 got = await self._fill_once()
             except BadReply:
@@ -295,7 +298,7 @@ class Scanner:
         await anyio.sleep(self.poll_interval)
         return None
 
-    async def _fill_once(self) -> bool:
+    async def _fill_once(self, recheck: bool = False) -> bool:
         pos = self._fetch
         if pos is None:
             reply = await self._read_request(lambda n: encode_tail(self.topic, n))
@@ -329,12 +332,17 @@ class Scanner:
             self._fetch = Position(oldest, 0)
             self._verified = True
             return await self._fill_once()
-        if not self._verified and await self._client.supports_extensions():
+        # Following, the position is checked against the head on every empty read too: a
+        # server back with a shorter log (its tail lost) would otherwise never answer it.
+        if (not self._verified or self.follow) and await self._client.supports_extensions():
             head = (await self._client.topics()).get(self.topic, (0, 0))[1]  # an unknown topic's head is 0
+            changed = " (the server's log is shorter than when this scanner read it)" if self._verified else ""
             if pos.offset > head:
-                raise NotFound(f"offset {pos.offset} is past the end of topic {self.topic!r} (head is {head})")
+                raise NotFound(f"offset {pos.offset} is past the end of topic {self.topic!r} (head is {head}){changed}")
             if pos.offset != head and (oldest is not None or pos.offset != 0):
-                raise NotFound(f"offset {pos.offset} is not the start of a batch in topic {self.topic!r}")
+                if self._verified and not recheck:
+                    return await self._fill_once(recheck=True)  # data may have come in meanwhile
+                raise NotFound(f"offset {pos.offset} is not the start of a batch in topic {self.topic!r}{changed}")
         if not self.follow:
             return False
         waited = await self._wait_for_data(pos.offset)

@@ -19,7 +19,7 @@ import select
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Final, Protocol, TypeVar
+from typing import Final, NoReturn, Protocol, TypeVar
 
 import anyio
 import anyio.abc
@@ -29,7 +29,7 @@ from trio.lowlevel import enable_ki_protection
 
 from logd_trio.core.addresses import format_address, parse_address
 from logd_trio.core.defaults import DEFAULT_MAX_REPLY
-from logd_trio.core.errors import BadReply, ConnectionLost, InvalidTopic, Timeout
+from logd_trio.core.errors import BadReply, ConnectionLost, InvalidTopic, Timeout, unwrap_group
 from logd_trio.core.framing import valid_topic
 from logd_trio.core.replies import Reply, ReplyKind, ReplyParser
 from logd_trio.core.requests import NEED_DATA
@@ -40,6 +40,7 @@ __all__ = [
     "RetryPolicy",
     "Session",
     "check_topic",
+    "raise_leaf",
     "connect",
     "deadline",
     "ki_protected",
@@ -60,18 +61,22 @@ _STREAM_ERRORS: Final = (OSError, anyio.BrokenResourceError, anyio.ClosedResourc
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How connecting retries: ``attempts`` tries in all, sleeping ``initial``,
-    then ``initial * multiplier``, ... (at most ``maximum``) between them."""
+    then ``initial * multiplier``, ... (at most ``maximum``) between them.  An attempt
+    that takes longer than ``connect_timeout`` seconds (a host that drops the SYN) fails."""
 
     attempts: int = 10
     initial: float = 0.05
     maximum: float = 2.0
     multiplier: float = 2.0
+    connect_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError("RetryPolicy.attempts must be at least 1")
         if self.initial < 0 or self.maximum < 0 or self.multiplier < 1:
             raise ValueError("RetryPolicy delays must be >= 0 and multiplier >= 1")
+        if not self.connect_timeout > 0:
+            raise ValueError("RetryPolicy.connect_timeout must be > 0")
 
     def delays(self) -> Iterator[float]:
         """The sleeps between attempts (``attempts - 1`` of them)."""
@@ -172,7 +177,11 @@ async def connect(address: str, *, retry: RetryPolicy, max_reply: int = DEFAULT_
     delays = retry.delays()
     while True:
         try:
-            stream = await anyio.connect_tcp(host, port)  # sets TCP_NODELAY
+            try:
+                with anyio.fail_after(retry.connect_timeout):
+                    stream = await anyio.connect_tcp(host, port)  # sets TCP_NODELAY
+            except TimeoutError:
+                raise OSError(f"no answer within {retry.connect_timeout:g} s") from None
         except OSError as exc:
             delay = next(delays, None)
             if delay is None:
@@ -192,6 +201,18 @@ def _why(exc: OSError) -> str:
     if isinstance(cause, OSError):
         exc = cause
     return exc.strerror or str(exc)
+
+
+def raise_leaf(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise the one exception to show for a task group's ``group`` (see
+    :func:`~logd_trio.core.errors.unwrap_group`), with its own ``__cause__`` and ``__context__``
+    as the code that raised it left them (not the group's)."""
+    exc = unwrap_group(group, skip=(anyio.get_cancelled_exc_class(),))
+    cause, context, suppress = exc.__cause__, exc.__context__, exc.__suppress_context__
+    try:
+        raise exc
+    finally:
+        exc.__cause__, exc.__context__, exc.__suppress_context__ = cause, context, suppress
 
 
 @contextmanager

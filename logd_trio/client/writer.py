@@ -58,8 +58,15 @@ import anyio.abc
 
 from logd_trio.client.batches import CRLF, MAX_MSG_OVERHEAD, Ack, Receipt, WriteBatch
 from logd_trio.client.pipeline import AckCallback, Pipeline, WriterOptions, _close
-from logd_trio.client.transport import ClientLike, check_topic, deadline, fast_checkpoint_if_cancelled, ki_protected
-from logd_trio.core.errors import WriteFailed, WriterClosed, unwrap_group
+from logd_trio.client.transport import (
+    ClientLike,
+    check_topic,
+    deadline,
+    fast_checkpoint_if_cancelled,
+    ki_protected,
+    raise_leaf,
+)
+from logd_trio.core.errors import WriteFailed, WriterClosed
 from logd_trio.core.framing import msg_header
 
 __all__ = ["Ack", "AckCallback", "Receipt", "WriteBatch", "Writer", "WriterOptions", "open_writer"]
@@ -272,6 +279,11 @@ class Writer(Pipeline):
         self._raise_fatal()
         await anyio.lowlevel.checkpoint_if_cancelled()
         while self._full():
+            b = self._b
+            if b.count and b.size + self._failed_bytes >= self.max_pending:
+                # it fills max_pending alone (max_pending < batch size): only sending it makes room
+                self._seal()
+                self._wake()
             await self._progress.wait()
             if self._closing:
                 raise WriterClosed(f"{what} on a closed writer")
@@ -382,7 +394,7 @@ async def open_writer(client: ClientLike, topic: str, **options: Unpack[WriterOp
                 for conn in w._stop():
                     tg.start_soon(_close, conn)
     except BaseExceptionGroup as group:
-        raise unwrap_group(group, skip=(anyio.get_cancelled_exc_class(),)) from None
+        raise_leaf(group)
     if normal:
         w._raise_callback_error()
         w._raise_failed()

@@ -1,8 +1,8 @@
 """Durations, one grammar for every flag, setting and environment variable.
 
 A duration is a number of seconds (``0.4``, ``15``) or Go's notation: one or
-more ``<number><unit>`` with units ``h``, ``m``, ``s``, ``ms``, ``us`` (``µs``)
-and ``ns`` (``15s``, ``1m30s``, ``200ms``, ``1.5h``).  Never negative, always finite.
+more ``<number><unit>`` with units ``h``, ``m``, ``s``, ``ms``, ``us`` (``µs``,
+micro sign or Greek mu) and ``ns`` (``15s``, ``1m30s``, ``200ms``, ``1.5h``).  Never negative, always finite.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from typing import Final
 
 __all__ = ["DurationError", "format_duration", "parse_duration"]
 
-_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
-_UNIT: Final = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|\u00b5s|\u03bcs|ns)", re.ASCII)
+_UNIT: Final = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6,
+                "ns": 1e-9}
+_NUMBER: Final = re.compile(r"\+?(\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)  # no '_', inf, nan
 EXAMPLES: Final = "examples: 0.4, 400ms, 15s, 1m30s"
 
 
@@ -30,13 +32,12 @@ def parse_duration(value: str | float | int, *, key: str = "duration") -> float:
         seconds = float(value)
     else:
         text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            seconds = _parse_go(text, key, value)
+        if text.startswith("-"):
+            raise DurationError(f"{key}: must not be negative, got {value!r}")
+        seconds = float(text) if _NUMBER.fullmatch(text) else _parse_go(text, key, value)
     if not math.isfinite(seconds):
         raise DurationError(f"{key}: {value!r} is not a finite duration")
-    if seconds < 0:
+    if seconds < 0 or math.copysign(1.0, seconds) < 0:  # -0 too
         raise DurationError(f"{key}: must not be negative, got {value!r}")
     return seconds
 

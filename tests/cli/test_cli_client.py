@@ -266,6 +266,14 @@ def test_write_timeout_covers_acknowledgements() -> None:
     ["write", "--flush-interval", "inf", "x"],
     ["write", "--timeout", "0", "x"],
     ["ping", "--timeout", "-1"],
+    ["read", "--format", "{offset:c}"],  # fine for offset 0 only: an OverflowError traceback later
+    ["read", "--format", "{topic.x}"],
+    ["read", "--topic", "no spaces"],  # exit 6 (as if the server refused it)
+    ["write", "--topic", "a/b", "x"],
+    ["read", "--host", "localhost::80"],
+    ["read", "--host", "[]:80"],
+    ["write", "--flush-interval", "1_000", "x"],
+    ["write", "--flush-interval", "-0", "x"],
 ])
 def test_bad_values_are_usage_errors(args: list[str]) -> None:
     result = CliRunner().invoke(app, args)
@@ -353,3 +361,11 @@ def test_follow_on_a_missing_topic_says_it_waits(addr: str) -> None:
 def test_write_count_summary_and_quiet(addr: str) -> None:
     code, out, err = invoke("write", "--host", addr, "--topic", "cnt", "-q", "--count", "x", "yy")
     assert (code, out) == (0, "") and err.startswith("2 messages, 0.0 MB in ")
+
+
+def test_a_template_that_cannot_show_a_message_is_one_line() -> None:
+    from logd_trio.core.replies import Message
+
+    with pytest.raises(ValueError, match=r"^--format '\{offset:c\}' cannot show the message at 4000000:0: ") as caught:
+        read_cmd._format(Message("t", 4_000_000, 0, b"x"), "{offset:c}", False)
+    assert "\n" not in str(caught.value)

@@ -19,12 +19,18 @@ import trio.lowlevel
 from logd_trio.client.client import Client, open_client
 
 from ..harness import FAST_RETRY
-from .live import LiveServer, new_server
+from .live import LiveServer, new_server, virtual
 
 
 @pytest.fixture(scope="module", params=["trio", "asyncio"])
 def anyio_backend(request: pytest.FixtureRequest) -> object:
     return request.param
+
+
+@pytest.fixture
+async def unit() -> float:
+    """Seconds per time unit of a timing test: 1 under virtual time, 0.1 in real time (asyncio)."""
+    return 1.0 if virtual() else 0.1
 
 
 @pytest.hookimpl(trylast=True)

@@ -200,4 +200,28 @@ def virtual_time(threshold: float = 0.02) -> pytest.MarkDecorator:
     )
 
 
+def virtual_or_scaled(threshold: float = 0.02) -> pytest.MarkDecorator:
+    """Trio with virtual time, and asyncio in real time: the test takes its timeouts from the
+    ``unit`` fixture (1 s under virtual time, 0.1 s on asyncio) and checks elapsed times with
+    :func:`elapsed_ok`."""
+    return pytest.mark.parametrize(
+        "anyio_backend",
+        [pytest.param(("trio", {"clock": trio.testing.MockClock(autojump_threshold=threshold)}), id="trio-vtime"),
+         pytest.param("asyncio", id="asyncio-real")],
+    )
+
+
+def virtual() -> bool:
+    """Is the running loop on virtual time (Trio's MockClock)?"""
+    return trio.lowlevel.in_trio_run() and isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+
+
+def elapsed_ok(elapsed: float, expected: float, abs_: float = 0.1) -> bool:
+    """``expected`` (within ``abs_``) under virtual time; in real time at least ``expected``
+    and not far beyond it (a loaded machine is slow, never early)."""
+    if virtual():
+        return abs(elapsed - expected) <= abs_
+    return expected - 0.01 <= elapsed < expected + 2.0
+
+
 trio_only = pytest.mark.parametrize("anyio_backend", ["trio"])

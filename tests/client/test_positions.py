@@ -70,19 +70,25 @@ async def test_tail_returns_the_last_messages(client: Client) -> None:
 async def test_follow_from_the_end_sees_only_new_messages(client: Client, tg: anyio.abc.TaskGroup) -> None:
     await fill(client, "f")
     got: list[bytes] = []
-    started = anyio.Event()
+    at_end = anyio.Event()
+    topics = client.topics
+
+    async def topics_then_signal() -> dict[str, tuple[int, int]]:
+        heads = await topics()
+        at_end.set()  # the follower took the head from this answer: what comes later is new
+        return heads
+
+    client.topics = topics_then_signal  # type: ignore[method-assign]
 
     async def follow() -> None:
         async with client.scanner("f", start=END, follow=True, limit=2, wait_ms=200) as s:
-            started.set()
             async for m in s:
                 got.append(m.body)
 
     with anyio.fail_after(20):
         async with anyio.create_task_group() as inner:
             inner.start_soon(follow)
-            await started.wait()
-            await anyio.sleep(0.3)  # the follower is at the end, waiting
+            await at_end.wait()
             await client.batch("f", [b"new1", b"new2"])
     assert got == [b"new1", b"new2"]
 

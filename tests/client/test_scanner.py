@@ -4,6 +4,7 @@ follow (long-poll and polling), checkpoints, retention policy, restarts."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Unpack
 
@@ -13,8 +14,9 @@ import pytest
 
 from logd_trio.client.checkpoint import FileCheckpoint, MemoryCheckpoint, Position
 from logd_trio.client.client import Client, open_client
+from logd_trio.client.positions import Last
 from logd_trio.client.scanner import ScannerOptions
-from logd_trio.core.errors import BadReply, CheckpointError, NotFound, OffsetRemoved
+from logd_trio.core.errors import BadReply, CheckpointError, ConnectionLost, NotFound, OffsetRemoved
 from logd_trio.core.framing import build_body, build_frame
 from logd_trio.core.replies import Message
 
@@ -24,6 +26,7 @@ from .live import (
     new_server,
     read_line,
     scripted_peer,
+    virtual_or_scaled,
     virtual_time,
 )
 
@@ -182,10 +185,10 @@ async def test_retention_policy(
     await srv.stop()
 
 
-@virtual_time(0)
-async def test_cancelled_next_consumes_nothing(client: Client) -> None:
-    async with client.scanner("cn", follow=True, wait_ms=1000) as s:
-        with anyio.move_on_after(3):
+@virtual_or_scaled(0)
+async def test_cancelled_next_consumes_nothing(client: Client, unit: float) -> None:
+    async with client.scanner("cn", follow=True, wait_ms=int(1000 * unit)) as s:
+        with anyio.move_on_after(3 * unit):
             await s.__anext__()  # nothing there yet: waits, then is cancelled
         await client.batch("cn", [b"x"])
         m = await s.__anext__()
@@ -211,7 +214,6 @@ async def test_read_size_is_capped_so_replies_fit_in_max_reply(
         assert [m.body for m in got] == bodies
 
 
-@virtual_time(0)
 async def test_bad_reply_ends_follow_mode(tg: anyio.abc.TaskGroup) -> None:
     """Follow mode retries a lost connection forever, but not a server that sends junk."""
     conns: list[int] = []
@@ -251,3 +253,120 @@ async def test_read_size_halves_for_a_server_with_lower_max_messages(
         assert int(stats["errors.protocol"]) == 6  # refused once per halving, not once per read
         assert await scan(c, "lim", offset=0, read_size=5000, limit=1) != []  # READ as well as TAIL
     await srv.stop()
+
+
+# ---------------------------------------------------------------- review 3: start resolution
+
+
+class _FlakyLoad(MemoryCheckpoint):
+    """A checkpoint whose first load fails (its database briefly down)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads = 0
+
+    async def load(self, topic: str) -> Position | None:
+        self.loads += 1
+        if self.loads == 1:
+            raise ConnectionError("db down")
+        return await super().load(topic)
+
+
+async def test_cancelled_first_next_still_starts_at_the_end(client: Client) -> None:
+    """A first __anext__ cancelled while the start was resolved used to leave the scanner
+    'started' at the oldest message."""
+    await write_batches(client, "cs", [[b"old1"], [b"old2"]])
+    async with client.scanner("cs", start="end") as s:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await s.__anext__()
+        with anyio.fail_after(10):
+            assert [m.body async for m in s] == []  # the old code yielded old1, old2
+
+
+async def test_failed_checkpoint_load_is_resolved_again(client: Client) -> None:
+    await write_batches(client, "fl", [[b"a"], [b"b"], [b"c"]])
+    cp = _FlakyLoad()
+    async with client.scanner("fl", start=Last(1), checkpoint=cp) as s:
+        with pytest.raises(ConnectionError):
+            await s.__anext__()
+        assert (await s.__anext__()).body == b"c"
+    assert cp.loads == 2
+
+
+@virtual_time(0)
+async def test_follow_retries_a_lost_connection_while_starting(tmp_path: Path, anyio_backend_name: str) -> None:
+    """start='end' in follow mode with the server down: retried until it is back, not raised."""
+    async with anyio.create_task_group() as tg:
+        srv = new_server(anyio_backend_name, tg, tmp_path / "d")
+        await srv.start()
+        async with open_client(srv.addr, retry=FAST_RETRY) as c:
+            await c.batch("fs", [b"old"])
+            await c.supports_extensions()
+            await c.max_batch_size()
+            await srv.stop()
+            failed, resolved = anyio.Event(), anyio.Event()
+            topics = c.topics
+
+            async def topics_signalled() -> dict[str, tuple[int, int]]:
+                try:
+                    heads = await topics()
+                except ConnectionLost:
+                    failed.set()
+                    raise
+                resolved.set()  # the follower has its head: what is written now is new
+                return heads
+
+            c.topics = topics_signalled  # type: ignore[method-assign]
+            got: list[bytes] = []
+
+            async def consume() -> None:
+                async with c.scanner("fs", start="end", follow=True) as s:
+                    got.append((await s.__anext__()).body)
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(consume)
+                    await failed.wait()  # the first attempt failed: the old code raised here
+                    await srv.start()
+                    await resolved.wait()
+                    await c.batch("fs", [b"new"])
+            assert got == [b"new"]
+            await srv.stop()
+
+
+@pytest.mark.parametrize("new", [[b"n"], [b"n" * 500]], ids=["shorter", "not-a-batch-start"])
+async def test_follow_fails_clearly_when_the_server_comes_back_with_a_shorter_log(
+        tmp_path: Path, anyio_backend_name: str, new: list[bytes]) -> None:
+    """The follower's position is past the head, or not a batch start, of the log the server
+    came back with: it used to wait there forever without a word."""
+    data = tmp_path / "d"
+    caught: list[BaseException] = []
+    at_head, failed = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg:
+        srv = new_server(anyio_backend_name, tg, data)
+        await srv.start()
+        async with open_client(srv.addr, retry=FAST_RETRY) as c:
+            await write_batches(c, "sh", [[b"old0"], [b"old1"], [b"old2"]])
+
+            async def reader() -> None:
+                try:
+                    async with c.scanner("sh", follow=True, wait_ms=100, poll_interval=0.05) as s:
+                        async for m in s:
+                            if m.body == b"old2":
+                                at_head.set()
+                except NotFound as exc:
+                    caught.append(exc)
+                    failed.set()
+
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(reader)
+                await at_head.wait()
+                await srv.stop()
+                await anyio.to_thread.run_sync(shutil.rmtree, data)
+                await srv.start()
+                await c.batch("sh", new)
+                with anyio.fail_after(10):
+                    await failed.wait()
+        await srv.stop()
+    assert "the server's log is shorter" in str(caught[0])
