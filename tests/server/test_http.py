@@ -7,11 +7,11 @@ by exactly what the clients sent and received.
 
 from __future__ import annotations
 
-import os
+import errno
 import re
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ from logd_trio.server.http import MAX_REQUESTS
 
 from ..harness import make_config, spawn
 from ..wire import Wire, batch_request
+from .test_server import FailingCalls
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -364,22 +365,13 @@ async def test_readyz_fails_until_recovery_is_done(nursery: trio.Nursery, tmp_pa
 
 
 async def test_readyz_fails_when_a_topic_is_read_only(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, tmp_path: Path, syscall_layer: Callable[[FailingCalls], FailingCalls]
 ) -> None:
-    real = os.fdatasync
-    failures = [1]
-
-    def flaky(fd: int) -> None:  # fault injection at the OS boundary
-        if failures[0]:
-            failures[0] -= 1
-            raise OSError(5, "Input/output error (injected)")
-        real(fd)
-
     srv = await start(nursery, make_config(tmp_path / "d", http_host="127.0.0.1:0"))
     w = await Wire.connect(srv.host, srv.port)
     await w.send(batch_request("ff", [b"good"]))
     assert await w.reply() == b"OK 0 1\r\n"
-    monkeypatch.setattr(os, "fdatasync", flaky)
+    syscall_layer(FailingCalls("fdatasync", 1, errno.EIO))  # fault injection through the storage seam
     await w.send(batch_request("ff", [b"lost"]))
     assert (await w.reply()).startswith(b"ERR storage error: fsync failed")
     async with http_client(srv) as http:

@@ -27,14 +27,25 @@ TOPIC = "t"
 
 
 def frame_of_len(length: int, seed: int = 0, topic: str = TOPIC) -> bytes:
-    """A valid one-message frame of exactly ``length`` bytes (content varies with ``seed``)."""
-    for m in range(length):
-        for fill in range(256):
-            f = build_frame(topic, build_body([bytes([(seed + fill) % 256]) * m]), 1)
-            if len(f) == length:
-                return f
-            if len(f) > length + 3:
+    """A valid one-message frame of exactly ``length`` bytes (content varies with ``seed``).
+
+    The length is solved for, not searched: a one-message frame is the BATCH line
+    (whose size and CRC fields are decimal) plus ``MSG <m>\\r\\n<m bytes>\\r\\n``.
+    For each CRC width (10 digits for most CRCs) the message size ``m`` follows from
+    the target; only the fill byte is then varied until the CRC has that width.
+    """
+    for crc_digits in (10, 9, 8):
+        for m in range(max(0, length - 40 - len(topic)), length):
+            body = len(f"MSG {m}\r\n") + m + 2
+            line = len(f"BATCH {body} {topic} ") + crc_digits + len(" 1\r\n")
+            if line + body > length:
                 break
+            if line + body < length:
+                continue
+            for fill in range(seed, seed + 256):
+                f = build_frame(topic, build_body([bytes([fill % 256]) * m]), 1)
+                if len(f) == length:
+                    return f
     raise ValueError(f"no frame of length {length}")
 
 
