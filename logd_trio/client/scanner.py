@@ -50,7 +50,7 @@ import anyio
 from logd_trio.client.checkpoint import Checkpoint, Position
 from logd_trio.client.positions import END, OLDEST, Last, StartAt, find_end, find_last
 from logd_trio.client.transport import ClientLike, Session, check_topic
-from logd_trio.core.errors import BadReply, ConnectionLost, InvalidRequest, NotFound, OffsetRemoved
+from logd_trio.core.errors import BadReply, ConnectionLost, InvalidPosition, InvalidRequest, NotFound, OffsetRemoved
 from logd_trio.core.replies import ErrorReply, Message, ReadReply, ReplyKind
 from logd_trio.core.requests import encode_read, encode_tail
 
@@ -359,6 +359,10 @@ class Scanner:
             off = batch.offset
             msgs = list(batch.messages())
             last = len(msgs) - 1
+            if off == pos.offset and pos.delta and all(d != pos.delta for d, _ in msgs):
+                raise InvalidPosition(f"position {off}:{pos.delta} of topic {topic!r} is not where a message "
+                                      f"starts in the batch at offset {off} (message starts: "
+                                      f"{', '.join(str(d) for d, _ in msgs[:8])}{', ...' if len(msgs) > 8 else ''})")
             for i, (delta, body) in enumerate(msgs):
                 if off == pos.offset and delta < pos.delta:
                     continue

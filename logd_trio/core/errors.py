@@ -64,6 +64,13 @@ class ClientError(LogdError):
         self.reason = reason
 
 
+class InvalidPosition(ClientError, ValueError):
+    """A position (a checkpoint's ``OFFSET:DELTA``) whose delta is not where a message starts
+    in the batch at that offset: reading on from it would skip or split messages."""
+
+    permanent = True
+
+
 class ServerRejected(ClientError):
     """The server answered ``ERR <reason>`` (base of the reason-specific classes)."""
 

@@ -8,11 +8,11 @@ import anyio
 import anyio.abc
 import pytest
 
-from logd_trio.client.checkpoint import Position
+from logd_trio.client.checkpoint import MemoryCheckpoint, Position
 from logd_trio.client.client import Client, open_client
 from logd_trio.client.positions import END, OLDEST, Last, parse_start
 from logd_trio.client.scanner import ScannerOptions
-from logd_trio.core.errors import NotFound
+from logd_trio.core.errors import InvalidPosition, NotFound
 
 from ..harness import FAST_RETRY
 from .live import LiveServer
@@ -102,6 +102,20 @@ async def test_exact_offset_delta_as_read_n_prints_it(client: Client) -> None:
     assert await bodies(client, "x", start=start) == ALL[4:]
     inside = msgs[5]  # c1, inside its batch
     assert await bodies(client, "x", start=Position(inside.offset, inside.delta)) == ALL[5:]
+
+
+async def test_a_delta_that_is_not_a_message_start_is_refused(client: Client) -> None:
+    await fill(client, "dl")
+    async with client.scanner("dl") as s:
+        msgs = [m async for m in s]
+    c1 = msgs[5]  # the second message of batch c
+    with pytest.raises(InvalidPosition, match=rf"{c1.offset}:{c1.delta - 1} .* not where a message starts"):
+        await bodies(client, "dl", start=Position(c1.offset, c1.delta - 1))
+    cp = MemoryCheckpoint()  # a checkpoint holding a bad delta is refused too, not silently skipped past
+    await cp.commit("dl", Position(c1.offset, c1.delta + 1))
+    with pytest.raises(InvalidPosition):
+        await bodies(client, "dl", checkpoint=cp)
+    assert await bodies(client, "dl", start=Position(c1.offset, c1.delta)) == ALL[5:]
 
 
 async def test_past_the_end_says_so(client: Client) -> None:
