@@ -369,3 +369,13 @@ def test_a_template_that_cannot_show_a_message_is_one_line() -> None:
     with pytest.raises(ValueError, match=r"^--format '\{offset:c\}' cannot show the message at 4000000:0: ") as caught:
         read_cmd._format(Message("t", 4_000_000, 0, b"x"), "{offset:c}", False)
     assert "\n" not in str(caught.value)
+
+
+def test_version_flag_prints_the_package_version() -> None:
+    from logd_trio_cli.main import app
+    from typer.testing import CliRunner
+
+    import logd_trio
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"logd-trio {logd_trio.__version__}\n"
