@@ -452,6 +452,15 @@ SECTIONS = {"pipeline": section_pipeline, "ingest": section_ingest, "reads": sec
             "restart": section_restart, "perrequest": section_perrequest}
 
 
+def calibrate() -> float:
+    """CPU seconds of a fixed pure-Python loop: compares the speed of the cores between runs."""
+    t0 = time.process_time()
+    total = 0
+    for i in range(2_000_000):
+        total += i
+    return time.process_time() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sections", nargs="*", choices=[*SECTIONS, []], default=[])
@@ -459,7 +468,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write every row to this file")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, {os.uname().release}, python {sys.version.split()[0]}, "
-          f"load {os.getloadavg()[0]:.2f}", flush=True)
+          f"load {os.getloadavg()[0]:.2f}, calibration {calibrate():.3f} CPU-s", flush=True)
     t0 = time.monotonic()
     for name in args.sections or SECTIONS:
         SECTIONS[name](args)

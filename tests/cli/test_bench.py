@@ -152,6 +152,32 @@ async def test_engine_pipelined_has_more_than_one_in_flight(server: LocalServer,
     assert 1 < proxy.peak[0] <= 8
 
 
+@pytest.mark.parametrize("only_read", [False, True])
+async def test_engine_in_flight_1_refused_request_is_an_error(nursery: trio.Nursery, only_read: bool) -> None:
+    frame_len = len(make_frame("benchmark_0", 4096, 31)[0])
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        """Answers TOPICS with three bench frames of benchmark_0, and any other request with ERR."""
+        async with stream:
+            buf = b""
+            while b"\r\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+            if buf.startswith(b"TOPICS"):
+                body = b"benchmark_0: 0 %d" % (3 * frame_len)
+                await stream.send_all(b"MOK %d\r\n%s\r\n" % (len(body), body))
+                return
+            await stream.send_all(b"ERR boom\r\n")
+            await stream.receive_some(65536)  # until the bench closes
+
+    addr = await scripted_peer(nursery, refuse)
+    what = "READ" if only_read else "BATCH"
+    with pytest.raises(BenchError, match=f"{what}.*ERR boom"):
+        await run_bench(BenchConfig(host=addr, duration=1, size=4096, in_flight=1, write=not only_read))
+
+
 def _app() -> typer.Typer:
     app = typer.Typer()
     bench_cmd.register(app)
