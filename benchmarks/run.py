@@ -20,6 +20,17 @@ Sections:
 ``restart``   time from process start to listening, 10 MB and 1 GB of small
               batches (files generated directly in the stored frame format,
               index included; deleted afterwards).
+``perrequest`` server CPU per request (µs, utime + stime from /proc over the
+              measured phase / requests served): BATCH of 64 KB of 31-byte
+              messages and READ of one batch per request, tmpfs, fsync
+              never, 1 and 16 connections, one request in flight per
+              connection (``--in-flight 1``, Go's log-cli pattern) and
+              pipelined (32); the ceiling is ``baseline.py reqrep`` /
+              ``readone`` (same pattern, no protocol).  Then the piped
+              headline: ``yes "$L" | head -n 200000 | logd write``, L of
+              1000 bytes, default durability (fsync always, disk), timed as a
+              whole process (median of 3), against the ``ingest`` ceiling
+              with fsync.
 (rss)         server RSS and CPU under 16 busy connections: sampled from
               /proc during every ingest run, reported for the 16-connection ones.
 
@@ -59,6 +70,7 @@ import pipeline  # noqa: E402
 
 from logd_trio.core.framing import build_body, build_frame  # noqa: E402
 from logd_trio.tools.bench import BenchConfig, PhaseResult, read_messages, run_bench  # noqa: E402
+from logd_trio.tools.bench_phases import topic_spans  # noqa: E402
 
 DISK = Path("/tmp/logd-bench")
 TMPFS = Path("/dev/shm/logd-bench")
@@ -361,8 +373,92 @@ def section_restart(args: argparse.Namespace) -> None:
     report(Row("restart", "restart 1 GB / restart 10 MB", ratio, "x", None, "<= 1.2"))
 
 
+def _cpu_split(pid: int) -> tuple[float, float]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _per_request(pid: int, cfg: BenchConfig) -> tuple[PhaseResult, float, float]:
+    """Run one phase; (phase, server user µs per request, server system µs per request)."""
+    u0, s0 = _cpu_split(pid)
+    res = trio.run(run_bench, cfg)
+    u1, s1 = _cpu_split(pid)
+    phase = res.write if res.write is not None else res.read
+    assert phase is not None and phase.requests > 0
+    return phase, (u1 - u0) / phase.requests * 1e6, (s1 - s0) / phase.requests * 1e6
+
+
+def section_perrequest(args: argparse.Namespace) -> None:
+    print("perrequest: server CPU per request (µs), 64 KB batches of 31 B, tmpfs, fsync never", flush=True)
+    root = TMPFS
+    targets = {("BATCH", 1, 16): "<= 70 µs", ("READ", 1, 16): "<= 45 µs"}
+    for conns in (1, 16):
+        for in_flight in (1, 32):
+            pattern = "one in flight" if in_flight == 1 else f"pipelined {in_flight}"
+            with logd_server(root / "data", "--fsync", "never") as (port, proc):
+                host = f"127.0.0.1:{port}"
+                common = {"host": host, "conns": conns, "duration": args.duration, "size": 65500,
+                          "message_size": 31, "in_flight": in_flight, "read_batches": 1}
+                w, wu, ws = _per_request(proc.pid, BenchConfig(**common, read=False))
+                r, ru, rs = _per_request(proc.pid, BenchConfig(**common, write=False))
+                frame_len = w.bytes // w.batches
+                bl_w = bl_r = None
+                if in_flight == 1:
+                    log = _some_log(root / "data")
+                    bl_w = baseline.run("reqrep", conns, args.duration, directory=root / "bl", chunk=frame_len)
+                    bl_r = baseline.run("readone", conns, args.duration, file=log, chunk=frame_len)
+            for kind, phase, user, system, bl in (("BATCH", w, wu, ws, bl_w), ("READ", r, ru, rs, bl_r)):
+                report(Row("perrequest", f"{kind} conns={conns} {pattern}", user + system, "µs/req",
+                           bl["server_cpu_us_per_request"] if bl else None, targets.get((kind, in_flight, conns), ""),
+                           {"user µs": round(user, 1), "sys µs": round(system, 1),
+                            "req/s": round(phase.requests / phase.seconds),
+                            "p50/p99 ms": lat_ms(phase)}))
+    shutil.rmtree(root, ignore_errors=True)
+    _piped_headline(args)
+
+
+def _piped_headline(args: argparse.Namespace) -> None:
+    n, size = 200_000, 1000
+    print(f"perrequest: piped headline, yes | head -n {n} | logd write, {size} B lines, fsync always (disk)",
+          flush=True)
+    logd = Path(sys.executable).with_name("logd")
+    cli = '"$LOGD"' if logd.exists() else '"$PY" -c "import sys; from cli.main import main; main()"'
+    script = f'yes "$L" | head -n {n} | {cli} write --host "$HOST" --topic piped'
+    bl = baseline.run("ingest", 1, args.duration, directory=DISK / "bl", fsync=True)
+    bl_msgs = bl["mib_per_s"] * 2**20 / (size + 1)  # the same bytes as lines
+    times = []
+    for _ in range(3):
+        with logd_server(DISK / "data") as (port, _):
+            env = dict(os.environ, PYTHONPATH=str(REPO), L="x" * size, HOST=f"127.0.0.1:{port}", LOGD=str(logd),
+                       PY=sys.executable)
+            t0 = time.perf_counter()
+            subprocess.run(["bash", "-c", script], env=env, cwd=REPO, check=True, timeout=300,
+                           stdout=subprocess.DEVNULL)
+            times.append(time.perf_counter() - t0)
+            spans = trio.run(topic_spans, ("127.0.0.1", port))
+            stored = spans["piped"].end - spans["piped"].start
+            assert stored >= n * (size + 8), f"only {stored} bytes stored"  # every line, framed
+    dt = statistics.median(times)
+    report(Row("perrequest", f"yes | head -n {n} | logd write (s, median of 3)", dt, "s", None, "",
+               {"all runs": [round(t, 2) for t in times]}))
+    report(Row("perrequest", "yes | head | logd write, fsync always", n / dt, "msg/s", bl_msgs,
+               "1.5 x Go's rate", {"MB/s": round(n * (size + 1) / dt / 1e6, 1),
+                                  "ceiling MiB/s": round(bl["mib_per_s"], 1)}))
+    shutil.rmtree(DISK, ignore_errors=True)
+
+
 SECTIONS = {"pipeline": section_pipeline, "ingest": section_ingest, "reads": section_reads,
-            "restart": section_restart}
+            "restart": section_restart, "perrequest": section_perrequest}
+
+
+def calibrate() -> float:
+    """CPU seconds of a fixed pure-Python loop: compares the speed of the cores between runs."""
+    t0 = time.process_time()
+    total = 0
+    for i in range(2_000_000):
+        total += i
+    return time.process_time() - t0
 
 
 def main() -> None:
@@ -372,7 +468,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write every row to this file")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, {os.uname().release}, python {sys.version.split()[0]}, "
-          f"load {os.getloadavg()[0]:.2f}", flush=True)
+          f"load {os.getloadavg()[0]:.2f}, calibration {calibrate():.3f} CPU-s", flush=True)
     t0 = time.monotonic()
     for name in args.sections or SECTIONS:
         SECTIONS[name](args)

@@ -27,20 +27,30 @@ def bench(
     only_write: Annotated[bool, typer.Option("--only-write", help="Skip the read phase.")] = False,
     only_read: Annotated[bool, typer.Option(
         "--only-read", help="Skip the write phase; read topics an earlier bench wrote with the same sizes.")] = False,
-    window: Annotated[int, typer.Option(help="Requests in flight per connection.")] = 32,
-    read_batches: Annotated[int, typer.Option(help="Batches asked for per READ request.")] = 16,
+    in_flight: Annotated[int, typer.Option(
+        "--in-flight", "--window", metavar="N",
+        help="Requests in flight per connection; 1: send one and wait for its reply, as Go's log-cli bench "
+             "and most clients do (--window is the old name).")] = 32,
+    read_batches: Annotated[int | None, typer.Option(
+        help="Batches asked for per READ request [16; 1 with --in-flight 1].")] = None,
     progress: Annotated[bool, typer.Option(
         "--progress", help="Live progress line on stderr even when it is not a terminal.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
-    """Measure write and read throughput and latency with pipelined raw requests."""
+    """Measure write and read throughput and latency with raw requests, pipelined or one at a time."""
+    if in_flight < 1:
+        typer.echo(f"logd bench: --in-flight must be at least 1, got {in_flight}", err=True)
+        raise typer.Exit(2)
+    if read_batches is not None and read_batches < 1:
+        typer.echo(f"logd bench: --read-batches must be at least 1, got {read_batches}", err=True)
+        raise typer.Exit(2)
     if only_write and only_read:
         typer.echo("logd bench: --only-write and --only-read exclude each other", err=True)
         raise typer.Exit(2)
     try:
         config = BenchConfig(host=host, conns=conns, topics=topics, duration=seconds, size=size,
                              message_size=message_size, write=not only_read, read=not only_write,
-                             window=window, read_batches=read_batches)
+                             in_flight=in_flight, read_batches=read_batches or 0)
     except ValueError as e:
         fail("bench", e)
     results: list[BenchResult] = []

@@ -6,7 +6,7 @@ it measures is the server plus the kernel.
 
 Write phase: every connection sends the same pre-built request over and over
 (``--size`` bytes including the ``BATCH`` line, messages of ``--message-size``
-bytes, topic ``benchmark_<i>`` as Go names them) with up to ``window``
+bytes, topic ``benchmark_<i>`` as Go names them) with up to ``in_flight``
 requests in flight, and reads the ``OK <offset> 1`` acknowledgements in a
 second task.  Latency is the time from handing a request to the kernel to
 reading its acknowledgement.
@@ -17,6 +17,11 @@ the duration is over.  All frames of a bench topic have the same length, so
 the offsets of the next requests are known without waiting for replies: the
 reader sends ahead and only checks each reply's ``OK <offset> <n>`` line and
 byte count (the frames are skipped with ``recv_into`` into one buffer).
+
+``in_flight = 1`` is the pattern of real clients and of Go's ``log-cli
+bench``: each connection sends one request and waits for its reply
+(:mod:`logd_trio.tools.bench_lockstep`); a READ then asks for one batch unless
+``read_batches`` says otherwise.
 
 Cancellation: :func:`run_bench` may be cancelled at any await; connections
 are closed and nothing is left running.
@@ -37,6 +42,7 @@ from logd_trio.core.addresses import parse_address
 from logd_trio.core.defaults import DEFAULT_ADDRESS
 from logd_trio.core.errors import unwrap_group
 from logd_trio.core.framing import build_body, build_frame, framed_size, valid_topic
+from logd_trio.tools.bench_lockstep import read_lockstep, write_lockstep
 from logd_trio.tools.bench_phases import (
     BenchError,
     TopicSpan,
@@ -79,15 +85,19 @@ class BenchConfig:
     message_size: int = len(GO_MESSAGE)
     write: bool = True
     read: bool = True
-    window: int = 32  # requests in flight per connection (server default pipeline depth)
-    read_batches: int = 16  # batches per READ request
+    in_flight: int = 32  # requests in flight per connection (server default pipeline depth)
+    read_batches: int = 0  # batches per READ request; 0: 16 when pipelined, 1 with one in flight
     topic_prefix: str = "benchmark_"
 
     def __post_init__(self) -> None:
         parse_address(self.host)  # AddressError (a ValueError) names the problem
-        for name in ("conns", "topics", "size", "message_size", "window", "read_batches"):
+        for name in ("conns", "topics", "size", "message_size", "in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.read_batches < 0:
+            raise ValueError(f"read_batches: must be at least 1 (or 0 for the default), got {self.read_batches}")
+        if self.read_batches == 0:
+            object.__setattr__(self, "read_batches", 1 if self.in_flight == 1 else 16)
         if not self.duration > 0:
             raise ValueError(f"duration: must be above 0, got {self.duration}")
         if not (self.write or self.read):
@@ -184,8 +194,11 @@ async def run_bench(config: BenchConfig, *, progress: TextIO | None = None) -> B
                 name = config.topic(i % config.topics)
                 frame, count = frames[name]
                 span = spans[name]
-                yield lambda: write_frames(sock, repeat_until(frame, count, deadline), config.window, phase,
-                                           span.add)
+                if config.in_flight == 1:
+                    yield lambda: write_lockstep(sock, frame, count, deadline, phase, span.add)
+                else:
+                    yield lambda: write_frames(sock, repeat_until(frame, count, deadline), config.in_flight,
+                                               phase, span.add)
 
             await _run_phase(config, phase, socks, writers, progress)
         if config.read:
@@ -203,8 +216,12 @@ async def run_bench(config: BenchConfig, *, progress: TextIO | None = None) -> B
                 frame, count = frames[name]
                 if spans[name].start < 0:
                     return
-                yield lambda: read_topic(sock, name, spans[name], len(frame), count, config.window, config.read_batches,
-                                         deadline, phase)
+                if config.in_flight == 1:
+                    yield lambda: read_lockstep(sock, name, spans[name], len(frame), count, config.read_batches,
+                                                deadline, phase)
+                else:
+                    yield lambda: read_topic(sock, name, spans[name], len(frame), count, config.in_flight,
+                                             config.read_batches, deadline, phase)
 
             await _run_phase(config, phase, socks, readers, progress)
     finally:

@@ -18,7 +18,10 @@ from logd_trio.core.defaults import DEFAULT_MAX_MESSAGES
 from logd_trio.core.errors import LogdError
 from logd_trio.tools.bench_report import PhaseResult
 
-__all__ = ["RECV_BUFFER", "BenchError", "read_messages", "read_topic", "send_all", "topic_spans", "write_frames"]
+__all__ = [
+    "RECV_BUFFER", "BenchError", "Lines", "TopicSpan", "read_messages", "read_topic", "send_all", "topic_spans",
+    "write_frames",
+]
 
 RECV_BUFFER: Final = 1 << 20
 
@@ -39,7 +42,7 @@ async def send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> No
         view = view[n:]
 
 
-class _Lines:
+class Lines:
     """Reply-line assembly over a shared receive buffer (a line may span two receives)."""
 
     __slots__ = ("carry",)
@@ -113,7 +116,7 @@ async def write_frames(
         nonlocal wakeup
         buf = bytearray(65536)
         view = memoryview(buf)
-        lines = _Lines()
+        lines = Lines()
         latencies = phase.latencies
         while True:
             if not sent:
@@ -202,7 +205,7 @@ async def read_topic(
         nonlocal wakeup
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
-        lines = _Lines()
+        lines = Lines()
         latencies = phase.latencies
         skip = 0  # frame bytes of the current reply still to come
         while True:
@@ -259,7 +262,7 @@ async def read_messages(
     """
     buf = bytearray(RECV_BUFFER)
     view = memoryview(buf)
-    lines = _Lines()
+    lines = Lines()
     tname = topic.encode("ascii")
     clock = time.perf_counter
     n = pos = 0

@@ -27,6 +27,10 @@ class BenchSettings(Protocol):
     def size(self) -> int: ...
     @property
     def message_size(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def read_batches(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -70,6 +74,7 @@ class PhaseResult:
             "seconds": self.seconds, "bytes": self.bytes, "batches": self.batches,
             "messages": self.messages, "requests": self.requests, "mib_per_s": self.mib_per_s,
             "batches_per_s": self.batches_per_s, "messages_per_s": self.messages_per_s,
+            "requests_per_s": self.requests / self.seconds if self.seconds else 0.0,
             "latency_s": self.percentiles(),
         }
 
@@ -86,7 +91,8 @@ class BenchResult:
         c = self.config
         out: dict[str, object] = {
             "host": c.host, "conns": c.conns, "topics": c.topics, "duration": c.duration,
-            "size": c.size, "message_size": c.message_size, "frame_size": self.frame_size,
+            "size": c.size, "message_size": c.message_size, "in_flight": c.in_flight,
+            "read_batches": c.read_batches, "frame_size": self.frame_size,
             "messages_per_batch": self.messages_per_batch,
         }
         if self.write is not None:
@@ -104,7 +110,8 @@ def format_result(result: BenchResult) -> str:
     """The human report, as printed by ``logd bench``."""
     c = result.config
     lines = [
-        f"host {c.host}, {c.conns} conns, {c.topics} topics, {c.duration:g}s per phase, "
+        f"host {c.host}, {c.conns} conns, {c.topics} topics, {c.in_flight} in flight per conn, "
+        f"{c.read_batches} batches per READ, {c.duration:g}s per phase, "
         f"batch {result.frame_size} B = {result.messages_per_batch} messages of {c.message_size} B"
     ]
     for phase in (result.write, result.read):
