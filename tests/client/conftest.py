@@ -8,23 +8,38 @@ server tests keep pytest-trio).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import anyio.abc
 import pytest
 import trio.lowlevel
+import trio.testing
 
 from logd_trio.client.client import Client, open_client
+from logd_trio.server.storage import syscalls
 
-from ..harness import FAST_RETRY
+from ..harness import FAST_RETRY, DiskTakesNoVirtualTime
 from .live import LiveServer, new_server, virtual
 
 
 @pytest.fixture(scope="module", params=["trio", "asyncio"])
 def anyio_backend(request: pytest.FixtureRequest) -> object:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _disk_takes_no_virtual_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under a virtual clock (the ``trio-vtime`` runs), the in-process server's fsyncs take
+    no virtual time, as with the server tests' ``vclock``: no timing depends on the disk."""
+    backend = request.getfixturevalue("anyio_backend") if "anyio_backend" in request.fixturenames else None
+    clock = backend[1].get("clock") if isinstance(backend, tuple) else None
+    if isinstance(clock, trio.testing.MockClock):
+        with syscalls.install(DiskTakesNoVirtualTime(clock)):
+            yield
+    else:
+        yield
 
 
 @pytest.fixture

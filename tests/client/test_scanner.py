@@ -294,7 +294,7 @@ async def test_failed_checkpoint_load_is_resolved_again(client: Client) -> None:
     assert cp.loads == 2
 
 
-@virtual_time(0)
+@virtual_time(0.05)
 async def test_follow_retries_a_lost_connection_while_starting(tmp_path: Path, anyio_backend_name: str) -> None:
     """start='end' in follow mode with the server down: retried until it is back, not raised."""
     async with anyio.create_task_group() as tg:
