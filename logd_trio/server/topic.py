@@ -45,12 +45,13 @@ _VERIFY_ROUNDS = 4
 class Append:
     """One BATCH on its way to the topic, and the slot its answer comes back in."""
 
-    __slots__ = ("count", "done", "error", "frame", "offset", "queued")
+    __slots__ = ("count", "done", "end", "error", "frame", "offset", "queued")
 
     def __init__(self, frame: bytes, count: int) -> None:
         self.frame = frame
         self.count = count
         self.offset = -1
+        self.end = -1  # the offset after the batch, once stored
         self.error: LogdError | None = None
         self.done = trio.Event()
         self.queued = time.perf_counter()
@@ -227,8 +228,9 @@ class Topic:
                 self._errors_unlogged += 1
             return
         item.offset = offset
+        item.end = offset + len(item.frame)
         self._batches_since_sync += 1
-        self._unacked.append((offset + len(item.frame), item))
+        self._unacked.append((item.end, item))
         item.frame = b""  # in the page cache now: a pending ack need not pin 64 KB until it is sent
 
     def _ack_upto(self, upto: int) -> int:

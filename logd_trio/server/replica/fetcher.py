@@ -45,7 +45,8 @@ class _Retry(LogdError):
 
 
 def _fatal(reason: str) -> bool:
-    return reason.startswith("not leader") or "own id" in reason
+    """A refusal no retry can mend: the wrong leader, or a log here that the leader does not have."""
+    return reason.startswith("not leader") or "own id" in reason or "beyond the leader's head" in reason
 
 
 async def _connect(host: str, port: int) -> trio.SocketStream:
@@ -173,6 +174,9 @@ async def _fetch_loop(registry: Registry, topic: Topic, host: str, port: int) ->
                     continue
                 raise _Retry(f"the leader refused FETCH at {offset}: {reply.reason}")
             h = reply.header
+            if h.leader_epoch < state.epoch:
+                raise _Retry(f"the leader answers with epoch {h.leader_epoch}, older than epoch {state.epoch} "
+                             "this node already saw (a stale leader?)")
             if h.leader_epoch > state.epoch:
                 await trio.to_thread.run_sync(state.note_epoch, h.leader_epoch)
             epoch = h.leader_epoch

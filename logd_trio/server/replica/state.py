@@ -168,8 +168,8 @@ class ReplicaState:
         self._progress.set()
         self._progress = trio.Event()
 
-    async def wait_acks(self, topic: str, offset: int) -> None:
-        """``--acks all``: return once the batch at ``offset`` is durable on ``--min-insync`` nodes (the
+    async def wait_acks(self, topic: str, end: int) -> None:
+        """``--acks all``: return once the batch ending at ``end`` is durable on ``--min-insync`` nodes (the
         leader's own copy is, when this is called).  Raises ``RequestError("not enough replicas")``
         when the in-sync set shrinks below that meanwhile."""
         need = self.config.min_insync - 1
@@ -177,11 +177,17 @@ class ReplicaState:
             insync = self.in_sync(trio.current_time())
             if len(insync) < need:
                 raise RequestError("not enough replicas")
-            acked = sum(1 for n in insync if (p := self.followers.get((n, topic))) is not None and p.offset > offset)
+            acked = sum(1 for n in insync if (p := self.followers.get((n, topic))) is not None and p.offset >= end)
             if acked >= need:
                 return
             with trio.move_on_after(self.config.replica_lag / 4):
                 await self._progress.wait()
+
+    def answered(self, node: str, topic: str, visible: int) -> None:
+        """The leader answered ``node`` on ``topic`` with its head at ``visible``."""
+        progress = self.followers.get((node, topic))
+        if progress is not None:
+            progress.replied_head = visible
 
     def check_fetch(self, req: Fetch) -> None:
         """The request-level checks of a FETCH (before any wait).  Raises :class:`RequestError`."""
@@ -193,7 +199,7 @@ class ReplicaState:
             raise RequestError(f"fenced: epoch {req.epoch}, the leader's is {self.epoch}")
 
     def fetch_reply(self, tlog: TopicLog, req: Fetch, visible: int) -> tuple[bytes, ReadPlan]:
-        """The reply header and the plan of its frames; records the follower's acknowledgement.
+        """The reply header and the plan of its frames (the caller records the acknowledgement).
 
         ``visible`` is the topic's readable head (a batch boundary).  An offset
         before the leader's first gives an empty reply (the follower moves its
@@ -203,9 +209,6 @@ class ReplicaState:
         name = req.topic
         if req.offset > visible:
             raise RequestError(f"offset {req.offset} beyond the leader's head {visible}")
-        progress = self.followers.get((req.node, name))
-        if progress is not None:
-            progress.replied_head = visible
         ef = self.epochs.get(name)
         starts: list[int] = []
         if req.offset < tlog.first:

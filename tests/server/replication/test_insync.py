@@ -33,7 +33,7 @@ async def test_ack_waits_for_the_followers_next_fetch(tmp_path: Path, autojump_c
     done = trio.Event()
 
     async def waiter() -> None:
-        await s.wait_acks("t", 100)  # the batch at 100 needs b's fetch offset past it
+        await s.wait_acks("t", 150)  # the batch 100..150 needs b's fetch offset at its end
         done.set()
 
     async with trio.open_nursery() as n:
@@ -51,7 +51,7 @@ async def test_a_stalled_follower_leaves_the_set_and_the_wait_fails(
     s.record("b", "t", 100, 100)
     t0 = trio.current_time()
     with pytest.raises(RequestError, match="not enough replicas"):
-        await s.wait_acks("t", 100)
+        await s.wait_acks("t", 150)  # a batch 100..150 b never fetched past
     assert 1.0 <= trio.current_time() - t0 <= 1.5  # --replica-lag, re-checked every lag/4
     with pytest.raises(RequestError):
         s.refuse_writes()
