@@ -22,7 +22,7 @@ import trio
 from logd_trio.core.errors import LogdError, RequestError, StorageError
 from logd_trio.core.fetch import Fetch, FetchHeader, encode_fetch_header
 from logd_trio.server.config import ServerConfig
-from logd_trio.server.replica.follower_log import FollowerLog
+from logd_trio.server.replica.follower_log import FollowerLog, FollowerTopic
 from logd_trio.server.storage.epochs import EpochFile
 from logd_trio.server.storage.files import O_CLOEXEC, fsync_dir
 from logd_trio.server.storage.reads import ReadPlan
@@ -110,13 +110,14 @@ class ReplicaState:
     def open_topic(self, root: Path, name: str) -> Topic:
         """Blocking: open (recover) a topic and its epoch file; a leader records its epoch from the head.
 
-        A follower's topics get a :class:`FollowerLog` (appends only at the offsets the fetcher expects).
+        A follower's topics are :class:`FollowerTopic` (appends only at the offsets the leader gave).
         """
         c = self.config
         if self.is_follower:
             flog = FollowerLog.open(root, name, partition_size=c.partition_size, partitions=c.partitions,
                                     file_mode=c.file_mode, dir_mode=c.dir_mode)
-            topic = Topic(name, flog, c)
+            assert isinstance(flog, FollowerLog)  # open() builds the class it is called on
+            topic: Topic = FollowerTopic(name, flog, c)
         else:
             topic = Topic.open(root, name, c)
         try:
