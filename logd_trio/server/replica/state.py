@@ -122,6 +122,7 @@ class ReplicaState:
             topic = Topic.open(root, name, c)
         try:
             ef = EpochFile.load(Path(root) / name, c.file_mode)
+            ef.truncate(topic.log.head + 1)  # recovery may have cut the log below an epoch's start
             if not self.is_follower:
                 ef.assign(self.epoch, topic.log.head)
         except BaseException:
