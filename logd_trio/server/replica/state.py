@@ -175,14 +175,18 @@ class ReplicaState:
         leader's own copy is, when this is called).  Raises ``RequestError("not enough replicas")``
         when the in-sync set shrinks below that meanwhile."""
         need = self.config.min_insync - 1
+        # at most --replica-lag and one re-check (e.g. a topic no follower fetches: nobody leaves the set)
+        deadline = trio.current_time() + self.config.replica_lag * 1.25
         while need > 0:
+            if trio.current_time() >= deadline:
+                raise RequestError("not enough replicas")
             insync = self.in_sync(trio.current_time())
             if len(insync) < need:
                 raise RequestError("not enough replicas")
             acked = sum(1 for n in insync if (p := self.followers.get((n, topic))) is not None and p.offset >= end)
             if acked >= need:
                 return
-            with trio.move_on_after(self.config.replica_lag / 4):
+            with trio.move_on_after(min(self.config.replica_lag / 4, max(deadline - trio.current_time(), 0))):
                 await self._progress.wait()
 
     def answered(self, node: str, topic: str, visible: int) -> None:
