@@ -120,8 +120,14 @@ class ServerConfig:
         _positive("min_insync", self.min_insync)
         if self.replica_lag <= 0:
             raise ConfigError("replica_lag: must be above 0")
+        if self.acks == "all" and self.fsync != "always":
+            raise ConfigError(f"acks: all needs fsync=always (with fsync={self.fsync} a batch is acknowledged "
+                              "before it is durable)")
         if self.replicate_from:
             _ = self.leader_address
+            if self.fsync != "always":
+                raise ConfigError(f"replicate_from: needs fsync=always (a follower's fetch offset is its "
+                                  f"acknowledgement, and with fsync={self.fsync} it runs ahead of its disk)")
             if not self.node_id:
                 raise ConfigError("replicate_from: needs node_id (each follower names itself to the leader)")
             if self.replicate_from == self.host:

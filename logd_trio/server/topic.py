@@ -31,7 +31,7 @@ from logd_trio.server.storage.space import FreeSpace
 from logd_trio.server.storage.topic_log import TopicLog
 from logd_trio.server.verifier import Verifier
 
-__all__ = ["Append", "Topic"]
+__all__ = ["Append", "Place", "Topic"]
 
 log = logging.getLogger("logd_trio.server.topic")
 
@@ -42,15 +42,23 @@ INBOX_SIZE = 64
 _VERIFY_ROUNDS = 4
 
 
+# A replicated frame's placement: (offset it must land at, the leader starts a partition there,
+# the leader's first offset).  Carried by the item itself, so a frame refused before it reaches
+# the log cannot hand its offset to the next one.
+Place = tuple[int, bool, int]
+
+
 class Append:
     """One BATCH on its way to the topic, and the slot its answer comes back in."""
 
-    __slots__ = ("count", "done", "error", "frame", "offset", "queued")
+    __slots__ = ("count", "done", "end", "error", "frame", "offset", "place", "queued")
 
-    def __init__(self, frame: bytes, count: int) -> None:
+    def __init__(self, frame: bytes, count: int, place: Place | None = None) -> None:
         self.frame = frame
         self.count = count
+        self.place = place  # a replicated frame: where it must land (see Place)
         self.offset = -1
+        self.end = -1  # the offset after the batch, once stored
         self.error: LogdError | None = None
         self.done = trio.Event()
         self.queued = time.perf_counter()
@@ -100,12 +108,12 @@ class Topic:
 
     # ------------------------------------------------------------ producers
 
-    async def append(self, frame: bytes, count: int) -> Append:
-        """Queue one batch; the caller awaits ``item.done`` for its answer.
+    async def append(self, frame: bytes, count: int, place: Place | None = None) -> Append:
+        """Queue one batch (a replicated frame: at ``place``); the caller awaits ``item.done`` for its answer.
 
         Cancelled while waiting for room in the inbox: nothing was queued.
         """
-        item = Append(frame, count)
+        item = Append(frame, count, place)
         await self._send.send(item)
         return item
 
@@ -209,7 +217,7 @@ class Topic:
             full = self._space.refuse(len(item.frame), trio.current_time())
             if full is not None:
                 raise StorageError(full)
-            offset = self.log.append(item.frame, item.count)
+            offset = self._store(item)
         except StorageError as e:
             item.error = e
             if self._unacked:  # keep replies in order: fail after what precedes it is acked
@@ -227,9 +235,14 @@ class Topic:
                 self._errors_unlogged += 1
             return
         item.offset = offset
+        item.end = offset + len(item.frame)
         self._batches_since_sync += 1
-        self._unacked.append((offset + len(item.frame), item))
+        self._unacked.append((item.end, item))
         item.frame = b""  # in the page cache now: a pending ack need not pin 64 KB until it is sent
+
+    def _store(self, item: Append) -> int:
+        """Put the batch in the log (page cache); return its offset.  A follower's topic overrides it."""
+        return self.log.append(item.frame, item.count)
 
     def _ack_upto(self, upto: int) -> int:
         """Answer every queued batch that ends at or before ``upto``; return how many."""

@@ -40,7 +40,7 @@ class AwaitReplicas:
         if item.error is not None:
             return error_reply(item.error)
         try:
-            await self.state.wait_acks(self.topic, item.offset)
+            await self.state.wait_acks(self.topic, item.end)
         except RequestError as e:  # stored on the leader, not acknowledged: the outcome is unknown to the client
             return error_reply(e)
         return b"OK %d 1\r\n" % item.offset

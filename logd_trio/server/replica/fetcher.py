@@ -4,8 +4,8 @@
 It polls the leader's ``TOPICS`` every second and starts a fetcher for each
 new topic.  A fetcher holds one connection to the leader, asks with
 ``FETCH`` from the topic's durable end (its acknowledgement), queues the
-frames of each reply through the topic's inbox (:class:`FollowerLog` puts
-each at its exact offset; the topic task stays the only appender and fsyncs
+frames of each reply through the topic's inbox (each item carries its exact
+offset; the topic task stays the only appender and fsyncs
 them in groups) and asks again once they are durable.  Lost connections are
 retried with capped exponential backoff.  A leader that is this node itself,
 or that is a follower, stops the server with :class:`ReplicationRefused`.
@@ -45,7 +45,8 @@ class _Retry(LogdError):
 
 
 def _fatal(reason: str) -> bool:
-    return reason.startswith("not leader") or "own id" in reason
+    """A refusal no retry can mend: the wrong leader, or a log here that the leader does not have."""
+    return reason.startswith("not leader") or "own id" in reason or "beyond the leader's head" in reason
 
 
 async def _connect(host: str, port: int) -> trio.SocketStream:
@@ -173,6 +174,9 @@ async def _fetch_loop(registry: Registry, topic: Topic, host: str, port: int) ->
                     continue
                 raise _Retry(f"the leader refused FETCH at {offset}: {reply.reason}")
             h = reply.header
+            if h.leader_epoch < state.epoch:
+                raise _Retry(f"the leader answers with epoch {h.leader_epoch}, older than epoch {state.epoch} "
+                             "this node already saw (a stale leader?)")
             if h.leader_epoch > state.epoch:
                 await trio.to_thread.run_sync(state.note_epoch, h.leader_epoch)
             epoch = h.leader_epoch
@@ -187,17 +191,16 @@ async def _fetch_loop(registry: Registry, topic: Topic, host: str, port: int) ->
                 elif h.first == h.head == offset:
                     await trio.sleep(FETCH_WAIT_MS / 1000)  # an empty topic at a non-zero start: nothing to wait on
                 continue
-            await _store(registry, topic, flog, reply)
+            await _store(registry, topic, reply)
 
 
-async def _settle(flog: FollowerLog, items: list[Append]) -> None:
-    """After a bad reply: let what was queued land, then drop the expectations of what was not."""
+async def _settle(items: list[Append]) -> None:
+    """After a bad reply: let what was queued land (or fail its offset check)."""
     if items:
         await items[-1].done.wait()
-    flog.forget_expectations()
 
 
-async def _store(registry: Registry, topic: Topic, flog: FollowerLog, reply: FetchReply) -> None:
+async def _store(registry: Registry, topic: Topic, reply: FetchReply) -> None:
     """Queue the reply's frames at their offsets and wait until they are durable here."""
     h = reply.header
     ef = registry.replica.epochs[topic.name]
@@ -212,19 +215,17 @@ async def _store(registry: Registry, topic: Topic, flog: FollowerLog, reply: Fet
             fh = parse_frame_header(data, at)
             if fh is None or at + fh.frame_len > len(data):
                 raise BadReply(f"topic {topic.name}: a torn frame in the FETCH reply at {offset}")
-            flog.expect(offset, offset in starts, h.first)
-            items.append(await topic.append(data[at:at + fh.frame_len], fh.count))
+            items.append(await topic.append(data[at:at + fh.frame_len], fh.count, (offset, offset in starts, h.first)))
             offset += fh.frame_len
             at += fh.frame_len
     except InvalidBatchError as e:
-        await _settle(flog, items)
+        await _settle(items)
         raise BadReply(f"topic {topic.name}: a bad frame in the FETCH reply at {offset}: {e}") from None
     except BadReply:
-        await _settle(flog, items)
+        await _settle(items)
         raise
     if items:
         await items[-1].done.wait()
     failed = next((i.error for i in items if i.error is not None), None)
     if failed is not None:
-        flog.forget_expectations()
         raise StorageError(str(failed))

@@ -2,7 +2,8 @@
 
 Called by the connection's writer (in reply order), like READ.  A reply
 never crosses an epoch boundary; the fetch offset is the follower's
-acknowledgement (recorded in ``ReplicaState.followers``).
+acknowledgement (recorded in ``ReplicaState.followers`` once the offset is
+checked: within the leader's log, on a batch boundary).
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ async def serve_fetch(conn: FetchingConnection, req: Fetch, pending: bytearray) 
         topic = registry.get(req.topic)
         if topic is None:
             raise RequestError(f"unknown topic {req.topic}")
-        state.record(req.node, req.topic, req.offset, topic.visible_head)  # the follower's acknowledgement
-        if req.wait_ms and req.offset == topic.visible_head and req.offset >= topic.first:
+        visible = topic.visible_head
+        if req.offset > visible:
+            raise RequestError(f"offset {req.offset} beyond the leader's head {visible}")
+        if req.wait_ms and req.offset == visible and req.offset >= topic.first:
+            state.record(req.node, req.topic, req.offset, visible)  # at the head: a valid acknowledgement
             if pending:
                 await conn._send_all(pending)
                 pending.clear()
@@ -60,7 +64,13 @@ async def serve_fetch(conn: FetchingConnection, req: Fetch, pending: bytearray) 
                 conn._poll_scope = None
                 conn.counters.longpoll_waiting -= 1
             state.check_fetch(req)  # the epoch may have moved meanwhile
-        header, plan = state.fetch_reply(topic.log, req, topic.visible_head)
+            visible = topic.visible_head
+            header, plan = state.fetch_reply(topic.log, req, visible)
+        else:
+            header, plan = state.fetch_reply(topic.log, req, visible)  # validates the offset first
+            if req.offset >= topic.first:
+                state.record(req.node, req.topic, req.offset, visible)  # the follower's acknowledgement
+        state.answered(req.node, req.topic, visible)
     except (NotFound, RequestError, StorageError) as e:
         return e
     await conn._send_plan(plan, pending, header)

@@ -22,7 +22,7 @@ import trio
 from logd_trio.core.errors import LogdError, RequestError, StorageError
 from logd_trio.core.fetch import Fetch, FetchHeader, encode_fetch_header
 from logd_trio.server.config import ServerConfig
-from logd_trio.server.replica.follower_log import FollowerLog
+from logd_trio.server.replica.follower_log import FollowerLog, FollowerTopic
 from logd_trio.server.storage.epochs import EpochFile
 from logd_trio.server.storage.files import O_CLOEXEC, fsync_dir
 from logd_trio.server.storage.reads import ReadPlan
@@ -110,17 +110,19 @@ class ReplicaState:
     def open_topic(self, root: Path, name: str) -> Topic:
         """Blocking: open (recover) a topic and its epoch file; a leader records its epoch from the head.
 
-        A follower's topics get a :class:`FollowerLog` (appends only at the offsets the fetcher expects).
+        A follower's topics are :class:`FollowerTopic` (appends only at the offsets the leader gave).
         """
         c = self.config
         if self.is_follower:
             flog = FollowerLog.open(root, name, partition_size=c.partition_size, partitions=c.partitions,
                                     file_mode=c.file_mode, dir_mode=c.dir_mode)
-            topic = Topic(name, flog, c)
+            assert isinstance(flog, FollowerLog)  # open() builds the class it is called on
+            topic: Topic = FollowerTopic(name, flog, c)
         else:
             topic = Topic.open(root, name, c)
         try:
             ef = EpochFile.load(Path(root) / name, c.file_mode)
+            ef.truncate(topic.log.head + 1)  # recovery may have cut the log below an epoch's start
             if not self.is_follower:
                 ef.assign(self.epoch, topic.log.head)
         except BaseException:
@@ -168,20 +170,30 @@ class ReplicaState:
         self._progress.set()
         self._progress = trio.Event()
 
-    async def wait_acks(self, topic: str, offset: int) -> None:
-        """``--acks all``: return once the batch at ``offset`` is durable on ``--min-insync`` nodes (the
+    async def wait_acks(self, topic: str, end: int) -> None:
+        """``--acks all``: return once the batch ending at ``end`` is durable on ``--min-insync`` nodes (the
         leader's own copy is, when this is called).  Raises ``RequestError("not enough replicas")``
         when the in-sync set shrinks below that meanwhile."""
         need = self.config.min_insync - 1
+        # at most --replica-lag and one re-check (e.g. a topic no follower fetches: nobody leaves the set)
+        deadline = trio.current_time() + self.config.replica_lag * 1.25
         while need > 0:
+            if trio.current_time() >= deadline:
+                raise RequestError("not enough replicas")
             insync = self.in_sync(trio.current_time())
             if len(insync) < need:
                 raise RequestError("not enough replicas")
-            acked = sum(1 for n in insync if (p := self.followers.get((n, topic))) is not None and p.offset > offset)
+            acked = sum(1 for n in insync if (p := self.followers.get((n, topic))) is not None and p.offset >= end)
             if acked >= need:
                 return
-            with trio.move_on_after(self.config.replica_lag / 4):
+            with trio.move_on_after(min(self.config.replica_lag / 4, max(deadline - trio.current_time(), 0))):
                 await self._progress.wait()
+
+    def answered(self, node: str, topic: str, visible: int) -> None:
+        """The leader answered ``node`` on ``topic`` with its head at ``visible``."""
+        progress = self.followers.get((node, topic))
+        if progress is not None:
+            progress.replied_head = visible
 
     def check_fetch(self, req: Fetch) -> None:
         """The request-level checks of a FETCH (before any wait).  Raises :class:`RequestError`."""
@@ -193,7 +205,7 @@ class ReplicaState:
             raise RequestError(f"fenced: epoch {req.epoch}, the leader's is {self.epoch}")
 
     def fetch_reply(self, tlog: TopicLog, req: Fetch, visible: int) -> tuple[bytes, ReadPlan]:
-        """The reply header and the plan of its frames; records the follower's acknowledgement.
+        """The reply header and the plan of its frames (the caller records the acknowledgement).
 
         ``visible`` is the topic's readable head (a batch boundary).  An offset
         before the leader's first gives an empty reply (the follower moves its
@@ -203,9 +215,6 @@ class ReplicaState:
         name = req.topic
         if req.offset > visible:
             raise RequestError(f"offset {req.offset} beyond the leader's head {visible}")
-        progress = self.followers.get((req.node, name))
-        if progress is not None:
-            progress.replied_head = visible
         ef = self.epochs.get(name)
         starts: list[int] = []
         if req.offset < tlog.first:

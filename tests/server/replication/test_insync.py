@@ -33,7 +33,7 @@ async def test_ack_waits_for_the_followers_next_fetch(tmp_path: Path, autojump_c
     done = trio.Event()
 
     async def waiter() -> None:
-        await s.wait_acks("t", 100)  # the batch at 100 needs b's fetch offset past it
+        await s.wait_acks("t", 150)  # the batch 100..150 needs b's fetch offset at its end
         done.set()
 
     async with trio.open_nursery() as n:
@@ -51,7 +51,7 @@ async def test_a_stalled_follower_leaves_the_set_and_the_wait_fails(
     s.record("b", "t", 100, 100)
     t0 = trio.current_time()
     with pytest.raises(RequestError, match="not enough replicas"):
-        await s.wait_acks("t", 100)
+        await s.wait_acks("t", 150)  # a batch 100..150 b never fetched past
     assert 1.0 <= trio.current_time() - t0 <= 1.5  # --replica-lag, re-checked every lag/4
     with pytest.raises(RequestError):
         s.refuse_writes()
@@ -91,3 +91,22 @@ async def test_a_new_topic_does_not_throw_an_in_sync_follower_out(
     s.followers[("b", "new")].replied_head = 5000
     s.record("b", "new", 10, 5000)
     assert s.in_sync(trio.current_time()) == set()  # it did not catch up within --replica-lag
+
+
+async def test_a_topic_no_follower_fetches_fails_the_wait_after_the_lag(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    s = state(tmp_path)
+    s.record("b", "t", 0, 0)
+    t0 = trio.current_time()
+
+    async def fetching_t() -> None:  # b stays caught up on t all along
+        while True:
+            await trio.sleep(0.2)
+            s.record("b", "t", 0, 0)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(fetching_t)
+        with trio.fail_after(5), pytest.raises(RequestError, match="not enough replicas"):
+            await s.wait_acks("u", 10)  # b never fetches u
+        n.cancel_scope.cancel()
+    assert 1.0 <= trio.current_time() - t0 <= 1.3  # --replica-lag

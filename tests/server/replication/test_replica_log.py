@@ -9,9 +9,12 @@ import pytest
 
 from logd_trio.core.errors import NotFound, StorageError
 from logd_trio.core.framing import build_body, build_frame, parse_frame_header
+from logd_trio.server.replica.state import ReplicaState
 from logd_trio.server.storage.epochs import EPOCHS_NAME, EpochFile
 from logd_trio.server.storage.replica_log import OffsetMismatch, append_at, fetch_plan, start_at, truncate_to
 from logd_trio.server.storage.topic_log import TopicLog
+
+from ...harness import make_config
 
 TOPIC = "t"
 
@@ -201,3 +204,22 @@ def test_recovery_leaves_the_epoch_file_alone(tmp_path: Path, caplog: pytest.Log
         pass
     assert "stray" not in caplog.text
     assert (tmp_path / TOPIC / EPOCHS_NAME).exists()
+
+
+def test_an_epoch_starting_past_the_recovered_head_is_dropped_at_open(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, node_id="a")
+    s = ReplicaState(cfg)
+    s.load()
+    t = s.open_topic(tmp_path, TOPIC)
+    t.log.append(frame(1), 3)
+    t.log.sync()
+    head = t.log.head
+    t.log.close()
+    # the log lost its tail below the last epoch's start (recovery cut a torn frame): the file still has it
+    (tmp_path / TOPIC / EPOCHS_NAME).write_text(f"1 0\n2 {head + 100}\n")
+    s2 = ReplicaState(cfg)
+    s2.load()  # epoch 2
+    t2 = s2.open_topic(tmp_path, TOPIC)
+    assert s2.epochs[TOPIC].entries == [(1, 0), (2, head)]
+    assert (tmp_path / TOPIC / EPOCHS_NAME).read_text() == f"1 0\n2 {head}\n"
+    t2.log.close()
