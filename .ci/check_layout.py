@@ -2,7 +2,10 @@
 
 - no import cycle between any two modules of the library or the CLI (TYPE_CHECKING
   and function-level imports count: a cycle hidden behind them is still a cycle);
-- no library module over MAX_LINES lines.
+- no library module over MAX_LINES lines;
+- the server hands blocking work to worker threads only through
+  ``logd_trio.server.blocking.run_blocking`` (the seam the slow-disk and virtual-time
+  test layers watch); THREAD_HOPS_ALLOWED names the exceptions (no disk work).
 
 Exits 1 naming every offender.
 """
@@ -15,6 +18,7 @@ from pathlib import Path
 import grimp
 
 MAX_LINES = 400
+THREAD_HOPS_ALLOWED = {"logd_trio/server/blocking.py", "logd_trio/server/metrics.py"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,6 +75,10 @@ def main() -> int:
         n = len(path.read_text().splitlines())
         if n > MAX_LINES:
             problems.append(f"{path.relative_to(ROOT)}: {n} lines (at most {MAX_LINES})")
+    for path in sorted((ROOT / "logd_trio" / "server").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if "to_thread" in path.read_text() and rel not in THREAD_HOPS_ALLOWED:
+            problems.append(f"{rel}: hands work to a thread without server.blocking.run_blocking")
     for p in problems:
         print(p)
     print(f"layout: {len(problems)} problem(s)" if problems else "layout: no cycles, no module over the limit")

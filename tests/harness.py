@@ -10,11 +10,12 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import anyio.abc
 import trio
 import trio.testing
 
@@ -88,13 +89,18 @@ def make_config(workdir: Path, **kw: Any) -> ServerConfig:
 FAST_RETRY = RetryPolicy(attempts=2, initial=0.01, maximum=0.01)
 
 
+def local_config(workdir: Path, **options: Any) -> ServerConfig:
+    """The in-process test server's configuration: a free loopback port, no fsync unless asked."""
+    return ServerConfig(**{"host": "127.0.0.1:0", "workdir": workdir, "fsync": "never", **options})
+
+
 class LocalServer:
     """A real logd-trio server in the test's nursery that can be stopped and restarted
     on the same port and data directory."""
 
-    def __init__(self, nursery: trio.Nursery, workdir: Path, **options: Any) -> None:
-        self.nursery = nursery
-        self.config = ServerConfig(host="127.0.0.1:0", workdir=workdir, fsync="never", **options)
+    def __init__(self, nursery: trio.Nursery | anyio.abc.TaskGroup, workdir: Path, **options: Any) -> None:
+        self.nursery = nursery  # an anyio task group works too (the client tests, trio backend)
+        self.config = local_config(workdir, **options)
         self.host = "127.0.0.1"
         self.port = 0
         self._shutdown: trio.Event | None = None
@@ -134,13 +140,14 @@ SLOW_DISK = ""
 
 
 class DiskTakesNoVirtualTime(syscalls.Layer):
-    """While a storage fsync/fdatasync runs (in a Trio worker thread), ``clock`` does not
-    autojump: real disk work takes no virtual time, however slow the disk.
+    """While the server's storage work runs in a worker thread, ``clock`` does not autojump:
+    real disk work takes no virtual time, however slow the disk.
 
     Without it, a virtual-time test whose server fsyncs (creating a topic, shutting down)
     sees the clock jump to the next deadline whenever an fsync outlasts the autojump
-    threshold, so its timing depends on the disk.  Calls from outside a Trio worker
-    thread (synchronous storage code) are left alone."""
+    threshold, so its timing depends on the disk.  The server tells the layer of each
+    hand-off on the Trio thread before the thread starts (``run_blocking``), so even a
+    threshold of 0 cannot jump in the gap between the hand-off and the thread's first call."""
 
     def __init__(self, clock: trio.testing.MockClock) -> None:
         super().__init__()
@@ -148,34 +155,22 @@ class DiskTakesNoVirtualTime(syscalls.Layer):
         self.threshold = clock.autojump_threshold
         self.busy = 0  # changed on the Trio thread only
 
-    def _pause(self) -> None:
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
         if self.busy == 0:  # what a test set meanwhile (e.g. inf around a restart) is kept
             self.threshold = self.clock.autojump_threshold
         self.busy += 1
         self.clock.autojump_threshold = math.inf
-
-    def _resume(self) -> None:
-        self.busy -= 1
-        if self.busy == 0:
-            self.clock.autojump_threshold = self.threshold
-
-    def _around(self, call: Callable[[int], None], fd: int) -> None:
         try:
-            trio.from_thread.run_sync(self._pause)
-        except RuntimeError:  # not a Trio worker thread, or the run is over
-            call(fd)
-            return
-        try:
-            call(fd)
+            with self.inner.blocking():
+                yield
         finally:
-            with contextlib.suppress(RuntimeError):
-                trio.from_thread.run_sync(self._resume)
+            self.busy -= 1
+            if self.busy == 0:
+                self.clock.autojump_threshold = self.threshold
 
-    def fsync(self, fd: int) -> None:
-        self._around(self.inner.fsync, fd)
-
-    def fdatasync(self, fd: int) -> None:
-        self._around(self.inner.fdatasync, fd)
+    def blocking(self) -> contextlib.AbstractContextManager[None]:
+        return self._paused()
 
 
 # ---------------------------------------------------------------- server processes

@@ -10,6 +10,7 @@ import re
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Final
 
 from logd_trio.core.errors import InvalidBatchError
 
@@ -230,10 +231,26 @@ def check_frame(buf: bytes, pos: int = 0, end: int | None = None) -> FrameHeader
         h = parse_frame_header(buf, pos)
         if h is None or pos + h.frame_len > stop:
             return None
-        body = pos + h.header_len
-        frame_end = pos + h.frame_len
-        if crc32(memoryview(buf)[body:frame_end]) != h.crc or count_messages(buf, body, frame_end) != h.count:
-            return None
     except InvalidBatchError:
         return None
-    return h
+    body = pos + h.header_len
+    return None if body_fault(buf, body, pos + h.frame_len, h.crc, h.count) else h
+
+
+CHECKSUM_MISMATCH: Final = "checksum mismatch"
+INVALID_BATCH: Final = "invalid batch"
+
+
+def body_fault(buf: bytes, body: int, end: int, crc: int, count: int) -> str | None:
+    """Why the body ``buf[body:end]`` does not match its header's ``crc`` and message ``count``
+    (:data:`CHECKSUM_MISMATCH` or :data:`INVALID_BATCH`, the wire's reasons), or None.
+
+    The one body check: a request's (which answers with the reason) and a stored
+    frame's (:func:`check_frame`)."""
+    if crc32(memoryview(buf)[body:end]) != crc:
+        return CHECKSUM_MISMATCH
+    try:
+        n = count_messages(buf, body, end)
+    except InvalidBatchError:
+        return INVALID_BATCH
+    return None if n == count else INVALID_BATCH

@@ -31,6 +31,7 @@ from pathlib import Path
 import trio
 
 from logd_trio._version import __version__
+from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig, join_host_port
 from logd_trio.server.connection import Connection
 from logd_trio.server.http import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
@@ -81,8 +82,8 @@ async def serve(
     # busy default limiter cannot hold them up): the directory, durably (parents
     # fsynced), and its lock.
     startup = trio.CapacityLimiter(1)
-    await trio.to_thread.run_sync(make_root, root, config.dir_mode, limiter=startup)
-    lock = await trio.to_thread.run_sync(DataDirLock.acquire, root, config.file_mode, limiter=startup)
+    await run_blocking(make_root, root, config.dir_mode, limiter=startup)
+    lock = await run_blocking(DataDirLock.acquire, root, config.file_mode, limiter=startup)
     try:
         fd_limit = raise_fd_limit()  # before recovery opens every partition
         counters = Counters()

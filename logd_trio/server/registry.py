@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 from logd_trio.core.errors import RequestError, StorageError
+from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.limits import READ_POOL_FDS, SYNC_RESERVE_FDS, ReadFdPool, TopicFds
 from logd_trio.server.replica.state import ReplicaState
@@ -69,7 +70,7 @@ class Registry:
         event = self._creating[name] = trio.Event()
         try:
             try:
-                topic = await trio.to_thread.run_sync(self.replica.open_topic, self.root, name)
+                topic = await run_blocking(self.replica.open_topic, self.root, name)
             except (OSError, StorageError) as e:
                 # Details (paths) go to the log, not to the client.
                 log.error("cannot open topic %s: %s", name, e)
@@ -97,8 +98,8 @@ class Registry:
 
     async def open_existing(self) -> None:
         """Recover every topic on disk (and ``default``) before the listener opens."""
-        await trio.to_thread.run_sync(self.replica.load)
-        names = await trio.to_thread.run_sync(list_topics, self.root)
+        await run_blocking(self.replica.load)
+        names = await run_blocking(list_topics, self.root)
         if "default" not in names:
             names.append("default")
         if len(names) > self.config.topics:

@@ -21,6 +21,7 @@ from pathlib import Path
 import trio
 
 from logd_trio.core.errors import LogdError, NotFound, StorageError
+from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.histogram import Histograms
 from logd_trio.server.limits import TopicFds
@@ -298,7 +299,7 @@ class Topic:
             # Shielded: capturing the job counted its bytes as synced, so it must run (a cancel
             # before its thread starts would drop it unrun; once started it is never abandoned).
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.fds.run_job, job)  # then the reserve takes its slots back
+                await run_blocking(self.fds.run_job, job)  # then the reserve takes its slots back
             self.log.check_linked(job)
         except OSError as e:
             self._fail_stop(f"fsync failed: {e.strerror or e}")
@@ -356,7 +357,7 @@ class Topic:
         job = self.log.remove_job()
         if job is not None:
             with trio.CancelScope(shield=True):  # the partitions left the log: a removal always completes
-                await trio.to_thread.run_sync(job.run)
+                await run_blocking(job.run)
             self.log.removed()
             self._dirty.set()  # with --fsync always, the syncer makes the unlinks durable
 
@@ -373,7 +374,7 @@ class Topic:
                 for _ in range(2):  # the second round makes durable what the removal unlinked
                     job = self.log.sync_job(final=True)
                     if job is not None:
-                        await trio.to_thread.run_sync(job.run, abandon_on_cancel=True)
+                        await run_blocking(job.run, abandon_on_cancel=True)
                         self.log.check_linked(job)
                     self._ack_upto(self.log.head)
                     await self._remove()

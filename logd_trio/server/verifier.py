@@ -15,6 +15,7 @@ import logging
 import trio
 
 from logd_trio.core.errors import StorageError
+from logd_trio.server.blocking import run_blocking
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.storage.rebuild import IndexSuspect
 from logd_trio.server.storage.topic_log import TopicLog
@@ -50,7 +51,7 @@ class Verifier:
 
     async def _run(self, job: VerifyJob) -> None:
         try:
-            await trio.to_thread.run_sync(job.run)
+            await run_blocking(job.run)
         except OSError as e:
             raise StorageError(f"topic {self.name}: cannot read for verification: {e.strerror}") from e
         finally:
@@ -64,7 +65,7 @@ class Verifier:
             if job is None:
                 return  # gone, or rebuilt while this reader waited
             try:
-                await trio.to_thread.run_sync(job.run)  # not abandoned: the swap below always follows
+                await run_blocking(job.run)  # not abandoned: the swap below always follows
             except OSError as e:
                 raise StorageError(f"topic {self.name}: cannot rebuild an index: {e.strerror}") from e
             finally:

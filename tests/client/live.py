@@ -25,6 +25,8 @@ import trio.testing
 from logd_trio.server.app import serve
 from logd_trio.server.config import ServerConfig
 
+from ..harness import LocalServer, local_config
+
 
 class LiveServer(Protocol):
     """A real logd-trio server that can be stopped and restarted on the same port and data."""
@@ -37,48 +39,15 @@ class LiveServer(Protocol):
     async def stop(self) -> None: ...
 
 
-def server_config(workdir: Path, **options: Any) -> ServerConfig:
-    return ServerConfig(host="127.0.0.1:0", workdir=workdir, fsync="never", **options)
-
-
-class InLoopServer:
+class InLoopServer(LocalServer):
     """The server as tasks of ``tg`` (the trio backend: the test's own loop)."""
-
-    def __init__(self, tg: anyio.abc.TaskGroup, workdir: Path, **options: Any) -> None:
-        self.tg = tg
-        self.config = server_config(workdir, **options)
-        self.port = 0
-        self._shutdown: trio.Event | None = None
-        self._done: trio.Event | None = None
-
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        config = dataclasses.replace(self.config, host=f"127.0.0.1:{self.port}")
-        shutdown, done = trio.Event(), trio.Event()
-        self._shutdown, self._done = shutdown, done
-
-        async def runner(*, task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED) -> None:
-            try:
-                await serve(config, shutdown=shutdown, task_status=task_status)  # type: ignore[arg-type]
-            finally:
-                done.set()
-
-        _, self.port = await self.tg.start(runner)
-
-    async def stop(self) -> None:
-        assert self._shutdown is not None and self._done is not None
-        self._shutdown.set()
-        await self._done.wait()
 
 
 class ThreadServer:
     """The server in a thread with its own ``trio.run`` (any backend; asyncio's tests)."""
 
     def __init__(self, workdir: Path, **options: Any) -> None:
-        self.config = server_config(workdir, **options)
+        self.config = local_config(workdir, **options)
         self.port = 0
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None

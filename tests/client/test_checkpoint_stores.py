@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -43,44 +43,36 @@ BACKENDS = ["trio", "asyncio"]
 KINDS = ["postgres", "redis"]
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    srv = PostgresServer()
+S = TypeVar("S", PostgresServer, RedisServer)
+
+
+def _running(srv: S) -> Iterator[S]:
+    """``srv`` started for the fixture's scope and stopped after it, however the tests end."""
     try:
         srv.start()
         yield srv
     finally:
         srv.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    yield from _running(PostgresServer())
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.close()
+    yield from _running(RedisServer())
 
 
 @pytest.fixture
 def own_pg() -> Iterator[PostgresServer]:
-    srv = PostgresServer()
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.close()
+    yield from _running(PostgresServer())
 
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
-    srv = RedisServer(persistent=True)  # a restart must keep the positions
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.close()
+    yield from _running(RedisServer(persistent=True))  # a restart must keep the positions
 
 
 def factory(kind: str, srv: PostgresServer | RedisServer) -> Factory:

@@ -168,12 +168,10 @@ async def test_pipelining_keeps_depth_batches_in_flight(
     assert seen_before_reply[:3] == [3, 3, 3]
 
 
-@virtual_or_scaled()
-async def test_backpressure_bounds_the_queue(tg: anyio.abc.TaskGroup, unit: float) -> None:
-    config = b"MaxBatchSize: 1000\r\n"
-    release = anyio.Event()
+def _held_peer(config: bytes, release: anyio.Event) -> Callable[[anyio.abc.SocketStream], Awaitable[None]]:
+    """A peer that answers CONFIG, then holds each batch's OK until ``release`` is set."""
 
-    async def slow(stream: anyio.abc.SocketStream) -> None:
+    async def peer(stream: anyio.abc.SocketStream) -> None:
         buf = bytearray()
         offset = 0
         while (line := await read_line(stream, buf)) is not None:
@@ -186,7 +184,15 @@ async def test_backpressure_bounds_the_queue(tg: anyio.abc.TaskGroup, unit: floa
             await stream.send(b"OK %d 1\r\n" % offset)
             offset += len(line) + 2 + size
 
-    addr = await scripted_peer(tg, slow)
+    return peer
+
+
+@virtual_or_scaled()
+async def test_backpressure_bounds_the_queue(tg: anyio.abc.TaskGroup, unit: float) -> None:
+    config = b"MaxBatchSize: 1000\r\n"
+    release = anyio.Event()
+
+    addr = await scripted_peer(tg, _held_peer(config, release))
     async with open_client(addr, retry=FAST_RETRY) as c, c.writer(
             "bp", max_in_flight=1, max_pending=3000, flush_interval=None) as w:
         queued = 0
@@ -349,25 +355,6 @@ async def test_cancel_while_flushing_on_exit_is_bounded(tg: anyio.abc.TaskGroup,
         assert scope.cancelled_caught
         assert elapsed_ok(anyio.current_time() - start, 3 * unit)
         assert len(w.failed) == 1 and w.failed[0].count == 1  # kept, not dropped
-
-
-def _held_peer(config: bytes, release: anyio.Event) -> Callable[[anyio.abc.SocketStream], Awaitable[None]]:
-    """A peer that answers CONFIG, then holds each batch's OK until ``release`` is set."""
-
-    async def peer(stream: anyio.abc.SocketStream) -> None:
-        buf = bytearray()
-        offset = 0
-        while (line := await read_line(stream, buf)) is not None:
-            if line == b"CONFIG":
-                await stream.send(b"MOK %d\r\n%s\r\n" % (len(config), config))
-                continue
-            size = int(line.split()[1])
-            await read_body(stream, buf, size)
-            await release.wait()
-            await stream.send(b"OK %d 1\r\n" % offset)
-            offset += len(line) + 2 + size
-
-    return peer
 
 
 async def test_cancellation_at_each_await_point_of_write(tg: anyio.abc.TaskGroup

@@ -425,17 +425,23 @@ async def test_min_free_space_refuses_before_the_disk_is_full(
     await srv.stop()
 
 
-def test_free_space_guard_checks_rarely(monkeypatch: pytest.MonkeyPatch) -> None:
+class CountingStatvfs(syscalls.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Path] = []
+
+    def statvfs(self, path: Path) -> os.statvfs_result:
+        self.calls.append(path)
+        return self.inner.statvfs(path)
+
+
+def test_free_space_guard_checks_rarely() -> None:
     """statvfs at most every FREE_SPACE_PERIOD or FREE_SPACE_BYTES appended, not per batch."""
-    calls: list[str] = []
-    real = os.statvfs
+    with syscalls.install(CountingStatvfs()) as layer:
+        _guard_checks_rarely(layer.calls)
 
-    def counting(path: str | Path) -> os.statvfs_result:
-        calls.append(str(path))
-        return real(path)
 
-    monkeypatch.setattr(os, "statvfs", counting)
-
+def _guard_checks_rarely(calls: list[Path]) -> None:
     now = 100.0
     guard = space.FreeSpace(Path("/"), 1)
     for _ in range(1000):

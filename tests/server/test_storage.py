@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,11 +261,12 @@ def test_sync_jobs(tmp_path: Path) -> None:
     tl.append(F55, 1)
     job = tl.sync_job()
     assert job is not None and job.upto == 55
-    assert job._dir_fd is None  # no partition created since the last job
-    fds = job._fds()
-    job.run()
-    job.run()  # idempotent
-    for fd in fds:
+    with syscalls.install(SyncRecorder()) as rec:
+        job.run()
+        job.run()  # idempotent
+    assert rec.calls and not any(is_dir for _, is_dir in rec.calls)  # no partition created: no directory fsync
+    assert len(rec.calls) == len({fd for fd, _ in rec.calls})  # each file once
+    for fd, _ in rec.calls:  # the job's duplicates are closed once it ran
         with pytest.raises(OSError) as ei:
             os.fstat(fd)
         assert ei.value.errno == errno.EBADF
@@ -273,12 +275,14 @@ def test_sync_jobs(tmp_path: Path) -> None:
     tl.append(F55, 1)
     tl.append(F55, 1)  # rotates: 110.log
     job = tl.sync_job()
-    assert job is not None and job.upto == 165 and job._dir_fd is not None
+    assert job is not None and job.upto == 165
     for _ in range(4):
         tl.append(F55, 1)
     settle(tl)
     assert logs(tmp_path) == ["220.log", "330.log"]
-    job.run()
+    with syscalls.install(SyncRecorder()) as rec:
+        job.run()
+    assert any(is_dir for _, is_dir in rec.calls)  # a partition was created: the directory too
     assert seen[-1] == 165
     dropped = tl.sync_job()
     assert dropped is not None
@@ -760,6 +764,22 @@ def test_long_rescan_logs_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert tl.head == 400 * 100
     assert sum("rescanning:" in r.getMessage() for r in caplog.records) >= 5
     tl.close()
+
+
+class SyncRecorder(syscalls.Layer):
+    """Records (fd, is a directory) of every fsync and fdatasync."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, bool]] = []
+
+    def fsync(self, fd: int) -> None:
+        self.calls.append((fd, stat.S_ISDIR(os.fstat(fd).st_mode)))
+        self.inner.fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self.calls.append((fd, stat.S_ISDIR(os.fstat(fd).st_mode)))
+        self.inner.fdatasync(fd)
 
 
 class SeamRecorder(syscalls.Layer):

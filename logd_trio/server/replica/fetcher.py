@@ -21,6 +21,7 @@ from logd_trio.core.errors import BadReply, InvalidBatchError, LogdError, Reques
 from logd_trio.core.fetch import FETCH_NEED_DATA, FetchError, FetchReply, FetchReplyParser, encode_fetch
 from logd_trio.core.framing import parse_frame_header
 from logd_trio.core.replies import NEED_DATA, ErrorReply, MokReply, ReplyKind, ReplyParser
+from logd_trio.server.blocking import run_blocking
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.follower_log import FollowerLog
 from logd_trio.server.replica.state import ReplicationRefused
@@ -178,7 +179,7 @@ async def _fetch_loop(registry: Registry, topic: Topic, host: str, port: int) ->
                 raise _Retry(f"the leader answers with epoch {h.leader_epoch}, older than epoch {state.epoch} "
                              "this node already saw (a stale leader?)")
             if h.leader_epoch > state.epoch:
-                await trio.to_thread.run_sync(state.note_epoch, h.leader_epoch)
+                await run_blocking(state.note_epoch, h.leader_epoch)
             epoch = h.leader_epoch
             leader_first = h.first
             if not reply.data:
@@ -187,7 +188,7 @@ async def _fetch_loop(registry: Registry, topic: Topic, host: str, port: int) ->
                                 "(removed by retention): its partitions are copied aside (.log.corrupt-*) and "
                                 "it starts again at %d", name, offset, h.first, h.first)
                     ef = state.epochs[name]
-                    await trio.to_thread.run_sync(_start_over, flog, ef, h.first)
+                    await run_blocking(_start_over, flog, ef, h.first)
                 elif h.first == h.head == offset:
                     await trio.sleep(FETCH_WAIT_MS / 1000)  # an empty topic at a non-zero start: nothing to wait on
                 continue
@@ -205,7 +206,7 @@ async def _store(registry: Registry, topic: Topic, reply: FetchReply) -> None:
     h = reply.header
     ef = registry.replica.epochs[topic.name]
     if h.batch_epoch != ef.latest:
-        await trio.to_thread.run_sync(ef.assign, h.batch_epoch, h.offset)  # before the epoch's first batch
+        await run_blocking(ef.assign, h.batch_epoch, h.offset)  # before the epoch's first batch
     data = reply.data
     starts = set(h.starts)
     at, offset = 0, h.offset

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
+
+from logd_trio.server.storage import syscalls
 
 __all__ = ["FREE_SPACE_BYTES", "FREE_SPACE_PERIOD", "FreeSpace"]
 
@@ -31,7 +32,7 @@ class FreeSpace:
             return None
         if now >= self.next_check or self.appended >= FREE_SPACE_BYTES:
             try:
-                st = os.statvfs(self.path)
+                st = syscalls.current().statvfs(self.path)
             except OSError:
                 return None  # cannot tell: the write itself will say
             self.free = st.f_bavail * st.f_frsize

@@ -1,7 +1,8 @@
 """The storage layer's seam to the operating system for the calls that decide durability.
 
 Every ``fsync``, ``fdatasync``, ``dup``, ``pwrite``, ``write``, ``ftruncate`` and
-``unlink`` the storage code makes, and the ``pread`` of frame verification, go
+``unlink`` the storage code makes, the ``pread`` of frame verification and the
+``statvfs`` of the free-space guard go
 through :func:`current`, so that a test (or an operator's
 diagnostic build) can fail, record or slow them down without patching
 :mod:`os` for the whole process::
@@ -67,6 +68,14 @@ class Syscalls:
     def unlink(self, path: Path) -> None:
         os.unlink(path)
 
+    def statvfs(self, path: Path) -> os.statvfs_result:
+        return os.statvfs(path)
+
+    def blocking(self) -> contextlib.AbstractContextManager[None]:
+        """Entered on the event loop's thread around storage work handed to a worker thread
+        (see :func:`logd_trio.server.blocking.run_blocking`): a layer may watch it begin and end."""
+        return contextlib.nullcontext()
+
 
 class Layer(Syscalls):
     """A :class:`Syscalls` that forwards to ``inner`` (set by :func:`install`)."""
@@ -99,6 +108,12 @@ class Layer(Syscalls):
 
     def unlink(self, path: Path) -> None:
         self.inner.unlink(path)
+
+    def statvfs(self, path: Path) -> os.statvfs_result:
+        return self.inner.statvfs(path)
+
+    def blocking(self) -> contextlib.AbstractContextManager[None]:
+        return self.inner.blocking()
 
 
 class SlowDisk(Layer):
