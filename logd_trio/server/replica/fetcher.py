@@ -162,6 +162,7 @@ async def _fetch_loop(registry: Registry, topic: Topic, host: str, port: int) ->
             offset = max(topic.visible_head, flog.first)  # the durable end (the first after a start-over)
             if offset < leader_first and _is_empty(flog):
                 offset = leader_first  # joined after the leader's retention: start where the leader starts
+            asked = trio.current_time()
             with trio.fail_after(wait):
                 await stream.send_all(encode_fetch(state.node_id, epoch, name, offset, FETCH_MAX_BYTES,
                                                    FETCH_WAIT_MS))
@@ -189,8 +190,11 @@ async def _fetch_loop(registry: Registry, topic: Topic, host: str, port: int) ->
                                 "it starts again at %d", name, offset, h.first, h.first)
                     ef = state.epochs[name]
                     await run_blocking(_start_over, flog, ef, h.first)
-                elif h.first == h.head == offset:
-                    await trio.sleep(FETCH_WAIT_MS / 1000)  # an empty topic at a non-zero start: nothing to wait on
+                elif h.first == h.head == offset and trio.current_time() - asked < FETCH_WAIT_MS / 2000:
+                    # an empty topic the leader did not long-poll (nothing to wait on): ask again later.
+                    # After a long poll ask again at once: a follower silent for longer than the
+                    # leader's --replica-lag would leave the in-sync set over an idle topic.
+                    await trio.sleep(FETCH_WAIT_MS / 1000)
                 continue
             await _store(registry, topic, reply)
 

@@ -55,7 +55,8 @@ async def serve_fetch(conn: FetchingConnection, req: Fetch, pending: bytearray) 
                 pending.clear()
             conn.counters.longpoll_waiting += 1
             try:
-                with trio.move_on_after(min(req.wait_ms / 1000, conn.config.max_wait)) as scope:
+                with state.polling(req.node, req.topic), \
+                        trio.move_on_after(min(req.wait_ms / 1000, conn.config.max_wait)) as scope:
                     conn._poll_scope = scope
                     if conn._eof:
                         scope.cancel()

@@ -11,9 +11,11 @@ files (written by the fetcher) and refuses BATCH and FETCH with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,7 @@ class FollowerProgress:
     at: float
     caught_up: float
     replied_head: int = -1  # the leader's head when it last answered this follower (-1: not answered yet)
+    polling: int = 0  # long-polls of this follower waiting at the head now (it has everything meanwhile)
 
 
 def _read_counter(path: Path) -> int:
@@ -152,7 +155,7 @@ class ReplicaState:
         lag = self.config.replica_lag
         nodes: dict[str, bool] = {}
         for (node, _), p in self.followers.items():
-            nodes[node] = nodes.get(node, True) and now - p.caught_up <= lag
+            nodes[node] = nodes.get(node, True) and (p.polling > 0 or now - p.caught_up <= lag)
         return {n for n, ok in nodes.items() if ok}
 
     def record(self, node: str, topic: str, offset: int, head: int) -> None:
@@ -169,6 +172,21 @@ class ReplicaState:
                 p.caught_up = now
         self._progress.set()
         self._progress = trio.Event()
+
+    @contextlib.contextmanager
+    def polling(self, node: str, topic: str) -> Iterator[None]:
+        """While ``node`` long-polls ``topic`` at the leader's head it has all there is: it stays
+        caught up however long the wait (an idle topic must not push it out of the in-sync set)."""
+        p = self.followers.get((node, topic))
+        if p is None:
+            yield
+            return
+        p.polling += 1
+        try:
+            yield
+        finally:
+            p.polling -= 1
+            p.caught_up = max(p.caught_up, trio.current_time())  # it was caught up until now
 
     async def wait_acks(self, topic: str, end: int) -> None:
         """``--acks all``: return once the batch ending at ``end`` is durable on ``--min-insync`` nodes (the

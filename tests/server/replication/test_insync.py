@@ -110,3 +110,21 @@ async def test_a_topic_no_follower_fetches_fails_the_wait_after_the_lag(
             await s.wait_acks("u", 10)  # b never fetches u
         n.cancel_scope.cancel()
     assert 1.0 <= trio.current_time() - t0 <= 1.3  # --replica-lag
+
+
+async def test_a_follower_long_polling_an_idle_topic_stays_in_sync(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    s = state(tmp_path)
+    s.record("b", "idle", 0, 0)  # at the head of a topic nobody writes to
+    s.record("b", "t", 100, 100)
+    with s.polling("b", "idle"):  # its long poll there outlasts --replica-lag
+        for _ in range(3):
+            await trio.sleep(0.9)
+            s.record("b", "t", 100, 100)  # and it keeps fetching the busy topic
+            assert s.in_sync(trio.current_time()) == {"b"}
+    await trio.sleep(0.9)  # the poll ended (timed out) 0.9 s ago: still within the lag
+    s.record("b", "t", 100, 100)
+    assert s.in_sync(trio.current_time()) == {"b"}
+    await trio.sleep(0.2)  # then nothing more on the idle topic: out
+    s.record("b", "t", 100, 100)
+    assert s.in_sync(trio.current_time()) == set()
