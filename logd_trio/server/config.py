@@ -72,7 +72,7 @@ class ServerConfig:
     fsync: str = "always"
     flush_interval: float = 1.0
     flush_batches: int = 0
-    topics: int = 8
+    topics: int = 1024  # Go logd's default is 8
     topics_whitelist: tuple[str, ...] = ()
     timeout: float = 15.0
     idle_timeout: float = 30.0

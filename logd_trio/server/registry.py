@@ -17,6 +17,7 @@ from logd_trio.server.config import ServerConfig
 from logd_trio.server.limits import READ_POOL_FDS, SYNC_RESERVE_FDS, ReadFdPool, TopicFds
 from logd_trio.server.replica.state import ReplicaState
 from logd_trio.server.stats import Counters, TopicView
+from logd_trio.server.storage import usage
 from logd_trio.server.storage.files import list_topics
 from logd_trio.server.topic import Topic
 
@@ -109,7 +110,9 @@ class Registry:
 
     def views(self) -> Mapping[str, TopicView]:
         """What STATS and TOPICS report of each topic, sampled now."""
-        return {n: TopicView(t.first, t.visible_head, t.fsyncs, t.synced_batches) for n, t in self.topics.items()}
+        return {n: TopicView(t.first, t.visible_head, t.fsyncs, t.synced_batches, bytes_=t.log.head - t.first,
+                             batches=usage.batches(t.log), last_append=usage.last_write(t.log))
+                for n, t in self.topics.items()}
 
     def close_inputs(self) -> None:
         for t in self.topics.values():

@@ -127,3 +127,27 @@ async def test_serve_process_logs_the_mode_reading(tmp_path: Path, nursery: trio
     proc.proc.terminate()
     with trio.fail_after(10):
         await proc.proc.wait()
+
+
+def test_default_topics_is_1024_and_a_short_fd_limit_says_what_it_needs(caplog: pytest.LogCaptureFixture) -> None:
+    from logd_trio.server.app import _fd_budget
+
+    config = ServerConfig()
+    assert config.topics == 1024 and load_config(flags={"topics": 8}, env={}).topics == 8  # Go's 8 by flag
+    with caplog.at_level(logging.INFO, logger="logd_trio.server.app"):
+        budget = _fd_budget(config, 20000, existing=3)
+    assert budget.max_connections == 1024  # a quarter of 20000 still covers --max-connections
+    (record,) = caplog.records
+    assert record.levelno == logging.INFO
+    text = record.getMessage()
+    # 1024 topics x 41 descriptors (8 partitions); (20000 - 1024 x 2 - 81 fixed) // 41 = 435 topics fit
+    assert "1024 topics of 8 partitions could need 41984 descriptors (41 each" in text, text
+    assert "about 435 topics fit (3 exist)" in text and "to 44145" in text, text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="logd_trio.server.app"):
+        _fd_budget(config, 20000, existing=436)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="logd_trio.server.app"):
+        assert _fd_budget(config, 65536, existing=3).max_connections == 1024
+    assert caplog.records == []  # the systemd unit's LimitNOFILE=65536 affords the defaults
