@@ -26,6 +26,7 @@ __all__ = [
     "Batch",
     "Close",
     "Config",
+    "Delete",
     "Fetch",
     "NeedData",
     "Ping",
@@ -36,6 +37,7 @@ __all__ = [
     "Tail",
     "Topics",
     "encode_batch",
+    "encode_delete",
     "encode_read",
     "encode_tail",
     "reply_err",
@@ -106,7 +108,14 @@ class Topics:
     pass
 
 
-Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """``DELETE <topic>`` (extension): remove the topic and its files."""
+
+    topic: str
+
+
+Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch | Delete
 
 _SIMPLE: Final[dict[bytes, Request]] = {
     b"STATS": Stats(),
@@ -223,6 +232,10 @@ class RequestParser:
             return Tail(_topic(words[1]), _limit(words[2], self.max_messages, zero_is_one=True))
         if cmd == b"FETCH":  # replication between logd-trio nodes (logd_trio.core.fetch)
             return parse_fetch(words)
+        if cmd == b"DELETE":
+            if len(words) != 2:
+                raise RequestError(MISSING_TOPIC if len(words) == 1 else INVALID_REQUEST)
+            return Delete(_topic(words[1]))
         if cmd in _SIMPLE:
             raise RequestError(INVALID_REQUEST)
         raise RequestError("unknown command")
@@ -308,3 +321,7 @@ def encode_read(topic: str, offset: int, limit: int, wait_ms: int | None = None)
 
 def encode_tail(topic: str, limit: int) -> bytes:
     return b"TAIL %s %d\r\n" % (topic.encode("ascii"), limit)
+
+
+def encode_delete(topic: str) -> bytes:
+    return b"DELETE %s\r\n" % topic.encode("ascii")

@@ -31,7 +31,7 @@ log = logging.getLogger("logd_trio.server.stats")
 QUEUE_SIZE: Final = 16
 
 # Commands whose requests.* / errors.* keys always appear (Go's names).
-COMMANDS = ("batch", "close", "config", "ping", "read", "stats", "tail", "topics")
+COMMANDS = ("batch", "close", "config", "delete", "ping", "read", "stats", "tail", "topics")
 
 
 class Counters:

@@ -24,6 +24,7 @@ from logd_trio.core.errors import LogdError, NotFound, StorageError
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.histogram import Histograms
 from logd_trio.server.limits import TopicFds
+from logd_trio.server.reasons import TopicDeleted
 from logd_trio.server.storage.jobs import FilesGone, SyncJob
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.storage.rebuild import IndexSuspect
@@ -84,6 +85,7 @@ class Topic:
         self.synced_batches = 0
         self.closed = False
         self.failed: StorageError | None = None  # set by a failed fsync: the topic refuses writes
+        self.deleted = False  # set by Registry.delete: readers get TopicDeleted
         self._next_error_log = 0.0
         self._errors_unlogged = 0
         self._space = FreeSpace(Path(config.workdir) / name, config.min_free_space)
@@ -146,6 +148,8 @@ class Topic:
         batch at ``offset`` is corrupt) or :class:`StorageError`.  The caller closes the
         plan.  Cancelled: nothing to close; verified ranges are kept once applied.
         """
+        if self.deleted:
+            raise TopicDeleted(self.name)
         for _ in range(_VERIFY_ROUNDS):
             if offset >= self.visible_head:
                 raise NotFound(offset)
