@@ -17,13 +17,21 @@ import trio
 
 from logd_trio.core import requests as p
 from logd_trio.core.errors import LogdError, NotFound, RequestError, StorageError
+from logd_trio.server.limits import Throttled
 from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
 from logd_trio.server.stats import Counters
 
-__all__ = ["AdminRequest", "check_admin", "peer_of"]
+__all__ = ["AdminRequest", "check_admin", "peer_of", "report_refusal"]
 
 log = logging.getLogger("logd_trio.server.admin")
+_refusals = Throttled(logging.getLogger("logd_trio.server.limits"), logging.WARNING, 10.0)
+
+
+def report_refusal(command: str, error: RequestError, sock: trio.socket.SocketType) -> None:
+    """A request refused by a limit or a rule (``ERR maximum topics allowed``, ``ERR topic not
+    allowed``, ``ERR not leader``...): one WARNING with the peer's address, at most every 10 s."""
+    _refusals("refused %s from %s: %s", command.upper(), peer_of(sock), error.reason)
 
 
 def peer_of(sock: trio.socket.SocketType) -> str:

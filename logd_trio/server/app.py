@@ -31,6 +31,7 @@ from pathlib import Path
 import trio
 
 from logd_trio._version import __version__
+from logd_trio.server.admin import peer_of
 from logd_trio.server.config import ServerConfig, join_host_port
 from logd_trio.server.connection import Connection
 from logd_trio.server.http import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
@@ -46,6 +47,7 @@ from logd_trio.server.storage.files import make_root
 __all__ = ["run", "serve"]
 
 log = logging.getLogger("logd_trio.server.app")
+conn_log = logging.getLogger("logd_trio.server.connection")
 
 
 def _absolute(path: Path) -> str:
@@ -162,7 +164,16 @@ async def _serve_connections(
     admission: Admission[Served] = Admission(budget.max_connections, config.max_connections_per_ip)
 
     def connection(stream: trio.SocketStream, on_close: Callable[[Served], None]) -> Connection:
-        return Connection(stream, registry, stats.requests, stats.counters, on_close)
+        if not conn_log.isEnabledFor(logging.DEBUG):
+            return Connection(stream, registry, stats.requests, stats.counters, on_close)
+        peer = peer_of(stream.socket)  # -v: per-connection events
+        conn_log.debug("connection from %s opened", peer)
+
+        def closed(c: Served) -> None:
+            on_close(c)
+            conn_log.debug("connection from %s closed", peer)
+
+        return Connection(stream, registry, stats.requests, stats.counters, closed)
 
     listener = Listener(listeners, admission, stats.counters, connection)
     stats.listening(join_host_port(*first), admission.__len__)

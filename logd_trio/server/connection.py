@@ -22,7 +22,7 @@ import trio
 
 from logd_trio.core import requests as p
 from logd_trio.core.errors import NotFound, RequestError, StorageError
-from logd_trio.server.admin import AdminRequest, peer_of
+from logd_trio.server.admin import AdminRequest, peer_of, report_refusal
 from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.acks import AwaitReplicas
@@ -219,6 +219,8 @@ class Connection:
             counters.errors[cmd] += 1
             counters.error_kinds[error_kind(e)] += 1
             item = error_reply(e)
+            if isinstance(e, RequestError):  # a limit or rule: logged with the peer (throttled)
+                report_refusal(cmd, e, self.sock)
         self.inflight += 1
         try:
             out.send_nowait(item)

@@ -359,6 +359,8 @@ class Topic:
     async def _remove(self) -> None:
         job = self.log.remove_job()
         if job is not None:
+            log.info("topic %s: retention removes %s (first offset now %d)", self.name,
+                     ", ".join(p.name for p in job.paths if p.suffix == ".log"), self.log.first)
             with trio.CancelScope(shield=True):  # the partitions left the log: a removal always completes
                 await trio.to_thread.run_sync(job.run)
             self.log.removed()
