@@ -78,5 +78,6 @@ def test_setup_logging_replaces_its_own_handler_and_checks_the_format() -> None:
         with pytest.raises(ValueError, match="log format"):
             setup_logging("xml")
     finally:
-        root.handlers, _ = saved[0], root.setLevel(saved[1])
+        root.handlers = saved[0]
+        root.setLevel(saved[1])
         logging.getLogger("logd_trio").setLevel(logging.NOTSET)
