@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
+import trio
 import typer
 
 from logd_trio.core.defaults import DEFAULT_ADDRESS
 from logd_trio.tools.bench import BenchConfig, BenchResult, format_result, progress_stream, run_bench
+from logd_trio.tools.bench_cleanup import delete_topics, existing_topics
 
 from .errors import fail, run
 from .options import check_host, duration
@@ -18,7 +20,13 @@ def bench(
     host: Annotated[str, typer.Option(help="Server address, HOST:PORT.", callback=check_host)] = DEFAULT_ADDRESS,
     conns: Annotated[int, typer.Option(help="Number of connections.")] = 1,
     topics: Annotated[int, typer.Option(
-        help="Number of topics (benchmark_0 ...); connection i uses topic i mod topics.")] = 1,
+        help="Number of topics (PREFIX0 ...); connection i uses topic i mod topics.")] = 1,
+    topic_prefix: Annotated[str, typer.Option(
+        help="Names of the bench topics: PREFIX0, PREFIX1, ... (Go's bench: benchmark_).")] = "benchmark_",
+    keep: Annotated[bool, typer.Option(
+        "--keep", help="Leave the topics the run created (for a later --only-read); by default they are "
+                       "deleted at the end (logd-trio servers; topics that existed before are never deleted).")]
+        = False,
     seconds: Annotated[float, typer.Option("--duration", parser=duration, metavar="DURATION",
                                            help="Length of each phase, such as 5s or 500ms.")] = 5.0,
     size: Annotated[int, typer.Option(
@@ -50,17 +58,30 @@ def bench(
     try:
         config = BenchConfig(host=host, conns=conns, topics=topics, duration=seconds, size=size,
                              message_size=message_size, write=not only_read, read=not only_write,
-                             in_flight=in_flight, read_batches=read_batches or 0)
+                             in_flight=in_flight, read_batches=read_batches or 0, topic_prefix=topic_prefix)
     except ValueError as e:
         fail("bench", e)
     results: list[BenchResult] = []
+    deleted: list[str] = []
 
     async def main() -> None:
-        results.append(await run_bench(config, progress=progress_stream(progress)))
+        before = await existing_topics(config.address) if config.write and not keep else None
+        try:
+            results.append(await run_bench(config, progress=progress_stream(progress)))
+        finally:
+            if before is not None:  # also after a failed or interrupted run
+                with trio.CancelScope(shield=True):
+                    created = {config.topic(i) for i in range(config.topics)} - before
+                    deleted.extend(await delete_topics(config.address, created))
 
     run("bench", main)
     result = results[0]
-    typer.echo(json.dumps(result.as_dict()) if as_json else format_result(result))
+    if as_json:
+        typer.echo(json.dumps(result.as_dict() | {"deleted_topics": deleted}))
+    else:
+        typer.echo(format_result(result))
+        if deleted:
+            typer.echo(f"deleted the bench topics: {', '.join(deleted)} (--keep leaves them)")
 
 
 def register(app: typer.Typer) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
 import typer
 
@@ -42,12 +45,35 @@ def config(host: HostOpt = DEFAULT_ADDRESS, retries: RetriesOpt = 3, timeout: Ti
     _info("config", host, retries, timeout, verbose, call)
 
 
+def topic_details(offsets: dict[str, tuple[int, int]], stats: dict[str, str]) -> list[dict[str, object]]:
+    """One object per topic: TOPICS' offsets plus what STATS says of it (None where the server
+    does not say: an older logd-trio)."""
+    out: list[dict[str, object]] = []
+    for name, (first, head) in sorted(offsets.items()):
+        def number(key: str, name: str = name) -> int | None:
+            value = stats.get(f"topic.{name}.{key}", "")
+            return int(value) if value.isdigit() else None
+
+        ms = number("last_append_ms")
+        when = None if not ms else datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(
+            timespec="milliseconds").replace("+00:00", "Z")
+        out.append({"name": name, "first": first, "head": head, "bytes": number("bytes"),
+                    "batches": number("batches"), "last_append": when, "last_append_ms": ms or None})
+    return out
+
+
 def topics(host: HostOpt = DEFAULT_ADDRESS, retries: RetriesOpt = 3, timeout: TimeoutOpt = None,
-           verbose: VerboseOpt = False) -> None:
+           verbose: VerboseOpt = False,
+           as_json: Annotated[bool, typer.Option(
+               "--json", help="A JSON array: name, first, head, bytes (on disk), batches, last_append (UTC) "
+                              "per topic.")] = False) -> None:
     """List topics with their first and head offsets (logd-trio servers)."""
 
     async def call(c: Client) -> str:
-        return "\n".join(f"{name}: {first} {head}" for name, (first, head) in (await c.topics()).items())
+        offsets = await c.topics()
+        if as_json:
+            return json.dumps(topic_details(offsets, await c.stats()))
+        return "\n".join(f"{name}: {first} {head}" for name, (first, head) in offsets.items())
 
     _info("topics", host, retries, timeout, verbose, call)
 

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from logd_trio.server.app import run
-from logd_trio.server.config import ConfigError, load_config
+from logd_trio.server.config import ConfigError, Notes, load_config
+from logd_trio.server.logs import LOG_FORMATS, setup_logging
 
 from . import errors
 
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+MODE_HELP = ("octal with a leading 0 (0640, 0o640) or a decimal integer as Go logd spells modes "
+             "(420 = 0644); the log says which reading was used.")
 
 
 def serve(
@@ -38,9 +33,9 @@ def serve(
     flush_batches: Annotated[int | None, typer.Option(
         help="Also fsync after this many batches (0: off). Default: 0.")] = None,
     topics: Annotated[int | None, typer.Option(
-        help="Maximum number of topics, 'default' included. Default: 8.")] = None,
-    topics_whitelist: Annotated[str | None, typer.Option(
-        help="Comma-separated topics allowed (empty: any).")] = None,
+        help="Maximum number of topics, 'default' included (Go logd's default: 8). Default: 1024.")] = None,
+    topics_whitelist: Annotated[list[str] | None, typer.Option(
+        help="Topics allowed (none given: any); repeat the flag or separate names with commas.")] = None,
     max_messages: Annotated[int | None, typer.Option(help="Maximum messages per READ/TAIL. Default: 50000.")] = None,
     timeout: Annotated[str | None, typer.Option(
         help="Time allowed to receive the rest of a request (plus 1s per 64KiB of it) or for each step of "
@@ -59,8 +54,10 @@ def serve(
     max_wait: Annotated[str | None, typer.Option(help="Cap on a long-poll READ's wait. Default: 30s.")] = None,
     pipeline_depth: Annotated[int | None, typer.Option(
         help="Requests in flight per connection before the server stops reading it. Default: 128.")] = None,
-    file_mode: Annotated[str | None, typer.Option(help="Mode of new data files, octal. Default: 0600.")] = None,
-    dir_mode: Annotated[str | None, typer.Option(help="Mode of new directories, octal. Default: 0700.")] = None,
+    file_mode: Annotated[str | None, typer.Option(
+        help=f"Mode of new data files: {MODE_HELP} Default: 0600.")] = None,
+    dir_mode: Annotated[str | None, typer.Option(help=f"Mode of new directories: {MODE_HELP} Default: 0700.")]
+        = None,
     min_free_space: Annotated[str | None, typer.Option(
         help="Refuse writes ('ERR storage error: disk nearly full') when less is free, e.g. 1GiB; 0: off. "
              "Default: 16MiB.")] = None,
@@ -85,13 +82,16 @@ def serve(
         help="A follower not caught up for this long leaves the in-sync set. Default: 10s.")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML file of settings (keys as the flags, or under [serve]).")] = None,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
+    log_format: Annotated[str, typer.Option(
+        help=f"Log lines as {' or '.join(LOG_FORMATS)} (one JSON object per line, for log shippers).")] = "text",
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging: per-connection events too.")]
+        = False,
 ) -> None:
     """Run the server. Precedence: flags > LOGD_* environment > --config file > defaults."""
     flags: dict[str, Any] = {
         "host": host, "workdir": workdir, "batch_size": batch_size, "partition_size": partition_size,
         "partitions": partitions, "fsync": fsync, "flush_interval": flush_interval,
-        "flush_batches": flush_batches, "topics": topics, "topics_whitelist": topics_whitelist,
+        "flush_batches": flush_batches, "topics": topics, "topics_whitelist": topics_whitelist or None,
         "max_messages": max_messages, "timeout": timeout, "idle_timeout": idle_timeout,
         "shutdown_timeout": shutdown_timeout, "max_connections": max_connections,
         "max_connections_per_ip": max_connections_per_ip, "max_wait": max_wait,
@@ -100,11 +100,17 @@ def serve(
         "http_host": http_host, "node_id": node_id, "replicate_from": replicate_from,
         "acks": acks, "min_insync": min_insync, "replica_lag": replica_lag,
     }
+    if log_format not in LOG_FORMATS:
+        errors.fail("serve", ValueError(f"--log-format: must be one of {', '.join(LOG_FORMATS)}, "
+                                        f"got {log_format!r}"))
+    notes: Notes = []
     try:
-        cfg = load_config(flags=flags, file=config)
+        cfg = load_config(flags=flags, file=config, notes=notes)
     except ConfigError as e:
         errors.fail("serve", e)
-    _setup_logging(verbose)
+    setup_logging(log_format, verbose=verbose)
+    for level, text in notes:
+        logging.getLogger("logd_trio.server.config").log(level, "%s", text)
 
     def where(err: BaseException) -> str:
         if verbose:

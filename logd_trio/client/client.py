@@ -215,6 +215,15 @@ class Client:
                 out[name] = (int(words[0]), int(words[1]))
         return out
 
+    async def delete_topic(self, topic: str) -> None:
+        """DELETE extension: remove ``topic`` and its data.  ``NotFound`` for an unknown topic;
+        :class:`Unsupported` on Go logd.  Never re-sent on another connection."""
+        if not await self.supports_extensions():
+            raise Unsupported("the server does not support DELETE (a logd-trio extension)")
+        reply = await self._session.request(b"DELETE %s\r\n" % check_topic(topic), ReplyKind.OK,
+                                            idempotent=False)
+        _raise_if_error(reply)
+
     async def ping(self) -> float:
         """Round-trip time in seconds (PING, or CONFIG on servers without the extension)."""
         ext = await self.supports_extensions()

@@ -25,6 +25,7 @@ __all__ = [
     "Batch",
     "Close",
     "Config",
+    "Delete",
     "Fetch",
     "NeedData",
     "Ping",
@@ -35,6 +36,7 @@ __all__ = [
     "Tail",
     "Topics",
     "encode_batch",
+    "encode_delete",
     "encode_read",
     "encode_tail",
     "reply_err",
@@ -105,7 +107,14 @@ class Topics:
     pass
 
 
-Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """``DELETE <topic>`` (extension): remove the topic and its files."""
+
+    topic: str
+
+
+Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch | Delete
 
 _SIMPLE: Final[dict[bytes, Request]] = {
     b"STATS": Stats(),
@@ -222,6 +231,10 @@ class RequestParser:
             return Tail(_topic(words[1]), _limit(words[2], self.max_messages, zero_is_one=True))
         if cmd == b"FETCH":  # replication between logd-trio nodes (logd_trio.core.fetch)
             return parse_fetch(words)
+        if cmd == b"DELETE":
+            if len(words) != 2:
+                raise RequestError(MISSING_TOPIC if len(words) == 1 else INVALID_REQUEST)
+            return Delete(_topic(words[1]))
         if cmd in _SIMPLE:
             raise RequestError(INVALID_REQUEST)
         raise RequestError("unknown command")
@@ -301,3 +314,7 @@ def encode_read(topic: str, offset: int, limit: int, wait_ms: int | None = None)
 
 def encode_tail(topic: str, limit: int) -> bytes:
     return b"TAIL %s %d\r\n" % (topic.encode("ascii"), limit)
+
+
+def encode_delete(topic: str) -> bytes:
+    return b"DELETE %s\r\n" % topic.encode("ascii")

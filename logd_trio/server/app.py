@@ -31,11 +31,12 @@ from pathlib import Path
 import trio
 
 from logd_trio._version import __version__
+from logd_trio.server.admin import peer_of
 from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig, join_host_port
 from logd_trio.server.connection import Connection
 from logd_trio.server.http import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
-from logd_trio.server.limits import Admission, fd_budget, raise_fd_limit
+from logd_trio.server.limits import FDS_PER_CONNECTION, Admission, FdBudget, fd_budget, raise_fd_limit
 from logd_trio.server.listener import Listener, Served, exposed_addresses
 from logd_trio.server.lock import DataDirLock
 from logd_trio.server.metrics import Monitor, serve_monitoring
@@ -47,6 +48,7 @@ from logd_trio.server.storage.files import make_root
 __all__ = ["run", "serve"]
 
 log = logging.getLogger("logd_trio.server.app")
+conn_log = logging.getLogger("logd_trio.server.connection")
 
 
 def _absolute(path: Path) -> str:
@@ -116,6 +118,34 @@ async def serve(
         lock.release()
 
 
+def _fd_budget(config: ServerConfig, fd_limit: int | None, existing: int) -> FdBudget:
+    """The descriptors for files and for connections (limits.py), and a log line when they are short.
+
+    The reserve is for the worst case, ``--topics`` topics each with ``--partitions`` partitions
+    open.  When the limit cannot afford it (1024 topics of 8 partitions need about 42 000), the
+    server still serves: it is said at INFO while the topics that exist fit, at WARNING once not."""
+    topics = max(config.topics, existing)
+    http = HTTP_MAX_CONNECTIONS if config.http_address is not None else 0
+    budget = fd_budget(fd_limit, max_connections=config.max_connections, topics=topics,
+                       partitions=config.partitions, http_connections=http)
+    if budget.shortfall:
+        fixed = fd_budget(None, max_connections=1, topics=0, partitions=config.partitions, http_connections=http)
+        per_topic = fd_budget(None, max_connections=1, topics=1, partitions=config.partitions,
+                              http_connections=http).reserve - fixed.reserve
+        fit = max(0, (budget.limit - budget.max_connections * FDS_PER_CONNECTION - fixed.reserve) // per_topic)
+        log.log(logging.WARNING if existing > fit else logging.INFO,
+                "open-file limit %d: %d topics of %d partitions could need %d descriptors (%d each, plus "
+                "%d per connection); about %d topics fit (%d exist), at most %d connections; raise the limit "
+                "(`ulimit -n`, systemd's LimitNOFILE) to %d, or lower --topics/--partitions", budget.limit,
+                topics, config.partitions, topics * per_topic, per_topic, FDS_PER_CONNECTION, fit, existing,
+                budget.max_connections, budget.limit + budget.shortfall + config.max_connections * FDS_PER_CONNECTION)
+    elif budget.max_connections < config.max_connections:
+        log.warning("open-file limit %d: at most %d connections (--max-connections %d lowered; %d descriptors "
+                    "kept for partitions, indexes and fsync jobs)", budget.limit, budget.max_connections,
+                    config.max_connections, budget.reserve)
+    return budget
+
+
 async def _serve_connections(
     config: ServerConfig,
     registry: Registry,
@@ -124,18 +154,7 @@ async def _serve_connections(
     shutdown: trio.Event | None,
     task_status: trio.TaskStatus[tuple[str, int]],
 ) -> None:
-    budget = fd_budget(fd_limit, max_connections=config.max_connections,
-                       topics=max(config.topics, len(registry.topics)), partitions=config.partitions,
-                       http_connections=HTTP_MAX_CONNECTIONS if config.http_address is not None else 0)
-    if budget.shortfall:
-        log.warning("open-file limit %d: %d topics of %d partitions could need %d descriptors more than that; "
-                    "at most %d connections; raise `ulimit -n` or lower --partitions/--topics", budget.limit,
-                    max(config.topics, len(registry.topics)), config.partitions, budget.shortfall,
-                    budget.max_connections)
-    elif budget.max_connections < config.max_connections:
-        log.warning("open-file limit %d: at most %d connections (--max-connections %d lowered; %d descriptors "
-                    "kept for partitions, indexes and fsync jobs)", budget.limit, budget.max_connections,
-                    config.max_connections, budget.reserve)
+    budget = _fd_budget(config, fd_limit, len(registry.topics))
     host, port = config.address
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = [listener.socket.getsockname() for listener in listeners]
@@ -146,7 +165,16 @@ async def _serve_connections(
     admission: Admission[Served] = Admission(budget.max_connections, config.max_connections_per_ip)
 
     def connection(stream: trio.SocketStream, on_close: Callable[[Served], None]) -> Connection:
-        return Connection(stream, registry, stats.requests, stats.counters, on_close)
+        if not conn_log.isEnabledFor(logging.DEBUG):
+            return Connection(stream, registry, stats.requests, stats.counters, on_close)
+        peer = peer_of(stream.socket)  # -v: per-connection events
+        conn_log.debug("connection from %s opened", peer)
+
+        def closed(c: Served) -> None:
+            on_close(c)
+            conn_log.debug("connection from %s closed", peer)
+
+        return Connection(stream, registry, stats.requests, stats.counters, closed)
 
     listener = Listener(listeners, admission, stats.counters, connection)
     stats.listening(join_host_port(*first), admission.__len__)

@@ -2,12 +2,16 @@
 
 Sources merge with precedence flags > environment (``LOGD_*``) > TOML file >
 defaults; :func:`load_config` does the merge, the CLI only collects flags.
-Every bad key or value raises :class:`ConfigError` naming it.
+Every bad key or value raises :class:`ConfigError` naming it (an environment
+variable by its own name); what is worth saying but not fatal (how a permission
+mode was read, a ``LOGD_*`` variable no setting has, a TOML table no one reads)
+goes to the ``notes`` list a caller passes, to be logged once logging is set up.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import tomllib
@@ -21,11 +25,14 @@ from logd_trio.core.defaults import DEFAULT_ADDRESS, DEFAULT_MAX_BATCH_SIZE, DEF
 from logd_trio.core.durations import format_duration
 from logd_trio.core.errors import LogdError
 
-__all__ = ["FSYNC_MODES", "ConfigError", "ServerConfig", "format_duration", "join_host_port", "load_config",
-           "parse_duration"]
+__all__ = ["FSYNC_MODES", "ConfigError", "Notes", "ServerConfig", "format_duration", "join_host_port",
+           "load_config", "parse_duration", "parse_mode"]
 
 FSYNC_MODES: Final = ("always", "interval", "never")
 MIB: Final = 1024 * 1024
+
+# (logging level, message) pairs that load_config has to say; logged by the caller.
+Notes = list[tuple[int, str]]
 
 
 class ConfigError(LogdError, ValueError):
@@ -65,7 +72,7 @@ class ServerConfig:
     fsync: str = "always"
     flush_interval: float = 1.0
     flush_batches: int = 0
-    topics: int = 8
+    topics: int = 1024  # Go logd's default is 8
     topics_whitelist: tuple[str, ...] = ()
     timeout: float = 15.0
     idle_timeout: float = 30.0
@@ -169,10 +176,41 @@ _INTS: Final = {"batch_size", "max_messages", "partition_size", "partitions", "f
                 "max_connections", "max_connections_per_ip", "pipeline_depth", "min_free_space", "max_waiters",
                 "scrub_rate", "min_insync"}
 _MODES: Final = {"file_mode", "dir_mode"}
+# LOGD_* variables the project's test suite reads (never the server): not reported.
+_OTHER_ENV: Final = ("LOGD_SHARED_DIR", "LOGD_PG_BIN", "LOGD_TEST_")
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
-    where = f"{key} ({source})"
+def parse_mode(value: object, *, key: str = "mode") -> tuple[int, str]:
+    """A permission mode and how it was read, by Go's rules for integer flags: ``0644`` and
+    ``0o644`` are octal, ``420`` (how Go logd prints 0644) is decimal; a TOML integer is
+    taken as the number it is.  A decimal reading above 0o777 is an error that shows the
+    octal spelling, so ``644`` never becomes mode 01204 silently."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a permission mode such as 0644, got {value!r}")
+    if isinstance(value, int):
+        mode, text, reading = value, str(value), "an integer"
+    else:
+        text = str(value).strip()
+        digits, base, reading = text, 10, "a decimal integer (Go's spelling)"
+        if text[:2].lower() == "0o":
+            digits, base, reading = text[2:], 8, "octal"
+        elif len(text) > 1 and text.startswith("0"):
+            digits, base, reading = text[1:], 8, "octal"
+        if not (digits.isascii() and digits.isdigit()):
+            raise ConfigError(f"{key}: expected a permission mode such as 0644 (octal) or 420 (decimal, as Go "
+                              f"logd prints 0644), got {value!r}")
+        try:
+            mode = int(digits, base)
+        except ValueError:
+            raise ConfigError(f"{key}: {text!r} is not an octal number") from None
+    if not 0 <= mode <= 0o777:
+        hint = "" if reading == "octal" else f"; an octal mode needs a leading 0, such as 0{text}"
+        raise ConfigError(f"{key}: {text} read as {reading} is {mode:#o}, not a permission mode (at most "
+                          f"0777){hint}")
+    return mode, reading
+
+
+def _coerce(key: str, value: Any, where: str, notes: Notes) -> Any:
     if key in _DURATIONS:
         return parse_duration(value, key=where)
     if key in _INTS:
@@ -188,36 +226,59 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(m.group(1)) * (units[m.group(2).lower()] if m.group(2) else 1)
     if key in _MODES:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        try:
-            return int(str(value), 8)
-        except ValueError:
-            raise ConfigError(f"{where}: expected an octal mode such as 0600, got {value!r}") from None
-    if key == "topics_whitelist":
-        if isinstance(value, str):
-            return tuple(t for t in (s.strip() for s in value.split(",")) if t)
-        if isinstance(value, list | tuple) and all(isinstance(t, str) for t in value):
-            return tuple(value)
-        raise ConfigError(f"{where}: expected a list of topic names, got {value!r}")
+        mode, reading = parse_mode(value, key=where)
+        notes.append((logging.INFO, f"{where}: {value!r} read as {reading}: mode {mode:04o}"))
+        return mode
+    if key == "topics_whitelist":  # a list (a flag given more times, as Go's stringArray), or "a,b"
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(t, str) for t in items):
+            raise ConfigError(f"{where}: expected a list of topic names, got {value!r}")
+        names = (t.strip() for item in items for t in item.split(","))
+        return tuple(dict.fromkeys(t for t in names if t))
     if key == "workdir":
         return Path(str(value))
     if key in ("host", "fsync", "http_host", "node_id", "replicate_from", "acks"):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
-    raise ConfigError(f"unknown key {key!r} ({source})")  # pragma: no cover
+    raise ConfigError(f"unknown key {where}")  # pragma: no cover
 
 
-def _normalise(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+def _normalise(raw: Mapping[str, Any], source: str, notes: Notes, *, env: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in raw.items():
         key = k.replace("-", "_").lower()
         if key not in _FIELDS:
             known = ", ".join(sorted(n.replace("_", "-") for n in _FIELDS))
             raise ConfigError(f"unknown key {k!r} in {source} (known: {known})")
-        out[key] = _coerce(key, v, source)
+        out[key] = _coerce(key, v, f"LOGD_{k} (environment)" if env else f"{key} ({source})", notes)
     return out
+
+
+def _file_section(file: Path, notes: Notes) -> Mapping[str, Any]:
+    """The settings of a TOML file: its ``[serve]`` table if it has one (anything else at the
+    top level is then an error or, for another table, a note), else its top level."""
+    try:
+        with open(file, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"config file {file}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {file}: {e}") from None
+    if "serve" not in data:
+        return data
+    section = data["serve"]
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {file}: [serve] must be a table")
+    for key, value in data.items():
+        if key == "serve":
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"config file {file}: key {key!r} is outside [serve], so it would be ignored; "
+                              "put it under [serve] (keys after a [table] header belong to that table)")
+        notes.append((logging.WARNING, f"config file {file}: table [{key}] is not read by logd serve "
+                                       "(only [serve] is)"))
+    return section
 
 
 def load_config(
@@ -225,26 +286,28 @@ def load_config(
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     file: Path | None = None,
+    notes: Notes | None = None,
 ) -> ServerConfig:
-    """Merge defaults < TOML ``file`` < ``LOGD_*`` env < ``flags`` (``None`` values are unset)."""
+    """Merge defaults < TOML ``file`` < ``LOGD_*`` env < ``flags`` (``None`` values are unset).
+
+    What is worth logging (see the module docstring) is appended to ``notes``."""
+    said: Notes = [] if notes is None else notes
     merged: dict[str, Any] = {}
     if file is not None:
-        try:
-            with open(file, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"config file {file}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {file}: {e}") from None
-        section = data.get("serve", data)
-        if not isinstance(section, dict):
-            raise ConfigError(f"config file {file}: [serve] must be a table")
-        merged.update(_normalise(section, f"config file {file}"))
+        merged.update(_normalise(_file_section(file, said), f"config file {file}", said))
     environ = os.environ if env is None else env
-    env_values = {k[5:]: v for k, v in environ.items() if k.startswith("LOGD_") and k[5:].lower() in _FIELDS}
-    merged.update(_normalise(env_values, "environment"))
+    env_values: dict[str, str] = {}
+    for name, value in sorted(environ.items()):
+        if not name.startswith("LOGD_"):
+            continue
+        if name[5:].lower() in _FIELDS:
+            env_values[name[5:]] = value
+        elif not name.startswith(_OTHER_ENV):
+            said.append((logging.WARNING, f"environment variable {name} is not a logd serve setting (ignored); "
+                                          f"settings are LOGD_<FLAG>, such as LOGD_TOPICS"))
+    merged.update(_normalise(env_values, "environment", said, env=True))
     if flags:
-        merged.update(_normalise({k: v for k, v in flags.items() if v is not None}, "flags"))
+        merged.update(_normalise({k: v for k, v in flags.items() if v is not None}, "flags", said))
     try:
         return ServerConfig(**merged)
     except TypeError as e:  # pragma: no cover - guarded by _normalise

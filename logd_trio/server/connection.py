@@ -22,6 +22,7 @@ import trio
 
 from logd_trio.core import requests as p
 from logd_trio.core.errors import NotFound, RequestError, StorageError
+from logd_trio.server.admin import AdminRequest, peer_of, report_refusal
 from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.acks import AwaitReplicas
@@ -59,11 +60,11 @@ class _Closing:
         self.reply = reply
 
 
-_Item = bytes | Append | AwaitReplicas | StatsRequest | p.Read | p.Tail | p.Fetch | _Closing
+_Item = bytes | Append | AwaitReplicas | StatsRequest | AdminRequest | p.Read | p.Tail | p.Fetch | _Closing
 
 _CMD_NAMES: Final[dict[type, str]] = {
     p.Batch: "batch", p.Read: "read", p.Tail: "tail", p.Stats: "stats", p.Config: "config",
-    p.Close: "close", p.Ping: "ping", p.Topics: "topics", p.Fetch: "fetch",
+    p.Close: "close", p.Ping: "ping", p.Topics: "topics", p.Fetch: "fetch", p.Delete: "delete",
 }
 
 
@@ -210,12 +211,16 @@ class Connection:
             elif isinstance(req, p.Close):
                 await out.send(_Closing(p.REPLY_OK))
                 return False
+            elif isinstance(req, p.Delete):  # extensions answered in reply order: server/admin.py
+                item = AdminRequest(req, self.registry, counters, peer_of(self.sock))
             else:
                 item = StatsRequest(req)  # sent to the stats task by the writer, in reply order
         except (NotFound, RequestError, StorageError) as e:
             counters.errors[cmd] += 1
             counters.error_kinds[error_kind(e)] += 1
             item = error_reply(e)
+            if isinstance(e, RequestError):  # a limit or rule: logged with the peer (throttled)
+                report_refusal(cmd, e, self.sock)
         self.inflight += 1
         try:
             out.send_nowait(item)
@@ -226,6 +231,8 @@ class Connection:
                 if isinstance(item, Append):
                     self._orphan = item
                 raise
+        if isinstance(item, AdminRequest):  # later requests see its effect (server/admin.py)
+            await item.done.wait()
         return True
 
     # ------------------------------------------------------------ writer
@@ -275,6 +282,11 @@ class Connection:
                     elif isinstance(item, p.Fetch):  # replication (server/replica/serving.py)
                         if (e := await serve_fetch(self, item, pending)) is not None:
                             pending += error_reply(e)
+                    elif isinstance(item, AdminRequest):
+                        if pending:
+                            await self._send_all(pending)
+                            pending.clear()
+                        pending += await item.answer()
                     elif isinstance(item, StatsRequest):
                         await self.stats.send(item)
                         await item.done.wait()

@@ -17,10 +17,17 @@ from logd_trio.core import requests as p
 from logd_trio.core.errors import LogdError, NotFound, RequestError, StorageError
 from logd_trio.server.storage.reads import CorruptData
 
-__all__ = ["error_kind", "error_reply", "public_reason", "strip_paths"]
+__all__ = ["TopicDeleted", "error_kind", "error_reply", "public_reason", "strip_paths"]
 
 # An absolute path of two or more components, not inside a word ("I/O" stays).
 _ABSOLUTE: Final = re.compile(r"(?<![\w.~-])/(?:[^\s'\":/]+/)+([^\s'\":/]+)")
+
+
+class TopicDeleted(StorageError):
+    """The topic was deleted (``DELETE``) while a request waited for it: ``ERR topic deleted``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"topic {name} was deleted")
 
 
 def _names(exc: BaseException) -> list[str]:
@@ -60,6 +67,8 @@ def error_reply(e: LogdError) -> bytes:
         return b"ERR not found\r\n"
     if isinstance(e, CorruptData):  # never send a frame that fails its CRC
         return b"ERR corrupt data\r\n"
+    if isinstance(e, TopicDeleted):  # a long-poll on a topic that DELETE removed
+        return b"ERR topic deleted\r\n"
     if isinstance(e, StorageError):
         return p.reply_err(f"storage error: {public_reason(e)}")
     return p.reply_err(f"internal error: {type(e).__name__}")
@@ -69,7 +78,7 @@ def error_kind(e: LogdError) -> str:
     """The ``errors`` metric label of an error of a request."""
     if isinstance(e, RequestError):
         return "refused"
-    if isinstance(e, NotFound):
+    if isinstance(e, NotFound | TopicDeleted):
         return "not_found"
     if isinstance(e, CorruptData):
         return "corrupt"

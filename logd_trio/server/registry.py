@@ -1,4 +1,4 @@
-"""The server's topics: lookup, creation on the first BATCH, and the topic limits.
+"""The server's topics: lookup, creation on the first BATCH, deletion (DELETE), and the topic limits.
 
 Owned by :func:`logd_trio.server.app.serve`; connections look topics up here and the
 stats task samples them.  Each topic's task runs in the nursery handed in.
@@ -12,13 +12,14 @@ from pathlib import Path
 
 import trio
 
-from logd_trio.core.errors import RequestError, StorageError
+from logd_trio.core.errors import NotFound, RequestError, StorageError
 from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.limits import READ_POOL_FDS, SYNC_RESERVE_FDS, ReadFdPool, TopicFds
 from logd_trio.server.replica.state import ReplicaState
 from logd_trio.server.stats import Counters, TopicView
-from logd_trio.server.storage.files import list_topics
+from logd_trio.server.storage import usage
+from logd_trio.server.storage.files import list_topics, remove_deleted, remove_topic
 from logd_trio.server.topic import Topic
 
 __all__ = ["Registry"]
@@ -37,6 +38,8 @@ class Registry:
         self.accepting = False  # listening and not shutting down (for /readyz)
         self._nursery = nursery
         self._creating: dict[str, trio.Event] = {}
+        self._deleting: dict[str, trio.Event] = {}  # a BATCH for one of these waits, then creates it anew
+        self._ended: dict[str, trio.Event] = {}  # set when the topic's task has closed its files
         self._created = trio.Event()
         # The duplicates READ plans may hold beyond their first partition, shared by every topic.
         self.read_fds = ReadFdPool(READ_POOL_FDS)
@@ -57,14 +60,21 @@ class Registry:
         if wl and name not in wl:
             self.counters.topics_disallowed += 1
             raise RequestError("topic not allowed")
-        while name in self._creating:
-            await self._creating[name].wait()
+        while name in self._creating or name in self._deleting:
+            await self._busy(name).wait()
             topic = self.topics.get(name)
             if topic is not None:
                 return topic
         if len(self.topics) + len(self._creating) >= self.config.topics:
             raise RequestError("maximum topics allowed")
-        return await self._start(name)
+        topic = await self._start(name)
+        log.info("topic %s created", name)
+        return topic
+
+    def _busy(self, name: str) -> trio.Event:
+        """The event that ends the creation or deletion of ``name`` under way."""
+        event = self._creating.get(name)
+        return event if event is not None else self._deleting[name]
 
     async def _start(self, name: str) -> Topic:
         event = self._creating[name] = trio.Event()
@@ -79,7 +89,8 @@ class Registry:
                 raise StorageError(f"cannot open topic {name}: {why}") from e
             topic.histograms = self.counters.histograms
             topic.fds = TopicFds(SYNC_RESERVE_FDS, self.read_fds)
-            await self._nursery.start(self._run, topic)  # _run closes topic.fds when the topic ends
+            ended = self._ended[name] = trio.Event()
+            await self._nursery.start(self._run, topic, ended)  # _run closes topic.fds when the topic ends
             self.topics[name] = topic
             self._created.set()
             self._created = trio.Event()
@@ -90,15 +101,61 @@ class Registry:
             event.set()
 
     @staticmethod
-    async def _run(topic: Topic, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run(topic: Topic, ended: trio.Event, *,
+                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await topic.run(task_status=task_status)
         finally:
             topic.fds.close()  # the sync reserve, once the topic's last fsync is done
+            ended.set()
+
+    async def delete(self, name: str, *, by: str = "") -> int:
+        """``DELETE``: the topic leaves the server and its files are removed; returns the bytes freed.
+
+        Its task stops first: batches already queued are still written, made durable and
+        answered; a long-poll waiting on it answers ``ERR topic deleted``; a BATCH arriving
+        meanwhile waits and then creates the topic anew.  The files are removed in a worker
+        thread once the task has closed them (:func:`~logd_trio.server.storage.files.remove_topic`:
+        renamed aside first, so a crash never leaves part of a topic).  Raises
+        :class:`NotFound` for an unknown topic and :class:`RequestError` on a follower or once
+        followers replicate from this node (a deletion is not replicated).
+        """
+        self.replica.refuse_writes()
+        if self.replica.followers:
+            raise RequestError("not supported: followers replicate this server (a deletion is not replicated)")
+        while name in self._creating or name in self._deleting:
+            await self._busy(name).wait()
+        topic = self.topics.get(name)
+        if topic is None:
+            raise NotFound(name)
+        done = self._deleting[name] = trio.Event()
+        try:
+            del self.topics[name]
+            topic.deleted = True
+            topic.close_input()
+            # Out of the server already: the deletion completes (the topic's end is bounded by its
+            # final sync's --shutdown-timeout).
+            with trio.CancelScope(shield=True):
+                await self._ended.pop(name).wait()
+                self.replica.epochs.pop(name, None)
+                first, head = topic.first, topic.visible_head
+                try:
+                    freed = await run_blocking(remove_topic, self.root, name, log)
+                except OSError as e:
+                    log.error("topic %s: cannot delete it: %s; it is served again", name, e)
+                    await self._start(name)
+                    raise StorageError(f"cannot delete topic {name}: {e.strerror or e}") from e
+        finally:
+            del self._deleting[name]
+            done.set()
+        log.info("topic %s deleted%s: offsets %d..%d, %d bytes freed", name, f" by {by}" if by else "", first,
+                 head, freed)
+        return freed
 
     async def open_existing(self) -> None:
         """Recover every topic on disk (and ``default``) before the listener opens."""
         await run_blocking(self.replica.load)
+        await run_blocking(remove_deleted, self.root, log)  # deletions a crash interrupted
         names = await run_blocking(list_topics, self.root)
         if "default" not in names:
             names.append("default")
@@ -110,7 +167,9 @@ class Registry:
 
     def views(self) -> Mapping[str, TopicView]:
         """What STATS and TOPICS report of each topic, sampled now."""
-        return {n: TopicView(t.first, t.visible_head, t.fsyncs, t.synced_batches) for n, t in self.topics.items()}
+        return {n: TopicView(t.first, t.visible_head, t.fsyncs, t.synced_batches, bytes_=t.log.head - t.first,
+                             batches=usage.batches(t.log), last_append=usage.last_write(t.log))
+                for n, t in self.topics.items()}
 
     def close_inputs(self) -> None:
         for t in self.topics.values():

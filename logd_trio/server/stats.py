@@ -31,7 +31,7 @@ log = logging.getLogger("logd_trio.server.stats")
 QUEUE_SIZE: Final = 16
 
 # Commands whose requests.* / errors.* keys always appear (Go's names).
-COMMANDS = ("batch", "close", "config", "ping", "read", "stats", "tail", "topics")
+COMMANDS = ("batch", "close", "config", "delete", "ping", "read", "stats", "tail", "topics")
 
 
 class Counters:
@@ -62,13 +62,17 @@ class StatsRequest:
 class TopicView:
     """What the stats task needs to know of one topic."""
 
-    __slots__ = ("first", "fsyncs", "head", "synced_batches")
+    __slots__ = ("batches", "bytes", "first", "fsyncs", "head", "last_append", "synced_batches")
 
-    def __init__(self, first: int, head: int, fsyncs: int, synced_batches: int) -> None:
+    def __init__(self, first: int, head: int, fsyncs: int, synced_batches: int, *, bytes_: int = 0,
+                 batches: int = 0, last_append: float = 0.0) -> None:
         self.first = first
         self.head = head
         self.fsyncs = fsyncs
         self.synced_batches = synced_batches
+        self.bytes = bytes_  # of frames in the partition files
+        self.batches = batches  # in the partition files
+        self.last_append = last_append  # unix time of the last write to the head partition; 0.0: none
 
 
 def format_stats(counters: Counters, topics: Mapping[str, TopicView], connections: int) -> bytes:
@@ -98,6 +102,9 @@ def format_stats(counters: Counters, topics: Mapping[str, TopicView], connection
         values[f"topic.{name}.head"] = t.head
         values[f"topic.{name}.first"] = t.first
         values[f"topic.{name}.fsyncs"] = t.fsyncs
+        values[f"topic.{name}.bytes"] = t.bytes
+        values[f"topic.{name}.batches"] = t.batches
+        values[f"topic.{name}.last_append_ms"] = int(t.last_append * 1000)
     return b"".join(b"%s: %s\r\n" % (k.encode(), str(v).encode()) for k, v in sorted(values.items()))
 
 

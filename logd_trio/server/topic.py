@@ -25,6 +25,7 @@ from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.histogram import Histograms
 from logd_trio.server.limits import TopicFds
+from logd_trio.server.reasons import TopicDeleted
 from logd_trio.server.storage.jobs import FilesGone, SyncJob
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.storage.rebuild import IndexSuspect
@@ -85,6 +86,7 @@ class Topic:
         self.synced_batches = 0
         self.closed = False
         self.failed: StorageError | None = None  # set by a failed fsync: the topic refuses writes
+        self.deleted = False  # set by Registry.delete: readers get TopicDeleted
         self._next_error_log = 0.0
         self._errors_unlogged = 0
         self._space = FreeSpace(Path(config.workdir) / name, config.min_free_space)
@@ -147,6 +149,8 @@ class Topic:
         batch at ``offset`` is corrupt) or :class:`StorageError`.  The caller closes the
         plan.  Cancelled: nothing to close; verified ranges are kept once applied.
         """
+        if self.deleted:
+            raise TopicDeleted(self.name)
         for _ in range(_VERIFY_ROUNDS):
             if offset >= self.visible_head:
                 raise NotFound(offset)
@@ -356,6 +360,8 @@ class Topic:
     async def _remove(self) -> None:
         job = self.log.remove_job()
         if job is not None:
+            log.info("topic %s: retention removes %s (first offset now %d)", self.name,
+                     ", ".join(p.name for p in job.paths if p.suffix == ".log"), self.log.first)
             with trio.CancelScope(shield=True):  # the partitions left the log: a removal always completes
                 await run_blocking(job.run)
             self.log.removed()

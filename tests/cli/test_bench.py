@@ -305,3 +305,28 @@ def test_count_messages_fast_paths_match_exact_walk(messages: list[bytes], same:
             at %= len(body)
             body[at : at + len(rep)] = rep
     assert _fast(bytes(body)) == _exact(bytes(body))
+
+
+async def test_cli_bench_deletes_the_topics_it_created_unless_kept(server: LocalServer) -> None:
+    from logd_trio.client.client import open_client
+
+    async with open_client(server.addr) as c:
+        await c.batch("mine_1", [b"kept: it existed before the run"])
+
+    def bench(*extra: str) -> dict[str, object]:
+        args = ["bench", "--host", server.addr, "--duration", "100ms", "--size", "4096", "--topics", "2",
+                "--conns", "2", "--topic-prefix", "mine_", "--only-write", "--json", *extra]
+        result = CliRunner().invoke(_app(), args)
+        assert result.exit_code == 0, result.output
+        out: dict[str, object] = json.loads(result.output)
+        return out
+
+    out = await trio.to_thread.run_sync(bench)
+    assert out["deleted_topics"] == ["mine_0"]  # mine_1 was there before: written to, never deleted
+    async with open_client(server.addr) as c:
+        names = set(await c.topics())
+    assert "mine_0" not in names and "mine_1" in names
+    out = await trio.to_thread.run_sync(lambda: bench("--keep"))
+    assert out["deleted_topics"] == []
+    async with open_client(server.addr) as c:
+        assert {"mine_0", "mine_1"} <= set(await c.topics())

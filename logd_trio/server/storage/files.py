@@ -4,6 +4,8 @@ Synchronous, no trio.  Layout (Go compatible): ``<root>/<topic>/<start>.log``
 holds raw batch frames, named by the logical offset of its first byte;
 logd-trio's ``<start>.index`` sits beside it; Go's ``<start>.idx`` files are
 left alone; ``<start>.log.corrupt-<pos>-<time>`` are copies of damaged bytes.
+A deleted topic's directory is first renamed ``~deleted~<topic>~<ns>`` (not a
+topic name, so no start serves it), then emptied and removed.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ from logd_trio.core.framing import valid_topic
 from logd_trio.server.storage.syscalls import current
 
 __all__ = [
-    "CORRUPT_MARK", "GO_INDEX_SUFFIX", "INDEX_SUFFIX", "LOG_SUFFIX", "O_CLOEXEC", "SCAN_CHUNK",
+    "CORRUPT_MARK", "DELETED_PREFIX", "GO_INDEX_SUFFIX", "INDEX_SUFFIX", "LOG_SUFFIX", "O_CLOEXEC", "SCAN_CHUNK",
     "close_quietly", "copy_aside", "fsync_dir", "index_path", "list_topics", "log_path", "make_root",
-    "open_dir", "open_topic_dir", "parse_start", "remove_files", "write_all",
+    "open_dir", "open_topic_dir", "parse_start", "remove_deleted", "remove_files", "remove_topic", "write_all",
 ]
 
 LOG_SUFFIX = ".log"
 INDEX_SUFFIX = ".index"
 GO_INDEX_SUFFIX = ".idx"
 CORRUPT_MARK = ".log.corrupt-"
+DELETED_PREFIX = "~deleted~"  # "~" is not allowed in topic names
 # Largest single read of a scan or copy.
 SCAN_CHUNK = 1 << 20
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -111,6 +114,58 @@ def remove_files(paths: Iterable[Path], log: logging.Logger, topic: str) -> None
             pass
         except OSError as e:
             log.warning("topic %s: cannot remove %s: %s", topic, path, e)
+
+
+def _purge(directory: Path, log: logging.Logger, topic: str) -> int:
+    """Unlink every file in ``directory`` (partitions oldest first), then the directory; bytes freed."""
+    files: list[tuple[int, str]] = []
+    freed = 0
+    for name in os.listdir(directory):
+        try:
+            st = os.lstat(directory / name)
+        except FileNotFoundError:
+            continue
+        if os.path.isdir(directory / name) and not os.path.islink(directory / name):
+            log.warning("topic %s: %s is a directory, left in place", topic, directory / name)
+            continue
+        freed += st.st_size
+        stem = name.split(".", 1)[0]
+        files.append((int(stem) if stem.isascii() and stem.isdigit() else -1, name))
+    remove_files((directory / name for _, name in sorted(files)), log, topic)
+    try:
+        os.rmdir(directory)
+    except OSError as e:
+        log.warning("topic %s: cannot remove %s: %s", topic, directory, e)
+    return freed
+
+
+def remove_topic(root: Path, topic: str, log: logging.Logger) -> int:
+    """Blocking: remove ``root/topic`` (its files closed) and return the bytes freed.
+
+    The directory is renamed aside and the rename made durable first, so a crash
+    part-way leaves either the whole topic or nothing a start would serve (a start
+    finishes the removal: :func:`remove_deleted`)."""
+    aside = Path(root) / f"{DELETED_PREFIX}{topic}~{time.time_ns()}"
+    os.rename(Path(root) / topic, aside)
+    fsync_dir(Path(root))
+    freed = _purge(aside, log, topic)
+    fsync_dir(Path(root))
+    return freed
+
+
+def remove_deleted(root: Path, log: logging.Logger) -> list[str]:
+    """Blocking: finish removals a crash interrupted (directories renamed by :func:`remove_topic`)."""
+    try:
+        names = sorted(n for n in os.listdir(root) if n.startswith(DELETED_PREFIX))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        topic = name[len(DELETED_PREFIX):].rpartition("~")[0] or name
+        log.info("topic %s: finishing its deletion (%s)", topic, name)
+        _purge(Path(root) / name, log, topic)
+    if names:
+        fsync_dir(Path(root))
+    return names
 
 
 def make_root(root: Path, dir_mode: int = 0o700) -> None:

@@ -182,6 +182,7 @@ class TopicLog:
         self._parts.append(p)
         self.head = start + n
         self.rotations += 1
+        self._log.info("topic %s: partition %d started (%d full at %d bytes)", self.topic, start, old.start, old.size)
         self._trim()
         return start
 
