@@ -241,9 +241,11 @@ class Connection:
                 if self.config.acks == "all":  # the reply waits for the followers too (server/replica/acks.py)
                     item = AwaitReplicas(item, topic.name, self.registry.replica)
             elif isinstance(req, p.Read | p.Tail | p.Fetch):
-                if not self.inflight and self._writer_parked and not isinstance(req, p.Fetch) and (
-                        not polls(self, req)):
-                    await self._answer_now(req)  # nothing ahead of it: every earlier reply is sent
+                if not (self.inflight or self.parser.buffered) and self._writer_parked and (
+                        not isinstance(req, p.Fetch) and not polls(self, req)):
+                    # Nothing ahead of it (every earlier reply is sent) nor behind it (a pipelining
+                    # client keeps the writer, so that parsing and sending overlap).
+                    await self._answer_now(req)
                     return not self._stopping
                 # Resolved by the writer, in order: a READ pipelined after a
                 # BATCH on this connection sees that batch.
