@@ -11,7 +11,6 @@ line (``max_line``) or one whole request (``max_request``) is held.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final
@@ -19,7 +18,7 @@ from typing import Final
 from logd_trio.core.defaults import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGES
 from logd_trio.core.errors import InvalidBatchError, RequestError
 from logd_trio.core.fetch import Fetch, parse_fetch
-from logd_trio.core.framing import build_frame, count_messages, parse_uint, valid_topic
+from logd_trio.core.framing import build_frame, count_messages, crc32, parse_uint, valid_topic
 
 __all__ = [
     "NEED_DATA",
@@ -257,7 +256,7 @@ class RequestParser:
         if crc is None or count is None:
             raise RequestError(INVALID_REQUEST)
         body_start = line_end - start
-        if zlib.crc32(memoryview(frame)[body_start:]) != crc:
+        if crc32(memoryview(frame)[body_start:]) != crc:
             raise RequestError("checksum mismatch")
         try:
             n = count_messages(frame, body_start)
