@@ -240,11 +240,11 @@ class Connection:
                 item = topic.try_append(req.frame, req.count) or await topic.append(req.frame, req.count)
                 if self.config.acks == "all":  # the reply waits for the followers too (server/replica/acks.py)
                     item = AwaitReplicas(item, topic.name, self.registry.replica)
+                elif self._alone() and self.config.fsync != "always":  # (else it waits for an fsync:
+                    await self._answer_now(item)  # the reader must go on reading for group commit)
+                    return not self._stopping
             elif isinstance(req, p.Read | p.Tail | p.Fetch):
-                if not (self.inflight or self.parser.buffered) and self._writer_parked and (
-                        not isinstance(req, p.Fetch) and not polls(self, req)):
-                    # Nothing ahead of it (every earlier reply is sent) nor behind it (a pipelining
-                    # client keeps the writer, so that parsing and sending overlap).
+                if self._alone() and not isinstance(req, p.Fetch) and not polls(self, req):
                     await self._answer_now(req)
                     return not self._stopping
                 # Resolved by the writer, in order: a READ pipelined after a
@@ -273,17 +273,33 @@ class Connection:
                 raise
         return True
 
-    async def _answer_now(self, req: p.Read | p.Tail) -> None:
-        """Answer on the reader's task.  ``stop_reading()`` meanwhile lets the reply finish
-        (its sends then wait at most DRAIN_SEND_TIMEOUT) and stops the reader after it."""
+    def _alone(self) -> bool:
+        """Nothing ahead of the request just parsed (every earlier reply is sent) nor behind it (a
+        pipelining client keeps the writer, so that parsing and sending overlap)."""
+        return not (self.inflight or self.parser.buffered) and self._writer_parked
+
+    async def _answer_now(self, req: p.Read | p.Tail | Append) -> None:
+        """Answer on the reader's task (no hop to the writer).  ``stop_reading()`` meanwhile lets
+        the reply finish (its sends then wait at most DRAIN_SEND_TIMEOUT) and stops the reader after."""
         self._answering = True
         try:
             pending = bytearray()
-            await answer_read(self, req, pending)
-            if pending:  # an ERR reply
+            if isinstance(req, Append):
+                await req.done.wait()  # the topic task answers once it is stored (and synced)
+                pending += self._batch_reply(req)
+            else:
+                await answer_read(self, req, pending)
+            if pending:
                 await self._send_all(pending)
         finally:
             self._answering = False
+
+    def _batch_reply(self, item: Append) -> bytes:
+        if item.error is None:
+            return b"OK %d 1\r\n" % item.offset
+        self.counters.errors["batch"] += 1
+        self.counters.error_kinds[error_kind(item.error)] += 1
+        return error_reply(item.error)
 
     # ------------------------------------------------------------ writer
 
@@ -319,12 +335,7 @@ class Connection:
                                 await self._send_all(pending)
                                 pending.clear()
                             await item.done.wait()
-                        if item.error is None:
-                            pending += b"OK %d 1\r\n" % item.offset
-                        else:
-                            self.counters.errors["batch"] += 1
-                            self.counters.error_kinds[error_kind(item.error)] += 1
-                            pending += error_reply(item.error)
+                        pending += self._batch_reply(item)
                     elif isinstance(item, AwaitReplicas):
                         if not item.ready and pending:
                             await self._send_all(pending)

@@ -102,3 +102,23 @@ async def test_shutdown_lets_a_reply_answered_by_the_reader_finish(
     assert head == b"OK 0 8\r\n"
     assert got == frames
     assert await slow.closed()
+
+
+async def test_one_request_at_a_time_batches_and_reads_see_each_other(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A client with one request in flight gets its BATCH and READ answers from the reader task:
+    each READ sees the batch acknowledged just before it, offsets run on, errors keep their text."""
+    srv = await start_server(nursery, make_config(tmp_path / "d", fsync="never"))
+    w = await Wire.connect(srv.host, srv.port)
+    offset = 0
+    for i in range(20):
+        frame = _frame(i, 10 + i)
+        await w.send(frame)
+        assert await w.reply() == b"OK %d 1\r\n" % offset
+        await w.send(b"READ t %d 1\r\n" % offset)
+        assert await w.read_reply() == (b"OK %d 1\r\n" % offset, [frame])
+        offset += len(frame)
+        await w.send(b"READ t %d 1\r\n" % offset)  # the head: nothing there yet
+        assert (await w.reply()).startswith(b"ERR ")
+    await w.send(b"TAIL t 1\r\n")
+    head, got = await w.read_reply()
+    assert head == b"OK 0 1\r\n" and got == [_frame(0, 10)]
