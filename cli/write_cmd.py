@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
+import stat
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, BinaryIO, TextIO
 
@@ -34,7 +36,54 @@ def _summary(acked: int, counts: list[int], start: float) -> None:
                f"({acked / elapsed:,.0f} msgs/s, {mb / elapsed:.1f} MB/s)", err=True)
 
 
-def _chunk_reader(f: BinaryIO, size: int = 1 << 20) -> Callable[[], bytes]:
+CHUNK = 1 << 20
+# Linux's F_SETPIPE_SZ (not in the fcntl module before Python 3.10 on every platform).
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+@contextlib.asynccontextmanager
+async def _pipe_chunks(fd: int) -> AsyncIterator[Callable[[], Awaitable[bytes]] | None]:
+    """For a pipe or socket ``fd``: a non-blocking reader of chunks on the Trio thread (no
+    thread hop per chunk; a FIFO grows to 1 MiB so that each read gets much), else None.
+    The descriptor's flags are restored on the way out (they are shared with whoever
+    else holds the pipe)."""
+    try:
+        mode = os.fstat(fd).st_mode if fd >= 0 else 0
+    except OSError:
+        mode = 0
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        yield None
+        return
+    if stat.S_ISFIFO(mode):
+        with contextlib.suppress(OSError):  # beyond /proc/sys/fs/pipe-max-size: keep the size
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, CHUNK)
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        yield lambda: _read_pipe(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+async def _read_pipe(fd: int) -> bytes:
+    """Up to CHUNK bytes (b"" at EOF); waits for readability only when nothing is there."""
+    try:
+        data = os.read(fd, CHUNK)
+    except BlockingIOError:
+        pass
+    else:
+        await trio.lowlevel.checkpoint()  # got data without waiting: let the writer's tasks run
+        return data
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, CHUNK)
+        except BlockingIOError:
+            continue
+
+
+def _chunk_reader(f: BinaryIO, size: int = CHUNK) -> Callable[[], bytes]:
     """A blocking "read up to 1 MiB" for ``f``.  On a real descriptor it is ``os.read``:
     a read abandoned by Ctrl-C then holds no lock of ``sys.stdin`` at interpreter exit."""
     try:
@@ -143,7 +192,8 @@ class _AckPrinter:
 async def _write_lines(w: Writer, input_file: Path | None, counts: list[int]) -> None:
     """Write each non-empty line of the input (stdin by default), counting messages and bytes
     queued in ``counts`` as it goes.  Shows progress on stderr for ``--input`` files when
-    stderr is a terminal.
+    stderr is a terminal.  A pipe or socket is read on the Trio thread without blocking
+    (:func:`_pipe_chunks`); a file or terminal in a worker thread, a chunk at a time.
     """
     f: BinaryIO = (
         await trio.to_thread.run_sync(input_file.open, "rb") if input_file else sys.stdin.buffer
@@ -155,25 +205,33 @@ async def _write_lines(w: Writer, input_file: Path | None, counts: list[int]) ->
     rest = b""
     read_chunk = _chunk_reader(f)
     try:
-        while True:
-            chunk = await trio.to_thread.run_sync(read_chunk, abandon_on_cancel=True)
-            if not chunk:
-                break
-            seen += len(chunk)
-            data = rest + chunk if rest else chunk
-            cut = data.rfind(b"\n") + 1
-            rest = data[cut:]
-            block = data[:cut]
-            if b"\r" in block:
-                block = block.replace(b"\r\n", b"\n")
-            lines = [ln for ln in block.split(b"\n") if ln]
-            counts[0] += await w.write_many(lines)
-            counts[1] += sum(map(len, lines))
-            if progress and trio.current_time() - shown > 0.2:
-                shown = trio.current_time()
-                pct = 100 * seen / size if size else 100.0
-                sys.stderr.write(f"\r{pct:5.1f}%  {counts[0]} messages")
-                sys.stderr.flush()
+        fd = f.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        fd = -1
+    try:
+        async with _pipe_chunks(fd) as read_pipe:
+            while True:
+                if read_pipe is not None:
+                    chunk = await read_pipe()
+                else:
+                    chunk = await trio.to_thread.run_sync(read_chunk, abandon_on_cancel=True)
+                if not chunk:
+                    break
+                seen += len(chunk)
+                data = rest + chunk if rest else chunk
+                cut = data.rfind(b"\n") + 1
+                rest = data[cut:]
+                block = data[:cut]
+                if b"\r" in block:
+                    block = block.replace(b"\r\n", b"\n")
+                lines = [ln for ln in block.split(b"\n") if ln]
+                counts[0] += await w.write_many(lines)
+                counts[1] += len(block) - block.count(b"\n")  # the lines' bytes
+                if progress and trio.current_time() - shown > 0.2:
+                    shown = trio.current_time()
+                    pct = 100 * seen / size if size else 100.0
+                    sys.stderr.write(f"\r{pct:5.1f}%  {counts[0]} messages")
+                    sys.stderr.flush()
         if rest.endswith(b"\r"):
             rest = rest[:-1]
         if rest:
@@ -185,8 +243,6 @@ async def _write_lines(w: Writer, input_file: Path | None, counts: list[int]) ->
             f.close()
         if progress:
             sys.stderr.write(f"\r100.0%  {counts[0]} messages\n")
-
-
 
 
 def register(app: typer.Typer) -> None:

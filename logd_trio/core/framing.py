@@ -6,11 +6,12 @@ body of ``size`` bytes, itself a run of ``MSG <len>\\r\\n<len bytes>\\r\\n``.
 
 from __future__ import annotations
 
+import importlib
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from logd_trio.core.errors import InvalidBatchError
 
@@ -34,9 +35,18 @@ _TOPIC_RE = re.compile(rb"[A-Za-z0-9._-]{1,255}")
 _MSG_HEADER_MAX = 26
 
 
-def crc32(data: bytes | bytearray | memoryview) -> int:
-    """CRC-32/IEEE as the protocol carries it (unsigned)."""
-    return zlib.crc32(data)
+def _pick_crc32() -> Callable[[bytes | bytearray | memoryview], int]:
+    """ISA-L's CRC-32 when the optional ``isal`` package is installed (``pip install
+    logd-trio[fast]``: about 3x zlib's on 64 KB), else zlib's; the same values."""
+    try:
+        fast = importlib.import_module("isal.isal_zlib")
+    except ImportError:
+        return zlib.crc32
+    return cast(Callable[[bytes | bytearray | memoryview], int], fast.crc32)
+
+
+# CRC-32/IEEE as the protocol carries it (unsigned): ``crc32(data) -> int``.
+crc32 = _pick_crc32()
 
 
 def valid_topic(name: bytes) -> bool:
@@ -177,7 +187,7 @@ def build_body(messages: Iterable[bytes]) -> bytes:
 def build_frame(topic: str | bytes, body: bytes, count: int) -> bytes:
     """A complete ``BATCH`` request / stored frame for ``body``."""
     t = topic.encode("ascii") if isinstance(topic, str) else topic
-    return b"BATCH %d %s %d %d\r\n" % (len(body), t, zlib.crc32(body), count) + body
+    return b"BATCH %d %s %d %d\r\n" % (len(body), t, crc32(body), count) + body
 
 
 @dataclass(frozen=True, slots=True)

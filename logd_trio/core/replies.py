@@ -30,7 +30,6 @@ verified as it is parsed (:class:`~logd_trio.core.errors.ChecksumMismatch`).
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -51,7 +50,7 @@ from logd_trio.core.errors import (
     ServerError,
     TopicNotAllowed,
 )
-from logd_trio.core.framing import iter_messages, parse_frame_header, parse_uint
+from logd_trio.core.framing import crc32, iter_messages, parse_frame_header, parse_uint
 from logd_trio.core.requests import MAX_LINE, NEED_DATA, NeedData
 
 __all__ = [
@@ -353,7 +352,7 @@ class ReplyParser:
             body = bytes(buf[pos + head.header_len : end])
             self._pos = end
             topic = head.topic.decode("ascii")
-            if zlib.crc32(body) != head.crc:
+            if crc32(body) != head.crc:
                 self._dead = BadReply("checksum mismatch in a batch read from the server")
                 err = ChecksumMismatch(
                     f"checksum mismatch in batch at offset {st.next_offset} of topic {topic!r}"

@@ -5,16 +5,18 @@ The reader never waits for a reply: it queues a *pending reply* for every
 request (bounded by ``pipeline_depth``) and goes on parsing, so a pipelined
 client keeps the topic's group commit fed.  The writer coalesces replies that
 are ready into one ``send`` and streams READ replies from the partition files
-with ``os.sendfile``.
+with ``os.sendfile``.  A READ/TAIL with nothing ahead of it (no reply pending,
+the writer idle) is answered by the reader itself: no hop to the writer.
+
+Socket calls go through :mod:`logd_trio.server.sockio` (try first, wait only
+when needed); the reader's waits for input are bounded by one cancel scope,
+``read_scope``, whose deadline is moved per wait.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
-import time
 from collections.abc import Callable
 from typing import Final
 
@@ -23,10 +25,12 @@ import trio
 from logd_trio.core import requests as p
 from logd_trio.core.errors import NotFound, RequestError, StorageError
 from logd_trio.server.admin import AdminRequest, peer_of, report_refusal
+from logd_trio.server.reading import answer_read, polls
 from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.acks import AwaitReplicas
 from logd_trio.server.replica.serving import serve_fetch
+from logd_trio.server.sockio import linger_close, raw_socket, receive, send_now, send_rest, sendfile_now, sendfile_rest
 from logd_trio.server.stats import Counters, StatsRequest
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.topic import Append
@@ -37,18 +41,15 @@ log = logging.getLogger("logd_trio.server.connection")
 
 RECV_START: Final = 16 * 1024
 RECV_SIZE: Final = 256 * 1024
-SENDFILE_CHUNK: Final = 1 << 20
-# After an error that ends a connection, read and discard what the peer still
-# sends for at most this long, so that closing does not reset the connection
-# and destroy the ERR reply before the peer reads it.
-LINGER_SECONDS: Final = 1.0
-LINGER_BYTES: Final = 1 << 20
 # --timeout grows with the request: each byte received adds 1/MIN_REQUEST_RATE seconds, so a large
 # BATCH sent at this rate or faster is never cut off, while a trickle still is.
 MIN_REQUEST_RATE: Final = 64 * 1024  # bytes/s
 # Once a graceful shutdown has begun, a reply may wait this long for progress (instead of
 # --timeout), so that a client that never reads does not hold the shutdown.
 DRAIN_SEND_TIMEOUT: Final = 2.0
+# What the reader's current wait for input is (which timeout its deadline is).
+_IDLE: Final = 1
+_REQUEST: Final = 2
 
 
 class _Closing:
@@ -75,6 +76,7 @@ class Connection:
                  stats: trio.MemorySendChannel[StatsRequest], counters: Counters,
                  on_close: Callable[[Connection], None]) -> None:
         self.sock = stream.socket
+        self._raw = raw_socket(stream.socket)
         self.stream = stream
         self.registry = registry
         self.config = registry.config
@@ -82,7 +84,11 @@ class Connection:
         self.counters = counters
         self.parser = p.RequestParser(max_request=self.config.batch_size,
                                       max_messages=self.config.max_messages)
-        self.read_scope = trio.CancelScope()
+        self.read_scope = trio.CancelScope()  # the reader's: stop_reading() cancels it, waits set its deadline
+        self._waiting = 0  # _IDLE / _REQUEST while the reader waits for input
+        self._stopping = False
+        self._answering = False  # the reader is answering a READ itself (see _answer_now)
+        self._writer_parked = False  # the writer waits for an item, with nothing unsent
         self.inflight = 0
         self._on_close = on_close
         # Set when the peer stops sending (EOF): long-polls then answer at
@@ -101,7 +107,9 @@ class Connection:
         (a waiting long-poll answers at once, as when its wait runs out), each send
         waiting at most DRAIN_SEND_TIMEOUT for progress."""
         self._eof = True
-        self.read_scope.cancel()
+        self._stopping = True
+        if not self._answering:  # else the reader stops once its reply is sent
+            self.read_scope.cancel()
         if self._poll_scope is not None:
             self._poll_scope.cancel()
         self.send_timeout = min(self.send_timeout, DRAIN_SEND_TIMEOUT)
@@ -114,8 +122,7 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, recv, nursery.cancel_scope)
                 async with send:
-                    with self.read_scope:
-                        await self._reader(send)
+                    await self._reader(send)
         except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as eg:
             log.debug("connection ended: %r", eg.exceptions[0])
         except* Exception as eg:  # a bug must cost one connection, never the server
@@ -127,11 +134,39 @@ class Connection:
     # ------------------------------------------------------------ reader
 
     async def _reader(self, out: trio.MemorySendChannel[_Item]) -> None:
+        """Receive and dispatch until EOF, CLOSE, an ending error or ``stop_reading()``.
+
+        The waits for input run under ``read_scope`` with its deadline set for each wait (and
+        cleared after it): when it fires, the idle or request timeout applies here.
+        """
         # Small until the peer fills it (a bulk sender), then RECV_SIZE: idle
         # connections cost little memory, busy ones few syscalls.
-        view = memoryview(bytearray(RECV_START))
+        self._view = memoryview(bytearray(RECV_START))
+        while True:
+            with self.read_scope:
+                await self._receive_requests(out)
+                return
+            if self._stopping:
+                return
+            if self._waiting == _IDLE:
+                if self.inflight:  # replies are still coming: not idle; wait again
+                    self.read_scope = trio.CancelScope()
+                    continue
+                log.debug("closing connection: idle")
+                return
+            log.debug("closing connection: a request did not arrive within --timeout")
+            self.counters.error_kinds["timeout"] += 1
+            self._eof = True  # a waiting long-poll answers now
+            if self._poll_scope is not None:
+                self._poll_scope.cancel()
+            await out.send(_Closing(p.reply_err("timeout")))
+            return
+
+    async def _receive_requests(self, out: trio.MemorySendChannel[_Item]) -> None:
         parser = self.parser
         counters = self.counters
+        raw = self._raw
+        scope = self.read_scope
         idle = self.config.idle_timeout or math.inf
         timeout = self.config.timeout or math.inf
         # --timeout bounds the time spent waiting for the bytes of one request, from its
@@ -139,6 +174,7 @@ class Connection:
         # 1/MIN_REQUEST_RATE s per byte of it received.  Time the reader spends waiting
         # for room in the pipeline does not count.
         budget = timeout
+        short = True  # the last receive did not fill the buffer: wait before the next one
         while True:
             while True:
                 try:
@@ -158,26 +194,20 @@ class Connection:
                 if not await self._dispatch(event, out):
                     return
             partial = bool(parser.buffered)
-            started = trio.current_time()
-            with trio.move_on_after(max(budget, 0.0) if partial else idle) as cs:
-                n = await self.sock.recv_into(view)
-            if partial:
-                budget -= trio.current_time() - started
-            if not cs.cancelled_caught:
-                budget += n / MIN_REQUEST_RATE  # the request's size buys time (reset when it is whole)
-            if cs.cancelled_caught:
-                if not partial:
-                    if self.inflight or self.config.idle_timeout == 0:
-                        continue
-                    log.debug("closing connection: idle")
-                    return
-                log.debug("closing connection: a request did not arrive within --timeout")
-                counters.error_kinds["timeout"] += 1
-                self._eof = True  # a waiting long-poll answers now
-                if self._poll_scope is not None:
-                    self._poll_scope.cancel()
-                await out.send(_Closing(p.reply_err("timeout")))
-                return
+            limit = max(budget, 0.0) if partial else idle
+            self._waiting = _REQUEST if partial else _IDLE
+            view = self._view
+            if limit == math.inf:
+                n = await receive(raw, view, short)
+            else:
+                started = trio.current_time()
+                scope.deadline = started + limit
+                n = await receive(raw, view, short)
+                scope.deadline = math.inf
+                if partial:
+                    budget -= trio.current_time() - started
+            self._waiting = 0
+            budget += n / MIN_REQUEST_RATE  # the request's size buys time (reset when it is whole)
             if n == 0:
                 self._eof = True
                 if self._poll_scope is not None:
@@ -185,8 +215,9 @@ class Connection:
                 return
             counters.bytes_in += n
             parser.receive_data(view[:n])
-            if n == len(view) < RECV_SIZE:
-                view = memoryview(bytearray(RECV_SIZE))
+            short = n < len(view)
+            if not short and n < RECV_SIZE:
+                self._view = memoryview(bytearray(RECV_SIZE))
 
     async def _dispatch(self, req: p.Request, out: trio.MemorySendChannel[_Item]) -> bool:
         """Queue the pending reply for ``req``; False when the connection must stop reading."""
@@ -202,7 +233,13 @@ class Connection:
                 item = topic.try_append(req.frame, req.count) or await topic.append(req.frame, req.count)
                 if self.config.acks == "all":  # the reply waits for the followers too (server/replica/acks.py)
                     item = AwaitReplicas(item, topic.name, self.registry.replica)
+                elif self._alone() and self.config.fsync != "always":  # (else it waits for an fsync:
+                    await self._answer_now(item)  # the reader must go on reading for group commit)
+                    return not self._stopping
             elif isinstance(req, p.Read | p.Tail | p.Fetch):
+                if self._alone() and not isinstance(req, p.Fetch) and not polls(self, req):
+                    await self._answer_now(req)
+                    return not self._stopping
                 # Resolved by the writer, in order: a READ pipelined after a
                 # BATCH on this connection sees that batch.
                 item = req
@@ -235,6 +272,34 @@ class Connection:
             await item.done.wait()
         return True
 
+    def _alone(self) -> bool:
+        """Nothing ahead of the request just parsed (every earlier reply is sent) nor behind it (a
+        pipelining client keeps the writer, so that parsing and sending overlap)."""
+        return not (self.inflight or self.parser.buffered) and self._writer_parked
+
+    async def _answer_now(self, req: p.Read | p.Tail | Append) -> None:
+        """Answer on the reader's task (no hop to the writer).  ``stop_reading()`` meanwhile lets
+        the reply finish (its sends then wait at most DRAIN_SEND_TIMEOUT) and stops the reader after."""
+        self._answering = True
+        try:
+            pending = bytearray()
+            if isinstance(req, Append):
+                await req.done.wait()  # the topic task answers once it is stored (and synced)
+                pending += self._batch_reply(req)
+            else:
+                await answer_read(self, req, pending)
+            if pending:
+                await self._send_all(pending)
+        finally:
+            self._answering = False
+
+    def _batch_reply(self, item: Append) -> bytes:
+        if item.error is None:
+            return b"OK %d 1\r\n" % item.offset
+        self.counters.errors["batch"] += 1
+        self.counters.error_kinds[error_kind(item.error)] += 1
+        return error_reply(item.error)
+
     # ------------------------------------------------------------ writer
 
     async def _writer(self, items: trio.MemoryReceiveChannel[_Item], scope: trio.CancelScope) -> None:
@@ -248,12 +313,15 @@ class Connection:
                         if pending:
                             await self._send_all(pending)
                             pending.clear()
+                        self._writer_parked = True
                         try:
                             item = await items.receive()
                         except trio.EndOfChannel:
                             if self._orphan is None:
                                 break
                             item, self._orphan = self._orphan, None
+                        finally:
+                            self._writer_parked = False
                     except trio.EndOfChannel:
                         if self._orphan is None:
                             break
@@ -266,19 +334,14 @@ class Connection:
                                 await self._send_all(pending)
                                 pending.clear()
                             await item.done.wait()
-                        if item.error is None:
-                            pending += b"OK %d 1\r\n" % item.offset
-                        else:
-                            self.counters.errors["batch"] += 1
-                            self.counters.error_kinds[error_kind(item.error)] += 1
-                            pending += error_reply(item.error)
+                        pending += self._batch_reply(item)
                     elif isinstance(item, AwaitReplicas):
                         if not item.ready and pending:
                             await self._send_all(pending)
                             pending.clear()
                         pending += await item.answer(error_reply)
                     elif isinstance(item, p.Read | p.Tail):
-                        await self._read(item, pending)
+                        await answer_read(self, item, pending)
                     elif isinstance(item, p.Fetch):  # replication (server/replica/serving.py)
                         if (e := await serve_fetch(self, item, pending)) is not None:
                             pending += error_reply(e)
@@ -294,7 +357,7 @@ class Connection:
                     else:
                         pending += item.reply
                         await self._send_all(pending)
-                        await self._linger_close()
+                        await linger_close(self._raw)
                         scope.cancel()
                         return
                     self.inflight -= 1
@@ -303,92 +366,31 @@ class Connection:
         finally:
             scope.cancel()
 
-    async def _read(self, req: p.Read | p.Tail, pending: bytearray) -> None:
-        """Answer READ/TAIL (and the long-poll READ) into ``pending`` / the socket."""
-        registry = self.registry
-        topic = registry.get(req.topic)
-        if isinstance(req, p.Read) and req.wait_ms is not None and (
-            req.offset == (topic.visible_head if topic is not None else 0)
-        ) and self.counters.longpoll_waiting < self.config.max_waiters:  # beyond: answer as a plain READ
-            if pending:
-                await self._send_all(pending)
-                pending.clear()
-            self.counters.longpoll_waiting += 1
-            try:
-                with trio.move_on_after(min(req.wait_ms / 1000, self.config.max_wait)) as scope:
-                    self._poll_scope = scope
-                    if self._eof:
-                        scope.cancel()
-                    while topic is None:
-                        await registry.wait_created()
-                        topic = registry.get(req.topic)
-                    await topic.wait_for_data(req.offset)
-            finally:
-                self._poll_scope = None
-                self.counters.longpoll_waiting -= 1
-        t0 = time.perf_counter()
-        try:
-            if topic is None:
-                raise NotFound(req.topic)
-            plan = await topic.open_read(req.offset if isinstance(req, p.Read) else topic.first, req.limit)
-        except (NotFound, StorageError) as e:
-            self.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
-            self.counters.error_kinds[error_kind(e)] += 1
-            pending += error_reply(e)
-            return
-        await self._send_plan(plan, pending)
-        pending.clear()
-        self.counters.histograms.read_latency.observe(time.perf_counter() - t0)
-
     async def _send_all(self, data: bytes | bytearray) -> None:
         """Send everything; ``--timeout`` bounds each wait for progress, not the whole reply."""
         view = memoryview(data)
-        total = len(view)
-        with trio.fail_after(self.send_timeout) as scope:
-            self._send_scope = scope
-            try:
-                while view:
-                    n = await self.sock.send(view)
-                    view = view[n:]
-                    scope.deadline = trio.current_time() + self.send_timeout
-            finally:
-                self._send_scope = None
-        self.counters.bytes_out += total
+        n = send_now(self._raw, view)
+        if n < len(view):
+            await send_rest(self._raw, view[n:], self.send_timeout, self._on_send_scope)
+        self.counters.bytes_out += len(view)
+
+    def _on_send_scope(self, scope: trio.CancelScope | None) -> None:
+        self._send_scope = scope  # stop_reading() shortens it
 
     async def _send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None) -> None:
-        """Header (after what is pending) then the frames straight from the files."""
+        """Header (after what is pending) then the frames straight from the files.  A borrowed
+        plan's fds are the partitions': it is made to own its fds before any wait."""
         with plan:
             pending += p.reply_read_header(plan.offset, plan.nbatches) if header is None else header
-            await self._send_all(pending)
-            out_fd = self.sock.fileno()
-            with trio.fail_after(self.send_timeout) as scope:  # bounds each wait for progress
-                self._send_scope = scope  # stop_reading() shortens it (left set after: harmless)
-                for fd, pos, length in plan.segments:
-                    while length:
-                        try:
-                            n = os.sendfile(out_fd, fd, pos, min(length, SENDFILE_CHUNK))
-                        except BlockingIOError:
-                            await trio.lowlevel.wait_writable(self.sock)
-                            continue
-                        if n == 0:
-                            raise OSError("partition file shorter than its index")
-                        pos += n
-                        length -= n
-                        self.counters.bytes_out += n
-                        scope.deadline = trio.current_time() + self.send_timeout
-                    await trio.lowlevel.checkpoint_if_cancelled()
-
-    async def _linger_close(self) -> None:
-        """Send FIN, then discard input briefly so the peer reads our last reply."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            return
-        buf = bytearray(65536)
-        got = 0
-        with trio.move_on_after(LINGER_SECONDS):
-            while got < LINGER_BYTES:
-                n = await self.sock.recv_into(buf)
-                if n == 0:
-                    break
-                got += n
+            view = memoryview(pending)
+            n = send_now(self._raw, view)
+            if n < len(view):
+                plan.own()
+                await send_rest(self._raw, view[n:], self.send_timeout, self._on_send_scope)
+            self.counters.bytes_out += len(view)
+            k, pos, left, sent = sendfile_now(self._raw, plan.segments)
+            self.counters.bytes_out += sent
+            if k < len(plan.segments):  # the socket is full: wait for room, bounded by --timeout per wait
+                plan.own()
+                self.counters.bytes_out += await sendfile_rest(self._raw, plan.segments, (k, pos, left),
+                                                               self.send_timeout, self._on_send_scope)

@@ -140,14 +140,15 @@ class Topic:
 
     # ------------------------------------------------------------ readers
 
-    async def open_read(self, offset: int, limit: int) -> ReadPlan:
+    async def open_read(self, offset: int, limit: int, borrow: bool = False) -> ReadPlan:
         """The acknowledged batches from ``offset`` (message sum below ``limit``), every frame verified.
 
         Frames an earlier process left that the scrub has not reached yet are verified
         first (in a worker thread), then planned again; the plan
         stops before any corrupt batch.  Raises :class:`NotFound`, ``CorruptData`` (the
         batch at ``offset`` is corrupt) or :class:`StorageError`.  The caller closes the
-        plan.  Cancelled: nothing to close; verified ranges are kept once applied.
+        plan.  Cancelled: nothing to close; verified ranges are kept once applied.  ``borrow``: a
+        borrowed plan (``ReadPlan.own``), returned without yielding when no frame needs verifying.
         """
         if self.deleted:
             raise TopicDeleted(self.name)
@@ -156,7 +157,7 @@ class Topic:
                 raise NotFound(offset)
             try:
                 plan = self.log.read_plan(offset, limit, end=self.visible_head,
-                                          max_partitions=self.fds.max_partitions())
+                                          max_partitions=self.fds.max_partitions(), borrow=borrow)
                 if not plan.checks:
                     return self.fds.hold(plan)
                 await self.verifier.check(plan)

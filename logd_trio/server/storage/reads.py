@@ -2,7 +2,10 @@
 
 Synchronous, no trio.  A :class:`ReadPlan` owns dup'ed fds of the partitions
 it covers, so it stays valid while retention drops them; the server streams
-its segments with ``sendfile``.
+its segments with ``sendfile``.  A *borrowed* plan (``borrow=True``) uses the
+partitions' own fds, valid only until the caller next yields to other tasks: a
+server that sends it at once pays no ``dup``/``close`` and calls
+:meth:`ReadPlan.own` before its first wait.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ class ReadPlan:
     ``open_read`` verifies them and plans again.
     """
 
-    __slots__ = ("_closed", "checks", "nbatches", "nbytes", "nmessages", "offset", "on_close", "segments")
+    __slots__ = ("_closed", "borrowed", "checks", "nbatches", "nbytes", "nmessages", "offset", "on_close",
+                 "segments")
 
-    def __init__(self, offset: int) -> None:
+    def __init__(self, offset: int, borrowed: bool = False) -> None:
         self.offset = offset
         self.nbatches = 0
         self.nmessages = 0
@@ -43,13 +47,30 @@ class ReadPlan:
         self.segments: list[tuple[int, int, int]] = []
         self.checks: list[tuple[int, int, int]] = []
         self._closed = False
+        self.borrowed = borrowed  # segments hold the partitions' own fds (see own())
         self.on_close: Callable[[ReadPlan], None] | None = None  # called once, after the fds are closed
 
+    def own(self) -> None:
+        """Make a borrowed plan hold fds of its own (``dup``), so it outlives the partitions;
+        call it before waiting.  A no-op for an owned plan.  Raises OSError (e.g. EMFILE)."""
+        if self.borrowed and not self._closed:
+            dup = current().dup
+            owned: list[tuple[int, int, int]] = []
+            try:
+                for fd, pos, length in self.segments:
+                    owned.append((dup(fd), pos, length))
+            except BaseException:
+                close_quietly([fd for fd, _, _ in owned])
+                raise
+            self.segments = owned
+            self.borrowed = False
+
     def close(self) -> None:
-        """Close the dup'ed fds.  Idempotent."""
+        """Close the dup'ed fds (a borrowed plan's are the partitions': left open).  Idempotent."""
         if not self._closed:
             self._closed = True
-            close_quietly([fd for fd, _, _ in self.segments])
+            if not self.borrowed:
+                close_quietly([fd for fd, _, _ in self.segments])
             if self.on_close is not None:
                 self.on_close(self)
 
@@ -63,8 +84,9 @@ class ReadPlan:
 
 
 def plan_read(parts: Sequence[Partition], j: int, offset: int, limit: int, stop: int, topic: str,
-              max_partitions: int | None = None) -> ReadPlan:
-    """Plan from ``offset`` (a retained offset before ``stop``, in ``parts[j]``) while the message
+              max_partitions: int | None = None, borrow: bool = False) -> ReadPlan:
+    """Plan (``borrow``: a borrowed plan, see :meth:`ReadPlan.own`) from ``offset`` (a retained
+    offset before ``stop``, in ``parts[j]``) while the message
     sum is below ``limit``, never past ``stop``, never over a batch that failed verification,
     and over at most ``max_partitions`` partitions (each holds a dup'ed fd; at least one).
 
@@ -84,9 +106,9 @@ def plan_read(parts: Sequence[Partition], j: int, offset: int, limit: int, stop:
             # a valid batch the (not yet verified) index does not know: the index is wrong
             raise IndexSuspect(p.start, p.generation, f"no record for the batch at position {pos}")
         raise NotFound(f"offset {offset} is not the start of a batch")
-    plan = ReadPlan(offset)
+    plan = ReadPlan(offset, borrow)
     remaining = max(limit, 1)
-    dup = current().dup
+    dup = _same if borrow else current().dup
     try:
         while True:
             b_end, base = p.idx.entry(i - 1)
@@ -139,3 +161,7 @@ def plan_read(parts: Sequence[Partition], j: int, offset: int, limit: int, stop:
         plan.close()
         raise
     return plan
+
+
+def _same(fd: int) -> int:
+    return fd

@@ -288,19 +288,20 @@ class TopicLog:
         """Index in ``_parts`` of the partition holding ``offset`` (-1 if before the first)."""
         return bisect_right(self._parts, offset, key=_start_of) - 1
 
-    def read_plan(self, offset: int, limit: int, end: int | None = None, max_partitions: int | None = None) -> ReadPlan:
+    def read_plan(self, offset: int, limit: int, end: int | None = None, max_partitions: int | None = None,
+                  borrow: bool = False) -> ReadPlan:
         """Batches from exactly ``offset`` while the message sum is below ``limit``; may span partitions.
 
         ``end`` (a batch boundary, default the head) hides the batches at and
         after it: the server passes its acknowledged head so that no reader
         sees a batch before it is durable.  Raises :class:`NotFound` unless
         ``offset`` starts a retained batch before ``end``, :class:`CorruptData`
-        if that batch failed verification.  The plan owns dup'ed fds: close it.
+        if that batch failed verification.  The plan owns dup'ed fds (unless ``borrow``): close it.
         """
         stop = self.head if end is None else min(end, self.head)
         if self._closed or offset < self.first or offset >= stop:
             raise NotFound(f"offset {offset} not in [{self.first}, {self.head})")
-        return plan_read(self._parts, self._index_of(offset), offset, limit, stop, self.topic, max_partitions)
+        return plan_read(self._parts, self._index_of(offset), offset, limit, stop, self.topic, max_partitions, borrow)
 
     # ------------------------------------------------------------------ verification
 
