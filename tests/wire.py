@@ -26,6 +26,10 @@ class Wire:
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
 
+    async def fill(self) -> None:
+        """Wait for more bytes of the reply (kept for the next read)."""
+        await self._fill()
+
     async def _fill(self) -> None:
         data = await self.stream.receive_some(65536)
         if not data:

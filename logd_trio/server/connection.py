@@ -86,6 +86,7 @@ class Connection:
                                       max_messages=self.config.max_messages)
         self.read_scope = trio.CancelScope()  # the reader's: stop_reading() cancels it, waits set its deadline
         self._waiting = 0  # _IDLE / _REQUEST while the reader waits for input
+        self._carry = (self.config.timeout or math.inf, True)  # (budget, short) into a fresh read_scope
         self._stopping = False
         self._answering = False  # the reader is answering a READ itself (see _answer_now)
         self._writer_parked = False  # the writer waits for an item, with nothing unsent
@@ -134,24 +135,23 @@ class Connection:
     # ------------------------------------------------------------ reader
 
     async def _reader(self, out: trio.MemorySendChannel[_Item]) -> None:
-        """Receive and dispatch until EOF, CLOSE, an ending error or ``stop_reading()``.
-
-        The waits for input run under ``read_scope`` with its deadline set for each wait (and
-        cleared after it): when it fires, the idle or request timeout applies here.
-        """
-        # Small until the peer fills it (a bulk sender), then RECV_SIZE: idle
-        # connections cost little memory, busy ones few syscalls.
+        """Receive and dispatch until EOF, CLOSE, an ending error or ``stop_reading()``.  The waits
+        for input run under ``read_scope``, its deadline set for each wait (cleared after it): when
+        it fires, the idle or request timeout applies here.  The buffer is small until the peer
+        fills it (a bulk sender), then RECV_SIZE: idle connections cost little memory."""
         self._view = memoryview(bytearray(RECV_START))
         while True:
+            fresh = False
             with self.read_scope:
-                await self._receive_requests(out)
-                return
+                if not (fresh := await self._receive_requests(out)):
+                    return
             if self._stopping:
                 return
+            # data arrived just as the deadline fired, or replies are still coming (not idle): go on
+            if fresh or (self._waiting == _IDLE and self.inflight):
+                self.read_scope = trio.CancelScope()
+                continue
             if self._waiting == _IDLE:
-                if self.inflight:  # replies are still coming: not idle; wait again
-                    self.read_scope = trio.CancelScope()
-                    continue
                 log.debug("closing connection: idle")
                 return
             log.debug("closing connection: a request did not arrive within --timeout")
@@ -162,7 +162,8 @@ class Connection:
             await out.send(_Closing(p.reply_err("timeout")))
             return
 
-    async def _receive_requests(self, out: trio.MemorySendChannel[_Item]) -> None:
+    async def _receive_requests(self, out: trio.MemorySendChannel[_Item]) -> bool:
+        """True: the scope was cancelled (deadline, stop) as data arrived; the reader goes on afresh."""
         parser = self.parser
         counters = self.counters
         raw = self._raw
@@ -173,8 +174,7 @@ class Connection:
         # first byte to its last (not each wait alone: a trickle must not reset it), plus
         # 1/MIN_REQUEST_RATE s per byte of it received.  Time the reader spends waiting
         # for room in the pipeline does not count.
-        budget = timeout
-        short = True  # the last receive did not fill the buffer: wait before the next one
+        budget, short = self._carry  # short: the last receive did not fill the buffer: wait first
         while True:
             while True:
                 try:
@@ -185,14 +185,15 @@ class Connection:
                     counters.error_kinds["protocol"] += 1
                     if e.close:
                         await out.send(_Closing(error_reply(e)))
-                        return
+                        return False
+                    self.inflight += 1  # a reply ahead of later requests (the writer counts it down)
                     await out.send(error_reply(e))
                     continue
                 if event is p.NEED_DATA:
                     break
                 budget = timeout
                 if not await self._dispatch(event, out):
-                    return
+                    return False
             partial = bool(parser.buffered)
             limit = max(budget, 0.0) if partial else idle
             self._waiting = _REQUEST if partial else _IDLE
@@ -212,12 +213,15 @@ class Connection:
                 self._eof = True
                 if self._poll_scope is not None:
                     self._poll_scope.cancel()
-                return
+                return False
             counters.bytes_in += n
             parser.receive_data(view[:n])
             short = n < len(view)
             if not short and n < RECV_SIZE:
                 self._view = memoryview(bytearray(RECV_SIZE))
+            if scope.cancel_called:  # (checked after its deadline was cleared)
+                self._carry = (budget, short)
+                return True
 
     async def _dispatch(self, req: p.Request, out: trio.MemorySendChannel[_Item]) -> bool:
         """Queue the pending reply for ``req``; False when the connection must stop reading."""

@@ -44,6 +44,7 @@ def raw_socket(sock: trio.socket.SocketType) -> socket.socket:
 async def receive(raw: socket.socket, view: memoryview, wait_first: bool) -> int:
     """``recv_into(view)``: 0 at EOF.  ``wait_first``: wait for readability before trying."""
     if not wait_first:
+        await trio.lowlevel.checkpoint_if_cancelled()  # a stop or deadline reaches a bulk sender's reader
         try:
             n = raw.recv_into(view)
         except BlockingIOError:

@@ -10,6 +10,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from logd_trio.server.sockio import raw_socket
 from logd_trio.server.storage.topic_log import TopicLog
 
 from ..harness import make_config, start_server
@@ -70,7 +71,8 @@ async def test_a_read_blocked_on_a_slow_reader_survives_retention(nursery: trio.
     await _written(srv.host, srv.port, frames[:8])
     slow = await Wire.connect(srv.host, srv.port)
     await slow.send(b"READ t 0 8\r\n")  # ~8 MiB over 2-3 partitions: more than the socket buffers hold
-    await trio.sleep(0.2)  # the reply is now waiting for room (the first partitions' fds are dup'ed)
+    with trio.fail_after(10):
+        await slow.fill()  # the reply has begun: it is planned, and it waits for room (fds dup'ed)
     await _written(srv.host, srv.port, frames[8:])  # retention keeps the last 4 partitions
     part = tmp_path / "d" / "t"
     with trio.fail_after(10):  # until the partitions the reply covers are gone
@@ -122,3 +124,53 @@ async def test_one_request_at_a_time_batches_and_reads_see_each_other(nursery: t
     await w.send(b"TAIL t 1\r\n")
     head, got = await w.read_reply()
     assert head == b"OK 0 1\r\n" and got == [_frame(0, 10)]
+
+
+async def test_replies_keep_request_order_after_a_protocol_error(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """An ERR for a bad line is a reply ahead of the next requests: a READ right behind it is
+    not answered first, and a READ pipelined behind a BATCH still sees that batch."""
+    srv = await start_server(nursery, make_config(tmp_path / "d", fsync="never"))
+    w = await Wire.connect(srv.host, srv.port)
+    first = batch_request("t", [b"one"])
+    await w.send(first)
+    assert await w.reply() == b"OK 0 1\r\n"
+    w2 = await Wire.connect(srv.host, srv.port)
+    await w2.send(b"FOO\r\nREAD t 0 1\r\n")  # one write: the ERR is still queued when READ is parsed
+    assert (await w2.reply()).startswith(b"ERR ")
+    header, frames = await w2.read_reply()
+    assert header == b"OK 0 1\r\n" and frames == [first]
+    second = batch_request("t", [b"two"])
+    await w2.send(second + b"READ t %d 1\r\n" % len(first))  # after the ERR was sent and counted
+    assert await w2.reply() == b"OK %d 1\r\n" % len(first)
+    header, frames = await w2.read_reply()
+    assert header == b"OK %d 1\r\n" % len(first) and frames == [second]
+
+
+async def test_idle_timeout_still_applies_after_a_protocol_error(
+        nursery: trio.Nursery, tmp_path: Path, vclock: trio.testing.MockClock) -> None:
+    srv = await start_server(nursery, make_config(tmp_path / "d", idle_timeout=5.0))
+    w = await Wire.connect(srv.host, srv.port)
+    await w.send(b"FOO\r\n")
+    assert (await w.reply()).startswith(b"ERR ")
+    t0 = trio.current_time()
+    with trio.fail_after(60):  # (it was never closed: the ERR's reply was counted down, not up)
+        assert await w.closed()
+    assert 5.0 <= trio.current_time() - t0 < 5.5
+
+
+async def test_a_request_arriving_as_the_idle_deadline_fires_is_answered_and_the_connection_stays(
+        nursery: trio.Nursery, tmp_path: Path, vclock: trio.testing.MockClock) -> None:
+    """The data and the deadline in one scheduler turn: the reader took the data, so the
+    request is served in full and the connection is not closed as idle."""
+    srv = await start_server(nursery, make_config(tmp_path / "d", fsync="never", idle_timeout=1.0))
+    w = await Wire.connect(srv.host, srv.port)
+    frame = batch_request("t", [b"x" * 100])
+    await w.send(frame)
+    assert await w.reply() == b"OK 0 1\r\n"
+    await trio.sleep(0.9)
+    raw_socket(w.stream.socket).send(b"READ t 0 1\r\n")  # synchronous: no checkpoint between the send and the jump
+    vclock.jump(0.2)  # past the idle deadline before the server's reader runs again
+    header, frames = await w.read_reply()
+    assert header == b"OK 0 1\r\n" and frames == [frame]
+    await w.send(b"PING\r\n")
+    assert await w.reply() == b"PONG\r\n"
