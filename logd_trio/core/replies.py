@@ -47,6 +47,7 @@ from logd_trio.core.errors import (
     InvalidRequest,
     InvalidTopic,
     MaxTopics,
+    NotAllowed,
     NotFoundReply,
     ServerError,
     TopicNotAllowed,
@@ -213,6 +214,7 @@ _REASONS: Final[dict[str, type[ClientError]]] = {
     "invalid topic": InvalidTopic,
     "request missing topic": InvalidTopic,
     "topic not allowed": TopicNotAllowed,
+    "not allowed": NotAllowed,
     "maximum topics allowed": MaxTopics,
     "corrupt data": CorruptDataReply,
 }

@@ -119,6 +119,8 @@ _SIMPLE: Final[dict[bytes, Request]] = {
 INVALID_REQUEST: Final = "invalid request"
 INVALID_TOPIC: Final = "invalid topic"
 MISSING_TOPIC: Final = "request missing topic"
+TLS_NOT_ENABLED: Final = "tls not enabled"
+TLS_HELLO: Final = b"\x16"  # the first byte of a TLS handshake; no request starts with it
 
 
 def _topic(word: bytes) -> str:
@@ -147,7 +149,7 @@ class RequestParser:
     later call raises the same error.
     """
 
-    __slots__ = ("_buf", "_dead", "_pos", "max_messages", "max_request")
+    __slots__ = ("_buf", "_dead", "_pos", "_started", "max_messages", "max_request")
 
     def __init__(
         self,
@@ -160,6 +162,7 @@ class RequestParser:
         self._buf = bytearray()
         self._pos = 0
         self._dead: RequestError | None = None
+        self._started = False
 
     @property
     def held(self) -> int:
@@ -172,6 +175,10 @@ class RequestParser:
         return len(self._buf) - self._pos
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._started:
+            self._started = True
+            if data[:1] == TLS_HELLO:  # a TLS client on a plaintext port: say so, not "invalid request"
+                self._dead = RequestError(TLS_NOT_ENABLED, close=True)
         if self._pos and self._pos >= len(self._buf) // 2:
             del self._buf[: self._pos]
             self._pos = 0

@@ -85,6 +85,12 @@ class ServerConfig:
     acks: str = "leader"  # leader: OK once durable on the leader; all: once durable on min_insync nodes
     min_insync: int = 1  # nodes (the leader included) an OK needs with acks=all
     replica_lag: float = 10.0  # a follower not caught up for this long leaves the in-sync set
+    tls_cert: str = ""  # PEM certificate chain: clients must speak TLS (server/tls.py); "": plaintext
+    tls_key: str = ""  # its private key (PEM); "": in tls_cert
+    tls_client_ca: str = ""  # CA of client certificates: mutual TLS, a certificate required
+    auth_file: str = ""  # TOML principals and rights (server/auth.py); "": every client may do everything
+    replicate_ca: str = ""  # CA of the leader's certificate: a follower's link uses TLS
+    replicate_token: str = ""  # token a follower authenticates to the leader with (AUTH)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workdir", Path(self.workdir))
@@ -123,6 +129,10 @@ class ServerConfig:
         if self.acks == "all" and self.fsync != "always":
             raise ConfigError(f"acks: all needs fsync=always (with fsync={self.fsync} a batch is acknowledged "
                               "before it is durable)")
+        if self.tls_key and not self.tls_cert:
+            raise ConfigError("tls_key: needs tls_cert (the certificate the key belongs to)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca: needs tls_cert and tls_key (mutual TLS is TLS first)")
         if self.replicate_from:
             _ = self.leader_address
             if self.fsync != "always":
@@ -169,6 +179,7 @@ _INTS: Final = {"batch_size", "max_messages", "partition_size", "partitions", "f
                 "max_connections", "max_connections_per_ip", "pipeline_depth", "min_free_space", "max_waiters",
                 "scrub_rate", "min_insync"}
 _MODES: Final = {"file_mode", "dir_mode"}
+_SECURITY: Final = ("tls_cert", "tls_key", "tls_client_ca", "auth_file", "replicate_ca", "replicate_token")
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -202,7 +213,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{where}: expected a list of topic names, got {value!r}")
     if key == "workdir":
         return Path(str(value))
-    if key in ("host", "fsync", "http_host", "node_id", "replicate_from", "acks"):
+    if key in ("host", "fsync", "http_host", "node_id", "replicate_from", "acks", *_SECURITY):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

@@ -28,6 +28,7 @@ from logd_trio.server.replica.acks import AwaitReplicas
 from logd_trio.server.replica.serving import serve_fetch
 from logd_trio.server.stats import Counters, StatsRequest
 from logd_trio.server.storage.reads import ReadPlan
+from logd_trio.server.tls import Accepted, ServerSocket, TLSSocket, send_segments
 from logd_trio.server.topic import Append
 
 __all__ = ["Connection"]
@@ -70,10 +71,10 @@ _CMD_NAMES: Final[dict[type, str]] = {
 class Connection:
     """Serves one client socket until it closes, errs, or the server drains."""
 
-    def __init__(self, stream: trio.SocketStream, registry: Registry,
+    def __init__(self, stream: Accepted, registry: Registry,
                  stats: trio.MemorySendChannel[StatsRequest], counters: Counters,
                  on_close: Callable[[Connection], None]) -> None:
-        self.sock = stream.socket
+        self.sock: ServerSocket = stream.socket  # a trio socket, or TLS over one (server/tls.py)
         self.stream = stream
         self.registry = registry
         self.config = registry.config
@@ -351,6 +352,9 @@ class Connection:
             out_fd = self.sock.fileno()
             with trio.fail_after(self.send_timeout) as scope:  # bounds each wait for progress
                 self._send_scope = scope  # stop_reading() shortens it (left set after: harmless)
+                if isinstance(self.sock, TLSSocket):  # no sendfile through TLS: bounded copies
+                    await send_segments(self.sock, plan.segments, scope, self.send_timeout, self.counters)
+                    return
                 for fd, pos, length in plan.segments:
                     while length:
                         try:
