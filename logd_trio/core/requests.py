@@ -12,7 +12,7 @@ line (``max_line``) or one whole request (``max_request``) is held.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
@@ -23,6 +23,7 @@ from logd_trio.core.framing import build_frame, count_messages, parse_uint, vali
 
 __all__ = [
     "NEED_DATA",
+    "Auth",
     "Batch",
     "Close",
     "Config",
@@ -106,7 +107,14 @@ class Topics:
     pass
 
 
-Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """``AUTH <token>`` (logd-trio extension): become the token's principal on this connection."""
+
+    token: str = field(repr=False)  # never in a log line
+
+
+Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch | Auth
 
 _SIMPLE: Final[dict[bytes, Request]] = {
     b"STATS": Stats(),
@@ -230,6 +238,10 @@ class RequestParser:
             return Tail(_topic(words[1]), _limit(words[2], self.max_messages, zero_is_one=True))
         if cmd == b"FETCH":  # replication between logd-trio nodes (logd_trio.core.fetch)
             return parse_fetch(words)
+        if cmd == b"AUTH":  # one token of printable ASCII (docs/protocol.md, extensions)
+            if len(words) != 2 or not words[1] or not all(0x21 <= c <= 0x7E for c in words[1]):
+                raise RequestError(INVALID_REQUEST)
+            return Auth(words[1].decode("ascii"))
         if cmd in _SIMPLE:
             raise RequestError(INVALID_REQUEST)
         raise RequestError("unknown command")

@@ -32,6 +32,7 @@ from pathlib import Path
 import trio
 
 from logd_trio._version import __version__
+from logd_trio.server.auth import Policy, load_policy
 from logd_trio.server.config import ServerConfig, join_host_port
 from logd_trio.server.connection import Connection
 from logd_trio.server.http import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
@@ -80,6 +81,7 @@ async def serve(
     root = Path(config.workdir)
     tls = server_context(config)  # ConfigError before anything starts
     leader_context(config)  # the same for a follower's link to its leader
+    policy = load_policy(config.auth_file) if config.auth_file else None  # a small file, read once
     log.info("logd-trio %s starting on %s: data in %s, fsync=%s", __version__, config.host, _absolute(root),
              _fsync_text(config))
     # Two short steps before anything else, in a thread limiter of their own (so a
@@ -109,7 +111,7 @@ async def serve(
                             if config.replicate_from:
                                 replication.start_soon(follow, registry)
                             await _serve_connections(config, registry, stats, fd_limit, shutdown, task_status,
-                                                     tls)
+                                                     tls, policy)
                             replication.cancel_scope.cancel()
                     finally:
                         stats.close()
@@ -129,6 +131,7 @@ async def _serve_connections(
     shutdown: trio.Event | None,
     task_status: trio.TaskStatus[tuple[str, int]],
     tls: ssl.SSLContext | None = None,
+    policy: Policy | None = None,
 ) -> None:
     budget = fd_budget(fd_limit, max_connections=config.max_connections,
                        topics=max(config.topics, len(registry.topics)), partitions=config.partitions,
@@ -155,13 +158,18 @@ async def _serve_connections(
                         "; without ".join(missing))
     if tls is not None:
         log.info("TLS on (%s)", "client certificates required" if config.tls_client_ca else "server certificate")
+    if policy is not None:
+        log.info("auth file %s: %d principals; anonymous clients may %s", config.auth_file, len(policy.principals),
+                 policy.anonymous.summary())
+        if tls is None and exposed_addresses(b[0] for b in bound):
+            log.warning("--auth-file without TLS: tokens cross the network in the clear")
     admission: Admission[Served] = Admission(budget.max_connections, config.max_connections_per_ip)
 
     def connection(accepted: Accepted, on_close: Callable[[Served], None]) -> Connection:
         return Connection(accepted, registry, stats.requests, stats.counters, on_close)
 
     listener = Listener(listeners, admission, stats.counters, connection, tls=tls,
-                        handshake_timeout=min(HANDSHAKE_TIMEOUT, config.timeout or HANDSHAKE_TIMEOUT))
+                        handshake_timeout=min(HANDSHAKE_TIMEOUT, config.timeout or HANDSHAKE_TIMEOUT), policy=policy)
     stats.listening(join_host_port(*first), admission.__len__)
     try:
         async with trio.open_nursery() as handlers:

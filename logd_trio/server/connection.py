@@ -22,6 +22,7 @@ import trio
 
 from logd_trio.core import requests as p
 from logd_trio.core.errors import NotFound, RequestError, StorageError
+from logd_trio.server.auth import check_request
 from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.acks import AwaitReplicas
@@ -64,7 +65,7 @@ _Item = bytes | Append | AwaitReplicas | StatsRequest | p.Read | p.Tail | p.Fetc
 
 _CMD_NAMES: Final[dict[type, str]] = {
     p.Batch: "batch", p.Read: "read", p.Tail: "tail", p.Stats: "stats", p.Config: "config",
-    p.Close: "close", p.Ping: "ping", p.Topics: "topics", p.Fetch: "fetch",
+    p.Close: "close", p.Ping: "ping", p.Topics: "topics", p.Fetch: "fetch", p.Auth: "auth",
 }
 
 
@@ -76,6 +77,7 @@ class Connection:
                  on_close: Callable[[Connection], None]) -> None:
         self.sock: ServerSocket = stream.socket  # a trio socket, or TLS over one (server/tls.py)
         self.stream = stream
+        self.guard = stream.guard  # None without --auth-file
         self.registry = registry
         self.config = registry.config
         self.stats = stats
@@ -195,7 +197,9 @@ class Connection:
         counters.requests[cmd] += 1
         item: _Item
         try:
-            if isinstance(req, p.Batch):
+            if (answer := check_request(self.guard, req)) is not None:  # AUTH, or a refusal (server/auth.py)
+                item = answer
+            elif isinstance(req, p.Batch):
                 self.registry.replica.refuse_writes()  # a follower: ERR not leader HOST:PORT
                 topic = await self.registry.get_or_create(req.topic)
                 # No checkpoint per batch: queue all the batches of one receive, then yield once.
@@ -212,6 +216,7 @@ class Connection:
                 await out.send(_Closing(p.REPLY_OK))
                 return False
             else:
+                assert not isinstance(req, p.Auth)  # answered by check_request
                 item = StatsRequest(req)  # sent to the stats task by the writer, in reply order
         except (NotFound, RequestError, StorageError) as e:
             counters.errors[cmd] += 1

@@ -26,9 +26,10 @@ from typing import Final, Protocol
 
 import trio
 
+from logd_trio.server.auth import Policy
 from logd_trio.server.limits import REFUSING_MAX, Admission, Throttled, is_loopback, open_null
 from logd_trio.server.stats import Counters
-from logd_trio.server.tls import HANDSHAKE_TIMEOUT, Accepted, HandshakeFailed, TLSSocket, accept_tls
+from logd_trio.server.tls import HANDSHAKE_TIMEOUT, Accepted, HandshakeFailed, ServerSocket, TLSSocket, accept_tls
 
 __all__ = ["Listener", "Served", "exposed_addresses"]
 
@@ -79,10 +80,11 @@ class Listener:
 
     def __init__(self, listeners: list[trio.SocketListener], admission: Admission[Served],
                  counters: Counters, factory: Factory, *, tls: ssl.SSLContext | None = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, policy: Policy | None = None) -> None:
         self.listeners = listeners
         self.tls = tls  # with a context, each client's TLS handshake comes first (_Handshaking)
         self.handshake_timeout = handshake_timeout
+        self.policy = policy  # --auth-file: each client gets a Guard (auth.py)
         self.report_handshake = Throttled(log, logging.WARNING, REPORT_EVERY)
         self.admission = admission
         self.counters = counters
@@ -136,12 +138,16 @@ class Listener:
         served: Served
         if self.tls is None:
             trio.SocketStream(conn)  # sets TCP_NODELAY
-            served = self._factory(Accepted(conn, address), self.admission.remove)
+            served = self._factory(self.accepted(conn, address, ""), self.admission.remove)
         else:
             served = _Handshaking(self, conn, address)
         self.admission.add(served, address)
         self.counters.conns_total += 1
         handlers.start_soon(served.run)
+
+    def accepted(self, sock: ServerSocket, address: str, subject: str) -> Accepted:
+        guard = None if self.policy is None else self.policy.guard(address, subject, self.counters)
+        return Accepted(sock, address, subject, guard)
 
     def connection(self, accepted: Accepted, wrapper: Served) -> Served:
         """The connection of a client whose handshake is done (it stays admitted as ``wrapper``)."""
@@ -247,7 +253,7 @@ class _Handshaking:
                 listener.admission.remove(self)
         if tls is None:
             return
-        self._inner = listener.connection(Accepted(tls, self._address, tls.subject), self)
+        self._inner = listener.connection(listener.accepted(tls, self._address, tls.subject), self)
         await self._inner.run()
 
     def stop_reading(self) -> None:

@@ -21,6 +21,7 @@ from typing import Final, Protocol
 import trio
 
 from logd_trio.core.tls import MIN_VERSION, RECORD_HANDSHAKE, describe, load_ca, load_chain, subject_text
+from logd_trio.server.auth import Guard
 from logd_trio.server.config import ConfigError, ServerConfig
 from logd_trio.server.stats import Counters
 
@@ -41,6 +42,7 @@ class Accepted:
     socket: ServerSocket
     address: str
     subject: str = ""
+    guard: Guard | None = None  # what this client may do (server/auth.py); None: no --auth-file
 
 
 class HandshakeFailed(Exception):
