@@ -90,7 +90,7 @@ class ServerConfig:
     tls_client_ca: str = ""  # CA of client certificates: mutual TLS, a certificate required
     auth_file: str = ""  # TOML principals and rights (server/auth.py); "": every client may do everything
     replicate_ca: str = ""  # CA of the leader's certificate: a follower's link uses TLS
-    replicate_token: str = ""  # token a follower authenticates to the leader with (AUTH)
+    replicate_token: str = dataclasses.field(default="", repr=False)  # a follower's AUTH token: never in a repr
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workdir", Path(self.workdir))

@@ -228,3 +228,4 @@ def test_patterns_and_subjects(tmp_path: Path) -> None:
     assert policy.by_subject("CN=bob").name == "anonymous"
     assert policy.by_subject("").name == "anonymous"
     assert "token" not in repr(policy.by_token(OPS)).replace("token_digest", "")  # no digest in a repr
+    assert NODE not in repr(make_config(tmp_path, replicate_token=NODE))  # nor a follower's token
