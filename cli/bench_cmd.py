@@ -13,7 +13,7 @@ from logd_trio.tools.bench import BenchConfig, BenchResult, format_result, progr
 from logd_trio.tools.bench_cleanup import delete_topics, existing_topics
 
 from .errors import fail, run
-from .options import check_host, duration
+from .options import Security, TLSCAOpt, TLSCertOpt, TLSKeyOpt, TLSOpt, TokenOpt, check_host, duration
 
 
 def bench(
@@ -44,6 +44,11 @@ def bench(
     progress: Annotated[bool, typer.Option(
         "--progress", help="Live progress line on stderr even when it is not a terminal.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
+    tls: TLSOpt = False,
+    tls_ca: TLSCAOpt = None,
+    tls_cert: TLSCertOpt = None,
+    tls_key: TLSKeyOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Measure write and read throughput and latency with raw requests, pipelined or one at a time."""
     if in_flight < 1:
@@ -55,10 +60,12 @@ def bench(
     if only_write and only_read:
         typer.echo("logd bench: --only-write and --only-read exclude each other", err=True)
         raise typer.Exit(2)
+    security = Security(tls, tls_ca, tls_cert, tls_key, token)
     try:
         config = BenchConfig(host=host, conns=conns, topics=topics, duration=seconds, size=size,
                              message_size=message_size, write=not only_read, read=not only_write,
-                             in_flight=in_flight, read_batches=read_batches or 0, topic_prefix=topic_prefix)
+                             in_flight=in_flight, read_batches=read_batches or 0, topic_prefix=topic_prefix,
+                             ssl_context=security.context, token=security.token)
     except ValueError as e:
         fail("bench", e)
     results: list[BenchResult] = []

@@ -13,36 +13,50 @@ from logd_trio.client.client import Client
 from logd_trio.core.defaults import DEFAULT_ADDRESS
 
 from .errors import run
-from .options import HostOpt, RetriesOpt, TimeoutOpt, VerboseOpt, connect_client
+from .options import (
+    HostOpt,
+    RetriesOpt,
+    Security,
+    TimeoutOpt,
+    TLSCAOpt,
+    TLSCertOpt,
+    TLSKeyOpt,
+    TLSOpt,
+    TokenOpt,
+    VerboseOpt,
+    connect_client,
+)
 
 
 def _info(command: str, host: str, retries: int, timeout: float | None, verbose: bool,
-          call: Callable[[Client], Awaitable[str]]) -> None:
+          call: Callable[[Client], Awaitable[str]], security: Security) -> None:
     async def main() -> None:
-        async with connect_client(host, retries, timeout) as client:
+        async with connect_client(host, retries, timeout, security) as client:
             typer.echo(await call(client))
 
     run(command, main, verbose=verbose)
 
 
 def stats(host: HostOpt = DEFAULT_ADDRESS, retries: RetriesOpt = 3, timeout: TimeoutOpt = None,
-          verbose: VerboseOpt = False) -> None:
+        verbose: VerboseOpt = False, tls: TLSOpt = False, tls_ca: TLSCAOpt = None, tls_cert: TLSCertOpt = None,
+        tls_key: TLSKeyOpt = None, token: TokenOpt = None) -> None:
     """Print the server's counters."""
 
     async def call(c: Client) -> str:
         return "\n".join(f"{k}: {v}" for k, v in (await c.stats()).items())
 
-    _info("stats", host, retries, timeout, verbose, call)
+    _info("stats", host, retries, timeout, verbose, call, Security(tls, tls_ca, tls_cert, tls_key, token))
 
 
 def config(host: HostOpt = DEFAULT_ADDRESS, retries: RetriesOpt = 3, timeout: TimeoutOpt = None,
-           verbose: VerboseOpt = False) -> None:
+        verbose: VerboseOpt = False, tls: TLSOpt = False, tls_ca: TLSCAOpt = None, tls_cert: TLSCertOpt = None,
+        tls_key: TLSKeyOpt = None, token: TokenOpt = None) -> None:
     """Print the server's configuration (CONFIG)."""
 
     async def call(c: Client) -> str:
         return "\n".join(f"{k}: {v}" for k, v in (await c.config()).fields.items())
 
-    _info("config", host, retries, timeout, verbose, call)
+    _info("config", host, retries, timeout, verbose, call, Security(tls, tls_ca, tls_cert, tls_key, token))
 
 
 def topic_details(offsets: dict[str, tuple[int, int]], stats: dict[str, str]) -> list[dict[str, object]]:
@@ -63,7 +77,8 @@ def topic_details(offsets: dict[str, tuple[int, int]], stats: dict[str, str]) ->
 
 
 def topics(host: HostOpt = DEFAULT_ADDRESS, retries: RetriesOpt = 3, timeout: TimeoutOpt = None,
-           verbose: VerboseOpt = False,
+           verbose: VerboseOpt = False, tls: TLSOpt = False, tls_ca: TLSCAOpt = None, tls_cert: TLSCertOpt = None,
+           tls_key: TLSKeyOpt = None, token: TokenOpt = None,
            as_json: Annotated[bool, typer.Option(
                "--json", help="A JSON array: name, first, head, bytes (on disk), batches, last_append (UTC) "
                               "per topic.")] = False) -> None:
@@ -75,18 +90,19 @@ def topics(host: HostOpt = DEFAULT_ADDRESS, retries: RetriesOpt = 3, timeout: Ti
             return json.dumps(topic_details(offsets, await c.stats()))
         return "\n".join(f"{name}: {first} {head}" for name, (first, head) in offsets.items())
 
-    _info("topics", host, retries, timeout, verbose, call)
+    _info("topics", host, retries, timeout, verbose, call, Security(tls, tls_ca, tls_cert, tls_key, token))
 
 
 def ping(host: HostOpt = DEFAULT_ADDRESS, retries: RetriesOpt = 3, timeout: TimeoutOpt = None,
-         verbose: VerboseOpt = False) -> None:
+        verbose: VerboseOpt = False, tls: TLSOpt = False, tls_ca: TLSCAOpt = None, tls_cert: TLSCertOpt = None,
+        tls_key: TLSKeyOpt = None, token: TokenOpt = None) -> None:
     """Check that the server answers; prints the round-trip time."""
 
     async def call(c: Client) -> str:
         rtt = await c.ping()
         return f"PONG from {c.address} in {rtt * 1000:.2f} ms"
 
-    _info("ping", host, retries, timeout, verbose, call)
+    _info("ping", host, retries, timeout, verbose, call, Security(tls, tls_ca, tls_cert, tls_key, token))
 
 
 def register(app: typer.Typer) -> None:

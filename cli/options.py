@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import typer
@@ -12,6 +14,7 @@ from logd_trio.client.transport import check_topic
 from logd_trio.core.addresses import AddressError, parse_address
 from logd_trio.core.durations import DurationError, parse_duration
 from logd_trio.core.errors import InvalidTopic
+from logd_trio.core.tls import TLSConfigError, client_context
 
 
 def check_host(value: str) -> str:
@@ -62,7 +65,48 @@ TimeoutOpt = Annotated[
 ]
 
 
-def connect_client(host: str, retries: int, timeout: float | None) -> AbstractAsyncContextManager[Client]:
-    """The client every command uses: ``retries`` connection attempts, ``timeout`` per request."""
+TLSOpt = Annotated[bool, typer.Option(
+    "--tls", envvar="LOGD_TLS", help="Connect with TLS, checking the server's certificate against the system's CAs "
+    "(or --tls-ca).")]
+TLSCAOpt = Annotated[str | None, typer.Option(
+    "--tls-ca", envvar="LOGD_TLS_CA", metavar="FILE",
+    help="CA certificate(s) (PEM) the server's certificate must be signed by; implies --tls.")]
+TLSCertOpt = Annotated[str | None, typer.Option(
+    "--tls-cert", envvar="LOGD_TLS_CERT", metavar="FILE",
+    help="Client certificate (PEM) for servers that require one (mutual TLS); implies --tls.")]
+TLSKeyOpt = Annotated[str | None, typer.Option(
+    "--tls-key", envvar="LOGD_TLS_KEY", metavar="FILE", help="The client certificate's private key (PEM).")]
+TokenOpt = Annotated[str | None, typer.Option(
+    "--token", envvar="LOGD_TOKEN", metavar="TOKEN",
+    help="Authenticate with this token (AUTH); prefer $LOGD_TOKEN, as other users can see a flag.")]
+
+
+@dataclass(frozen=True)
+class Security:
+    """The TLS and token flags of a client command; the TLS context is built (and a bad file
+    reported as a usage error) when the flags are collected, before anything connects."""
+
+    tls: bool = False
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    token: str | None = None
+    context: ssl.SSLContext | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.tls or self.ca or self.cert or self.key:
+            try:
+                object.__setattr__(self, "context", client_context(self.ca, self.cert, self.key))
+            except TLSConfigError as exc:
+                raise typer.BadParameter(str(exc)) from None
+
+
+PLAINTEXT = Security()
+
+
+def connect_client(host: str, retries: int, timeout: float | None,
+                   security: Security = PLAINTEXT) -> AbstractAsyncContextManager[Client]:
+    """The client every command uses: ``retries`` connection attempts, ``timeout`` per request,
+    TLS and a token as the flags say."""
     return open_client(host, retry=RetryPolicy(attempts=retries, initial=0.1, maximum=1.0),
-                       request_timeout=timeout)
+                       request_timeout=timeout, ssl_context=security.context, token=security.token)

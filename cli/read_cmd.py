@@ -17,7 +17,20 @@ from logd_trio.core.errors import NotFound
 from logd_trio.core.replies import Message
 
 from .errors import run
-from .options import HostOpt, RetriesOpt, TimeoutOpt, TopicOpt, VerboseOpt, connect_client
+from .options import (
+    HostOpt,
+    RetriesOpt,
+    Security,
+    TimeoutOpt,
+    TLSCAOpt,
+    TLSCertOpt,
+    TLSKeyOpt,
+    TLSOpt,
+    TokenOpt,
+    TopicOpt,
+    VerboseOpt,
+    connect_client,
+)
 
 # A template is tried on small and on large values: '{offset:c}' works for 0 only.
 SAMPLES = ({"topic": "t", "offset": 0, "delta": 0, "body": ""},
@@ -91,16 +104,22 @@ def read(
     retries: RetriesOpt = 3,
     timeout: TimeoutOpt = None,
     verbose: VerboseOpt = False,
+    tls: TLSOpt = False,
+    tls_ca: TLSCAOpt = None,
+    tls_cert: TLSCertOpt = None,
+    tls_key: TLSKeyOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Read messages, by default from the oldest retained one to the end of the log."""
     if sum((offset is not None, from_beginning, from_now)) > 1:
         raise typer.BadParameter("use one of --offset, --from-beginning and --from-now")
     start = END if from_now else parse_start(offset) if offset is not None else None
     follow = follow or from_now
+    security = Security(tls, tls_ca, tls_cert, tls_key, token)
     out = sys.stdout.buffer
 
     async def main() -> None:
-        async with connect_client(host, retries, timeout) as client:
+        async with connect_client(host, retries, timeout, security) as client:
             if await client.supports_extensions() and await client.head(topic) is None:
                 if not follow:
                     raise NotFound(f"topic {topic!r} does not exist")

@@ -80,6 +80,20 @@ def serve(
         help="With --acks all: nodes an OK needs; fewer in sync: 'ERR not enough replicas'. Default: 1.")] = None,
     replica_lag: Annotated[str | None, typer.Option(
         help="A follower not caught up for this long leaves the in-sync set. Default: 10s.")] = None,
+    tls_cert: Annotated[str | None, typer.Option(
+        metavar="FILE", help="Certificate chain (PEM): clients must connect with TLS. Default: off (plaintext).")]
+        = None,
+    tls_key: Annotated[str | None, typer.Option(
+        metavar="FILE", help="Private key of --tls-cert (PEM; omit when it is in that file).")] = None,
+    tls_client_ca: Annotated[str | None, typer.Option(
+        metavar="FILE", help="CA (PEM) that client certificates must be signed by: mutual TLS, a certificate "
+        "required.")] = None,
+    auth_file: Annotated[str | None, typer.Option(
+        metavar="FILE", help="TOML file of principals (token hash or certificate subject) and their rights per "
+        "topic (docs/security.md). Default: off, every client may do everything.")] = None,
+    replicate_ca: Annotated[str | None, typer.Option(
+        metavar="FILE", help="With --replicate-from: CA (PEM) of the leader's certificate; the link uses TLS "
+        "(presenting --tls-cert when set).")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML file of settings (keys as the flags, or under [serve]).")] = None,
     log_format: Annotated[str, typer.Option(
@@ -99,6 +113,8 @@ def serve(
         "min_free_space": min_free_space, "max_waiters": max_waiters, "scrub_rate": scrub_rate,
         "http_host": http_host, "node_id": node_id, "replicate_from": replicate_from,
         "acks": acks, "min_insync": min_insync, "replica_lag": replica_lag,
+        "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca, "auth_file": auth_file,
+        "replicate_ca": replicate_ca,
     }
     if log_format not in LOG_FORMATS:
         errors.fail("serve", ValueError(f"--log-format: must be one of {', '.join(LOG_FORMATS)}, "

@@ -20,7 +20,21 @@ from logd_trio.core.defaults import DEFAULT_ADDRESS
 from logd_trio.core.errors import WriteFailed
 
 from .errors import run
-from .options import HostOpt, RetriesOpt, TimeoutOpt, TopicOpt, VerboseOpt, connect_client, duration
+from .options import (
+    HostOpt,
+    RetriesOpt,
+    Security,
+    TimeoutOpt,
+    TLSCAOpt,
+    TLSCertOpt,
+    TLSKeyOpt,
+    TLSOpt,
+    TokenOpt,
+    TopicOpt,
+    VerboseOpt,
+    connect_client,
+    duration,
+)
 
 
 def _check_batch_size(value: int) -> int:
@@ -115,12 +129,18 @@ def write(
     retries: RetriesOpt = 3,
     timeout: TimeoutOpt = None,
     verbose: VerboseOpt = False,
+    tls: TLSOpt = False,
+    tls_ca: TLSCAOpt = None,
+    tls_cert: TLSCertOpt = None,
+    tls_key: TLSKeyOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Write messages: each argument, or each non-empty input line, is one message.
 
     Prints the offset of each acknowledged batch (until stdout is closed: then it
     goes on writing quietly).  Ctrl-C flushes what was read first.
     """
+    security = Security(tls, tls_ca, tls_cert, tls_key, token)
     out = _AckPrinter(sys.stdout)
 
     async def main() -> None:
@@ -129,7 +149,7 @@ def write(
         writers: list[Writer] = []
         try:
             async with (
-                connect_client(host, retries, timeout) as client,
+                connect_client(host, retries, timeout, security) as client,
                 client.writer(topic, batch_size=batch_size or None, flush_interval=flush_interval,
                               on_ack=None if quiet else out, ack_timeout=timeout) as w,
             ):

@@ -30,6 +30,7 @@ request opens a new one.  Whether a cancelled BATCH was stored is unknown.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -39,7 +40,15 @@ import anyio
 
 from logd_trio.client.positions import Last
 from logd_trio.client.scanner import Scanner, ScannerOptions
-from logd_trio.client.transport import Connection, RetryPolicy, Session, check_topic, connect, deadline
+from logd_trio.client.transport import (
+    Connection,
+    RetryPolicy,
+    Session,
+    authenticate,
+    check_topic,
+    connect,
+    deadline,
+)
 from logd_trio.client.writer import Writer, WriterOptions, open_writer
 from logd_trio.core.addresses import format_address, parse_address
 from logd_trio.core.defaults import DEFAULT_ADDRESS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_REPLY
@@ -102,8 +111,14 @@ class Client:
         request_timeout: float | None = None,
         max_reply: int = DEFAULT_MAX_REPLY,
         extensions: bool | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        tls_hostname: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.address = format_address(*parse_address(address))
+        self.ssl_context = ssl_context  # TLS on every connection when set
+        self.tls_hostname = tls_hostname
+        self.token = token or None  # sent with AUTH on every new connection when set
         self.retry = retry or RetryPolicy()
         self.request_timeout = request_timeout
         self.max_reply = max_reply
@@ -115,7 +130,11 @@ class Client:
 
     async def connect(self) -> Connection:
         """A new connection to the server (retrying per :attr:`retry`)."""
-        return await connect(self.address, retry=self.retry, max_reply=self.max_reply)
+        conn = await connect(self.address, retry=self.retry, max_reply=self.max_reply,
+                             ssl_context=self.ssl_context, tls_hostname=self.tls_hostname)
+        if self.token is not None:
+            await authenticate(conn, self.token)
+        return conn
 
     def session(self) -> Session:
         """A new request/reply session with its own connection."""
@@ -307,12 +326,20 @@ async def open_client(
     request_timeout: float | None = None,
     max_reply: int = DEFAULT_MAX_REPLY,
     extensions: bool | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    tls_hostname: str | None = None,
+    token: str | None = None,
 ) -> AsyncIterator[Client]:
     """``async with open_client("host:port") as client``.  ``address`` defaults to
     ``$LOGD_HOST`` or ``127.0.0.1:1774``.  Connects lazily, on the first request.
 
     ``extensions``: whether the server speaks logd-trio's extensions (long-poll
     READ, TOPICS, PING); ``None`` (default) asks it once, ``False`` treats it as Go logd.
+
+    ``ssl_context``: connect with TLS (e.g. ``logd_trio.core.tls.client_context(ca=...)``);
+    the server's certificate must name ``tls_hostname`` (default: the address's host).
+    ``token``: sent with ``AUTH`` on every new connection (logd-trio's auth extension;
+    default ``$LOGD_TOKEN``, none when unset).
     """
     client = Client(
         address or os.environ.get("LOGD_HOST") or DEFAULT_ADDRESS,
@@ -320,6 +347,9 @@ async def open_client(
         request_timeout=request_timeout,
         max_reply=max_reply,
         extensions=extensions,
+        ssl_context=ssl_context,
+        tls_hostname=tls_hostname,
+        token=token if token is not None else os.environ.get("LOGD_TOKEN") or None,
     )
     try:
         yield client

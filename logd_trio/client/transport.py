@@ -16,6 +16,7 @@ Two boundaries, one place each:
 from __future__ import annotations
 
 import select
+import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,20 +26,23 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import trio.lowlevel
+from anyio.streams.tls import TLSStream
 from trio.lowlevel import enable_ki_protection
 
 from logd_trio.core.addresses import format_address, parse_address
 from logd_trio.core.defaults import DEFAULT_MAX_REPLY
-from logd_trio.core.errors import BadReply, ConnectionLost, InvalidTopic, Timeout, unwrap_group
+from logd_trio.core.errors import BadReply, ConnectionLost, InvalidTopic, Timeout, Unsupported, unwrap_group
 from logd_trio.core.framing import valid_topic
-from logd_trio.core.replies import Reply, ReplyKind, ReplyParser
+from logd_trio.core.replies import ErrorReply, Reply, ReplyKind, ReplyParser
 from logd_trio.core.requests import NEED_DATA
+from logd_trio.core.tls import TLSFailed, describe
 
 __all__ = [
     "ClientLike",
     "Connection",
     "RetryPolicy",
     "Session",
+    "authenticate",
     "check_topic",
     "raise_leaf",
     "connect",
@@ -108,7 +112,7 @@ class Connection:
     Every transport failure surfaces here, and only here, as :class:`ConnectionLost`.
     """
 
-    __slots__ = ("_fd", "address", "closed", "parser", "stream")
+    __slots__ = ("_fd", "_tls_unheard", "address", "closed", "parser", "stream")
 
     def __init__(self, stream: anyio.abc.ByteStream, *, address: str = "", max_reply: int = DEFAULT_MAX_REPLY):
         self.stream = stream
@@ -117,6 +121,9 @@ class Connection:
         self.closed = False
         raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         self._fd: int = raw.fileno() if raw is not None else -1
+        # TLS and nothing received yet: a close now is the server refusing this client's certificate
+        # (with TLS 1.3 the client's handshake is over before the server has checked it).
+        self._tls_unheard = isinstance(stream, TLSStream)
 
     def is_stale(self) -> bool:
         """An idle connection that is readable has been closed (or sent junk): don't reuse it."""
@@ -133,7 +140,15 @@ class Connection:
 
     def _lost(self, exc: BaseException) -> ConnectionLost:
         self.closed = True
+        if isinstance(exc, ssl.SSLError):  # e.g. TLS 1.3: a refused client certificate shows after the handshake
+            return TLSFailed(f"connection to {self.address} lost: TLS: {describe(exc)}")
+        if self._tls_unheard:
+            return self._refused()
         return ConnectionLost(f"connection to {self.address} lost: {exc or type(exc).__name__}")
+
+    def _refused(self) -> TLSFailed:
+        return TLSFailed(f"connection to {self.address} closed by the server right after the TLS handshake: it "
+                         "requires a client certificate (--tls-cert/--tls-key) or does not trust this one")
 
     async def send(self, data: bytes) -> None:
         try:
@@ -146,9 +161,12 @@ class Connection:
             data = await self.stream.receive(RECV_SIZE)
         except anyio.EndOfStream:
             self.closed = True
+            if self._tls_unheard:
+                raise self._refused() from None
             raise ConnectionLost(f"connection to {self.address} closed by the server") from None
         except _STREAM_ERRORS as exc:
             raise self._lost(exc) from exc
+        self._tls_unheard = False
         self.parser.receive_data(data)
 
     async def receive(self, kind: ReplyKind) -> Reply:
@@ -170,8 +188,15 @@ class Connection:
         await anyio.aclose_forcefully(self.stream)
 
 
-async def connect(address: str, *, retry: RetryPolicy, max_reply: int = DEFAULT_MAX_REPLY) -> Connection:
-    """Open a connection, retrying with backoff; :class:`ConnectionLost` when all attempts fail."""
+async def connect(address: str, *, retry: RetryPolicy, max_reply: int = DEFAULT_MAX_REPLY,
+                  ssl_context: ssl.SSLContext | None = None, tls_hostname: str | None = None) -> Connection:
+    """Open a connection, retrying with backoff; :class:`ConnectionLost` when all attempts fail.
+
+    With ``ssl_context`` the connection is TLS; the server's certificate must name
+    ``tls_hostname`` (default: the address's host).  A failed handshake raises
+    :class:`~logd_trio.core.tls.TLSFailed` at once (a retry would fail the same way); the
+    handshake counts in ``retry.connect_timeout``.
+    """
     host, port = parse_address(address)
     where = format_address(host, port)
     delays = retry.delays()
@@ -190,7 +215,53 @@ async def connect(address: str, *, retry: RetryPolicy, max_reply: int = DEFAULT_
                 ) from exc
             await anyio.sleep(delay)
             continue
-        return Connection(stream, address=where, max_reply=max_reply)
+        if ssl_context is None:
+            return Connection(stream, address=where, max_reply=max_reply)
+        return Connection(await _handshake(stream, where, ssl_context, tls_hostname or host, retry.connect_timeout),
+                          address=where, max_reply=max_reply)
+
+
+async def _handshake(stream: anyio.abc.SocketStream, where: str, ctx: ssl.SSLContext, hostname: str,
+                     seconds: float) -> TLSStream:
+    """TLS over a connected ``stream``, within ``seconds``; :class:`TLSFailed` (not retried) otherwise."""
+    try:
+        with anyio.fail_after(seconds):
+            # The server closes without close_notify: its EOF is the end (replies are length-delimited).
+            return await TLSStream.wrap(stream, server_side=False, hostname=hostname, ssl_context=ctx,
+                                        standard_compatible=False)
+    except BaseException as exc:
+        await anyio.aclose_forcefully(stream)
+        if isinstance(exc, TimeoutError):
+            why = f"no TLS handshake within {seconds:g} s (a server without TLS?)"
+        elif isinstance(exc, ssl.SSLError):
+            why = f"TLS handshake failed: {describe(exc)}"
+        elif isinstance(exc, anyio.BrokenResourceError | anyio.EndOfStream | OSError):
+            why = (f"the server closed the connection during the TLS handshake ({describe(exc)}; does it "
+                   "require a client certificate, or not trust this one?)")
+        else:
+            raise
+    raise TLSFailed(f"cannot connect to {where}: {why}")
+
+
+async def authenticate(conn: Connection, token: str) -> None:
+    """``AUTH <token>`` on a new connection (a logd-trio extension); raises
+    :class:`~logd_trio.core.errors.NotAllowed` when the server does not know the token.
+    The connection is closed on any failure."""
+    if not token or not token.isascii() or any(c.isspace() for c in token):
+        await conn.aclose()
+        raise ValueError("a token is printable ASCII without spaces")
+    try:
+        await conn.send(b"AUTH %s\r\n" % token.encode("ascii"))
+        reply = await conn.receive(ReplyKind.OK)
+    except BaseException:
+        await conn.aclose()
+        raise
+    if isinstance(reply, ErrorReply):
+        await conn.aclose()
+        if reply.reason in ("unknown command", "invalid request"):
+            raise Unsupported(f"{conn.address} does not support AUTH (a logd-trio extension): "
+                              "connect without a token") from None
+        raise reply.exception()
 
 
 def _why(exc: OSError) -> str:
@@ -287,7 +358,7 @@ class Session:
                 return await conn.receive(kind)
             except ConnectionLost as exc:
                 await self.aclose()
-                if attempt == 2 or not idempotent or isinstance(exc, BadReply):
+                if attempt == 2 or not idempotent or isinstance(exc, BadReply | TLSFailed):
                     raise
             except BaseException:
                 await self.aclose()  # cancelled or failed mid-request: the reply stream is out of step

@@ -103,6 +103,13 @@ class TopicNotAllowed(ServerRejected):
     permanent = True
 
 
+class NotAllowed(ServerRejected):
+    """``ERR not allowed``: the server's auth file does not give this client that right (or
+    the token given to AUTH is not one it knows)."""
+
+    permanent = True
+
+
 class MaxTopics(ServerRejected):
     """``ERR maximum topics allowed``."""
 

@@ -46,6 +46,7 @@ from logd_trio.core.errors import (
     InvalidRequest,
     InvalidTopic,
     MaxTopics,
+    NotAllowed,
     NotFoundReply,
     ServerError,
     TopicNotAllowed,
@@ -212,6 +213,7 @@ _REASONS: Final[dict[str, type[ClientError]]] = {
     "invalid topic": InvalidTopic,
     "request missing topic": InvalidTopic,
     "topic not allowed": TopicNotAllowed,
+    "not allowed": NotAllowed,
     "maximum topics allowed": MaxTopics,
     "corrupt data": CorruptDataReply,
 }

@@ -11,7 +11,7 @@ line (``max_line``) or one whole request (``max_request``) is held.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
@@ -22,6 +22,7 @@ from logd_trio.core.framing import body_fault, build_frame, parse_uint, valid_to
 
 __all__ = [
     "NEED_DATA",
+    "Auth",
     "Batch",
     "Close",
     "Config",
@@ -114,7 +115,14 @@ class Delete:
     topic: str
 
 
-Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch | Delete
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """``AUTH <token>`` (logd-trio extension): become the token's principal on this connection."""
+
+    token: str = field(repr=False)  # never in a log line
+
+
+Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch | Delete | Auth
 
 _SIMPLE: Final[dict[bytes, Request]] = {
     b"STATS": Stats(),
@@ -127,6 +135,8 @@ _SIMPLE: Final[dict[bytes, Request]] = {
 INVALID_REQUEST: Final = "invalid request"
 INVALID_TOPIC: Final = "invalid topic"
 MISSING_TOPIC: Final = "request missing topic"
+TLS_NOT_ENABLED: Final = "tls not enabled"
+TLS_HELLO: Final = b"\x16"  # the first byte of a TLS handshake; no request starts with it
 
 
 def _topic(word: bytes) -> str:
@@ -155,7 +165,7 @@ class RequestParser:
     later call raises the same error.
     """
 
-    __slots__ = ("_buf", "_dead", "_pos", "max_messages", "max_request")
+    __slots__ = ("_buf", "_dead", "_pos", "_started", "max_messages", "max_request")
 
     def __init__(
         self,
@@ -168,6 +178,7 @@ class RequestParser:
         self._buf = bytearray()
         self._pos = 0
         self._dead: RequestError | None = None
+        self._started = False
 
     @property
     def held(self) -> int:
@@ -180,6 +191,10 @@ class RequestParser:
         return len(self._buf) - self._pos
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._started:
+            self._started = True
+            if data[:1] == TLS_HELLO:  # a TLS client on a plaintext port: say so, not "invalid request"
+                self._dead = RequestError(TLS_NOT_ENABLED, close=True)
         if self._pos and self._pos >= len(self._buf) // 2:
             del self._buf[: self._pos]
             self._pos = 0
@@ -235,6 +250,10 @@ class RequestParser:
             if len(words) != 2:
                 raise RequestError(MISSING_TOPIC if len(words) == 1 else INVALID_REQUEST)
             return Delete(_topic(words[1]))
+        if cmd == b"AUTH":  # one token of printable ASCII (docs/protocol.md, extensions)
+            if len(words) != 2 or not words[1] or not all(0x21 <= c <= 0x7E for c in words[1]):
+                raise RequestError(INVALID_REQUEST)
+            return Auth(words[1].decode("ascii"))
         if cmd in _SIMPLE:
             raise RequestError(INVALID_REQUEST)
         raise RequestError("unknown command")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import trio
 
 from logd_trio._version import __version__
 from logd_trio.server.admin import peer_of
+from logd_trio.server.auth import Policy, load_policy
 from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig, join_host_port
 from logd_trio.server.connection import Connection
@@ -42,8 +44,10 @@ from logd_trio.server.lock import DataDirLock
 from logd_trio.server.metrics import Monitor, serve_monitoring
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.fetcher import follow
+from logd_trio.server.replica.link import leader_context
 from logd_trio.server.stats import Counters, Stats
 from logd_trio.server.storage.files import make_root
+from logd_trio.server.tls import HANDSHAKE_TIMEOUT, Accepted, plain_socket, server_context
 
 __all__ = ["run", "serve"]
 
@@ -78,6 +82,9 @@ async def serve(
     data directory.
     """
     root = Path(config.workdir)
+    tls = server_context(config)  # ConfigError before anything starts
+    leader_context(config)  # the same for a follower's link to its leader
+    policy = load_policy(config.auth_file) if config.auth_file else None  # a small file, read once
     log.info("logd-trio %s starting on %s: data in %s, fsync=%s", __version__, config.host, _absolute(root),
              _fsync_text(config))
     # Two short steps before anything else, in a thread limiter of their own (so a
@@ -106,7 +113,8 @@ async def serve(
                         async with trio.open_nursery() as replication:  # a follower's fetchers (replica/)
                             if config.replicate_from:
                                 replication.start_soon(follow, registry)
-                            await _serve_connections(config, registry, stats, fd_limit, shutdown, task_status)
+                            await _serve_connections(config, registry, stats, fd_limit, shutdown, task_status,
+                                                     tls, policy)
                             replication.cancel_scope.cancel()
                     finally:
                         stats.close()
@@ -153,6 +161,8 @@ async def _serve_connections(
     fd_limit: int | None,
     shutdown: trio.Event | None,
     task_status: trio.TaskStatus[tuple[str, int]],
+    tls: ssl.SSLContext | None = None,
+    policy: Policy | None = None,
 ) -> None:
     budget = _fd_budget(config, fd_limit, len(registry.topics))
     host, port = config.address
@@ -160,14 +170,25 @@ async def _serve_connections(
     bound = [listener.socket.getsockname() for listener in listeners]
     first: tuple[str, int] = (bound[0][0], bound[0][1])
     for addr in exposed_addresses(b[0] for b in bound):
-        log.warning("listening on %s, which other hosts can reach: there is no TLS or authentication, so anyone "
-                    "who reaches the port can read and write every topic (see docs/security.md)", addr)
+        missing = [what for what, off in (("TLS: anyone on the path can read and change the traffic", tls is None),
+                                          ("--auth-file: anyone who reaches the port can read and write every "
+                                           "topic", not config.auth_file)) if off]
+        if missing:
+            log.warning("listening on %s, which other hosts can reach, without %s (see docs/security.md)", addr,
+                        "; without ".join(missing))
+    if tls is not None:
+        log.info("TLS on (%s)", "client certificates required" if config.tls_client_ca else "server certificate")
+    if policy is not None:
+        log.info("auth file %s: %d principals; anonymous clients may %s", config.auth_file, len(policy.principals),
+                 policy.anonymous.summary())
+        if tls is None and exposed_addresses(b[0] for b in bound):
+            log.warning("--auth-file without TLS: tokens cross the network in the clear")
     admission: Admission[Served] = Admission(budget.max_connections, config.max_connections_per_ip)
 
-    def connection(stream: trio.SocketStream, on_close: Callable[[Served], None]) -> Connection:
+    def connection(stream: Accepted, on_close: Callable[[Served], None]) -> Connection:
         if not conn_log.isEnabledFor(logging.DEBUG):
             return Connection(stream, registry, stats.requests, stats.counters, on_close)
-        peer = peer_of(stream.socket)  # -v: per-connection events
+        peer = peer_of(plain_socket(stream.socket))  # -v: per-connection events
         conn_log.debug("connection from %s opened", peer)
 
         def closed(c: Served) -> None:
@@ -176,7 +197,8 @@ async def _serve_connections(
 
         return Connection(stream, registry, stats.requests, stats.counters, closed)
 
-    listener = Listener(listeners, admission, stats.counters, connection)
+    listener = Listener(listeners, admission, stats.counters, connection, tls=tls,
+                        handshake_timeout=min(HANDSHAKE_TIMEOUT, config.timeout or HANDSHAKE_TIMEOUT), policy=policy)
     stats.listening(join_host_port(*first), admission.__len__)
     try:
         async with trio.open_nursery() as handlers:

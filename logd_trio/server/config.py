@@ -92,6 +92,12 @@ class ServerConfig:
     acks: str = "leader"  # leader: OK once durable on the leader; all: once durable on min_insync nodes
     min_insync: int = 1  # nodes (the leader included) an OK needs with acks=all
     replica_lag: float = 10.0  # a follower not caught up for this long leaves the in-sync set
+    tls_cert: str = ""  # PEM certificate chain: clients must speak TLS (server/tls.py); "": plaintext
+    tls_key: str = ""  # its private key (PEM); "": in tls_cert
+    tls_client_ca: str = ""  # CA of client certificates: mutual TLS, a certificate required
+    auth_file: str = ""  # TOML principals and rights (server/auth.py); "": every client may do everything
+    replicate_ca: str = ""  # CA of the leader's certificate: a follower's link uses TLS
+    replicate_token: str = dataclasses.field(default="", repr=False)  # a follower's AUTH token: never in a repr
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workdir", Path(self.workdir))
@@ -130,6 +136,10 @@ class ServerConfig:
         if self.acks == "all" and self.fsync != "always":
             raise ConfigError(f"acks: all needs fsync=always (with fsync={self.fsync} a batch is acknowledged "
                               "before it is durable)")
+        if self.tls_key and not self.tls_cert:
+            raise ConfigError("tls_key: needs tls_cert (the certificate the key belongs to)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca: needs tls_cert and tls_key (mutual TLS is TLS first)")
         if self.replicate_from:
             _ = self.leader_address
             if self.fsync != "always":
@@ -178,6 +188,7 @@ _INTS: Final = {"batch_size", "max_messages", "partition_size", "partitions", "f
 _MODES: Final = {"file_mode", "dir_mode"}
 # LOGD_* variables the project's test suite reads (never the server): not reported.
 _OTHER_ENV: Final = ("LOGD_SHARED_DIR", "LOGD_PG_BIN", "LOGD_TEST_")
+_SECURITY: Final = ("tls_cert", "tls_key", "tls_client_ca", "auth_file", "replicate_ca", "replicate_token")
 
 
 def parse_mode(value: object, *, key: str = "mode") -> tuple[int, str]:
@@ -237,7 +248,7 @@ def _coerce(key: str, value: Any, where: str, notes: Notes) -> Any:
         return tuple(dict.fromkeys(t for t in names if t))
     if key == "workdir":
         return Path(str(value))
-    if key in ("host", "fsync", "http_host", "node_id", "replicate_from", "acks"):
+    if key in ("host", "fsync", "http_host", "node_id", "replicate_from", "acks", *_SECURITY):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

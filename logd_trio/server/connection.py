@@ -25,14 +25,16 @@ import trio
 from logd_trio.core import requests as p
 from logd_trio.core.errors import NotFound, RequestError, StorageError
 from logd_trio.server.admin import AdminRequest, peer_of, report_refusal
+from logd_trio.server.auth import check_request
 from logd_trio.server.reading import answer_read, polls
 from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.acks import AwaitReplicas
 from logd_trio.server.replica.serving import serve_fetch
-from logd_trio.server.sockio import linger_close, raw_socket, receive, send_now, send_rest, sendfile_now, sendfile_rest
+from logd_trio.server.sending import SocketIO
 from logd_trio.server.stats import Counters, StatsRequest
 from logd_trio.server.storage.reads import ReadPlan
+from logd_trio.server.tls import Accepted, ServerSocket, plain_socket
 from logd_trio.server.topic import Append
 
 __all__ = ["Connection"]
@@ -65,19 +67,20 @@ _Item = bytes | Append | AwaitReplicas | StatsRequest | AdminRequest | p.Read | 
 
 _CMD_NAMES: Final[dict[type, str]] = {
     p.Batch: "batch", p.Read: "read", p.Tail: "tail", p.Stats: "stats", p.Config: "config",
-    p.Close: "close", p.Ping: "ping", p.Topics: "topics", p.Fetch: "fetch", p.Delete: "delete",
+    p.Close: "close", p.Ping: "ping", p.Topics: "topics", p.Fetch: "fetch", p.Delete: "delete", p.Auth: "auth",
 }
 
 
 class Connection:
     """Serves one client socket until it closes, errs, or the server drains."""
 
-    def __init__(self, stream: trio.SocketStream, registry: Registry,
+    def __init__(self, stream: Accepted, registry: Registry,
                  stats: trio.MemorySendChannel[StatsRequest], counters: Counters,
                  on_close: Callable[[Connection], None]) -> None:
-        self.sock = stream.socket
-        self._raw = raw_socket(stream.socket)
+        self.sock: ServerSocket = stream.socket  # a trio socket, or TLS over one (server/tls.py)
+        self._peer = plain_socket(stream.socket)  # for log lines
         self.stream = stream
+        self.guard = stream.guard  # None without --auth-file
         self.registry = registry
         self.config = registry.config
         self.stats = stats
@@ -99,9 +102,7 @@ class Connection:
         # A batch queued at its topic whose reply slot the reader could not get before it was
         # stopped (graceful shutdown): the writer answers it last, so no stored batch loses its OK.
         self._orphan: Append | None = None
-        # Bound on each wait for send progress (--timeout; shorter once draining).
-        self.send_timeout = self.config.timeout or math.inf
-        self._send_scope: trio.CancelScope | None = None
+        self.io = SocketIO(stream.socket, counters, self.config.timeout or math.inf)  # plaintext or TLS
 
     def stop_reading(self) -> None:
         """Graceful shutdown: take no new request; in-flight ones still get replies
@@ -113,9 +114,7 @@ class Connection:
             self.read_scope.cancel()
         if self._poll_scope is not None:
             self._poll_scope.cancel()
-        self.send_timeout = min(self.send_timeout, DRAIN_SEND_TIMEOUT)
-        if self._send_scope is not None:
-            self._send_scope.deadline = min(self._send_scope.deadline, trio.current_time() + self.send_timeout)
+        self.io.shorten(DRAIN_SEND_TIMEOUT)
 
     async def run(self) -> None:
         send, recv = trio.open_memory_channel[_Item](self.config.pipeline_depth)
@@ -166,7 +165,6 @@ class Connection:
         """True: the scope was cancelled (deadline, stop) as data arrived; the reader goes on afresh."""
         parser = self.parser
         counters = self.counters
-        raw = self._raw
         scope = self.read_scope
         idle = self.config.idle_timeout or math.inf
         timeout = self.config.timeout or math.inf
@@ -199,11 +197,11 @@ class Connection:
             self._waiting = _REQUEST if partial else _IDLE
             view = self._view
             if limit == math.inf:
-                n = await receive(raw, view, short)
+                n = await self.io.receive(view, short)
             else:
                 started = trio.current_time()
                 scope.deadline = started + limit
-                n = await receive(raw, view, short)
+                n = await self.io.receive(view, short)
                 scope.deadline = math.inf
                 if partial:
                     budget -= trio.current_time() - started
@@ -230,7 +228,9 @@ class Connection:
         counters.requests[cmd] += 1
         item: _Item
         try:
-            if isinstance(req, p.Batch):
+            if (answer := check_request(self.guard, req)) is not None:  # AUTH, or a refusal (server/auth.py)
+                item = answer
+            elif isinstance(req, p.Batch):
                 self.registry.replica.refuse_writes()  # a follower: ERR not leader HOST:PORT
                 topic = await self.registry.get_or_create(req.topic)
                 # No checkpoint per batch: queue all the batches of one receive, then yield once.
@@ -253,15 +253,16 @@ class Connection:
                 await out.send(_Closing(p.REPLY_OK))
                 return False
             elif isinstance(req, p.Delete):  # extensions answered in reply order: server/admin.py
-                item = AdminRequest(req, self.registry, counters, peer_of(self.sock))
+                item = AdminRequest(req, self.registry, counters, peer_of(self._peer))
             else:
+                assert not isinstance(req, p.Auth)  # answered by check_request
                 item = StatsRequest(req)  # sent to the stats task by the writer, in reply order
         except (NotFound, RequestError, StorageError) as e:
             counters.errors[cmd] += 1
             counters.error_kinds[error_kind(e)] += 1
             item = error_reply(e)
             if isinstance(e, RequestError):  # a limit or rule: logged with the peer (throttled)
-                report_refusal(cmd, e, self.sock)
+                report_refusal(cmd, e, self._peer)
         self.inflight += 1
         try:
             out.send_nowait(item)
@@ -361,7 +362,7 @@ class Connection:
                     else:
                         pending += item.reply
                         await self._send_all(pending)
-                        await linger_close(self._raw)
+                        await self.io.linger_close()
                         scope.cancel()
                         return
                     self.inflight -= 1
@@ -371,30 +372,7 @@ class Connection:
             scope.cancel()
 
     async def _send_all(self, data: bytes | bytearray) -> None:
-        """Send everything; ``--timeout`` bounds each wait for progress, not the whole reply."""
-        view = memoryview(data)
-        n = send_now(self._raw, view)
-        if n < len(view):
-            await send_rest(self._raw, view[n:], self.send_timeout, self._on_send_scope)
-        self.counters.bytes_out += len(view)
-
-    def _on_send_scope(self, scope: trio.CancelScope | None) -> None:
-        self._send_scope = scope  # stop_reading() shortens it
+        await self.io.send_all(data)
 
     async def _send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None) -> None:
-        """Header (after what is pending) then the frames straight from the files.  A borrowed
-        plan's fds are the partitions': it is made to own its fds before any wait."""
-        with plan:
-            pending += p.reply_read_header(plan.offset, plan.nbatches) if header is None else header
-            view = memoryview(pending)
-            n = send_now(self._raw, view)
-            if n < len(view):
-                plan.own()
-                await send_rest(self._raw, view[n:], self.send_timeout, self._on_send_scope)
-            self.counters.bytes_out += len(view)
-            k, pos, left, sent = sendfile_now(self._raw, plan.segments)
-            self.counters.bytes_out += sent
-            if k < len(plan.segments):  # the socket is full: wait for room, bounded by --timeout per wait
-                plan.own()
-                self.counters.bytes_out += await sendfile_rest(self._raw, plan.segments, (k, pos, left),
-                                                               self.send_timeout, self._on_send_scope)
+        await self.io.send_plan(plan, pending, header)

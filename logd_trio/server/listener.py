@@ -20,13 +20,16 @@ import errno
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
 import trio
 
+from logd_trio.server.auth import Policy
 from logd_trio.server.limits import REFUSING_MAX, Admission, Throttled, is_loopback, open_null
 from logd_trio.server.stats import Counters
+from logd_trio.server.tls import HANDSHAKE_TIMEOUT, Accepted, HandshakeFailed, ServerSocket, TLSSocket, accept_tls
 
 __all__ = ["Listener", "Served", "exposed_addresses"]
 
@@ -55,8 +58,8 @@ class Served(Protocol):
     def stop_reading(self) -> None: ...
 
 
-# (stream, on_close) -> a connection that calls on_close(itself) when it ends
-Factory = Callable[[trio.SocketStream, Callable[[Served], None]], Served]
+# (accepted client, on_close) -> a connection that calls on_close(itself) when it ends
+Factory = Callable[[Accepted, Callable[[Served], None]], Served]
 
 
 def _peer(sock: trio.socket.SocketType) -> str:
@@ -76,8 +79,13 @@ class Listener:
     """Accepts on the bound sockets; owns the open connections through its :class:`Admission`."""
 
     def __init__(self, listeners: list[trio.SocketListener], admission: Admission[Served],
-                 counters: Counters, factory: Factory) -> None:
+                 counters: Counters, factory: Factory, *, tls: ssl.SSLContext | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, policy: Policy | None = None) -> None:
         self.listeners = listeners
+        self.tls = tls  # with a context, each client's TLS handshake comes first (_Handshaking)
+        self.handshake_timeout = handshake_timeout
+        self.policy = policy  # --auth-file: each client gets a Guard (auth.py)
+        self.report_handshake = Throttled(log, logging.WARNING, REPORT_EVERY)
         self.admission = admission
         self.counters = counters
         self._factory = factory
@@ -127,11 +135,23 @@ class Listener:
             else:  # a flood: answer without lingering
                 self._refuse_now(conn)
             return
-        stream = trio.SocketStream(conn)
-        served = self._factory(stream, self.admission.remove)
+        served: Served
+        if self.tls is None:
+            trio.SocketStream(conn)  # sets TCP_NODELAY
+            served = self._factory(self.accepted(conn, address, ""), self.admission.remove)
+        else:
+            served = _Handshaking(self, conn, address)
         self.admission.add(served, address)
         self.counters.conns_total += 1
         handlers.start_soon(served.run)
+
+    def accepted(self, sock: ServerSocket, address: str, subject: str) -> Accepted:
+        guard = None if self.policy is None else self.policy.guard(address, subject, self.counters)
+        return Accepted(sock, address, subject, guard)
+
+    def connection(self, accepted: Accepted, wrapper: Served) -> Served:
+        """The connection of a client whose handshake is done (it stays admitted as ``wrapper``)."""
+        return self._factory(accepted, lambda _: self.admission.remove(wrapper))
 
     async def _short_of_fds(self, sock: trio.socket.SocketType) -> trio.socket.SocketType | bool:
         """accept() failed for lack of descriptors.  Wait for a client, then: the client if
@@ -204,3 +224,40 @@ class Listener:
         for c in self.admission:
             c.stop_reading()
         await self.admission.wait_empty()
+
+
+class _Handshaking:
+    """An admitted TLS client: its handshake (bounded in time, cancelled by a graceful
+    shutdown), then its connection, under one admission entry."""
+
+    def __init__(self, listener: Listener, sock: trio.socket.SocketType, address: str) -> None:
+        self._listener = listener
+        self._sock = sock
+        self._address = address
+        self._scope = trio.CancelScope()
+        self._inner: Served | None = None
+
+    async def run(self) -> None:
+        listener = self._listener
+        assert listener.tls is not None
+        trio.SocketStream(self._sock)  # sets TCP_NODELAY
+        tls: TLSSocket | None = None
+        try:
+            with self._scope:  # cancelled by stop_reading(): accept_tls closes the socket
+                tls = await accept_tls(self._sock, listener.tls, listener.handshake_timeout)
+        except HandshakeFailed as e:
+            listener.counters.error_kinds["tls"] += 1
+            listener.report_handshake("TLS handshake with %s failed: %s", self._address, e)
+        finally:
+            if tls is None:
+                listener.admission.remove(self)
+        if tls is None:
+            return
+        self._inner = listener.connection(listener.accepted(tls, self._address, tls.subject), self)
+        await self._inner.run()
+
+    def stop_reading(self) -> None:
+        if self._inner is not None:
+            self._inner.stop_reading()
+        else:
+            self._scope.cancel()

@@ -90,6 +90,7 @@ def format_stats(counters: Counters, topics: Mapping[str, TopicView], connection
         "topics.total": len(topics),
         "longpoll.waiting": c.longpoll_waiting,
         "errors.protocol": c.errors["protocol"],
+        "auth.refused": c.error_kinds["not_allowed"],  # ERR not allowed (server/auth.py)
     }
     for cmd in COMMANDS:
         values[f"requests.{cmd}"] = c.requests[cmd]

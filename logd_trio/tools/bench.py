@@ -30,6 +30,7 @@ are closed and nothing is left running.
 from __future__ import annotations
 
 import itertools
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -88,6 +89,8 @@ class BenchConfig:
     in_flight: int = 32  # requests in flight per connection (server default pipeline depth)
     read_batches: int = 0  # batches per READ request; 0: 16 when pipelined, 1 with one in flight
     topic_prefix: str = "benchmark_"
+    ssl_context: ssl.SSLContext | None = None  # TLS on every connection (bench_tls.py)
+    token: str | None = None  # sent with AUTH on every connection
 
     def __post_init__(self) -> None:
         parse_address(self.host)  # AddressError (a ValueError) names the problem
@@ -184,7 +187,7 @@ async def run_bench(config: BenchConfig, *, progress: TextIO | None = None) -> B
     frame0, per_batch = frames[config.topic(0)]
     result = BenchResult(config, len(frame0), per_batch)
     spans = {name: TopicSpan() for name in frames}
-    socks = [await connect(config.address) for _ in range(config.conns)]
+    socks = [await connect(config.address, config.ssl_context, config.token) for _ in range(config.conns)]
     try:
         if config.write:
             phase = result.write = PhaseResult("write")
@@ -203,7 +206,7 @@ async def run_bench(config: BenchConfig, *, progress: TextIO | None = None) -> B
             await _run_phase(config, phase, socks, writers, progress)
         if config.read:
             if not config.write:
-                found = await topic_spans(config.address)
+                found = await topic_spans(config.address, config.ssl_context, config.token)
                 for name in spans:
                     if name not in found or found[name].end <= found[name].start:
                         raise BenchError(f"topic {name} is missing or empty: run a write phase first")

@@ -7,6 +7,7 @@ what is measured is the server plus the kernel.
 from __future__ import annotations
 
 import collections
+import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import trio
 from logd_trio.core.defaults import DEFAULT_MAX_MESSAGES
 from logd_trio.core.errors import LogdError
 from logd_trio.tools.bench_report import PhaseResult
+from logd_trio.tools.bench_tls import open_connection
 
 __all__ = [
     "RECV_BUFFER", "BenchError", "Lines", "TopicSpan", "read_messages", "read_topic", "send_all", "topic_spans",
@@ -30,9 +32,9 @@ class BenchError(LogdError):
     """The server refused a request, answered unexpectedly, or went away."""
 
 
-async def connect(address: tuple[str, int]) -> trio.socket.SocketType:
-    stream = await trio.open_tcp_stream(*address)  # sets TCP_NODELAY
-    return stream.socket
+async def connect(address: tuple[str, int], ssl_context: ssl.SSLContext | None = None,
+                  token: str | None = None) -> trio.socket.SocketType:
+    return await open_connection(address, ssl_context, token)  # TLS and AUTH as asked (bench_tls.py)
 
 
 async def send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
@@ -311,9 +313,10 @@ async def read_messages(
     return offset
 
 
-async def topic_spans(address: tuple[str, int]) -> dict[str, TopicSpan]:
+async def topic_spans(address: tuple[str, int], ssl_context: ssl.SSLContext | None = None,
+                      token: str | None = None) -> dict[str, TopicSpan]:
     """``--only-read``: the retained range of each bench topic, from the TOPICS extension."""
-    sock = await connect(address)
+    sock = await connect(address, ssl_context, token)
     with sock:
         await send_all(sock, b"TOPICS\r\n")
         data = b""

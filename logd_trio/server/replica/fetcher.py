@@ -22,8 +22,10 @@ from logd_trio.core.fetch import FETCH_NEED_DATA, FetchError, FetchReply, FetchR
 from logd_trio.core.framing import parse_frame_header
 from logd_trio.core.replies import NEED_DATA, ErrorReply, MokReply, ReplyKind, ReplyParser
 from logd_trio.server.blocking import run_blocking
+from logd_trio.server.config import ServerConfig
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.follower_log import FollowerLog
+from logd_trio.server.replica.link import LinkRefused, open_link
 from logd_trio.server.replica.state import ReplicationRefused
 from logd_trio.server.storage.epochs import EpochFile
 from logd_trio.server.storage.replica_log import start_at, truncate_to
@@ -36,7 +38,6 @@ log = logging.getLogger("logd_trio.server.replica")
 FETCH_MAX_BYTES = 1 << 20  # data per FETCH reply (at least one batch)
 FETCH_WAIT_MS = 1000  # long-poll at the leader's end
 TOPICS_POLL = 1.0  # seconds between looks at the leader's topic list
-CONNECT_TIMEOUT = 5.0
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
 _RECV = 256 * 1024
 
@@ -50,13 +51,8 @@ def _fatal(reason: str) -> bool:
     return reason.startswith("not leader") or "own id" in reason or "beyond the leader's head" in reason
 
 
-async def _connect(host: str, port: int) -> trio.SocketStream:
-    with trio.fail_after(CONNECT_TIMEOUT):
-        return await trio.open_tcp_stream(host, port)
-
-
-async def _leader_topics(host: str, port: int, limit: float) -> list[str]:
-    stream = await _connect(host, port)
+async def _leader_topics(host: str, port: int, limit: float, config: ServerConfig) -> list[str]:
+    stream = await open_link(host, port, config)  # TLS and AUTH as configured (link.py)
     async with stream:
         with trio.fail_after(limit):
             await stream.send_all(b"TOPICS\r\n")
@@ -87,8 +83,8 @@ async def follow(registry: Registry) -> None:
     async with trio.open_nursery() as nursery:
         while True:
             try:
-                names = await _leader_topics(host, port, timeout)
-            except (OSError, trio.TooSlowError, BadReply, _Retry) as e:
+                names = await _leader_topics(host, port, timeout, config)
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry, LinkRefused) as e:
                 log.warning("leader %s: cannot list topics: %s; retrying in %.2fs", config.replicate_from, e, backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -113,7 +109,8 @@ async def _follow_topic(registry: Registry, name: str, host: str, port: int) -> 
             await _fetch_loop(registry, topic, host, port)
         except trio.ClosedResourceError:
             return  # shutting down: the topic's input is closed
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry, StorageError) as e:
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry, StorageError,
+                LinkRefused) as e:
             log.warning("topic %s: replication from %s interrupted: %s; retrying in %.2fs", name,
                         registry.config.replicate_from, e, backoff)
             await trio.sleep(backoff)
@@ -133,7 +130,7 @@ def _is_empty(flog: FollowerLog) -> bool:
     return flog.head == flog.first
 
 
-async def _receive(stream: trio.SocketStream, parser: FetchReplyParser) -> FetchReply | FetchError:
+async def _receive(stream: trio.abc.Stream, parser: FetchReplyParser) -> FetchReply | FetchError:
     while True:
         reply = parser.next_reply()
         if reply is not FETCH_NEED_DATA:
@@ -154,7 +151,7 @@ async def _fetch_loop(registry: Registry, topic: Topic, host: str, port: int) ->
     name = topic.name
     wait = FETCH_WAIT_MS / 1000 + (config.timeout or 15.0)
     parser = FetchReplyParser(max_bytes=FETCH_MAX_BYTES + config.batch_size)
-    stream = await _connect(host, port)
+    stream = await open_link(host, port, config)
     async with stream:
         epoch = 0
         leader_first = 0
