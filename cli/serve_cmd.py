@@ -83,6 +83,16 @@ def serve(
         help="With --acks all: nodes an OK needs; fewer in sync: 'ERR not enough replicas'. Default: 1.")] = None,
     replica_lag: Annotated[str | None, typer.Option(
         help="A follower not caught up for this long leaves the in-sync set. Default: 10s.")] = None,
+    etcd: Annotated[str | None, typer.Option(
+        help="etcd endpoints, comma-separated (http://HOST:PORT,...): automatic failover; needs --node-id and "
+             "--cluster. Default: off.")] = None,
+    cluster: Annotated[str | None, typer.Option(help="The cluster's name in etcd (with --etcd).")] = None,
+    lease_ttl: Annotated[str | None, typer.Option(
+        help="With --etcd: the node's session lease, whole seconds; a dead leader is replaced about this long "
+             "after it stopped. Default: 2s.")] = None,
+    advertise: Annotated[str | None, typer.Option(
+        help="With --etcd: HOST:PORT clients and peers use to reach this node. Default: the bound address.")]
+        = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML file of settings (keys as the flags, or under [serve]).")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
@@ -99,6 +109,7 @@ def serve(
         "min_free_space": min_free_space, "max_waiters": max_waiters, "scrub_rate": scrub_rate,
         "http_host": http_host, "node_id": node_id, "replicate_from": replicate_from,
         "acks": acks, "min_insync": min_insync, "replica_lag": replica_lag,
+        "etcd": etcd, "cluster": cluster, "lease_ttl": lease_ttl, "advertise": advertise,
     }
     try:
         cfg = load_config(flags=flags, file=config)

@@ -26,6 +26,8 @@ __all__ = [
     "Batch",
     "Close",
     "Config",
+    "Cluster",
+    "Epochs",
     "Fetch",
     "NeedData",
     "Ping",
@@ -106,7 +108,19 @@ class Topics:
     pass
 
 
-Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """Extension: the node's view of its cluster (``MOK`` with a JSON body)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Epochs:
+    """Extension between logd-trio nodes: a topic's leader-epoch entries and head (``MOK``)."""
+
+    topic: str
+
+
+Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch | Cluster | Epochs
 
 _SIMPLE: Final[dict[bytes, Request]] = {
     b"STATS": Stats(),
@@ -114,6 +128,7 @@ _SIMPLE: Final[dict[bytes, Request]] = {
     b"CLOSE": Close(),
     b"PING": Ping(),
     b"TOPICS": Topics(),
+    b"CLUSTER": Cluster(),
 }
 
 INVALID_REQUEST: Final = "invalid request"
@@ -223,6 +238,10 @@ class RequestParser:
             return Tail(_topic(words[1]), _limit(words[2], self.max_messages, zero_is_one=True))
         if cmd == b"FETCH":  # replication between logd-trio nodes (logd_trio.core.fetch)
             return parse_fetch(words)
+        if cmd == b"EPOCHS":
+            if len(words) != 2:
+                raise RequestError(INVALID_REQUEST)
+            return Epochs(_topic(words[1]))
         if cmd in _SIMPLE:
             raise RequestError(INVALID_REQUEST)
         raise RequestError("unknown command")

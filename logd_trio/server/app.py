@@ -31,6 +31,7 @@ from pathlib import Path
 import trio
 
 from logd_trio._version import __version__
+from logd_trio.server.clustering import Clustering
 from logd_trio.server.config import ServerConfig, join_host_port
 from logd_trio.server.connection import Connection
 from logd_trio.server.http import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
@@ -103,6 +104,8 @@ async def serve(
                         async with trio.open_nursery() as replication:  # a follower's fetchers (replica/)
                             if config.replicate_from:
                                 replication.start_soon(follow, registry)
+                            elif config.etcd:  # the cluster elects the leader (server/clustering.py)
+                                replication.start_soon(Clustering(registry).run)
                             await _serve_connections(config, registry, stats, fd_limit, shutdown, task_status)
                             replication.cancel_scope.cancel()
                     finally:
@@ -149,6 +152,7 @@ async def _serve_connections(
 
     listener = Listener(listeners, admission, stats.counters, connection)
     stats.listening(join_host_port(*first), admission.__len__)
+    registry.replica.listening(join_host_port(*first))
     try:
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as accept:

@@ -63,7 +63,8 @@ _Item = bytes | Append | AwaitReplicas | StatsRequest | p.Read | p.Tail | p.Fetc
 
 _CMD_NAMES: Final[dict[type, str]] = {
     p.Batch: "batch", p.Read: "read", p.Tail: "tail", p.Stats: "stats", p.Config: "config",
-    p.Close: "close", p.Ping: "ping", p.Topics: "topics", p.Fetch: "fetch",
+    p.Close: "close", p.Ping: "ping", p.Topics: "topics", p.Fetch: "fetch", p.Cluster: "cluster",
+    p.Epochs: "epochs",
 }
 
 
@@ -199,12 +200,14 @@ class Connection:
                 topic = await self.registry.get_or_create(req.topic)
                 # No checkpoint per batch: queue all the batches of one receive, then yield once.
                 item = topic.try_append(req.frame, req.count) or await topic.append(req.frame, req.count)
-                if self.config.acks == "all":  # the reply waits for the followers too (server/replica/acks.py)
+                if self.registry.replica.await_acks:  # the reply waits for followers, cluster (server/replica/acks.py)
                     item = AwaitReplicas(item, topic.name, self.registry.replica)
             elif isinstance(req, p.Read | p.Tail | p.Fetch):
                 # Resolved by the writer, in order: a READ pipelined after a
                 # BATCH on this connection sees that batch.
                 item = req
+            elif isinstance(req, p.Cluster | p.Epochs):  # replication extensions (server/replica/state.py)
+                item = self.registry.replica.extension_reply(req)
             elif isinstance(req, p.Ping):
                 item = p.REPLY_PONG
             elif isinstance(req, p.Close):
@@ -296,7 +299,7 @@ class Connection:
         registry = self.registry
         topic = registry.get(req.topic)
         if isinstance(req, p.Read) and req.wait_ms is not None and (
-            req.offset == (topic.visible_head if topic is not None else 0)
+            req.offset == (topic.readable_head if topic is not None else 0)
         ) and self.counters.longpoll_waiting < self.config.max_waiters:  # beyond: answer as a plain READ
             if pending:
                 await self._send_all(pending)

@@ -6,9 +6,8 @@ topic task writes them to the page cache at once (cheap) and, with
 appends keep arriving; every batch covered by a finished fsync is then
 acknowledged together (group commit).  Reads and long-polls are served from
 the connection tasks through :meth:`Topic.open_read`, which never shows a
-batch before it is acknowledged nor a frame before it is verified.
-
-Errors travel as exception objects (``Append.error``, raised by ``open_read``).
+batch before it is acknowledged nor a frame before it is verified.  Errors
+travel as exception objects (``Append.error``, raised by ``open_read``).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -90,6 +90,7 @@ class Topic:
         self.verifier = Verifier(name, tlog, config.scrub_rate)
         self.histograms = Histograms()  # the server's own replace it (Registry)
         self.fds = TopicFds()  # for its fsyncs and READ plans; the server's own replaces it (Registry)
+        self.read_cap: Callable[[], int] | None = None  # --acks all: readers stop at the high watermark
 
     @classmethod
     def open(cls, root: Path, name: str, config: ServerConfig) -> Topic:
@@ -147,10 +148,11 @@ class Topic:
         plan.  Cancelled: nothing to close; verified ranges are kept once applied.
         """
         for _ in range(_VERIFY_ROUNDS):
-            if offset >= self.visible_head:
+            readable = self.readable_head
+            if offset >= readable:
                 raise NotFound(offset)
             try:
-                plan = self.log.read_plan(offset, limit, end=self.visible_head,
+                plan = self.log.read_plan(offset, limit, end=readable,
                                           max_partitions=self.fds.max_partitions())
                 if not plan.checks:
                     return self.fds.hold(plan)
@@ -159,9 +161,17 @@ class Topic:
                 await self.verifier.rebuild(e)
         raise StorageError(f"topic {self.name}: could not verify the read at {offset}")
 
-    async def wait_for_data(self, offset: int) -> None:
-        """Return once the acknowledged head moves past ``offset`` (caller bounds the wait)."""
-        while self.visible_head <= offset and not self.closed:
+    @property
+    def readable_head(self) -> int:  # the acknowledged head, capped at the high watermark (replication)
+        return self.visible_head if self.read_cap is None else max(self.first, min(self.visible_head, self.read_cap()))
+
+    def wake_readers(self) -> None:  # the cap moved: waiting readers look again
+        self._new_data.set()
+        self._new_data = trio.Event()
+
+    async def wait_for_data(self, offset: int, *, capped: bool = True) -> None:
+        """Return once the readable (``capped``) or acknowledged head moves past ``offset`` (caller bounds the wait)."""
+        while (self.readable_head if capped else self.visible_head) <= offset and not self.closed:
             await self._new_data.wait()
 
     def _publish(self, head: int) -> None:

@@ -40,7 +40,11 @@ class AwaitReplicas:
         if item.error is not None:
             return error_reply(item.error)
         try:
-            await self.state.wait_acks(self.topic, item.end)
+            if self.state.config.acks == "all":
+                await self.state.wait_acks(self.topic, item.end)
+            why = self.state.refusal()  # a cluster leader deposed meanwhile (or its lease unconfirmed) never says OK
+            if why is not None:
+                raise RequestError(why)
         except RequestError as e:  # stored on the leader, not acknowledged: the outcome is unknown to the client
             return error_reply(e)
         return b"OK %d 1\r\n" % item.offset

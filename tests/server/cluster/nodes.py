@@ -1,0 +1,115 @@
+"""Real ``logd serve --etcd`` processes for the failover tests: start, ask CLUSTER, find the leader."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ...etcd_harness import EtcdCluster
+from ...harness import ServerProcess, spawn
+from ...wire import Wire, batch_request
+
+LEASE = "1s"
+FAST = ("--acks", "all", "--min-insync", "2", "--replica-lag", "2s", "--lease-ttl", LEASE,
+        "--partition-size", "16384", "--partitions", "100", "--timeout", "5s")
+
+
+class Node:
+    def __init__(self, name: str, workdir: Path, etcd: EtcdCluster, extra: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.etcd = etcd
+        self.extra = extra
+        self.srv: ServerProcess | None = None
+
+    @property
+    def addr(self) -> str:
+        assert self.srv is not None
+        return f"{self.srv.host}:{self.srv.port}"
+
+    async def start(self, nursery: trio.Nursery) -> Node:
+        self.srv = await spawn(nursery, self.workdir, "--node-id", self.name, "--etcd", ",".join(self.etcd.endpoints),
+                               "--cluster", "c1", *FAST, *self.extra)
+        return self
+
+    def kill(self) -> None:
+        assert self.srv is not None
+        self.srv.proc.send_signal(signal.SIGKILL)
+
+    def signal(self, sig: int) -> None:
+        assert self.srv is not None
+        self.srv.proc.send_signal(sig)
+
+    async def wait_dead(self) -> None:
+        assert self.srv is not None
+        with trio.fail_after(10):
+            await self.srv.proc.wait()
+
+    async def stop(self) -> None:
+        if self.srv is not None and self.srv.proc.returncode is None:
+            self.srv.proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                await self.srv.proc.wait()
+
+    def log_tail(self, n: int = 3000) -> str:
+        return bytes(self.srv.log[-n:]).decode(errors="replace") if self.srv is not None else ""
+
+
+async def cluster_view(node: Node) -> dict[str, Any]:
+    assert node.srv is not None
+    with trio.fail_after(2.0):
+        w = await Wire.connect(node.srv.host, node.srv.port)
+        try:
+            await w.send(b"CLUSTER\r\n")
+            reply = await w.reply()
+        finally:
+            await w.aclose()
+    assert reply.startswith(b"MOK "), reply
+    body = json.loads(reply.split(b"\r\n", 1)[1])
+    assert isinstance(body, dict)
+    return body
+
+
+async def wait_leader(nodes: list[Node], *, within: float = 15.0, in_sync: int = 2) -> Node:
+    """The node that leads and may acknowledge, with at least ``in_sync`` nodes in its in-sync set."""
+    with trio.move_on_after(within):
+        while True:
+            for n in nodes:
+                if n.srv is None or n.srv.proc.returncode is not None:
+                    continue
+                try:
+                    v = await cluster_view(n)
+                except (OSError, trio.TooSlowError, AssertionError):
+                    continue
+                if v["role"] == "leader" and v["refusal"] is None and len(v["in_sync"]) >= in_sync:
+                    return n
+            await trio.sleep(0.05)
+    raise AssertionError("no leader:\n" + "\n----\n".join(f"{n.name}: {n.log_tail()}" for n in nodes))
+
+
+async def write_some(node: Node, topic: str, tags: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """One BATCH per tag on one connection; (tag, reply line) for each."""
+    assert node.srv is not None
+    w = await Wire.connect(node.srv.host, node.srv.port)
+    try:
+        await w.send(b"".join(batch_request(topic, [t]) for t in tags))
+        return [(t, await w.reply()) for t in tags]
+    finally:
+        await w.aclose()
+
+
+def log_bytes(workdir: Path, topic: str) -> bytes:
+    """The topic's partitions concatenated in offset order (the bytes of the log)."""
+    d = workdir / topic
+    names = sorted((n for n in os.listdir(d) if n.endswith(".log")), key=lambda n: int(n.split(".")[0]))
+    return b"".join((d / n).read_bytes() for n in names)
+
+
+def first_offset(workdir: Path, topic: str) -> int:
+    d = workdir / topic
+    return min(int(n.split(".")[0]) for n in os.listdir(d) if n.endswith(".log"))
