@@ -21,6 +21,8 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # the etcd client's HTTP library logs every request at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def serve(

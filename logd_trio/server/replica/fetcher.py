@@ -219,6 +219,8 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
                 continue
             with trio.CancelScope(shield=True):  # a follower that stops (to lead) lets the reply land first
                 await _store(registry, topic, reply)
+            if h.offset + len(reply.data) >= h.head:
+                state.synced_topics.add(name)
 
 
 async def _settle(items: list[Append]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -84,7 +85,7 @@ async def wait_leader(nodes: list[Node], *, within: float = 15.0, in_sync: int =
                     continue
                 try:
                     v = await cluster_view(n)
-                except (OSError, trio.TooSlowError, AssertionError):
+                except (OSError, trio.TooSlowError, AssertionError, trio.BrokenResourceError, EOFError):
                     continue
                 if v["role"] == "leader" and v["refusal"] is None and len(v["in_sync"]) >= in_sync:
                     return n
@@ -113,3 +114,48 @@ def log_bytes(workdir: Path, topic: str) -> bytes:
 def first_offset(workdir: Path, topic: str) -> int:
     d = workdir / topic
     return min(int(n.split(".")[0]) for n in os.listdir(d) if n.endswith(".log"))
+
+
+class Writer:
+    """Writes tagged batches to whichever node leads (found with CLUSTER), one at a time, resending a
+    batch that got no OK; records every OK: (tag, node, time)."""
+
+    def __init__(self, nodes: list[Node], topic: str, prefix: bytes) -> None:
+        self.nodes = nodes
+        self.topic = topic
+        self.prefix = prefix
+        self.acked: list[tuple[bytes, str, float]] = []
+        self.refused = 0
+        self.stop = trio.Event()
+
+    async def run(self) -> None:
+        leader: Node | None = None
+        w: Wire | None = None
+        i = 0
+        while not self.stop.is_set():
+            if leader is None or w is None:
+                leader = await wait_leader(self.nodes, within=20)
+                assert leader.srv is not None
+                try:
+                    w = await Wire.connect(leader.srv.host, leader.srv.port)
+                except OSError:
+                    leader = None
+                    continue
+            tag = b"%s-%06d;" % (self.prefix, i)
+            try:
+                with trio.fail_after(5):
+                    await w.send(batch_request(self.topic, [tag]))
+                    reply = await w.reply()
+            except (OSError, EOFError, trio.TooSlowError, trio.BrokenResourceError):
+                reply = b""
+            if reply.startswith(b"OK "):
+                self.acked.append((tag, leader.name, trio.current_time()))
+                i += 1
+                continue
+            self.refused += 1
+            with contextlib.suppress(OSError, trio.BrokenResourceError):
+                await w.aclose()
+            leader, w = None, None
+        if w is not None:
+            with contextlib.suppress(OSError, trio.BrokenResourceError):
+                await w.aclose()

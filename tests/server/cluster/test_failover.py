@@ -1,4 +1,8 @@
-"""Automatic failover with real etcd and real ``logd serve --etcd`` processes."""
+"""Automatic failover with real etcd and real ``logd serve --etcd`` processes.
+
+After each fault: every batch acknowledged (``--acks all --min-insync 2``) is on the new leader,
+and the in-sync nodes' logs are byte-identical up to the leader's high watermark.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 import trio
 
 from ...etcd_harness import EtcdCluster
-from .nodes import Node, cluster_view, wait_leader, write_some
+from .nodes import Node, Writer, cluster_view, first_offset, log_bytes, wait_leader, write_some
 
 
 async def test_three_nodes_elect_a_leader_that_takes_writes(nursery: trio.Nursery, tmp_path: Path,
@@ -22,5 +26,72 @@ async def test_three_nodes_elect_a_leader_that_takes_writes(nursery: trio.Nurser
         assert got[0][1].startswith(b"ERR not leader"), got
     v = await cluster_view(others[0])
     assert v["role"] == "follower" and v["leader"]["node"] == leader.name
+    for n in nodes:
+        await n.stop()
+
+
+async def check_no_loss(nodes: list[Node], writers: list[Writer], topic: str) -> Node:
+    """Every acknowledged tag is on the leader; in-sync logs identical up to its high watermark."""
+    leader = await wait_leader(nodes)
+    view = await cluster_view(leader)
+    hw = view["topics"][topic]["hw"]
+    data = log_bytes(leader.workdir, topic)
+    missing = [tag for w in writers for tag, _, _ in w.acked if tag not in data]
+    assert not missing, f"{len(missing)} acknowledged batches lost, e.g. {missing[:3]}"
+    first = first_offset(leader.workdir, topic)
+    for n in nodes:
+        if n.name in view["in_sync"] and n is not leader:
+            other = log_bytes(n.workdir, topic)
+            assert first_offset(n.workdir, topic) == first
+            assert other[: hw - first] == data[: hw - first], f"{n.name} differs from {leader.name} below {hw}"
+    return leader
+
+
+async def kill_leader_under_writers(nursery: trio.Nursery, nodes: list[Node], writers: list[Writer]) -> float:
+    """kill -9 the leader while the writers write; the time to the first OK from another node."""
+    leader = await wait_leader(nodes)
+    before = sum(len(w.acked) for w in writers)
+    with trio.fail_after(10):
+        while sum(len(w.acked) for w in writers) < before + 20:  # noqa: ASYNC110
+            await trio.sleep(0.02)
+    killed_at = trio.current_time()
+    leader.kill()
+    await leader.wait_dead()
+    with trio.move_on_after(15):
+        while True:
+            after = [t for w in writers for _, node, t in w.acked if node != leader.name and t > killed_at]
+            if after:
+                return min(after) - killed_at
+            await trio.sleep(0.01)
+    raise AssertionError("no OK from a new leader:\n" + "\n----\n".join(f"{n.name}: {n.log_tail(6000)}"
+                                                                          for n in nodes))
+
+
+async def test_leader_killed_under_writers_a_follower_takes_over_without_loss(
+        nursery: trio.Nursery, tmp_path: Path, etcd1: EtcdCluster) -> None:
+    nodes = [await Node(n, tmp_path / n, etcd1).start(nursery) for n in "abc"]
+    await wait_leader(nodes)
+    writers = [Writer(nodes, "t", b"w%d" % i) for i in range(2)]
+    for w in writers:
+        nursery.start_soon(w.run)
+    took = await kill_leader_under_writers(nursery, nodes, writers)
+    assert took < 5.0, took
+    dead = next(n for n in nodes if n.srv is not None and n.srv.proc.returncode is not None)
+    for w in writers:
+        w.stop.set()
+    await trio.sleep(0.2)
+    new = await check_no_loss(nodes, writers, "t")
+    assert new is not dead
+    # the old leader comes back as a follower and catches up byte for byte
+    await dead.start(nursery)
+    with trio.fail_after(15):
+        while True:
+            v = await cluster_view(dead)
+            if v["role"] == "follower" and dead.name in (await cluster_view(new))["in_sync"]:
+                break
+            await trio.sleep(0.05)
+    hw = (await cluster_view(new))["topics"]["t"]["hw"]
+    first = first_offset(new.workdir, "t")
+    assert log_bytes(dead.workdir, "t")[: hw - first] == log_bytes(new.workdir, "t")[: hw - first]
     for n in nodes:
         await n.stop()
