@@ -32,13 +32,14 @@ def _root(
 
 
 def _register() -> None:
-    from . import bench_cmd, info_cmds, read_cmd, serve_cmd, write_cmd
+    from . import bench_cmd, cluster_cmd, info_cmds, read_cmd, serve_cmd, write_cmd
 
     serve_cmd.register(app)
     write_cmd.register(app)
     read_cmd.register(app)
     info_cmds.register(app)
     bench_cmd.register(app)
+    cluster_cmd.register(app)
 
 
 _register()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated
 
 import typer
 
 from logd_trio.client.client import Client, RetryPolicy, open_client
+from logd_trio.client.failover import find_leader, parse_hosts
 from logd_trio.client.transport import check_topic
 from logd_trio.core.addresses import AddressError, parse_address
 from logd_trio.core.durations import DurationError, parse_duration
@@ -15,9 +17,11 @@ from logd_trio.core.errors import InvalidTopic
 
 
 def check_host(value: str) -> str:
-    """A ``HOST:PORT`` flag: checked here, so a bad one is a usage error."""
+    """A ``HOST:PORT[,HOST:PORT...]`` flag (several: a cluster's nodes): checked here, so a bad one
+    is a usage error."""
     try:
-        parse_address(value)
+        for part in value.split(","):
+            parse_address(part)
     except AddressError as exc:
         raise typer.BadParameter(str(exc)) from None
     return value
@@ -48,7 +52,8 @@ def positive_duration(text: str) -> float:
 
 
 HostOpt = Annotated[
-    str, typer.Option("--host", envvar="LOGD_HOST", help="Server address HOST:PORT.", callback=check_host)
+    str, typer.Option("--host", envvar="LOGD_HOST", callback=check_host,
+                      help="Server address HOST:PORT; a cluster's nodes separated by commas (the leader is found).")
 ]
 TopicOpt = Annotated[str, typer.Option("--topic", "-t", help="Topic name.", callback=check_topic_name)]
 RetriesOpt = Annotated[
@@ -63,6 +68,18 @@ TimeoutOpt = Annotated[
 
 
 def connect_client(host: str, retries: int, timeout: float | None) -> AbstractAsyncContextManager[Client]:
-    """The client every command uses: ``retries`` connection attempts, ``timeout`` per request."""
+    """The client every command uses: ``retries`` connection attempts, ``timeout`` per request.
+    With several addresses (a cluster) it talks to the leader (found with CLUSTER)."""
+    if "," in host:
+        return _cluster_client(host, retries, timeout)
     return open_client(host, retry=RetryPolicy(attempts=retries, initial=0.1, maximum=1.0),
                        request_timeout=timeout)
+
+
+@asynccontextmanager
+async def _cluster_client(host: str, retries: int, request_timeout: float | None) -> AsyncIterator[Client]:
+    hosts = parse_hosts(host)
+    leader = await find_leader(hosts) or hosts[0]
+    async with open_client(leader, retry=RetryPolicy(attempts=retries, initial=0.1, maximum=1.0),
+                           request_timeout=request_timeout) as client:
+        yield client

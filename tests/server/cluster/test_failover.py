@@ -6,6 +6,8 @@ and the in-sync nodes' logs are byte-identical up to the leader's high watermark
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import trio
@@ -95,3 +97,40 @@ async def test_leader_killed_under_writers_a_follower_takes_over_without_loss(
     assert log_bytes(dead.workdir, "t")[: hw - first] == log_bytes(new.workdir, "t")[: hw - first]
     for n in nodes:
         await n.stop()
+
+
+async def test_logd_write_with_several_hosts_resends_across_a_failover(
+        nursery: trio.Nursery, tmp_path: Path, etcd1: EtcdCluster) -> None:
+    """Every input line of ``logd write --host a,b,c`` is in the new leader's log (at least once)
+    although the leader was killed while it wrote."""
+    nodes = [await Node(n, tmp_path / n, etcd1).start(nursery) for n in "abc"]
+    leader = await wait_leader(nodes)
+    hosts = ",".join(n.addr for n in nodes)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "logd_trio_cli.main", "write", "--host", hosts, "--topic", "t", "-q", "--timeout", "3s"],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stderr is not None
+    lines = [b"line-%06d" % i for i in range(3000)]
+    try:
+        for i in range(0, len(lines), 100):
+            if i == 1500:
+                leader.kill()
+            await proc.stdin.send_all(b"\n".join(lines[i:i + 100]) + b"\n")
+            await trio.sleep(0.02)
+        await proc.stdin.aclose()
+        with trio.fail_after(40):
+            err = b""
+            async for chunk in proc.stderr:
+                err += chunk
+            assert await proc.wait() == 0, err.decode(errors="replace")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    new = await wait_leader(nodes)
+    assert new is not leader
+    data = log_bytes(new.workdir, "t")
+    missing = [ln for ln in lines if b"\r\n" + ln + b"\r\n" not in data]
+    assert not missing, f"{len(missing)} lines missing, e.g. {missing[:3]}"
+    for n in nodes:
+        if n is not leader:
+            await n.stop()
