@@ -181,13 +181,14 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
         if target.clustered:
             await reconcile(stream, registry, topic, wait)
         leader_first = 0
+        wait_ms = 0  # the first answer at once: it tells how far the leader is
         while True:
             offset = max(topic.visible_head, flog.first)  # the durable end (the first after a start-over)
             if offset < leader_first and _is_empty(flog):
                 offset = leader_first  # joined after the leader's retention: start where the leader starts
             with trio.fail_after(wait):
-                await stream.send_all(encode_fetch(state.node_id, epoch, name, offset, FETCH_MAX_BYTES,
-                                                   FETCH_WAIT_MS))
+                await stream.send_all(encode_fetch(state.node_id, epoch, name, offset, FETCH_MAX_BYTES, wait_ms))
+                wait_ms = FETCH_WAIT_MS
                 reply = await _receive(stream, parser)
             if isinstance(reply, FetchError):
                 if _fatal(reply.reason, target):
@@ -212,10 +213,11 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
                                 "it starts again at %d", name, offset, h.first, h.first)
                     ef = state.epochs[name]
                     await trio.to_thread.run_sync(_start_over, flog, ef, h.first)
-                elif h.first == h.head == offset:
-                    await trio.sleep(FETCH_WAIT_MS / 1000)  # an empty topic at a non-zero start: nothing to wait on
+                    continue
                 if offset >= h.head:
                     state.synced_topics.add(name)  # caught up with this leader once
+                if h.first == h.head == offset:
+                    await trio.sleep(FETCH_WAIT_MS / 1000)  # an empty topic at a non-zero start: nothing to wait on
                 continue
             with trio.CancelScope(shield=True):  # a follower that stops (to lead) lets the reply land first
                 await _store(registry, topic, reply)

@@ -76,12 +76,13 @@ async def cluster_view(node: Node) -> dict[str, Any]:
     return body
 
 
-async def wait_leader(nodes: list[Node], *, within: float = 15.0, in_sync: int = 2) -> Node:
+async def wait_leader(nodes: list[Node], *, within: float = 15.0, in_sync: int = 2,
+                      skip: tuple[Node, ...] = ()) -> Node:
     """The node that leads and may acknowledge, with at least ``in_sync`` nodes in its in-sync set."""
     with trio.move_on_after(within):
         while True:
             for n in nodes:
-                if n.srv is None or n.srv.proc.returncode is not None:
+                if n.srv is None or n.srv.proc.returncode is not None or n in skip:
                     continue
                 try:
                     v = await cluster_view(n)
@@ -157,5 +158,37 @@ class Writer:
                 await w.aclose()
             leader, w = None, None
         if w is not None:
+            with contextlib.suppress(OSError, trio.BrokenResourceError):
+                await w.aclose()
+
+
+class PinnedWriter:
+    """Writes tagged batches to one node on one connection, whatever it says; records OKs and ERRs."""
+
+    def __init__(self, node: Node, topic: str, prefix: bytes) -> None:
+        self.node = node
+        self.topic = topic
+        self.prefix = prefix
+        self.acked: list[bytes] = []
+        self.errors: list[bytes] = []
+        self.stop = trio.Event()
+
+    async def run(self) -> None:
+        assert self.node.srv is not None
+        w = await Wire.connect(self.node.srv.host, self.node.srv.port)
+        i = 0
+        try:
+            while not self.stop.is_set():
+                tag = b"%s-%06d;" % (self.prefix, i)
+                i += 1
+                await w.send(batch_request(self.topic, [tag]))
+                reply = await w.reply()
+                (self.acked if reply.startswith(b"OK ") else self.errors).append(tag if reply.startswith(b"OK ")
+                                                                                  else reply)
+                if not reply.startswith(b"OK "):
+                    await trio.sleep(0.05)
+        except (OSError, EOFError, trio.BrokenResourceError):
+            pass
+        finally:
             with contextlib.suppress(OSError, trio.BrokenResourceError):
                 await w.aclose()

@@ -6,6 +6,8 @@ and the in-sync nodes' logs are byte-identical up to the leader's high watermark
 
 from __future__ import annotations
 
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,8 @@ from pathlib import Path
 import trio
 
 from ...etcd_harness import EtcdCluster
-from .nodes import Node, Writer, cluster_view, first_offset, log_bytes, wait_leader, write_some
+from ...wire import Wire
+from .nodes import Node, PinnedWriter, Writer, cluster_view, first_offset, log_bytes, wait_leader, write_some
 
 
 async def test_three_nodes_elect_a_leader_that_takes_writes(nursery: trio.Nursery, tmp_path: Path,
@@ -134,3 +137,129 @@ async def test_logd_write_with_several_hosts_resends_across_a_failover(
     for n in nodes:
         if n is not leader:
             await n.stop()
+
+
+async def test_paused_leader_wakes_up_deposed_and_acknowledges_nothing_it_lost(
+        nursery: trio.Nursery, tmp_path: Path, etcd1: EtcdCluster) -> None:
+    """SIGSTOP the leader under writers: another node leads; after SIGCONT every OK the old leader
+    ever sent is on the new leader, it refuses writes, and it becomes a follower."""
+    nodes = [await Node(n, tmp_path / n, etcd1).start(nursery) for n in "abc"]
+    old = await wait_leader(nodes)
+    pinned = PinnedWriter(old, "t", b"p")
+    writer = Writer([n for n in nodes if n is not old], "t", b"w")
+    nursery.start_soon(pinned.run)
+    with trio.fail_after(10):
+        while len(pinned.acked) < 20:  # noqa: ASYNC110
+            await trio.sleep(0.02)
+    old.signal(signal.SIGSTOP)
+    try:
+        new = await wait_leader(nodes, skip=(old,))
+        nursery.start_soon(writer.run)
+        with trio.fail_after(10):
+            while len(writer.acked) < 20:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+    finally:
+        old.signal(signal.SIGCONT)
+    with trio.fail_after(15):
+        while (await cluster_view(old))["role"] != "follower":  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    got = await write_some(old, "t", [b"late"])
+    assert got[0][1].startswith(b"ERR not leader"), got
+    assert pinned.errors, "the paused leader answered every batch with OK"
+    pinned.stop.set()
+    writer.stop.set()
+    await trio.sleep(0.3)
+    data = log_bytes(new.workdir, "t")
+    lost = [t for t in pinned.acked if t not in data]
+    assert not lost, f"the paused leader acknowledged {len(lost)} batches the new leader lacks: {lost[:3]}"
+    await check_no_loss(nodes, [writer], "t")
+    with trio.fail_after(15):  # the old leader cut its unacknowledged tail and copies the new leader again
+        while old.name not in (await cluster_view(new))["in_sync"]:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    hw = (await cluster_view(new))["topics"]["t"]["hw"]
+    first = first_offset(new.workdir, "t")
+    assert log_bytes(old.workdir, "t")[: hw - first] == log_bytes(new.workdir, "t")[: hw - first]
+    for n in nodes:
+        await n.stop()
+
+
+async def read_all(node: Node, topic: str) -> list[bytes]:
+    assert node.srv is not None
+    w = await Wire.connect(node.srv.host, node.srv.port)
+    try:
+        await w.send(b"READ %s 0 1000\r\n" % topic.encode())
+        head, frames = await w.read_reply()
+    finally:
+        await w.aclose()
+    assert head.startswith(b"OK "), head
+    return frames
+
+
+async def test_etcd_down_longer_than_the_lease_stops_acknowledging_reads_go_on(
+        nursery: trio.Nursery, tmp_path: Path, etcd1: EtcdCluster) -> None:
+    nodes = [await Node(n, tmp_path / n, etcd1).start(nursery) for n in "abc"]
+    leader = await wait_leader(nodes)
+    acked = [t for t, r in await write_some(leader, "t", [b"before-%d;" % i for i in range(10)]) if r.startswith(b"OK")]
+    assert len(acked) == 10
+    member = etcd1.members[0]
+    member.kill()
+    down_at = trio.current_time()
+    refused_at = None
+    with trio.fail_after(10):
+        while refused_at is None:
+            (tag, reply), = await write_some(leader, "t", [b"during-%f;" % trio.current_time()])
+            if reply.startswith(b"OK "):
+                acked.append(tag)
+            else:
+                assert reply.startswith(b"ERR not leader"), reply
+                refused_at = trio.current_time()
+            await trio.sleep(0.05)
+    assert refused_at - down_at < 1.0 + 1.0, refused_at - down_at  # the lease (1 s), and a keepalive's period
+    for n in nodes:  # reads keep working everywhere
+        frames = await read_all(n, "t")
+        assert frames
+    view = await cluster_view(leader)
+    assert view["refusal"] is not None
+    etcd1.restart(member)
+    await trio.to_thread.run_sync(etcd1.wait_healthy)
+    await wait_leader(nodes, within=20)
+    await check_no_loss(nodes, [], "t")
+    data = log_bytes((await wait_leader(nodes)).workdir, "t")
+    assert all(t in data for t in acked)
+    for n in nodes:
+        await n.stop()
+
+
+async def test_node_with_a_wiped_directory_does_not_lead_a_cluster_that_has_data(
+        nursery: trio.Nursery, tmp_path: Path, etcd1: EtcdCluster) -> None:
+    nodes = [await Node(n, tmp_path / n, etcd1).start(nursery) for n in "abc"]
+    leader = await wait_leader(nodes, in_sync=3)
+    tags = [b"kept-%d;" % i for i in range(20)]
+    assert all(r.startswith(b"OK ") for _, r in await write_some(leader, "t", tags))
+    with trio.fail_after(10):  # every node caught up once: all may lead
+        while not all([(await cluster_view(n))["eligible"] for n in nodes]):  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    for n in nodes:
+        n.kill()
+    for n in nodes:
+        await n.wait_dead()
+    wiped = nodes[0]
+    shutil.rmtree(wiped.workdir)
+    await wiped.start(nursery)
+    with trio.move_on_after(3.0):  # its lease-length wait and a campaign would long be over
+        while (await cluster_view(wiped))["role"] != "leader":  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    view = await cluster_view(wiped)
+    assert view["role"] != "leader" and view["eligible"] is False, view
+    got = await write_some(wiped, "t", [b"x"])
+    assert got[0][1].startswith(b"ERR not leader"), got
+    await nodes[1].start(nursery)
+    new = await wait_leader(nodes, in_sync=1)
+    assert new is nodes[1]
+    with trio.fail_after(15):  # the wiped node copies the leader, then may lead again
+        while not (await cluster_view(wiped))["eligible"]:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    data = log_bytes(wiped.workdir, "t")
+    assert all(t in data for t in tags)
+    for n in nodes[:2]:
+        await n.stop()
