@@ -25,14 +25,13 @@ from logd_trio.client.transport import Connection, RetryPolicy, connect
 from logd_trio.core.addresses import AddressError, format_address, parse_address
 from logd_trio.core.defaults import DEFAULT_MAX_BATCH_SIZE
 from logd_trio.core.errors import BadReply, ClientError, ConnectionLost, Timeout, WriteFailed
-from logd_trio.core.framing import build_body
+from logd_trio.core.framing import build_body, framed_size
 from logd_trio.core.replies import ErrorReply, MokReply, OffsetReply, ReplyKind
 from logd_trio.core.requests import encode_batch
 
 __all__ = ["FailoverWriter", "ask_cluster", "find_leader", "parse_hosts", "retriable"]
 
 _ONE_TRY = RetryPolicy(attempts=1, initial=0.05, maximum=0.05, connect_timeout=1.0)
-_BATCH_LINE = 300  # room for "BATCH <topic> <n> <len>\r\n" within the batch size
 
 
 def parse_hosts(text: str) -> list[str]:
@@ -150,11 +149,12 @@ class FailoverWriter:
     async def write_many(self, messages: Iterable[bytes]) -> int:
         """Queue and send ``messages`` (sealing the last partial batch); returns how many."""
         n = 0
+        line = 48 + len(self.topic)  # room for "BATCH <size> <topic> <crc> <count>\r\n"
         for m in messages:
-            framed = len(m) + 32
-            if framed + _BATCH_LINE > self.batch_size:
+            framed = framed_size(len(m))
+            if framed + line > self.batch_size:
                 raise ClientError(f"message of {len(m)} bytes does not fit in a batch of {self.batch_size}")
-            if self._size + framed + _BATCH_LINE > self.batch_size:
+            if self._size + framed + line > self.batch_size:
                 await self._seal()
             self._parts.append(m)
             self._size += framed

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from logd_trio.core.errors import LogdError, RequestError
+from logd_trio.core.errors import LogdError, RequestError, StorageError
 from logd_trio.server.replica.state import ReplicaState
 from logd_trio.server.topic import Append
 
@@ -38,6 +38,8 @@ class AwaitReplicas:
         item = self.append
         await item.done.wait()
         if item.error is not None:
+            if self.state.clustered and isinstance(item.error, StorageError) and not self.state.leading:
+                return error_reply(RequestError(self.state.refusal() or "not leader"))  # deposed while queued
             return error_reply(item.error)
         try:
             if self.state.config.acks == "all":

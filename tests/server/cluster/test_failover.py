@@ -6,6 +6,7 @@ and the in-sync nodes' logs are byte-identical up to the leader's high watermark
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from .nodes import Node, PinnedWriter, Writer, cluster_view, first_offset, log_b
 async def test_three_nodes_elect_a_leader_that_takes_writes(nursery: trio.Nursery, tmp_path: Path,
                                                             etcd1: EtcdCluster) -> None:
     nodes = [await Node(n, tmp_path / n, etcd1).start(nursery) for n in "abc"]
-    leader = await wait_leader(nodes)
+    leader = await wait_leader(nodes, in_sync=3)
     replies = await write_some(leader, "t", [b"m%d" % i for i in range(20)])
     assert all(r.startswith(b"OK ") for _, r in replies), replies
     others = [n for n in nodes if n is not leader]
@@ -32,6 +33,17 @@ async def test_three_nodes_elect_a_leader_that_takes_writes(nursery: trio.Nurser
         assert got[0][1].startswith(b"ERR not leader"), got
     v = await cluster_view(others[0])
     assert v["role"] == "follower" and v["leader"]["node"] == leader.name
+    hosts = ",".join(n.addr for n in nodes)
+    out = await trio.run_process([sys.executable, "-m", "logd_trio_cli.main", "cluster", "--host", hosts, "--json"],
+                                 capture_stdout=True)
+    views = json.loads(out.stdout)
+    assert {views[n.addr]["role"] for n in nodes} == {"leader", "follower"}
+    assert views[leader.addr]["epoch"] >= 1 and views[leader.addr]["etcd"]["ok"] is True
+    assert set(views[leader.addr]["in_sync"]) == {"a", "b", "c"}
+    assert views[leader.addr]["topics"]["t"]["hw"] == views[leader.addr]["topics"]["t"]["head"]
+    text = await trio.run_process([sys.executable, "-m", "logd_trio_cli.main", "cluster", "--host", leader.addr],
+                                  capture_stdout=True)
+    assert b"leader, epoch" in text.stdout and b"in sync: a, b, c" in text.stdout
     for n in nodes:
         await n.stop()
 
