@@ -192,3 +192,48 @@ class PinnedWriter:
         finally:
             with contextlib.suppress(OSError, trio.BrokenResourceError):
                 await w.aclose()
+
+
+class Reader:
+    """Reads a topic from whichever node leads, from where it got to; records every frame it was
+    shown with its offset (to check later that none of them vanished or changed)."""
+
+    def __init__(self, nodes: list[Node], topic: str) -> None:
+        self.nodes = nodes
+        self.topic = topic
+        self.seen: dict[int, bytes] = {}
+        self.next = 0
+        self.stop = trio.Event()
+
+    async def run(self) -> None:
+        while not self.stop.is_set():
+            leader = await wait_leader(self.nodes, within=20, in_sync=1)
+            assert leader.srv is not None
+            try:
+                w = await Wire.connect(leader.srv.host, leader.srv.port)
+            except OSError:
+                continue
+            try:
+                while not self.stop.is_set():
+                    with trio.fail_after(3):
+                        await w.send(b"READ %s %d 1000 200\r\n" % (self.topic.encode(), self.next))
+                        head, frames = await w.read_reply()
+                    if not head.startswith(b"OK "):
+                        await trio.sleep(0.02)
+                        continue
+                    at = int(head.split()[1])
+                    for f in frames:
+                        self.seen[at] = f
+                        at += len(f)
+                    self.next = at
+            except (OSError, EOFError, trio.TooSlowError, trio.BrokenResourceError):
+                pass
+            finally:
+                with contextlib.suppress(OSError, trio.BrokenResourceError):
+                    await w.aclose()
+
+    def check(self, workdir: Path) -> None:
+        """Every frame this reader saw is in the log at ``workdir`` at the same offset, byte for byte."""
+        data, first = log_bytes(workdir, self.topic), first_offset(workdir, self.topic)
+        wrong = [o for o, f in self.seen.items() if data[o - first:o - first + len(f)] != f]
+        assert not wrong, f"{len(wrong)} frames a reader saw are not in the log any more, e.g. at {wrong[:3]}"

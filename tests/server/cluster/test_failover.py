@@ -18,7 +18,7 @@ import trio
 
 from ...etcd_harness import EtcdCluster
 from ...wire import Wire
-from .nodes import Node, PinnedWriter, Writer, cluster_view, first_offset, log_bytes, wait_leader, write_some
+from .nodes import Node, PinnedWriter, Reader, Writer, cluster_view, first_offset, log_bytes, wait_leader, write_some
 
 
 async def test_three_nodes_elect_a_leader_that_takes_writes(nursery: trio.Nursery, tmp_path: Path,
@@ -91,16 +91,22 @@ async def test_leader_killed_under_writers_a_follower_takes_over_without_loss(
     nodes = [await Node(n, tmp_path / n, etcd1).start(nursery) for n in "abc"]
     await wait_leader(nodes)
     writers = [Writer(nodes, "t", b"w%d" % i) for i in range(2)]
+    reader = Reader(nodes, "t")
     for w in writers:
         nursery.start_soon(w.run)
+    nursery.start_soon(reader.run)
     took = await kill_leader_under_writers(nursery, nodes, writers)
     assert took < 5.0, took
     dead = next(n for n in nodes if n.srv is not None and n.srv.proc.returncode is not None)
+    await trio.sleep(0.3)  # the reader reads on the new leader too
     for w in writers:
         w.stop.set()
+    reader.stop.set()
     await trio.sleep(0.2)
     new = await check_no_loss(nodes, writers, "t")
     assert new is not dead
+    assert len(reader.seen) > 10
+    reader.check(new.workdir)
     # the old leader comes back as a follower and catches up byte for byte
     await dead.start(nursery)
     with trio.fail_after(15):
@@ -287,8 +293,10 @@ async def test_leader_killed_again_and_again_under_writers(nursery: trio.Nursery
     nodes = [await Node(n, tmp_path / n, etcd3).start(nursery) for n in "abc"]
     await wait_leader(nodes, in_sync=3)
     writers = [Writer(nodes, "t", b"w%d" % i) for i in range(3)]
+    reader = Reader(nodes, "t")
     for w in writers:
         nursery.start_soon(w.run)
+    nursery.start_soon(reader.run)
     times = []
     for _ in range(3):
         await wait_leader(nodes, in_sync=3)
@@ -299,8 +307,61 @@ async def test_leader_killed_again_and_again_under_writers(nursery: trio.Nursery
     for w in writers:
         w.stop.set()
     await trio.sleep(0.3)
+    reader.stop.set()
     await wait_leader(nodes, in_sync=3)
-    await check_no_loss(nodes, writers, "t")
+    final = await check_no_loss(nodes, writers, "t")
+    reader.check(final.workdir)
     assert max(times) < 5.0, times
+    for n in nodes:
+        await n.stop()
+
+
+async def test_follower_killed_under_writers_leaves_the_in_sync_set_and_rejoins(
+        nursery: trio.Nursery, tmp_path: Path, etcd1: EtcdCluster) -> None:
+    nodes = [await Node(n, tmp_path / n, etcd1).start(nursery) for n in "abc"]
+    leader = await wait_leader(nodes, in_sync=3)
+    writer = Writer(nodes, "t", b"w")
+    nursery.start_soon(writer.run)
+    follower = next(n for n in nodes if n is not leader)
+    with trio.fail_after(10):
+        while len(writer.acked) < 20:  # noqa: ASYNC110
+            await trio.sleep(0.02)
+    follower.kill()
+    await follower.wait_dead()
+    with trio.fail_after(10):  # dropped from the set once its session is gone; writes go on on two nodes
+        while follower.name in (await cluster_view(leader))["in_sync"]:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+        count = len(writer.acked)
+        while len(writer.acked) < count + 20:  # noqa: ASYNC110
+            await trio.sleep(0.02)
+    assert all(node == leader.name for _, node, _ in writer.acked)
+    await follower.start(nursery)
+    with trio.fail_after(15):
+        while follower.name not in (await cluster_view(leader))["in_sync"]:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    writer.stop.set()
+    await trio.sleep(0.2)
+    await check_no_loss(nodes, [writer], "t")
+    for n in nodes:
+        await n.stop()
+
+
+async def test_etcd_leader_killed_the_cluster_keeps_its_leader_or_elects_one(
+        nursery: trio.Nursery, tmp_path: Path, etcd3: EtcdCluster) -> None:
+    nodes = [await Node(n, tmp_path / n, etcd3).start(nursery) for n in "abc"]
+    await wait_leader(nodes, in_sync=3)
+    writer = Writer(nodes, "t", b"w")
+    nursery.start_soon(writer.run)
+    with trio.fail_after(10):
+        while len(writer.acked) < 20:  # noqa: ASYNC110
+            await trio.sleep(0.02)
+    etcd3.leader().kill()
+    count = len(writer.acked)
+    with trio.fail_after(15):  # writes go on (the same logd leader, or a new one)
+        while len(writer.acked) < count + 50:  # noqa: ASYNC110
+            await trio.sleep(0.02)
+    writer.stop.set()
+    await trio.sleep(0.2)
+    await check_no_loss(nodes, [writer], "t")
     for n in nodes:
         await n.stop()
