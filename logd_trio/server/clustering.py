@@ -85,6 +85,7 @@ class Clustering:
         self.lead_start = 0.0
         self.first_seen: dict[str, float] = {}
         self.following: Target | None = None
+        self.led: Leadership | None = None  # the leadership this node last took writes with
         self._follow_scope: trio.CancelScope | None = None
         self._follow_done: trio.Event | None = None
         s = self.state
@@ -136,11 +137,12 @@ class Clustering:
                 nursery.start_soon(self._members_loop)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                leadership = node.leadership
-                if leadership is not None and not leadership.gate.deposed:  # a graceful stop: hand over now
+                led = self.led  # still ours when only this stop ended it: hand over now, not after the lease
+                if led is not None and led.gate.deposed_by in (None, "stopped"):
                     self.state.leading = False
                     with contextlib.suppress(EtcdException):
-                        await leadership.resign()
+                        await led.resign()
+                        log.info("node %s: resigned epoch %d", c.node_id, led.epoch)
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await self.etcd.aclose()
 
@@ -231,6 +233,7 @@ class Clustering:
         self.lead_start = trio.current_time()
         self.first_seen = {}
         self._publish_isr(leadership)
+        self.led = leadership
         state.leading = True
         await self._read_members()
         log.info("node %s: leads epoch %d, in sync: %s", self.config.node_id, epoch, ", ".join(leadership.in_sync))

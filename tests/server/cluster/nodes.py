@@ -16,12 +16,14 @@ from ...harness import ServerProcess, spawn
 from ...wire import Wire, batch_request
 
 LEASE = "1s"
-FAST = ("--acks", "all", "--min-insync", "2", "--replica-lag", "2s", "--lease-ttl", LEASE,
+FAST = ("--acks", "all", "--min-insync", "2", "--replica-lag", "2s",
         "--partition-size", "16384", "--partitions", "100", "--timeout", "5s")
 
 
 class Node:
-    def __init__(self, name: str, workdir: Path, etcd: EtcdCluster, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, name: str, workdir: Path, etcd: EtcdCluster, extra: tuple[str, ...] = (),
+                 lease: str = LEASE) -> None:
+        self.lease = lease
         self.name = name
         self.workdir = workdir
         self.etcd = etcd
@@ -35,7 +37,7 @@ class Node:
 
     async def start(self, nursery: trio.Nursery) -> Node:
         self.srv = await spawn(nursery, self.workdir, "--node-id", self.name, "--etcd", ",".join(self.etcd.endpoints),
-                               "--cluster", "c1", *FAST, *self.extra)
+                               "--cluster", "c1", "--lease-ttl", self.lease, *FAST, *self.extra)
         return self
 
     def kill(self) -> None:

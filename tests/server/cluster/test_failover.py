@@ -365,3 +365,21 @@ async def test_etcd_leader_killed_the_cluster_keeps_its_leader_or_elects_one(
     await check_no_loss(nodes, [writer], "t")
     for n in nodes:
         await n.stop()
+
+
+async def test_a_leader_stopped_with_sigterm_hands_over_at_once(nursery: trio.Nursery, tmp_path: Path,
+                                                                 etcd1: EtcdCluster) -> None:
+    """With 5 s leases, a leader that dies is replaced after about 5 s; one stopped gracefully
+    resigns, so another node leads long before its lease would have run out."""
+    nodes = [await Node(n, tmp_path / n, etcd1, lease="5s").start(nursery) for n in "abc"]
+    leader = await wait_leader(nodes, in_sync=3)
+    assert all(r.startswith(b"OK ") for _, r in await write_some(leader, "t", [b"x%d" % i for i in range(5)]))
+    stopped_at = trio.current_time()
+    await leader.stop()
+    new = await wait_leader(nodes, skip=(leader,), within=20)
+    assert trio.current_time() - stopped_at < 3.0, trio.current_time() - stopped_at
+    assert b"resigned epoch" in leader.srv.log if leader.srv is not None else False
+    for n in nodes:
+        if n is not leader:
+            await n.stop()
+    assert new is not leader
