@@ -111,6 +111,7 @@ class Clustering:
         if self.state.leading and (leadership is None or leadership.gate.deposed
                                    or leadership.epoch != self.state.epoch):
             self.state.leading = False  # at once: no local write lands after this
+            self.state.progressed()  # OKs being waited for are refused now
             log.warning("node %s: no longer leads epoch %d", self.config.node_id, self.state.epoch)
         self.changed.set()
 

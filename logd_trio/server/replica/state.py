@@ -261,6 +261,9 @@ class ReplicaState:
         written) must hold the batch: any of them may be the next leader."""
         deadline = trio.current_time() + self.config.replica_lag * 1.5  # a laggard leaves the set before
         while True:
+            why = self.refusal()  # deposed (or the lease unconfirmed) meanwhile: say so now, not at the deadline
+            if why is not None:
+                raise RequestError(why)
             if self.isr_size < self.config.min_insync or trio.current_time() >= deadline:
                 raise RequestError("not enough replicas")
             if all((p := self.followers.get((n, topic))) is not None and p.offset >= end for n in self.isr_needed):
