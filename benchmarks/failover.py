@@ -12,6 +12,10 @@ leader, and finds the leader again after any refusal or lost connection.  Each r
 leader with two nodes in sync and for 50 acknowledged batches, SIGKILL the leader, and record the
 time until the writer's first OK from another node; then restart the killed node (it rejoins as a
 follower) and wait until it is in sync again.  Prints each round and the median.
+
+``--throughput``: ``logd bench --conns 4 --only-write`` against a fixed leader with two
+``--replicate-from`` followers and against a cluster leader of three nodes (both ``--acks all
+--min-insync 2 --replica-lag 10s``), alternately for ``--rounds``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from logd_trio.core.requests import encode_batch
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 LISTENING = re.compile(rb"listening on ([0-9.]+):(\d+)")
+REPLICA_LAG = ["2s"]  # the failover rounds; the throughput runs use 10s (the default) in both modes
 
 
 def free_ports(n: int) -> list[int]:
@@ -68,16 +73,21 @@ def start_etcd(root: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
 
 
 class Node:
-    def __init__(self, name: str, root: Path, etcd: list[str], lease: int) -> None:
+    def __init__(self, name: str, root: Path, etcd: list[str], lease: int, extra: tuple[str, ...] = ()) -> None:
         self.name, self.workdir, self.etcd, self.lease = name, root / name, etcd, lease
+        self.extra = extra
         self.proc: trio.Process | None = None
         self.addr: tuple[str, int] | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
         cmd = [sys.executable, "-m", "logd_trio_cli.main", "serve", "--host", "127.0.0.1:0", "--workdir",
-               str(self.workdir), "--node-id", self.name, "--etcd", ",".join(self.etcd), "--cluster", "bench",
-               "--lease-ttl", f"{self.lease}s", "--acks", "all", "--min-insync", "2", "--replica-lag", "2s"]
-        self.proc = proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+               str(self.workdir), "--node-id", self.name]
+        if self.etcd:
+            cmd += ["--etcd", ",".join(self.etcd), "--cluster", "bench", "--lease-ttl", f"{self.lease}s",
+                    "--acks", "all", "--min-insync", "2", "--replica-lag", REPLICA_LAG[0]]
+        cmd += self.extra
+        self.proc = proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                                            stdout=subprocess.DEVNULL)
         found = trio.Event()
         buf = bytearray()
 
@@ -132,7 +142,7 @@ async def leader_of(nodes: list[Node], in_sync: int = 2) -> Node:
     while True:
         for n in nodes:
             v = await view(n)
-            if v and v["role"] == "leader" and v["refusal"] is None and len(v["in_sync"]) >= in_sync:
+            if v and v.get("role") == "leader" and v.get("refusal") is None and len(v.get("in_sync", ())) >= in_sync:
                 return n
         await trio.sleep(0.02)
 
@@ -214,12 +224,77 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+async def bench(addr: tuple[str, int], seconds: float) -> dict[str, Any]:
+    with trio.fail_after(20):  # the topic exists, and is on every node, before the timed phase
+        while not (await request(addr, batch("benchmark_0", b"warm-up"))).startswith(b"OK "):  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    out = await trio.run_process([sys.executable, "-m", "logd_trio_cli.main", "bench", "--host",
+                                  f"{addr[0]}:{addr[1]}", "--conns", "4", "--duration", f"{seconds}s",
+                                  "--only-write", "--json"], capture_stdout=True)
+    result = json.loads(out.stdout)
+    assert isinstance(result, dict)
+    write = result["write"]
+    assert isinstance(write, dict)
+    return write
+
+
+async def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """``logd bench --conns 4 --only-write`` against a fixed leader with two followers (``--acks all
+    --min-insync 2``) and against a cluster leader with the same settings, alternately."""
+    runs: dict[str, list[dict[str, Any]]] = {"fixed": [], "cluster": []}
+    REPLICA_LAG[0] = "10s"
+    for _ in range(args.rounds):
+        for mode in ("fixed", "cluster"):
+            root = Path(tempfile.mkdtemp(prefix="logd-cluster-bench-"))
+            etcd: list[subprocess.Popen[bytes]] = []
+            try:
+                async with trio.open_nursery() as nursery:
+                    if mode == "cluster":
+                        etcd, urls = start_etcd(root)
+                        await trio.sleep(1.0)
+                        nodes = [Node(n, root, urls, args.lease_ttl) for n in "abc"]
+                        for n in nodes:
+                            await n.start(nursery)
+                        leader = await leader_of(nodes, in_sync=3)
+                    else:
+                        leader = Node("a", root, [], 0, ("--acks", "all", "--min-insync", "2", "--replica-lag", "10s"))
+                        await leader.start(nursery)
+                        assert leader.addr is not None
+                        source = ("--replicate-from", f"{leader.addr[0]}:{leader.addr[1]}")
+                        nodes = [leader] + [Node(n, root, [], 0, source) for n in "bc"]
+                        for n in nodes[1:]:
+                            await n.start(nursery)
+                    assert leader.addr is not None
+                    try:
+                        w = await bench(leader.addr, args.bench_seconds)
+                    finally:
+                        for n in nodes:
+                            n.kill()
+                        nursery.cancel_scope.cancel()
+                    runs[mode].append(w)
+                    print(f"{mode}: {w['mib_per_s']:.1f} MiB/s, {w['batches_per_s']:.0f} batches/s, "
+                          f"p50 {w['latency_s']['p50'] * 1000:.1f} ms", flush=True)
+            finally:
+                for p in etcd:
+                    p.kill()
+                    p.wait()
+                shutil.rmtree(root, ignore_errors=True)
+    med = {m: statistics.median(r["mib_per_s"] for r in rs) for m, rs in runs.items()}
+    print(f"median MiB/s: fixed leader {med['fixed']:.1f}, cluster {med['cluster']:.1f} "
+          f"(cluster/fixed {med['cluster'] / med['fixed']:.2f})")
+    return {"runs": runs, "median_mib_per_s": med}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--lease-ttl", type=int, default=1)
+    parser.add_argument("--throughput", action="store_true",
+                        help="instead: logd bench against a fixed leader and a cluster leader (--acks all)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--bench-seconds", type=float, default=5.0)
     parser.add_argument("--json", type=Path)
     ns = parser.parse_args()
-    result = trio.run(main, ns)
+    result = trio.run(throughput if ns.throughput else main, ns)
     if ns.json:
         ns.json.write_text(json.dumps(result, indent=2))
