@@ -17,11 +17,12 @@ import typer
 from logd_trio._version import __version__
 
 # Every command module, in help order.
-_ALL = ("serve_cmd", "write_cmd", "read_cmd", "info_cmds", "bench_cmd", "topic_cmds", "auth_cmd")
+_ALL = ("serve_cmd", "write_cmd", "read_cmd", "info_cmds", "bench_cmd", "topic_cmds", "auth_cmd", "cluster_cmd")
 # Command name -> its module (a command missing here still works: everything is registered then).
 _MODULES = {"serve": "serve_cmd", "write": "write_cmd", "read": "read_cmd", "stats": "info_cmds",
             "config": "info_cmds", "topics": "info_cmds", "ping": "info_cmds", "bench": "bench_cmd",
-            "topic": "topic_cmds", "auth": "auth_cmd"}
+            "topic": "topic_cmds", "auth": "auth_cmd",
+            "cluster": "cluster_cmd"}
 
 
 def _print_version(value: bool) -> None:

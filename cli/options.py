@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ssl
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated
 
 import typer
 
 from logd_trio.client.client import Client, RetryPolicy, open_client
+from logd_trio.client.failover import find_leader, parse_hosts
 from logd_trio.client.transport import check_topic
 from logd_trio.core.addresses import AddressError, parse_address
 from logd_trio.core.durations import DurationError, parse_duration
@@ -18,9 +20,11 @@ from logd_trio.core.tls import TLSConfigError, client_context
 
 
 def check_host(value: str) -> str:
-    """A ``HOST:PORT`` flag: checked here, so a bad one is a usage error."""
+    """A ``HOST:PORT[,HOST:PORT...]`` flag (several: a cluster's nodes): checked here, so a bad one
+    is a usage error."""
     try:
-        parse_address(value)
+        for part in value.split(","):
+            parse_address(part)
     except AddressError as exc:
         raise typer.BadParameter(str(exc)) from None
     return value
@@ -51,7 +55,8 @@ def positive_duration(text: str) -> float:
 
 
 HostOpt = Annotated[
-    str, typer.Option("--host", envvar="LOGD_HOST", help="Server address HOST:PORT.", callback=check_host)
+    str, typer.Option("--host", envvar="LOGD_HOST", callback=check_host,
+                      help="Server address HOST:PORT; a cluster's nodes separated by commas (the leader is found).")
 ]
 TopicOpt = Annotated[str, typer.Option("--topic", "-t", help="Topic name.", callback=check_topic_name)]
 RetriesOpt = Annotated[
@@ -107,6 +112,26 @@ PLAINTEXT = Security()
 def connect_client(host: str, retries: int, timeout: float | None,
                    security: Security = PLAINTEXT) -> AbstractAsyncContextManager[Client]:
     """The client every command uses: ``retries`` connection attempts, ``timeout`` per request,
-    TLS and a token as the flags say."""
+    TLS and a token as the flags say.  With several addresses (a cluster) it talks to the
+    leader (found with CLUSTER; plaintext only for now)."""
+    if "," in host:
+        refuse_tls_for_a_cluster(security)
+        return _cluster_client(host, retries, timeout, security.token)
     return open_client(host, retry=RetryPolicy(attempts=retries, initial=0.1, maximum=1.0),
                        request_timeout=timeout, ssl_context=security.context, token=security.token)
+
+
+def refuse_tls_for_a_cluster(security: Security) -> None:
+    if security.context is not None:
+        raise typer.BadParameter("--tls with several --host addresses (a cluster) is not supported yet: "
+                                 "give the leader's address alone")
+
+
+@asynccontextmanager
+async def _cluster_client(host: str, retries: int, request_timeout: float | None,
+                          token: str | None) -> AsyncIterator[Client]:
+    hosts = parse_hosts(host)
+    leader = await find_leader(hosts) or hosts[0]
+    async with open_client(leader, retry=RetryPolicy(attempts=retries, initial=0.1, maximum=1.0),
+                           request_timeout=request_timeout, token=token) as client:
+        yield client

@@ -17,7 +17,6 @@ from . import errors
 MODE_HELP = ("octal with a leading 0 (0640, 0o640) or a decimal integer as Go logd spells modes "
              "(420 = 0644); the log says which reading was used.")
 
-
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on, HOST:PORT. Default: 127.0.0.1:1774.")] = None,
     workdir: Annotated[Path | None, typer.Option(help="Data directory. Default: ./logs.")] = None,
@@ -94,6 +93,16 @@ def serve(
     replicate_ca: Annotated[str | None, typer.Option(
         metavar="FILE", help="With --replicate-from: CA (PEM) of the leader's certificate; the link uses TLS "
         "(presenting --tls-cert when set).")] = None,
+    etcd: Annotated[str | None, typer.Option(
+        help="etcd endpoints, comma-separated (http://HOST:PORT,...): automatic failover; needs --node-id and "
+             "--cluster. Default: off.")] = None,
+    cluster: Annotated[str | None, typer.Option(help="The cluster's name in etcd (with --etcd).")] = None,
+    lease_ttl: Annotated[str | None, typer.Option(
+        help="With --etcd: the node's session lease, whole seconds; a dead leader is replaced about this long "
+             "after it stopped. Default: 2s.")] = None,
+    advertise: Annotated[str | None, typer.Option(
+        help="With --etcd: HOST:PORT clients and peers use to reach this node. Default: the bound address.")]
+        = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML file of settings (keys as the flags, or under [serve]).")] = None,
     log_format: Annotated[str, typer.Option(
@@ -115,6 +124,7 @@ def serve(
         "acks": acks, "min_insync": min_insync, "replica_lag": replica_lag,
         "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca, "auth_file": auth_file,
         "replicate_ca": replicate_ca,
+        "etcd": etcd, "cluster": cluster, "lease_ttl": lease_ttl, "advertise": advertise,
     }
     if log_format not in LOG_FORMATS:
         errors.fail("serve", ValueError(f"--log-format: must be one of {', '.join(LOG_FORMATS)}, "

@@ -15,6 +15,7 @@ from typing import Annotated, BinaryIO, TextIO
 import trio
 import typer
 
+from logd_trio.client.failover import FailoverWriter, parse_hosts
 from logd_trio.client.writer import Writer
 from logd_trio.core.defaults import DEFAULT_ADDRESS
 from logd_trio.core.errors import WriteFailed
@@ -34,6 +35,7 @@ from .options import (
     VerboseOpt,
     connect_client,
     duration,
+    refuse_tls_for_a_cluster,
 )
 
 
@@ -143,28 +145,38 @@ def write(
     security = Security(tls, tls_ca, tls_cert, tls_key, token)
     out = _AckPrinter(sys.stdout)
 
+    async def feed(w: Writer | FailoverWriter, counts: list[int]) -> None:
+        if messages:
+            for m in messages:
+                data = m.encode()
+                await w.write(data)
+                counts[0] += 1
+                counts[1] += len(data)
+        else:
+            await _write_lines(w, input_file, counts)
+
     async def main() -> None:
         start = trio.current_time()
         counts = [0, 0]  # messages queued, their bytes
-        writers: list[Writer] = []
+        writers: list[Writer | FailoverWriter] = []
         try:
-            async with (
-                connect_client(host, retries, timeout, security) as client,
-                client.writer(topic, batch_size=batch_size or None, flush_interval=flush_interval,
-                              on_ack=None if quiet else out, ack_timeout=timeout) as w,
-            ):
-                writers.append(w)
-                if messages:
-                    for m in messages:
-                        data = m.encode()
-                        await w.write(data)
-                        counts[0] += 1
-                        counts[1] += len(data)
-                else:
-                    await _write_lines(w, input_file, counts)
+            if "," in host:  # a cluster: follow the leader, resend after a failover (at-least-once)
+                refuse_tls_for_a_cluster(security)
+                async with FailoverWriter(parse_hosts(host), topic, batch_size=batch_size or 65536,
+                                          timeout=timeout or 10.0, on_ack=None if quiet else out) as fw:
+                    writers.append(fw)
+                    await feed(fw, counts)
+            else:
+                async with (
+                    connect_client(host, retries, timeout, security) as client,
+                    client.writer(topic, batch_size=batch_size or None, flush_interval=flush_interval,
+                                  on_ack=None if quiet else out, ack_timeout=timeout) as w,
+                ):
+                    writers.append(w)
+                    await feed(w, counts)
         except BaseException as exc:
             out.flush()
-            failed = writers[0].failed if writers else []
+            failed = writers[0].failed if writers and isinstance(writers[0], Writer) else []
             if failed and not isinstance(exc, WriteFailed):
                 lost = sum(b.count for b in failed)
                 typer.echo(f"logd write: {lost} message(s) were not written: {failed[0].error}", err=True)
@@ -209,7 +221,7 @@ class _AckPrinter:
             os.close(devnull)
 
 
-async def _write_lines(w: Writer, input_file: Path | None, counts: list[int]) -> None:
+async def _write_lines(w: Writer | FailoverWriter, input_file: Path | None, counts: list[int]) -> None:
     """Write each non-empty line of the input (stdin by default), counting messages and bytes
     queued in ``counts`` as it goes.  Shows progress on stderr for ``--input`` files when
     stderr is a terminal.  A pipe or socket is read on the Trio thread without blocking

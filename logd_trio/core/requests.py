@@ -27,6 +27,8 @@ __all__ = [
     "Close",
     "Config",
     "Delete",
+    "Cluster",
+    "Epochs",
     "Fetch",
     "NeedData",
     "Ping",
@@ -116,13 +118,25 @@ class Delete:
 
 
 @dataclass(frozen=True, slots=True)
+class Cluster:
+    """Extension: the node's view of its cluster (``MOK`` with a JSON body)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Epochs:
+    """Extension between logd-trio nodes: a topic's leader-epoch entries and head (``MOK``)."""
+
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
 class Auth:
     """``AUTH <token>`` (logd-trio extension): become the token's principal on this connection."""
 
     token: str = field(repr=False)  # never in a log line
 
 
-Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch | Delete | Auth
+Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch | Delete | Auth | Cluster | Epochs
 
 _SIMPLE: Final[dict[bytes, Request]] = {
     b"STATS": Stats(),
@@ -130,6 +144,7 @@ _SIMPLE: Final[dict[bytes, Request]] = {
     b"CLOSE": Close(),
     b"PING": Ping(),
     b"TOPICS": Topics(),
+    b"CLUSTER": Cluster(),
 }
 
 INVALID_REQUEST: Final = "invalid request"
@@ -254,6 +269,10 @@ class RequestParser:
             if len(words) != 2 or not words[1] or not all(0x21 <= c <= 0x7E for c in words[1]):
                 raise RequestError(INVALID_REQUEST)
             return Auth(words[1].decode("ascii"))
+        if cmd == b"EPOCHS":
+            if len(words) != 2:
+                raise RequestError(INVALID_REQUEST)
+            return Epochs(_topic(words[1]))
         if cmd in _SIMPLE:
             raise RequestError(INVALID_REQUEST)
         raise RequestError("unknown command")

@@ -35,6 +35,7 @@ from logd_trio._version import __version__
 from logd_trio.server.admin import peer_of
 from logd_trio.server.auth import Policy, load_policy
 from logd_trio.server.blocking import run_blocking
+from logd_trio.server.clustering import Clustering
 from logd_trio.server.config import ServerConfig, join_host_port
 from logd_trio.server.connection import Connection
 from logd_trio.server.http import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
@@ -113,6 +114,8 @@ async def serve(
                         async with trio.open_nursery() as replication:  # a follower's fetchers (replica/)
                             if config.replicate_from:
                                 replication.start_soon(follow, registry)
+                            elif config.etcd:  # the cluster elects the leader (server/clustering.py)
+                                replication.start_soon(Clustering(registry).run)
                             await _serve_connections(config, registry, stats, fd_limit, shutdown, task_status,
                                                      tls, policy)
                             replication.cancel_scope.cancel()
@@ -200,6 +203,7 @@ async def _serve_connections(
     listener = Listener(listeners, admission, stats.counters, connection, tls=tls,
                         handshake_timeout=min(HANDSHAKE_TIMEOUT, config.timeout or HANDSHAKE_TIMEOUT), policy=policy)
     stats.listening(join_host_port(*first), admission.__len__)
+    registry.replica.listening(join_host_port(*first))
     try:
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as accept:

@@ -98,6 +98,10 @@ class ServerConfig:
     auth_file: str = ""  # TOML principals and rights (server/auth.py); "": every client may do everything
     replicate_ca: str = ""  # CA of the leader's certificate: a follower's link uses TLS
     replicate_token: str = dataclasses.field(default="", repr=False)  # a follower's AUTH token: never in a repr
+    etcd: str = ""  # comma-separated etcd endpoints: automatic failover (server/clustering.py); "": off
+    cluster: str = ""  # the cluster's name in etcd (required with etcd)
+    lease_ttl: float = 2.0  # the etcd session lease (whole seconds)
+    advertise: str = ""  # HOST:PORT clients and peers use to reach this node ("": the bound address)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workdir", Path(self.workdir))
@@ -149,6 +153,8 @@ class ServerConfig:
                 raise ConfigError("replicate_from: needs node_id (each follower names itself to the leader)")
             if self.replicate_from == self.host:
                 raise ConfigError(f"replicate_from: {self.replicate_from} is this server's own address")
+        if self.etcd or self.cluster:
+            _check_cluster(self)
 
     @property
     def leader_address(self) -> tuple[str, int] | None:
@@ -180,8 +186,31 @@ class ServerConfig:
         return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _check_cluster(c: ServerConfig) -> None:
+    if not c.etcd or not c.cluster:
+        raise ConfigError("etcd and cluster: each needs the other (--etcd URL[,URL...] --cluster NAME)")
+    if c.replicate_from:
+        raise ConfigError("replicate_from: not with etcd (the cluster elects the leader)")
+    if not c.node_id:
+        raise ConfigError("etcd: needs node_id (each node names itself in the cluster)")
+    if c.fsync != "always":
+        raise ConfigError(f"etcd: needs fsync=always (any node may become a follower), got fsync={c.fsync}")
+    for url in c.etcd.split(","):
+        if not re.fullmatch(r"https?://[^\s/,]+/?", url.strip()):
+            raise ConfigError(f"etcd: expected http://HOST:PORT endpoints separated by commas, got {url!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", c.cluster):
+        raise ConfigError(f"cluster: {c.cluster!r} is not a valid name (1-64 letters, digits, '.', '_', '-')")
+    if c.lease_ttl < 1 or c.lease_ttl != int(c.lease_ttl):
+        raise ConfigError(f"lease_ttl: must be whole seconds, at least 1s, got {c.lease_ttl:g}s")
+    if c.advertise:
+        host, sep, port = c.advertise.rpartition(":")
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
+            raise ConfigError(f"advertise: expected HOST:PORT, got {c.advertise!r}")
+
+
 _FIELDS: Final = {f.name: f for f in dataclasses.fields(ServerConfig) }
-_DURATIONS: Final = {"flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait", "replica_lag"}
+_DURATIONS: Final = {"flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait", "replica_lag",
+                    "lease_ttl"}
 _INTS: Final = {"batch_size", "max_messages", "partition_size", "partitions", "flush_batches", "topics",
                 "max_connections", "max_connections_per_ip", "pipeline_depth", "min_free_space", "max_waiters",
                 "scrub_rate", "min_insync"}
@@ -248,7 +277,8 @@ def _coerce(key: str, value: Any, where: str, notes: Notes) -> Any:
         return tuple(dict.fromkeys(t for t in names if t))
     if key == "workdir":
         return Path(str(value))
-    if key in ("host", "fsync", "http_host", "node_id", "replicate_from", "acks", *_SECURITY):
+    if key in ("host", "fsync", "http_host", "node_id", "replicate_from", "acks", "etcd", "cluster",
+               "advertise", *_SECURITY):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

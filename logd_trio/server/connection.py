@@ -68,6 +68,7 @@ _Item = bytes | Append | AwaitReplicas | StatsRequest | AdminRequest | p.Read | 
 _CMD_NAMES: Final[dict[type, str]] = {
     p.Batch: "batch", p.Read: "read", p.Tail: "tail", p.Stats: "stats", p.Config: "config",
     p.Close: "close", p.Ping: "ping", p.Topics: "topics", p.Fetch: "fetch", p.Delete: "delete", p.Auth: "auth",
+    p.Cluster: "cluster", p.Epochs: "epochs",
 }
 
 
@@ -235,7 +236,7 @@ class Connection:
                 topic = await self.registry.get_or_create(req.topic)
                 # No checkpoint per batch: queue all the batches of one receive, then yield once.
                 item = topic.try_append(req.frame, req.count) or await topic.append(req.frame, req.count)
-                if self.config.acks == "all":  # the reply waits for the followers too (server/replica/acks.py)
+                if self.registry.replica.await_acks:  # the reply waits for followers, cluster (server/replica/acks.py)
                     item = AwaitReplicas(item, topic.name, self.registry.replica)
                 elif self._alone() and self.config.fsync != "always":  # (else it waits for an fsync:
                     await self._answer_now(item)  # the reader must go on reading for group commit)
@@ -247,6 +248,8 @@ class Connection:
                 # Resolved by the writer, in order: a READ pipelined after a
                 # BATCH on this connection sees that batch.
                 item = req
+            elif isinstance(req, p.Cluster | p.Epochs):  # replication extensions (server/replica/state.py)
+                item = self.registry.replica.extension_reply(req)
             elif isinstance(req, p.Ping):
                 item = p.REPLY_PONG
             elif isinstance(req, p.Close):

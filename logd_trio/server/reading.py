@@ -41,7 +41,7 @@ def polls(conn: ReadingConnection, req: p.Read | p.Tail) -> bool:
     if not isinstance(req, p.Read) or req.wait_ms is None:
         return False
     topic = conn.registry.get(req.topic)
-    return req.offset == (topic.visible_head if topic is not None else 0) and (
+    return req.offset == (topic.readable_head if topic is not None else 0) and (
         conn.counters.longpoll_waiting < conn.config.max_waiters)
 
 

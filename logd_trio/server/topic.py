@@ -1,21 +1,18 @@
 """One task per topic: the only code that appends to the topic's partitions.
 
-Connections send :class:`Append` items over the topic's bounded channel.  The
-topic task writes them to the page cache at once (cheap) and, with
-``fsync=always``, a companion *syncer* task fsyncs in a worker thread while new
-appends keep arriving; every batch covered by a finished fsync is then
-acknowledged together (group commit).  Reads and long-polls are served from
-the connection tasks through :meth:`Topic.open_read`, which never shows a
-batch before it is acknowledged nor a frame before it is verified.
-
-Errors travel as exception objects (``Append.error``, raised by ``open_read``).
-"""
+Connections send :class:`Append` items over the topic's bounded channel.  The topic task writes
+them to the page cache at once and, with ``fsync=always``, a *syncer* task fsyncs in a worker
+thread while appends keep arriving; every batch a finished fsync covers is then acknowledged
+together (group commit).  Reads and long-polls are served from the connection tasks through
+:meth:`Topic.open_read`, which never shows a batch before it is acknowledged nor a frame before
+it is verified.  Errors travel as exception objects (``Append.error``, raised by ``open_read``)."""
 
 from __future__ import annotations
 
 import collections
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -93,6 +90,7 @@ class Topic:
         self.verifier = Verifier(name, tlog, config.scrub_rate)
         self.histograms = Histograms()  # the server's own replace it (Registry)
         self.fds = TopicFds()  # for its fsyncs and READ plans; the server's own replaces it (Registry)
+        self.read_cap: Callable[[], int] | None = None  # --acks all: readers stop at the high watermark
 
     @classmethod
     def open(cls, root: Path, name: str, config: ServerConfig) -> Topic:
@@ -112,10 +110,8 @@ class Topic:
     # ------------------------------------------------------------ producers
 
     async def append(self, frame: bytes, count: int, place: Place | None = None) -> Append:
-        """Queue one batch (a replicated frame: at ``place``); the caller awaits ``item.done`` for its answer.
-
-        Cancelled while waiting for room in the inbox: nothing was queued.
-        """
+        """Queue one batch (a replicated frame: at ``place``); the caller awaits ``item.done`` for its
+        answer.  Cancelled while waiting for room in the inbox: nothing was queued."""
         item = Append(frame, count, place)
         await self._send.send(item)
         return item
@@ -141,22 +137,19 @@ class Topic:
     # ------------------------------------------------------------ readers
 
     async def open_read(self, offset: int, limit: int, borrow: bool = False) -> ReadPlan:
-        """The acknowledged batches from ``offset`` (message sum below ``limit``), every frame verified.
-
-        Frames an earlier process left that the scrub has not reached yet are verified
-        first (in a worker thread), then planned again; the plan
-        stops before any corrupt batch.  Raises :class:`NotFound`, ``CorruptData`` (the
-        batch at ``offset`` is corrupt) or :class:`StorageError`.  The caller closes the
-        plan.  Cancelled: nothing to close; verified ranges are kept once applied.  ``borrow``: a
-        borrowed plan (``ReadPlan.own``), returned without yielding when no frame needs verifying.
-        """
+        """The acknowledged batches from ``offset`` (message sum below ``limit``), every frame verified:
+        frames the scrub has not reached yet are verified first (worker thread), then planned again;
+        the plan stops before a corrupt batch.  Raises :class:`NotFound`, ``CorruptData`` (at
+        ``offset``) or :class:`StorageError`.  The caller closes the plan; cancelled: nothing to close.
+        ``borrow``: a borrowed plan (``ReadPlan.own``), returned at once when nothing needs verifying."""
         if self.deleted:
             raise TopicDeleted(self.name)
         for _ in range(_VERIFY_ROUNDS):
-            if offset >= self.visible_head:
+            readable = self.readable_head
+            if offset >= readable:
                 raise NotFound(offset)
             try:
-                plan = self.log.read_plan(offset, limit, end=self.visible_head,
+                plan = self.log.read_plan(offset, limit, end=readable,
                                           max_partitions=self.fds.max_partitions(), borrow=borrow)
                 if not plan.checks:
                     return self.fds.hold(plan)
@@ -165,9 +158,17 @@ class Topic:
                 await self.verifier.rebuild(e)
         raise StorageError(f"topic {self.name}: could not verify the read at {offset}")
 
-    async def wait_for_data(self, offset: int) -> None:
-        """Return once the acknowledged head moves past ``offset`` (caller bounds the wait)."""
-        while self.visible_head <= offset and not self.closed:
+    @property
+    def readable_head(self) -> int:  # the acknowledged head, capped at the high watermark (replication)
+        return self.visible_head if self.read_cap is None else max(self.first, min(self.visible_head, self.read_cap()))
+
+    def wake_readers(self) -> None:  # the cap moved: waiting readers look again
+        self._new_data.set()
+        self._new_data = trio.Event()
+
+    async def wait_for_data(self, offset: int, *, capped: bool = True) -> None:
+        """Return once the readable (``capped``) or acknowledged head moves past ``offset`` (caller bounds the wait)."""
+        while (self.readable_head if capped else self.visible_head) <= offset and not self.closed:
             await self._new_data.wait()
 
     def _publish(self, head: int) -> None:

@@ -64,7 +64,8 @@ class ClusterNode:
     def __init__(self, etcd: EtcdClient, keys: ClusterKeys, me: Member, *, lease_ttl: int = 2,
                  margin: float | None = None, idle_timeout: float = 5.0,
                  on_change: Callable[[ClusterView], None] | None = None,
-                 cluster_id: str | None = None, local_epoch: int = 0) -> None:
+                 cluster_id: str | None = None, local_epoch: int = 0,
+                 may_lead: Callable[[], bool] = lambda: True) -> None:
         if local_epoch < 0:
             raise ValueError(f"local epoch must be at least 0, got {local_epoch}")
         self.cluster_id = cluster_id  # as stored by the node; set once joined
@@ -79,6 +80,7 @@ class ClusterNode:
         self.view = ClusterView("starting", None, etcd_ok=False)
         self.leadership: Leadership | None = None
         self.sessions = 0  # how many sessions this node opened (a new one after each loss)
+        self.may_lead = may_lead  # False: follow only (say, a node whose data is not known to be whole)
 
     def note_epoch(self, epoch: int) -> None:
         """This node's logs now hold ``epoch`` (etcd's epoch may never be below it)."""
@@ -178,6 +180,8 @@ class ClusterNode:
             nursery.start_soon(self._follow)
             try:
                 while not session.lost.is_set():
+                    while not self.may_lead():  # noqa: ASYNC110 (a predicate of the server's, polled)
+                        await trio.sleep(0.1)
                     await self._lead_once(session)
             except EtcdException as e:
                 error = e

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from logd_trio.core.errors import LogdError, RequestError
+from logd_trio.core.errors import LogdError, RequestError, StorageError
 from logd_trio.server.replica.state import ReplicaState
 from logd_trio.server.topic import Append
 
@@ -38,9 +38,15 @@ class AwaitReplicas:
         item = self.append
         await item.done.wait()
         if item.error is not None:
+            if self.state.clustered and isinstance(item.error, StorageError) and not self.state.leading:
+                return error_reply(RequestError(self.state.refusal() or "not leader"))  # deposed while queued
             return error_reply(item.error)
         try:
-            await self.state.wait_acks(self.topic, item.end)
+            if self.state.config.acks == "all":
+                await self.state.wait_acks(self.topic, item.end)
+            why = self.state.refusal()  # a cluster leader deposed meanwhile (or its lease unconfirmed) never says OK
+            if why is not None:
+                raise RequestError(why)
         except RequestError as e:  # stored on the leader, not acknowledged: the outcome is unknown to the client
             return error_reply(e)
         return b"OK %d 1\r\n" % item.offset

@@ -13,7 +13,9 @@ or that is a follower, stops the server with :class:`ReplicationRefused`.
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 
 import trio
 
@@ -28,10 +30,10 @@ from logd_trio.server.replica.follower_log import FollowerLog
 from logd_trio.server.replica.link import LinkRefused, open_link
 from logd_trio.server.replica.state import ReplicationRefused
 from logd_trio.server.storage.epochs import EpochFile
-from logd_trio.server.storage.replica_log import start_at, truncate_to
+from logd_trio.server.storage.replica_log import OffsetMismatch, start_at, truncate_to
 from logd_trio.server.topic import Append, Topic
 
-__all__ = ["FETCH_MAX_BYTES", "FETCH_WAIT_MS", "follow"]
+__all__ = ["FETCH_MAX_BYTES", "FETCH_WAIT_MS", "Target", "follow"]
 
 log = logging.getLogger("logd_trio.server.replica")
 
@@ -46,8 +48,23 @@ class _Retry(LogdError):
     """The leader refused this fetch for a reason worth retrying (logged, then backoff)."""
 
 
-def _fatal(reason: str) -> bool:
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The leader a follower copies: its address, and with ``clustered`` the epoch etcd gave it (a
+    cluster's follower compares its logs with the leader's epochs first, and a refusal is retried:
+    the cluster task moves the follower when the leader changes)."""
+
+    host: str
+    port: int
+    label: str
+    clustered: bool = False
+    epoch: int = 0
+
+
+def _fatal(reason: str, target: Target) -> bool:
     """A refusal no retry can mend: the wrong leader, or a log here that the leader does not have."""
+    if target.clustered:
+        return "own id" in reason
     return reason.startswith("not leader") or "own id" in reason or "beyond the leader's head" in reason
 
 
@@ -71,12 +88,16 @@ async def _leader_topics(host: str, port: int, limit: float, config: ServerConfi
                 parser.receive_data(data)
 
 
-async def follow(registry: Registry) -> None:
-    """Copy every topic of the leader (``replicate_from``) until cancelled."""
+async def follow(registry: Registry, target: Target | None = None) -> None:
+    """Copy every topic of the leader (``target``, by default ``replicate_from``) until cancelled."""
     config = registry.config
-    addr = config.leader_address
-    assert addr is not None
-    host, port = addr
+    if target is None:
+        addr = config.leader_address
+        assert addr is not None
+        target = Target(addr[0], addr[1], config.replicate_from)
+    host, port = target.host, target.port
+    state = registry.replica
+    state.leader_topics, state.synced_topics = None, set()
     timeout = config.timeout or 15.0
     backoff = BACKOFF_MIN
     started: set[str] = set()
@@ -85,19 +106,20 @@ async def follow(registry: Registry) -> None:
             try:
                 names = await _leader_topics(host, port, timeout, config)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry, LinkRefused) as e:
-                log.warning("leader %s: cannot list topics: %s; retrying in %.2fs", config.replicate_from, e, backoff)
+                log.warning("leader %s: cannot list topics: %s; retrying in %.2fs", target.label, e, backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_MIN
+            state.leader_topics = set(names)
             for name in names:
                 if name not in started:
                     started.add(name)
-                    nursery.start_soon(_follow_topic, registry, name, host, port)
+                    nursery.start_soon(_follow_topic, registry, name, target)
             await trio.sleep(TOPICS_POLL)
 
 
-async def _follow_topic(registry: Registry, name: str, host: str, port: int) -> None:
+async def _follow_topic(registry: Registry, name: str, target: Target) -> None:
     backoff = BACKOFF_MIN
     while True:
         try:
@@ -106,13 +128,13 @@ async def _follow_topic(registry: Registry, name: str, host: str, port: int) -> 
             log.error("topic %s: cannot replicate it here: %s", name, e)
             return
         try:
-            await _fetch_loop(registry, topic, host, port)
+            await _fetch_loop(registry, topic, target)
         except trio.ClosedResourceError:
             return  # shutting down: the topic's input is closed
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry, StorageError,
                 LinkRefused) as e:
             log.warning("topic %s: replication from %s interrupted: %s; retrying in %.2fs", name,
-                        registry.config.replicate_from, e, backoff)
+                        target.label, e, backoff)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
             continue
@@ -142,7 +164,7 @@ async def _receive(stream: trio.abc.Stream, parser: FetchReplyParser) -> FetchRe
         parser.receive_data(data)
 
 
-async def _fetch_loop(registry: Registry, topic: Topic, host: str, port: int) -> None:
+async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
     config = registry.config
     state = registry.replica
     flog = topic.log
@@ -151,22 +173,25 @@ async def _fetch_loop(registry: Registry, topic: Topic, host: str, port: int) ->
     name = topic.name
     wait = FETCH_WAIT_MS / 1000 + (config.timeout or 15.0)
     parser = FetchReplyParser(max_bytes=FETCH_MAX_BYTES + config.batch_size)
-    stream = await open_link(host, port, config)
+    stream = await open_link(target.host, target.port, config)
     async with stream:
-        epoch = 0
+        epoch = target.epoch
+        if target.clustered:
+            await reconcile(stream, registry, topic, wait)
         leader_first = 0
+        wait_ms = 0  # the first answer at once: it tells how far the leader is
         while True:
             offset = max(topic.visible_head, flog.first)  # the durable end (the first after a start-over)
             if offset < leader_first and _is_empty(flog):
                 offset = leader_first  # joined after the leader's retention: start where the leader starts
             asked = trio.current_time()
             with trio.fail_after(wait):
-                await stream.send_all(encode_fetch(state.node_id, epoch, name, offset, FETCH_MAX_BYTES,
-                                                   FETCH_WAIT_MS))
+                await stream.send_all(encode_fetch(state.node_id, epoch, name, offset, FETCH_MAX_BYTES, wait_ms))
+                wait_ms = FETCH_WAIT_MS
                 reply = await _receive(stream, parser)
             if isinstance(reply, FetchError):
-                if _fatal(reply.reason):
-                    raise ReplicationRefused(f"--replicate-from {config.replicate_from}: {reply.reason}")
+                if _fatal(reply.reason, target):
+                    raise ReplicationRefused(f"leader {target.label}: {reply.reason}")
                 if reply.reason.startswith("fenced"):
                     log.info("topic %s: the leader moved to a new epoch (%s)", name, reply.reason)
                     epoch = 0
@@ -187,13 +212,19 @@ async def _fetch_loop(registry: Registry, topic: Topic, host: str, port: int) ->
                                 "it starts again at %d", name, offset, h.first, h.first)
                     ef = state.epochs[name]
                     await run_blocking(_start_over, flog, ef, h.first)
-                elif h.first == h.head == offset and trio.current_time() - asked < FETCH_WAIT_MS / 2000:
+                    continue
+                if offset >= h.head:
+                    state.synced_topics.add(name)  # caught up with this leader once
+                if h.first == h.head == offset and trio.current_time() - asked < FETCH_WAIT_MS / 2000:
                     # an empty topic the leader did not long-poll (nothing to wait on): ask again later.
                     # After a long poll ask again at once: a follower silent for longer than the
                     # leader's --replica-lag would leave the in-sync set over an idle topic.
                     await trio.sleep(FETCH_WAIT_MS / 1000)
                 continue
-            await _store(registry, topic, reply)
+            with trio.CancelScope(shield=True):  # a follower that stops (to lead) lets the reply land first
+                await _store(registry, topic, reply)
+            if h.offset + len(reply.data) >= h.head:
+                state.synced_topics.add(name)
 
 
 async def _settle(items: list[Append]) -> None:
@@ -231,3 +262,68 @@ async def _store(registry: Registry, topic: Topic, reply: FetchReply) -> None:
     failed = next((i.error for i in items if i.error is not None), None)
     if failed is not None:
         raise StorageError(str(failed))
+
+
+async def _epochs(stream: trio.abc.Stream, name: str, limit: float) -> dict[str, object]:
+    with trio.fail_after(limit):
+        await stream.send_all(b"EPOCHS %s\r\n" % name.encode())
+        parser = ReplyParser(max_reply=1 << 20)
+        while True:
+            reply = parser.next_reply(ReplyKind.MOK)
+            if isinstance(reply, MokReply):
+                body = json.loads(reply.body)
+                if not isinstance(body, dict):
+                    raise BadReply("EPOCHS: expected an object")
+                return body
+            if isinstance(reply, ErrorReply):
+                raise _Retry(f"EPOCHS refused: {reply.reason}")
+            if reply is not NEED_DATA:
+                raise BadReply(f"unexpected reply to EPOCHS: {reply!r}")
+            data = await stream.receive_some(_RECV)
+            if not data:
+                raise BadReply("the leader closed the connection")
+            parser.receive_data(data)
+
+
+def divergence(mine: list[tuple[int, int]], theirs: list[tuple[int, int]], their_head: int) -> int | None:
+    """Where this log stops matching the leader's (None: nowhere we know of): the end, on the leader,
+    of the newest leader epoch not above this log's newest (Kafka's leader-epoch rule)."""
+    if not mine:
+        return None
+    latest = mine[-1][0]
+    end: int | None = None
+    for i, (e, _) in enumerate(theirs):
+        if e <= latest:
+            end = theirs[i + 1][1] if i + 1 < len(theirs) else their_head
+    if end is None:  # every epoch of the leader is newer than ours: we match up to its first epoch's start
+        end = theirs[0][1] if theirs else their_head
+    return end
+
+
+async def reconcile(stream: trio.abc.Stream, registry: Registry, topic: Topic, limit: float) -> None:
+    """After a leader change: cut what this log holds beyond the new leader's history (copied aside,
+    ``.log.corrupt-*``): a tail no in-sync set acknowledged, written by a leader that lost its place."""
+    flog = topic.log
+    assert isinstance(flog, FollowerLog)
+    ef = registry.replica.epochs[topic.name]
+    for _ in range(4):
+        body = await _epochs(stream, topic.name, limit)
+        raw, head = body.get("epochs"), body.get("head")
+        if not isinstance(raw, list) or not isinstance(head, int):
+            raise BadReply("EPOCHS: expected epochs and head")
+        theirs = [(int(e), int(s)) for e, s in raw]
+        end = divergence(ef.entries, theirs, head)
+        if end is None or end >= flog.head:
+            return
+        log.warning("topic %s: this node's log (to %d, epoch %d) goes beyond the leader's history (epoch %d ends "
+                    "at %d there): the rest is copied aside (.log.corrupt-*) and cut", topic.name, flog.head,
+                    ef.latest, ef.epoch_at(end) if end > flog.first else 0, end)
+        try:
+            if end < flog.first:
+                raise OffsetMismatch(f"offset {end} before the log's first {flog.first}")
+            await run_blocking(truncate_to, flog, end)
+            await run_blocking(ef.truncate, end)
+        except OffsetMismatch as e:
+            log.warning("topic %s: cannot cut at %d (%s): the whole log is copied aside", topic.name, end, e)
+            await run_blocking(_start_over, flog, ef, end if end > 0 else 0)
+        topic.visible_head = flog.head

@@ -12,6 +12,8 @@ are refused before they reach the topic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from logd_trio.core.errors import StorageError
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.storage.replica_log import OffsetMismatch, append_at, start_at
@@ -38,14 +40,21 @@ class FollowerLog(TopicLog):
 
 
 class FollowerTopic(Topic):
-    """A follower's topic: items without a placement (local writes) are refused."""
+    """A follower's topic: items without a placement (local writes) are refused, unless ``leading()``
+    says this node leads now (a cluster node's topics take both, one kind at a time)."""
 
-    def __init__(self, name: str, flog: FollowerLog, config: ServerConfig) -> None:
+    def __init__(self, name: str, flog: FollowerLog, config: ServerConfig,
+                 leading: Callable[[], bool] = lambda: False) -> None:
         super().__init__(name, flog, config)
         self.flog = flog
+        self.leading = leading
 
     def _store(self, item: Append) -> int:
         if item.place is None:
+            if self.leading():
+                return TopicLog.append(self.flog, item.frame, item.count)
             return self.flog.append(item.frame, item.count)  # refused
+        if self.leading():
+            raise StorageError(f"topic {self.name}: a replicated frame, but this node leads now")
         offset, new_partition, first = item.place
         return self.flog.append_placed(item.frame, offset, new_partition, first)

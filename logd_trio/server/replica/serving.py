@@ -60,7 +60,7 @@ async def serve_fetch(conn: FetchingConnection, req: Fetch, pending: bytearray) 
                     conn._poll_scope = scope
                     if conn._eof:
                         scope.cancel()
-                    await topic.wait_for_data(req.offset)
+                    await topic.wait_for_data(req.offset, capped=False)
             finally:
                 conn._poll_scope = None
                 conn.counters.longpoll_waiting -= 1

@@ -12,10 +12,11 @@ files (written by the fetcher) and refuses BATCH and FETCH with
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import trio
 
 from logd_trio.core.errors import LogdError, RequestError, StorageError
 from logd_trio.core.fetch import Fetch, FetchHeader, encode_fetch_header
+from logd_trio.core.requests import Cluster, Epochs
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.replica.follower_log import FollowerLog, FollowerTopic
 from logd_trio.server.storage.epochs import EpochFile
@@ -33,7 +35,7 @@ from logd_trio.server.storage.syscalls import current
 from logd_trio.server.storage.topic_log import TopicLog
 from logd_trio.server.topic import Topic
 
-__all__ = ["EPOCH_COUNTER", "FollowerProgress", "ReplicaState", "ReplicationRefused"]
+__all__ = ["EPOCH_COUNTER", "FollowerProgress", "ReplicaState", "ReplicationRefused", "write_counter"]
 
 log = logging.getLogger("logd_trio.server.replica")
 
@@ -68,7 +70,7 @@ def _read_counter(path: Path) -> int:
     return int(text)
 
 
-def _write_counter(path: Path, value: int, mode: int) -> None:
+def write_counter(path: Path, value: int, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, mode)
@@ -94,20 +96,45 @@ class ReplicaState:
         self.epochs: dict[str, EpochFile] = {}
         self.followers: dict[tuple[str, str], FollowerProgress] = {}
         self._progress = trio.Event()  # set (and replaced) whenever a follower's acknowledgement moves
+        self.topics: dict[str, Topic] = {}  # every topic opened (for the high watermark's wake-ups)
+        # With --etcd the cluster task (server/clustering.py) sets the role: the node leads (and
+        # takes local writes) only while ``leading``; ``gate`` is the cluster's refusal (None: may
+        # acknowledge); ``isr_needed`` the followers whose copy an OK waits for, ``isr_size`` the
+        # in-sync set's size in etcd (the leader included).
+        self.clustered = bool(config.etcd)
+        self.leading = False
+        self.gate: Callable[[], str | None] = lambda: None
+        self.observe_epoch: Callable[[int], None] = lambda epoch: None
+        self.isr_needed: frozenset[str] = frozenset()
+        self.isr_size = 1
+        self.describe: Callable[[], dict[str, object]] = self._describe
+        self.address = ""  # where this node listens, once bound
+        self.bound = trio.Event()
+        self.leader_topics: set[str] | None = None  # a follower: the leader's topics, as last listed
+        self.synced_topics: set[str] = set()  # ... and those it caught up with since following it
+
+    def listening(self, address: str) -> None:
+        self.address = address
+        self.bound.set()
+
+    @property
+    def await_acks(self) -> bool:
+        """A BATCH's OK waits (AwaitReplicas): for the followers (``--acks all``), for the cluster's check."""
+        return self.config.acks == "all" or self.clustered
 
     @property
     def is_follower(self) -> bool:
-        return bool(self.leader)
+        return bool(self.leader) and not self.clustered
 
     def load(self) -> None:
         """Blocking: a leader takes the next epoch (durably) before its topics open."""
         path = Path(self.config.workdir) / EPOCH_COUNTER
         last = _read_counter(path)
-        if self.is_follower:
+        if self.is_follower or self.clustered:  # a cluster node's epochs come from etcd
             self.epoch = last
             return
         self.epoch = last + 1
-        _write_counter(path, self.epoch, self.config.file_mode)
+        write_counter(path, self.epoch, self.config.file_mode)
         log.info("leader epoch %d", self.epoch)
 
     def open_topic(self, root: Path, name: str) -> Topic:
@@ -116,39 +143,69 @@ class ReplicaState:
         A follower's topics are :class:`FollowerTopic` (appends only at the offsets the leader gave).
         """
         c = self.config
-        if self.is_follower:
+        if self.is_follower or self.clustered:
             flog = FollowerLog.open(root, name, partition_size=c.partition_size, partitions=c.partitions,
                                     file_mode=c.file_mode, dir_mode=c.dir_mode)
             assert isinstance(flog, FollowerLog)  # open() builds the class it is called on
-            topic: Topic = FollowerTopic(name, flog, c)
+            topic: Topic = FollowerTopic(name, flog, c, leading=lambda: self.leading)
         else:
             topic = Topic.open(root, name, c)
         try:
             ef = EpochFile.load(Path(root) / name, c.file_mode)
             ef.truncate(topic.log.head + 1)  # recovery may have cut the log below an epoch's start
-            if not self.is_follower:
+            if (not self.is_follower and not self.clustered) or self.leading:
                 ef.assign(self.epoch, topic.log.head)
         except BaseException:
             topic.log.close_without_sync()
             raise
         self.epochs[name] = ef
+        self.topics[name] = topic
+        if c.acks == "all":
+            topic.read_cap = lambda: self.high_watermark(name, topic.visible_head)
         return topic
 
     def note_epoch(self, epoch: int) -> None:
         """Blocking (follower): remember the newest leader epoch seen."""
         if epoch > self.epoch:
             self.epoch = epoch
-            _write_counter(Path(self.config.workdir) / EPOCH_COUNTER, epoch, self.config.file_mode)
+            write_counter(Path(self.config.workdir) / EPOCH_COUNTER, epoch, self.config.file_mode)
 
     # ------------------------------------------------------------ leader side
+
+    def refusal(self) -> str | None:
+        """Why this node may not acknowledge a write now (None: it may)."""
+        if self.clustered:
+            why = self.gate()
+            if why is None and not self.leading:
+                why = f"not leader: taking over epoch {self.epoch}"
+            return why
+        return f"not leader {self.leader}" if self.leader else None
 
     def refuse_writes(self) -> None:
         """Raise ``ERR not leader HOST:PORT`` on a follower, ``ERR not enough replicas`` with
         ``--acks all`` and fewer than ``--min-insync`` nodes in sync."""
-        if self.leader:
-            raise RequestError(f"not leader {self.leader}")
-        if self.config.acks == "all" and len(self.in_sync(trio.current_time())) + 1 < self.config.min_insync:
+        why = self.refusal()
+        if why is not None:
+            raise RequestError(why)
+        if self.config.acks == "all" and (len(self.in_sync(trio.current_time())) + 1 < self.config.min_insync
+                                          or (self.clustered and self.isr_size < self.config.min_insync)):
             raise RequestError("not enough replicas")
+
+    def high_watermark(self, topic: str, visible: int) -> int:
+        """What is durable on enough nodes that no failover can lose it (readers stop there)."""
+        if self.clustered:
+            if not self.leading:
+                return visible
+            for n in self.isr_needed:
+                p = self.followers.get((n, topic))
+                visible = min(visible, p.offset if p is not None else 0)
+            return visible
+        need = self.config.min_insync - 1
+        if need <= 0 or self.leader:
+            return visible
+        insync = self.in_sync(trio.current_time())
+        got = sorted((p.offset for (n, t), p in self.followers.items() if t == topic and n in insync), reverse=True)
+        return min(visible, got[need - 1]) if len(got) >= need else 0
 
     def in_sync(self, now: float) -> set[str]:
         """Followers that fetched every topic they follow, caught up, within ``--replica-lag``."""
@@ -170,6 +227,13 @@ class ReplicaState:
             p.offset, p.at = offset, now
             if offset >= head or 0 <= p.replied_head <= offset:
                 p.caught_up = now
+        self.progressed()
+        t = self.topics.get(topic)
+        if t is not None and t.read_cap is not None:
+            t.wake_readers()
+
+    def progressed(self) -> None:
+        """Acknowledgement waiters look again (a follower moved, or the in-sync set changed)."""
         self._progress.set()
         self._progress = trio.Event()
 
@@ -192,6 +256,8 @@ class ReplicaState:
         """``--acks all``: return once the batch ending at ``end`` is durable on ``--min-insync`` nodes (the
         leader's own copy is, when this is called).  Raises ``RequestError("not enough replicas")``
         when the in-sync set shrinks below that meanwhile."""
+        if self.clustered:
+            return await self._wait_isr(topic, end)
         need = self.config.min_insync - 1
         # at most --replica-lag and one re-check (e.g. a topic no follower fetches: nobody leaves the set)
         deadline = trio.current_time() + self.config.replica_lag * 1.25
@@ -207,6 +273,21 @@ class ReplicaState:
             with trio.move_on_after(min(self.config.replica_lag / 4, max(deadline - trio.current_time(), 0))):
                 await self._progress.wait()
 
+    async def _wait_isr(self, topic: str, end: int) -> None:
+        """A cluster leader: every other member of the in-sync set (as in etcd, and any set being
+        written) must hold the batch: any of them may be the next leader."""
+        deadline = trio.current_time() + self.config.replica_lag * 1.5  # a laggard leaves the set before
+        while True:
+            why = self.refusal()  # deposed (or the lease unconfirmed) meanwhile: say so now, not at the deadline
+            if why is not None:
+                raise RequestError(why)
+            if self.isr_size < self.config.min_insync or trio.current_time() >= deadline:
+                raise RequestError("not enough replicas")
+            if all((p := self.followers.get((n, topic))) is not None and p.offset >= end for n in self.isr_needed):
+                return
+            with trio.move_on_after(min(self.config.replica_lag / 4, max(deadline - trio.current_time(), 0))):
+                await self._progress.wait()
+
     def answered(self, node: str, topic: str, visible: int) -> None:
         """The leader answered ``node`` on ``topic`` with its head at ``visible``."""
         progress = self.followers.get((node, topic))
@@ -215,12 +296,38 @@ class ReplicaState:
 
     def check_fetch(self, req: Fetch) -> None:
         """The request-level checks of a FETCH (before any wait).  Raises :class:`RequestError`."""
-        if self.leader:
+        if self.clustered:
+            if req.epoch > self.epoch:
+                self.observe_epoch(req.epoch)  # a follower knows a newer leader: this one is deposed
+            why = self.refusal() if not self.leading else None
+            if why is not None:
+                raise RequestError(why)
+        elif self.leader:
             raise RequestError(f"not leader {self.leader}")
         if self.node_id and req.node == self.node_id:
             raise RequestError(f"fetch from node id {req.node}, which is this node's own id")
         if req.epoch and req.epoch != self.epoch:
             raise RequestError(f"fenced: epoch {req.epoch}, the leader's is {self.epoch}")
+
+    def extension_reply(self, req: Cluster | Epochs) -> bytes:
+        if isinstance(req, Epochs):
+            return self.epochs_reply(req.topic)
+        body = json.dumps(self.describe(), sort_keys=True).encode()
+        return b"MOK %d\r\n%s\r\n" % (len(body), body)
+
+    def epochs_reply(self, name: str) -> bytes:
+        """``EPOCHS <topic>``: the topic's leader-epoch entries and durable head (a follower compares
+        its own after a leader change, and cuts what the leader does not have)."""
+        topic, ef = self.topics.get(name), self.epochs.get(name)
+        if topic is None or ef is None:
+            return b"ERR unknown topic %s\r\n" % name.encode()
+        body = {"epochs": ef.entries, "first": topic.first, "head": topic.visible_head, "epoch": self.epoch}
+        return b"MOK %d\r\n%s\r\n" % (len(b := json.dumps(body).encode()), b)
+
+    def _describe(self) -> dict[str, object]:
+        role = "follower" if self.leader else "leader"
+        return {"node": self.node_id, "role": role, "leader": {"addr": self.leader or self.address,
+                                                               "epoch": self.epoch}, "epoch": self.epoch}
 
     def fetch_reply(self, tlog: TopicLog, req: Fetch, visible: int) -> tuple[bytes, ReadPlan]:
         """The reply header and the plan of its frames (the caller records the acknowledgement).

@@ -1,0 +1,245 @@
+"""Clients of a logd cluster: several addresses, the leader found, and a writer that survives a failover.
+
+- :func:`parse_hosts` reads ``HOST:PORT[,HOST:PORT...]``.
+- :func:`find_leader` asks each address ``CLUSTER`` (a logd-trio extension) and returns the
+  node that leads and may acknowledge now, or the leader a follower names; a server without
+  the extension (Go logd, a single node) is taken as it is.
+- :class:`FailoverWriter` pipelines batches to the leader.  When a batch is refused because
+  the node does not lead (``ERR not leader [HOST:PORT]``, ``ERR fenced``), cannot acknowledge
+  (``ERR not enough replicas``), or its connection breaks or times out, the writer finds the
+  leader again (for at most ``give_up`` seconds) and resends, in order, every batch not yet
+  acknowledged.  Delivery is **at least once**: a batch whose OK was lost in the failover may
+  have been stored, and is then stored twice.  Any other ``ERR`` is final: :class:`WriteFailed`
+  says how many messages were not acknowledged.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Callable, Iterable, Sequence
+
+import anyio
+
+from logd_trio.client.transport import Connection, RetryPolicy, connect
+from logd_trio.core.addresses import AddressError, format_address, parse_address
+from logd_trio.core.defaults import DEFAULT_MAX_BATCH_SIZE
+from logd_trio.core.errors import BadReply, ClientError, ConnectionLost, Timeout, WriteFailed
+from logd_trio.core.framing import build_body, framed_size
+from logd_trio.core.replies import ErrorReply, MokReply, OffsetReply, ReplyKind
+from logd_trio.core.requests import encode_batch
+
+__all__ = ["FailoverWriter", "ask_cluster", "find_leader", "parse_hosts", "retriable"]
+
+_ONE_TRY = RetryPolicy(attempts=1, initial=0.05, maximum=0.05, connect_timeout=1.0)
+
+
+def parse_hosts(text: str) -> list[str]:
+    """``HOST:PORT[,HOST:PORT...]`` -> the addresses; :class:`AddressError` names a bad one."""
+    out = [format_address(*parse_address(part)) for part in text.split(",") if part.strip()]
+    if not out:
+        raise AddressError(f"invalid address list {text!r}: expected HOST:PORT[,HOST:PORT...]")
+    return out
+
+
+def retriable(reason: str) -> bool:
+    """A refusal another node (or a moment later) may not give: the cluster is changing leader."""
+    return reason.startswith(("not leader", "fenced", "not enough replicas"))
+
+
+def _redirect(reason: str) -> str | None:
+    """``not leader HOST:PORT`` -> ``HOST:PORT`` (None without a usable hint)."""
+    words = reason.split()
+    if len(words) == 3 and words[:2] == ["not", "leader"]:
+        try:
+            return format_address(*parse_address(words[2]))
+        except AddressError:
+            return None
+    return None
+
+
+async def ask_cluster(address: str, limit: float) -> dict[str, object] | None:
+    """The node's CLUSTER view; None if it does not have the extension.  Raises on a lost connection."""
+    with anyio.fail_after(limit):
+        conn = await connect(address, retry=_ONE_TRY)
+        try:
+            await conn.send(b"CLUSTER\r\n")
+            reply = await conn.receive(ReplyKind.MOK)
+        finally:
+            await conn.aclose()
+    if isinstance(reply, MokReply):
+        body = json.loads(reply.body)
+        return body if isinstance(body, dict) else None
+    return None
+
+
+async def find_leader(addresses: Sequence[str], *, per_node: float = 2.0) -> str | None:
+    """The address of the node that leads and may acknowledge; else a leader some node names;
+    else the first address that answers without the extension; None if none answers."""
+    named: list[str] = []
+    plain: str | None = None
+    for address in addresses:
+        try:
+            view = await ask_cluster(address, per_node)
+        except (OSError, ConnectionLost, BadReply, TimeoutError, ValueError):
+            continue
+        if view is None:
+            plain = plain or address
+            continue
+        if view.get("role") == "leader" and view.get("refusal") is None:
+            return address
+        leader = view.get("leader")
+        if isinstance(leader, dict) and isinstance(leader.get("addr"), str) and view.get("role") != "leader":
+            named.append(str(leader["addr"]))
+    for address in named:  # a leader not in the list (say, one that restarted elsewhere)
+        try:
+            view = await ask_cluster(address, per_node)
+        except (OSError, ConnectionLost, BadReply, TimeoutError, ValueError):
+            continue
+        if view is not None and view.get("role") == "leader" and view.get("refusal") is None:
+            return address
+    return plain
+
+
+class FailoverWriter:
+    """See the module docstring.  ``async with FailoverWriter(addresses, topic) as w: await w.write_many(...)``;
+    leaving the block normally flushes."""
+
+    def __init__(self, addresses: Sequence[str], topic: str, *, batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 window: int = 32, timeout: float = 10.0, give_up: float = 30.0,
+                 on_ack: Callable[[int, int], None] | None = None) -> None:
+        if not addresses:
+            raise ValueError("at least one address")
+        self.addresses = list(addresses)
+        self.topic = topic
+        self.batch_size = max(64, min(batch_size, DEFAULT_MAX_BATCH_SIZE))
+        self.window = max(1, window)
+        self.timeout = timeout
+        self.give_up = give_up
+        self.on_ack = on_ack
+        self.acked_messages = 0
+        self.acked_batches = 0
+        self.resent_batches = 0  # batches sent again after a failover (each may now be stored twice)
+        self.failovers = 0
+        self.leader: str | None = None
+        self._conn: Connection | None = None
+        self._unacked: collections.deque[tuple[bytes, int]] = collections.deque()  # (request, messages)
+        self._in_flight = 0  # of _unacked, how many were sent on the current connection
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._why = "no leader found"
+
+    async def __aenter__(self) -> FailoverWriter:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
+        try:
+            if et is None:
+                await self.flush()
+        finally:
+            await self._drop()
+
+    @property
+    def pending_messages(self) -> int:
+        return sum(n for _, n in self._unacked) + len(self._parts)
+
+    async def write(self, message: bytes) -> None:
+        await self.write_many([message])
+
+    async def write_many(self, messages: Iterable[bytes]) -> int:
+        """Queue and send ``messages`` (sealing the last partial batch); returns how many."""
+        n = 0
+        line = 48 + len(self.topic)  # room for "BATCH <size> <topic> <crc> <count>\r\n"
+        for m in messages:
+            framed = framed_size(len(m))
+            if framed + line > self.batch_size:
+                raise ClientError(f"message of {len(m)} bytes does not fit in a batch of {self.batch_size}")
+            if self._size + framed + line > self.batch_size:
+                await self._seal()
+            self._parts.append(m)
+            self._size += framed
+            n += 1
+        await self._seal()
+        return n
+
+    async def flush(self) -> None:
+        """Return once every queued batch is acknowledged (through failovers)."""
+        await self._seal()
+        while self._unacked:
+            await self._step()
+
+    # ------------------------------------------------------------ internals
+
+    async def _seal(self) -> None:
+        if not self._parts:
+            return
+        self._unacked.append((encode_batch(self.topic, build_body(self._parts), len(self._parts)), len(self._parts)))
+        self._parts, self._size = [], 0
+        while self._in_flight < len(self._unacked):  # every batch sent (a full window waits for a reply)
+            await self._step()
+
+    async def _step(self) -> None:
+        """Send what the window allows, or read one reply; a failure moves to the leader and resends."""
+        try:
+            conn = self._conn or await self._connect()
+            if self._in_flight < min(self.window, len(self._unacked)):
+                request, _ = self._unacked[self._in_flight]
+                with anyio.fail_after(self.timeout):
+                    await conn.send(request)
+                self._in_flight += 1
+                return
+            with anyio.fail_after(self.timeout):
+                reply = await conn.receive(ReplyKind.OFFSET)
+        except (ConnectionLost, BadReply, TimeoutError, OSError) as exc:
+            await self._failover(str(exc) or type(exc).__name__)
+            return
+        if isinstance(reply, OffsetReply):
+            _, count = self._unacked.popleft()
+            self._in_flight -= 1
+            self.acked_messages += count
+            self.acked_batches += 1
+            if self.on_ack is not None:
+                self.on_ack(reply.offset, count)
+            return
+        reason = reply.reason if isinstance(reply, ErrorReply) else f"unexpected reply {reply!r}"
+        if not retriable(reason):
+            lost = self.pending_messages
+            await self._drop()
+            raise WriteFailed(f"{lost} message(s) not acknowledged: ERR {reason}", [])
+        await self._failover(reason, _redirect(reason))
+
+    async def _failover(self, why: str, hint: str | None = None) -> None:
+        self.failovers += 1
+        self.resent_batches += self._in_flight
+        await self._drop()
+        self._in_flight = 0
+        self.leader = hint
+        self._why = why
+
+    async def _connect(self) -> Connection:
+        deadline = anyio.current_time() + self.give_up
+        delay = 0.05
+        why = self._why
+        while True:
+            address = self.leader or await find_leader(self.addresses, per_node=min(2.0, self.timeout))
+            if address is not None:
+                try:
+                    with anyio.fail_after(min(2.0, self.timeout)):
+                        self._conn = await connect(address, retry=_ONE_TRY)
+                    self.leader = address
+                    return self._conn
+                except (ConnectionLost, TimeoutError, OSError) as exc:
+                    why = str(exc)
+            self.leader = None
+            if anyio.current_time() + delay > deadline:
+                raise Timeout(f"no leader accepted writes within {self.give_up:g} s ({why}); "
+                              f"{self.pending_messages} message(s) not acknowledged")
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True):
+                await conn.aclose()
+
