@@ -206,7 +206,7 @@ class RequestParser:
         return len(self._buf) - self._pos
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._started:
+        if not self._started and data:
             self._started = True
             if data[:1] == TLS_HELLO:  # a TLS client on a plaintext port: say so, not "invalid request"
                 self._dead = RequestError(TLS_NOT_ENABLED, close=True)

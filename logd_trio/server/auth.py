@@ -54,6 +54,7 @@ _PRINCIPAL_KEYS: Final = frozenset({"token", "subject", "node", *_RIGHT_KEYS})
 _NEEDS: Final[Mapping[str, str]] = {
     "Batch": "write", "Read": "read", "Tail": "read", "Seek": "read", "Fetch": "fetch",
     "Stats": "any", "Topics": "any", "Config": "", "Ping": "", "Close": "", "Auth": "",
+    "Cluster": "any", "Epochs": "fetch",  # a cluster's view (like STATS); a follower's reconciliation
 }
 _CACHE_MAX: Final = 4096  # (right, topic) decisions a connection remembers
 
