@@ -8,32 +8,17 @@ checked: within the leader's log, on a batch boundary).
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import trio
 
 from logd_trio.core.errors import LogdError, NotFound, RequestError, StorageError
 from logd_trio.core.fetch import Fetch
-from logd_trio.server.config import ServerConfig
-from logd_trio.server.registry import Registry
-from logd_trio.server.stats import Counters
-from logd_trio.server.storage.reads import ReadPlan
+from logd_trio.server.reading import ReadingConnection
 
 __all__ = ["FetchingConnection", "serve_fetch"]
 
 
-class FetchingConnection(Protocol):
-    """What :func:`serve_fetch` needs of a :class:`~logd_trio.server.connection.Connection`."""
-
-    registry: Registry
-    config: ServerConfig
-    counters: Counters
-    _eof: bool
-    _poll_scope: trio.CancelScope | None
-
-    async def _send_all(self, data: bytes | bytearray) -> None: ...
-
-    async def _send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None) -> None: ...
+# The same face of a Connection that READ answering needs (server/reading.py).
+FetchingConnection = ReadingConnection
 
 
 async def serve_fetch(conn: FetchingConnection, req: Fetch, pending: bytearray) -> LogdError | None:
