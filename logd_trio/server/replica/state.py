@@ -321,7 +321,7 @@ class ReplicaState:
             raise RequestError(f"not leader {self.leader}")
         if self.node_id and req.node == self.node_id:
             raise RequestError(f"fetch from node id {req.node}, which is this node's own id")
-        if req.epoch and req.epoch != self.epoch:
+        if (req.epoch or self.clustered) and req.epoch != self.epoch:  # a cluster's fetch must name the epoch
             raise RequestError(f"fenced: epoch {req.epoch}, the leader's is {self.epoch}")
 
     def extension_reply(self, req: Cluster | Epochs) -> bytes:
