@@ -262,8 +262,9 @@ class Clustering:
                             for t, p in progress)
                 if not stale or now - self.lead_start <= lag:
                     out.add(n)
-            elif all(p is not None and p.offset >= state.topics[t].visible_head for t, p in progress):
-                out.add(n)  # holds everything this leader has: may join
+            elif n in self.members and all(p is not None and p.offset >= state.topics[t].visible_head
+                                           for t, p in progress):
+                out.add(n)  # a registered member that holds everything this leader has: may join
         return tuple(sorted(out))
 
     async def _isr_loop(self) -> None:

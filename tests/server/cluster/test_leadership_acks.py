@@ -9,8 +9,11 @@ import trio
 import trio.testing
 
 from logd_trio.core.errors import LogdError
+from logd_trio.server.clustering import Clustering
+from logd_trio.server.registry import Registry
 from logd_trio.server.replica.acks import AwaitReplicas
 from logd_trio.server.replica.state import ReplicaState
+from logd_trio.server.stats import Counters
 from logd_trio.server.topic import Append
 
 from ...harness import make_config
@@ -111,3 +114,20 @@ async def test_a_deposed_leaders_readers_stay_at_its_high_watermark_until_it_rec
     assert topic.readable_head == 120
     s.reconciled("t")
     assert topic.readable_head == 300
+
+
+async def test_only_a_registered_member_joins_the_in_sync_set(nursery: trio.Nursery, tmp_path: Path) -> None:
+    registry = Registry(make_config(tmp_path, acks="all", min_insync=2, replica_lag=1.0, node_id="a",
+                                    etcd="http://127.0.0.1:2379", cluster="c1"), nursery, Counters())
+    clustering = Clustering(registry)
+    state = registry.replica
+    state.leading = True
+    topic = await registry.get_or_create("t")
+    now = trio.current_time()
+    clustering.members = {"a": "127.0.0.1:1", "b": "127.0.0.1:2"}
+    clustering.members_at = clustering.lead_start = now - 5
+    state.record("b", "t", topic.visible_head, topic.visible_head)  # both hold everything the leader has
+    state.record("stranger", "t", topic.visible_head, topic.visible_head)  # a FETCH naming any node id
+    assert clustering._desired(("a",), now) == ("a", "b")
+    topic.close_input()
+    await clustering.etcd.aclose()
