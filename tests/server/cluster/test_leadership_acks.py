@@ -131,3 +131,31 @@ async def test_only_a_registered_member_joins_the_in_sync_set(nursery: trio.Nurs
     assert clustering._desired(("a",), now) == ("a", "b")
     topic.close_input()
     await clustering.etcd.aclose()
+
+
+async def test_a_follower_joins_once_it_holds_everything_acknowledged_not_the_head(nursery: trio.Nursery,
+                                                                                  tmp_path: Path) -> None:
+    """Under a steady load a follower is always a step behind the head: it joins once it holds the
+    high watermark (what the in-sync members hold) and the head this leader took over with."""
+    registry = Registry(make_config(tmp_path, acks="all", min_insync=2, replica_lag=1.0, node_id="a",
+                                    etcd="http://127.0.0.1:2379", cluster="c1"), nursery, Counters())
+    clustering = Clustering(registry)
+    state = registry.replica
+    state.leading = True
+    topic = await registry.get_or_create("t")
+    now = trio.current_time()
+    clustering.members = {"a": "127.0.0.1:1", "b": "127.0.0.1:2", "c": "127.0.0.1:3"}
+    clustering.members_at = clustering.lead_start = now - 5
+    clustering.takeover_heads = {"t": 80}
+    state.isr_needed = frozenset({"c"})
+    state.record("c", "t", 100, 100)  # caught up with the head of then
+    topic.visible_head = 150  # stored here since; c holds 100 (the high watermark)
+    state.record("b", "t", 90, 150)  # below the high watermark: lacks acknowledged batches
+    assert clustering._desired(("a", "c"), now) == ("a", "c")
+    state.record("b", "t", 120, 150)  # everything acknowledged, not the head
+    assert clustering._desired(("a", "c"), now) == ("a", "b", "c")
+    clustering.takeover_heads = {"t": 130}  # acknowledged in an earlier epoch, up to the takeover head
+    assert clustering._desired(("a", "c"), now) == ("a", "c")
+    topic.visible_head = topic.log.head
+    topic.close_input()
+    await clustering.etcd.aclose()
