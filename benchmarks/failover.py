@@ -183,36 +183,41 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="logd-failover-"))
     etcd, urls = start_etcd(root)
     results: list[float] = []
+    nodes = [Node(n, root, urls, args.lease_ttl) for n in "abc"]
     try:
         await trio.sleep(1.0)  # etcd members elect their raft leader
         async with trio.open_nursery() as nursery:
-            nodes = [Node(n, root, urls, args.lease_ttl) for n in "abc"]
             for n in nodes:
                 await n.start(nursery)
             acks: list[tuple[str, float]] = []
             stop = trio.Event()
             nursery.start_soon(writer, nodes, acks, stop)
             for k in range(args.kills):
-                leader = await leader_of(nodes, in_sync=3)
-                start = len(acks)
-                while len(acks) < start + 50:  # noqa: ASYNC110
-                    await trio.sleep(0.01)
-                killed = time.monotonic()
-                leader.kill()
-                assert leader.proc is not None
-                await leader.proc.wait()
-                while not any(node != leader.name and t > killed for node, t in acks[start:]):  # noqa: ASYNC110
-                    await trio.sleep(0.005)
+                with trio.fail_after(60):  # a leader in sync with all, 50 OKs, the kill and the next OK
+                    leader = await leader_of(nodes, in_sync=3)
+                    start = len(acks)
+                    while len(acks) < start + 50:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                    killed = time.monotonic()
+                    leader.kill()
+                    assert leader.proc is not None
+                    await leader.proc.wait()
+                    while not any(node != leader.name and t > killed for node, t in acks[start:]):  # noqa: ASYNC110
+                        await trio.sleep(0.005)
                 took = min(t for node, t in acks[start:] if node != leader.name and t > killed) - killed
                 results.append(took)
                 print(f"kill {k + 1}: leader {leader.name} killed, first OK from the new leader after {took:.3f} s",
                       flush=True)
                 await leader.start(nursery)  # it comes back as a follower
             stop.set()
-            for n in nodes:
-                n.kill()
             nursery.cancel_scope.cancel()
     finally:
+        for n in nodes:  # also when a wait above failed or was interrupted
+            n.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            for n in nodes:
+                if n.proc is not None:
+                    await n.proc.wait()
         for p in etcd:
             p.kill()
             p.wait()

@@ -128,6 +128,9 @@ class FailoverWriter:
         self._parts: list[bytes] = []
         self._size = 0
         self._why = "no leader found"
+        self._failing_since: float | None = None  # the first failure since the last OK (the give_up bound)
+        self._backoff = 0.0  # before the next resend: doubles from 50 ms up to 1 s, reset by an OK
+        self._attempts = 0  # resends since the last OK
 
     async def __aenter__(self) -> FailoverWriter:
         return self
@@ -194,6 +197,7 @@ class FailoverWriter:
             await self._failover(str(exc) or type(exc).__name__)
             return
         if isinstance(reply, OffsetReply):
+            self._failing_since, self._backoff, self._attempts = None, 0.0, 0
             _, count = self._unacked.popleft()
             self._in_flight -= 1
             self.acked_messages += count
@@ -209,15 +213,30 @@ class FailoverWriter:
         await self._failover(reason, _redirect(reason))
 
     async def _failover(self, why: str, hint: str | None = None) -> None:
+        """Drop the connection; resend after a backoff, for at most ``give_up`` since the first failure
+        (only an OK resets it), then raise :class:`Timeout` saying how many messages are unacknowledged."""
+        now = anyio.current_time()
+        if self._failing_since is None:
+            self._failing_since = now
         self.failovers += 1
         self.resent_batches += self._in_flight
         await self._drop()
         self._in_flight = 0
         self.leader = hint
         self._why = why
+        left = self._failing_since + self.give_up - now
+        if left <= 0:
+            raise self._gave_up(why)
+        await anyio.sleep(min(self._backoff, left))
+        self._backoff = min(max(self._backoff * 2, 0.05), 1.0)
+        self._attempts += 1
+
+    def _gave_up(self, why: str) -> Timeout:
+        return Timeout(f"no leader accepted writes within {self.give_up:g} s ({self._attempts} attempts, "
+                       f"last: {why}); {self.pending_messages} message(s) not acknowledged")
 
     async def _connect(self) -> Connection:
-        deadline = anyio.current_time() + self.give_up
+        deadline = (self._failing_since or anyio.current_time()) + self.give_up
         delay = 0.05
         why = self._why
         while True:
@@ -232,8 +251,7 @@ class FailoverWriter:
                     why = str(exc)
             self.leader = None
             if anyio.current_time() + delay > deadline:
-                raise Timeout(f"no leader accepted writes within {self.give_up:g} s ({why}); "
-                              f"{self.pending_messages} message(s) not acknowledged")
+                raise self._gave_up(why)
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.5)
 

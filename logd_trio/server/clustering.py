@@ -85,6 +85,7 @@ class Clustering:
         self.pending: frozenset[str] = frozenset()  # a set being written: waited for until confirmed
         self.lead_start = 0.0
         self.first_seen: dict[str, float] = {}
+        self.takeover_heads: dict[str, int] = {}  # each topic's head when this node took over (leader)
         self.following: Target | None = None
         self.led: Leadership | None = None  # the leadership this node last took writes with
         self._follow_scope: trio.CancelScope | None = None
@@ -229,6 +230,7 @@ class Clustering:
         await run_blocking(assign)
         if leadership.gate.deposed:
             return
+        self.takeover_heads = {name: topic.log.head for name, topic in state.topics.items()}
         state.epoch, state.leader = epoch, ""
         state.followers.clear()
         self.pending = frozenset()
@@ -264,9 +266,22 @@ class Clustering:
                             for t, p in progress)
                 if not stale or now - self.lead_start <= lag:
                     out.add(n)
-            elif all(p is not None and p.offset >= state.topics[t].visible_head for t, p in progress):
-                out.add(n)  # holds everything this leader has: may join
+            elif n in self.members and all(p is not None and p.offset >= self._join_floor(n, t) for t, p in progress):
+                out.add(n)  # a registered member that holds everything acknowledged: may join
         return tuple(sorted(out))
+
+    def _join_floor(self, node: str, topic: str) -> int:
+        """What a joiner must hold of ``topic``: every batch acknowledged so far, i.e. up to the high
+        watermark over the others waited for, and up to the head this leader took over with (the
+        earlier epochs' acknowledged batches) -- not the head itself, which a follower under a steady
+        load is always a step behind."""
+        state = self.state
+        t = state.topics[topic]
+        floor = t.visible_head
+        for m in state.isr_needed - {node}:
+            p = state.followers.get((m, topic))
+            floor = min(floor, p.offset if p is not None else 0)
+        return min(t.visible_head, max(floor, self.takeover_heads.get(topic, 0)))
 
     async def _isr_loop(self) -> None:
         while True:

@@ -11,7 +11,7 @@ import pytest
 
 from logd_trio.client.failover import FailoverWriter, find_leader, parse_hosts, retriable
 from logd_trio.core.addresses import AddressError
-from logd_trio.core.errors import WriteFailed
+from logd_trio.core.errors import Timeout, WriteFailed
 
 from .live import read_line, scripted_peer
 
@@ -123,3 +123,18 @@ def test_parse_hosts_and_retriable() -> None:
         parse_hosts("127.0.0.1:1774,nope:x")
     assert retriable("not leader 1.2.3.4:5") and retriable("not enough replicas") and retriable("fenced: epoch 3")
     assert not retriable("topic not allowed")
+
+
+async def test_a_node_refusing_forever_is_given_up_on_with_backoff(tg: anyio.abc.TaskGroup) -> None:
+    node = FakeNode("leader", ok_limit=1, refuse=b"not enough replicas")
+    addr = await scripted_peer(tg, node)
+    t0 = anyio.current_time()
+    gave_up = r"within 1 s \(\d+ attempts, last: not enough replicas\); \d+ message\(s\) not acknowledged"
+    with anyio.fail_after(10), pytest.raises(Timeout, match=gave_up):
+        async with FailoverWriter([addr], "t", batch_size=200, window=1, give_up=1.0) as w:
+            await w.write_many(b"m%03d" % i for i in range(20))
+    elapsed = anyio.current_time() - t0
+    assert 1.0 <= elapsed < 5.0, elapsed
+    # backoff from 50 ms doubling (to 1 s): a handful of resends within the second, not a busy loop
+    assert node.requests - 1 <= 12, node.requests
+    assert 0 < w.acked_messages < 20 and w.pending_messages == 20 - w.acked_messages

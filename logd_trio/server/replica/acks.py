@@ -22,12 +22,13 @@ __all__ = ["AwaitReplicas"]
 class AwaitReplicas:
     """One BATCH under ``--acks all``: its local append, and where to wait for the followers."""
 
-    __slots__ = ("append", "state", "topic")
+    __slots__ = ("append", "generation", "state", "topic")
 
     def __init__(self, append: Append, topic: str, state: ReplicaState) -> None:
         self.append = append
         self.topic = topic
         self.state = state
+        self.generation = state.generation  # the leadership the batch is stored in (created as it is queued)
 
     @property
     def ready(self) -> bool:
@@ -43,7 +44,8 @@ class AwaitReplicas:
             return error_reply(item.error)
         try:
             if self.state.config.acks == "all":
-                await self.state.wait_acks(self.topic, item.end)
+                await self.state.wait_acks(self.topic, item.end, self.generation)
+            self.state.check_generation(self.generation)
             why = self.state.refusal()  # a cluster leader deposed meanwhile (or its lease unconfirmed) never says OK
             if why is not None:
                 raise RequestError(why)

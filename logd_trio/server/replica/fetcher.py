@@ -13,8 +13,10 @@ or that is a follower, stops the server with :class:`ReplicationRefused`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -26,7 +28,7 @@ from logd_trio.core.replies import NEED_DATA, ErrorReply, MokReply, ReplyKind, R
 from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.registry import Registry
-from logd_trio.server.replica.follower_log import FollowerLog
+from logd_trio.server.replica.follower_log import FollowerLog, FollowerTopic
 from logd_trio.server.replica.link import LinkRefused, open_link
 from logd_trio.server.replica.state import ReplicationRefused
 from logd_trio.server.storage.epochs import EpochFile
@@ -148,6 +150,17 @@ def _start_over(flog: FollowerLog, ef: EpochFile, start: int) -> None:
     start_at(flog, start)
 
 
+def _truncate(flog: FollowerLog, ef: EpochFile, end: int) -> None:
+    truncate_to(flog, end)
+    ef.truncate(end)
+
+
+async def _cut(topic: Topic, truncate: Callable[[], object]) -> None:
+    """Cut with no append of this node's last leadership pending (FollowerTopic.cut)."""
+    assert isinstance(topic, FollowerTopic)
+    await topic.cut(truncate)
+
+
 def _is_empty(flog: FollowerLog) -> bool:
     return flog.head == flog.first
 
@@ -177,7 +190,10 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
     async with stream:
         epoch = target.epoch
         if target.clustered:
+            if epoch <= 0:
+                raise _Retry("no leader epoch known")  # a cluster's fetch always carries one (fencing)
             await reconcile(stream, registry, topic, wait)
+            state.reconciled(name)
         leader_first = 0
         wait_ms = 0  # the first answer at once: it tells how far the leader is
         while True:
@@ -194,6 +210,8 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
                     raise ReplicationRefused(f"leader {target.label}: {reply.reason}")
                 if reply.reason.startswith("fenced"):
                     log.info("topic %s: the leader moved to a new epoch (%s)", name, reply.reason)
+                    if target.clustered:  # reconnect: the log is compared with the leader's epochs again
+                        raise _Retry(f"fenced: {reply.reason}")
                     epoch = 0
                     continue
                 raise _Retry(f"the leader refused FETCH at {offset}: {reply.reason}")
@@ -211,7 +229,7 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
                                 "(removed by retention): its partitions are copied aside (.log.corrupt-*) and "
                                 "it starts again at %d", name, offset, h.first, h.first)
                     ef = state.epochs[name]
-                    await run_blocking(_start_over, flog, ef, h.first)
+                    await _cut(topic, functools.partial(_start_over, flog, ef, h.first))
                     continue
                 if offset >= h.head:
                     state.synced_topics.add(name)  # caught up with this leader once
@@ -271,7 +289,10 @@ async def _epochs(stream: trio.abc.Stream, name: str, limit: float) -> dict[str,
         while True:
             reply = parser.next_reply(ReplyKind.MOK)
             if isinstance(reply, MokReply):
-                body = json.loads(reply.body)
+                try:
+                    body = json.loads(reply.body)
+                except ValueError as e:
+                    raise BadReply(f"EPOCHS: not JSON: {e}") from None
                 if not isinstance(body, dict):
                     raise BadReply("EPOCHS: expected an object")
                 return body
@@ -286,18 +307,29 @@ async def _epochs(stream: trio.abc.Stream, name: str, limit: float) -> dict[str,
 
 
 def divergence(mine: list[tuple[int, int]], theirs: list[tuple[int, int]], their_head: int) -> int | None:
-    """Where this log stops matching the leader's (None: nowhere we know of): the end, on the leader,
-    of the newest leader epoch not above this log's newest (Kafka's leader-epoch rule)."""
+    """Where this log stops matching the leader's (None: nowhere we know of), by the leader-epoch rule
+    (as in Kafka): take the newest leader epoch E not above this log's newest; this log matches up to
+    where E ends on the leader, and at most up to where this log's own next epoch after E starts.
+    Cut there and look again, until nothing changes."""
     if not mine:
         return None
-    latest = mine[-1][0]
-    end: int | None = None
-    for i, (e, _) in enumerate(theirs):
-        if e <= latest:
-            end = theirs[i + 1][1] if i + 1 < len(theirs) else their_head
-    if end is None:  # every epoch of the leader is newer than ours: we match up to its first epoch's start
+    cut: int | None = None
+    while mine:
+        latest = mine[-1][0]
+        shared: int | None = None  # E: the leader's newest epoch not above ours (None: all are newer)
         end = theirs[0][1] if theirs else their_head
-    return end
+        for i, (e, _) in enumerate(theirs):
+            if e <= latest:
+                shared, end = e, theirs[i + 1][1] if i + 1 < len(theirs) else their_head
+        own_next = next((s for e, s in mine if shared is None or e > shared), None)
+        if own_next is not None:
+            end = min(end, own_next)
+        cut = end if cut is None else min(cut, end)
+        kept = [(e, s) for e, s in mine if s < cut]
+        if kept == mine:
+            break
+        mine = kept
+    return cut
 
 
 async def reconcile(stream: trio.abc.Stream, registry: Registry, topic: Topic, limit: float) -> None:
@@ -311,7 +343,10 @@ async def reconcile(stream: trio.abc.Stream, registry: Registry, topic: Topic, l
         raw, head = body.get("epochs"), body.get("head")
         if not isinstance(raw, list) or not isinstance(head, int):
             raise BadReply("EPOCHS: expected epochs and head")
-        theirs = [(int(e), int(s)) for e, s in raw]
+        try:
+            theirs = [(int(e), int(s)) for e, s in raw]
+        except (TypeError, ValueError):
+            raise BadReply(f"EPOCHS: expected [epoch, start] pairs, got {raw[:3]!r}") from None
         end = divergence(ef.entries, theirs, head)
         if end is None or end >= flog.head:
             return
@@ -321,9 +356,7 @@ async def reconcile(stream: trio.abc.Stream, registry: Registry, topic: Topic, l
         try:
             if end < flog.first:
                 raise OffsetMismatch(f"offset {end} before the log's first {flog.first}")
-            await run_blocking(truncate_to, flog, end)
-            await run_blocking(ef.truncate, end)
+            await _cut(topic, functools.partial(_truncate, flog, ef, end))
         except OffsetMismatch as e:
             log.warning("topic %s: cannot cut at %d (%s): the whole log is copied aside", topic.name, end, e)
-            await run_blocking(_start_over, flog, ef, end if end > 0 else 0)
-        topic.visible_head = flog.head
+            await _cut(topic, functools.partial(_start_over, flog, ef, max(end, 0)))

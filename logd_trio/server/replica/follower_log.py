@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import trio
+
 from logd_trio.core.errors import StorageError
+from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.storage.replica_log import OffsetMismatch, append_at, start_at
 from logd_trio.server.storage.topic_log import TopicLog
@@ -48,6 +51,38 @@ class FollowerTopic(Topic):
         super().__init__(name, flog, config)
         self.flog = flog
         self.leading = leading
+        self._fence: int | None = None  # while a cut is coming: nothing past it is acknowledged or shown
+
+    async def cut(self, truncate: Callable[[], object]) -> None:
+        """Run the blocking ``truncate`` (a cut of the log, in a worker thread) with no local append
+        of this node's last leadership pending: those not yet answered fail (their outcome is
+        unknown to the client), the fsync in flight finishes first and publishes nothing past the
+        acknowledged head, then the cut runs and the acknowledged head moves to the log's new end."""
+        self._fence = self.visible_head
+        self._fail_beyond(self._fence)
+        try:
+            async with self._sync_lock:  # the syncer is not inside an fsync while the files are cut
+                self._fail_beyond(self._fence)
+                with trio.CancelScope(shield=True):  # a cut, once started, completes
+                    await run_blocking(truncate)
+                self.visible_head = self.flog.head
+        finally:
+            self._fence = None
+
+    def _fail_beyond(self, fence: int) -> None:
+        kept = [(end, item) for end, item in self._unacked if end <= fence]
+        for end, item in self._unacked:
+            if end > fence:
+                item.error = item.error or StorageError(f"topic {self.name}: this node no longer leads")
+                item.done.set()
+        self._unacked.clear()
+        self._unacked.extend(kept)
+
+    def _ack_upto(self, upto: int) -> int:
+        if self._fence is not None:
+            self._fail_beyond(self._fence)
+            upto = min(upto, self._fence)
+        return super()._ack_upto(upto)
 
     def _store(self, item: Append) -> int:
         if item.place is None:

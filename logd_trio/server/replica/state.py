@@ -102,7 +102,9 @@ class ReplicaState:
         # acknowledge); ``isr_needed`` the followers whose copy an OK waits for, ``isr_size`` the
         # in-sync set's size in etcd (the leader included).
         self.clustered = bool(config.etcd)
-        self.leading = False
+        self._leading = False
+        self.generation = 0  # +1 whenever ``leading`` changes: an OK waits within one leadership
+        self.held_hw: dict[str, int] = {}  # a deposed leader's readers stay capped here until reconciled
         self.gate: Callable[[], str | None] = lambda: None
         self.observe_epoch: Callable[[int], None] = lambda epoch: None
         self.isr_needed: frozenset[str] = frozenset()
@@ -112,6 +114,30 @@ class ReplicaState:
         self.bound = trio.Event()
         self.leader_topics: set[str] | None = None  # a follower: the leader's topics, as last listed
         self.synced_topics: set[str] = set()  # ... and those it caught up with since following it
+
+    @property
+    def leading(self) -> bool:
+        return self._leading
+
+    @leading.setter
+    def leading(self, value: bool) -> None:
+        """Each change starts a new leadership generation and wakes the acknowledgement waiters (a
+        batch stored under one leadership is never acknowledged under another).  A node that stops
+        leading keeps its readers at the high watermark it had until it reconciled each topic."""
+        if value == self._leading:
+            return
+        if not value and self.config.acks == "all":
+            self.held_hw = {n: self.high_watermark(n, t.visible_head) for n, t in self.topics.items()}
+        elif value:
+            self.held_hw = {}
+        self._leading = value
+        self.generation += 1
+        self.progressed()
+
+    def reconciled(self, topic: str) -> None:
+        """This node's copy of ``topic`` now matches a leader's history: its readers are no longer held."""
+        if self.held_hw.pop(topic, None) is not None and (t := self.topics.get(topic)) is not None:
+            t.wake_readers()
 
     def listening(self, address: str) -> None:
         self.address = address
@@ -194,8 +220,9 @@ class ReplicaState:
     def high_watermark(self, topic: str, visible: int) -> int:
         """What is durable on enough nodes that no failover can lose it (readers stop there)."""
         if self.clustered:
-            if not self.leading:
-                return visible
+            if not self._leading:
+                held = self.held_hw.get(topic)
+                return visible if held is None else min(visible, held)
             for n in self.isr_needed:
                 p = self.followers.get((n, topic))
                 visible = min(visible, p.offset if p is not None else 0)
@@ -252,12 +279,19 @@ class ReplicaState:
             p.polling -= 1
             p.caught_up = max(p.caught_up, trio.current_time())  # it was caught up until now
 
-    async def wait_acks(self, topic: str, end: int) -> None:
+    def check_generation(self, generation: int) -> None:
+        """A cluster node: raise ``ERR not leader`` unless it leads in the leadership ``generation``."""
+        if self.clustered and (not self._leading or self.generation != generation):
+            why = self.refusal()
+            raise RequestError(why if why is not None and why.startswith("not leader") else "not leader")
+
+    async def wait_acks(self, topic: str, end: int, generation: int = 0) -> None:
         """``--acks all``: return once the batch ending at ``end`` is durable on ``--min-insync`` nodes (the
         leader's own copy is, when this is called).  Raises ``RequestError("not enough replicas")``
-        when the in-sync set shrinks below that meanwhile."""
+        when the in-sync set shrinks below that meanwhile; a cluster leader raises ``ERR not leader``
+        at once when its leadership ``generation`` (the one the batch was stored in) ends."""
         if self.clustered:
-            return await self._wait_isr(topic, end)
+            return await self._wait_isr(topic, end, generation)
         need = self.config.min_insync - 1
         # at most --replica-lag and one re-check (e.g. a topic no follower fetches: nobody leaves the set)
         deadline = trio.current_time() + self.config.replica_lag * 1.25
@@ -273,16 +307,17 @@ class ReplicaState:
             with trio.move_on_after(min(self.config.replica_lag / 4, max(deadline - trio.current_time(), 0))):
                 await self._progress.wait()
 
-    async def _wait_isr(self, topic: str, end: int) -> None:
+    async def _wait_isr(self, topic: str, end: int, generation: int) -> None:
         """A cluster leader: every other member of the in-sync set (as in etcd, and any set being
         written) must hold the batch: any of them may be the next leader."""
         deadline = trio.current_time() + self.config.replica_lag * 1.5  # a laggard leaves the set before
         while True:
-            why = self.refusal()  # deposed (or the lease unconfirmed) meanwhile: say so now, not at the deadline
+            self.check_generation(generation)  # deposed (woken by the change), or leading again: never OK
+            why = self.refusal()  # the lease unconfirmed meanwhile: say so now, not at the deadline
             if why is not None:
                 raise RequestError(why)
             if self.isr_size < self.config.min_insync or trio.current_time() >= deadline:
-                raise RequestError("not enough replicas")
+                raise RequestError(self.refusal() or "not enough replicas")  # e.g. woken past its lease: not leader
             if all((p := self.followers.get((n, topic))) is not None and p.offset >= end for n in self.isr_needed):
                 return
             with trio.move_on_after(min(self.config.replica_lag / 4, max(deadline - trio.current_time(), 0))):
@@ -306,7 +341,7 @@ class ReplicaState:
             raise RequestError(f"not leader {self.leader}")
         if self.node_id and req.node == self.node_id:
             raise RequestError(f"fetch from node id {req.node}, which is this node's own id")
-        if req.epoch and req.epoch != self.epoch:
+        if (req.epoch or self.clustered) and req.epoch != self.epoch:  # a cluster's fetch must name the epoch
             raise RequestError(f"fenced: epoch {req.epoch}, the leader's is {self.epoch}")
 
     def extension_reply(self, req: Cluster | Epochs) -> bytes:

@@ -130,8 +130,15 @@ class Writer:
         self.acked: list[tuple[bytes, str, float]] = []
         self.refused = 0
         self.stop = trio.Event()
+        self.finished = trio.Event()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.finished.set()
+
+    async def _run(self) -> None:
         leader: Node | None = None
         w: Wire | None = None
         i = 0
@@ -174,6 +181,7 @@ class PinnedWriter:
         self.acked: list[bytes] = []
         self.errors: list[bytes] = []
         self.stop = trio.Event()
+        self.finished = trio.Event()
 
     async def run(self) -> None:
         assert self.node.srv is not None
@@ -192,6 +200,7 @@ class PinnedWriter:
         except (OSError, EOFError, trio.BrokenResourceError):
             pass
         finally:
+            self.finished.set()
             with contextlib.suppress(OSError, trio.BrokenResourceError):
                 await w.aclose()
 

@@ -1,0 +1,161 @@
+"""A cluster leader's acknowledgements belong to one leadership, and a deposed leader's readers
+stay capped: ReplicaState and AwaitReplicas in virtual time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from logd_trio.core.errors import LogdError
+from logd_trio.server.clustering import Clustering
+from logd_trio.server.registry import Registry
+from logd_trio.server.replica.acks import AwaitReplicas
+from logd_trio.server.replica.state import ReplicaState
+from logd_trio.server.stats import Counters
+from logd_trio.server.topic import Append
+
+from ...harness import make_config
+
+
+def clustered(tmp_path: Path) -> ReplicaState:
+    s = ReplicaState(make_config(tmp_path, acks="all", min_insync=2, replica_lag=1.0, node_id="a",
+                                 etcd="http://127.0.0.1:2379", cluster="c1"))
+    s.epoch, s.leading = 5, True
+    s.isr_needed, s.isr_size = frozenset({"b"}), 2
+    return s
+
+
+def stored(offset: int, end: int) -> Append:
+    item = Append(b"", 1)
+    item.offset, item.end = offset, end
+    item.done.set()  # durable on the leader
+    return item
+
+
+def reply(e: LogdError) -> bytes:
+    return b"ERR %s\r\n" % str(e).encode()
+
+
+async def test_a_deposed_leader_answers_a_waiting_batch_not_leader_at_once(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    s = clustered(tmp_path)
+    s.record("b", "t", 80, 80)
+    aw = AwaitReplicas(stored(80, 100), "t", s)
+    got: list[tuple[bytes, float]] = []
+
+    async def answer() -> None:
+        got.append((await aw.answer(reply), trio.current_time()))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(answer)
+        await trio.sleep(0.1)
+        assert not got  # b has not fetched past 100
+        deposed_at = trio.current_time()
+        s.leading = False  # another node took epoch 6
+        await trio.sleep(0.001)
+        assert got, "the waiter was not woken by the deposition"
+    line, at = got[0]
+    assert line.startswith(b"ERR not leader"), line
+    assert at - deposed_at < 0.01
+
+
+async def test_a_batch_of_a_lost_leadership_is_never_acknowledged_in_the_next(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """X at [80,100) in epoch 5; deposed, reconciled (X cut), leading epoch 7 within the wait: the
+    followers pass 100 with other data, and X must not get an OK."""
+    s = clustered(tmp_path)
+    s.record("b", "t", 80, 80)
+    aw = AwaitReplicas(stored(80, 100), "t", s)
+    got: list[bytes] = []
+
+    async def answer() -> None:
+        got.append(await aw.answer(reply))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(answer)
+        await trio.sleep(0.1)
+        s.leading = False
+        s.epoch = 7
+        s.leading = True  # no checkpoint between: the waiter has not looked yet
+        s.followers.clear()
+        s.record("b", "t", 150, 150)
+        with trio.fail_after(1.0):
+            while not got:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+    assert got[0].startswith(b"ERR not leader"), got
+
+
+async def test_acks_leader_answers_not_leader_for_a_batch_of_an_earlier_leadership(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    s = ReplicaState(make_config(tmp_path, acks="leader", node_id="a", etcd="http://127.0.0.1:2379", cluster="c1"))
+    s.leading = True
+    item = Append(b"", 1)
+    aw = AwaitReplicas(item, "t", s)  # queued while leading ...
+    s.leading = False
+    s.leading = True  # ... stored after the node led again
+    item.offset, item.end = 0, 20
+    item.done.set()
+    assert (await aw.answer(reply)).startswith(b"ERR not leader")
+    fresh = AwaitReplicas(stored(20, 40), "t", s)
+    assert await fresh.answer(reply) == b"OK 20 1\r\n"
+
+
+async def test_a_deposed_leaders_readers_stay_at_its_high_watermark_until_it_reconciled(tmp_path: Path) -> None:
+    s = clustered(tmp_path)
+    s.topics["t"] = topic = await trio.to_thread.run_sync(s.open_topic, tmp_path, "t")
+    s.record("b", "t", 0, 0)
+    s.leading = True
+    topic.visible_head = 300  # durable here; b acknowledged only 120
+    s.record("b", "t", 120, 300)
+    assert topic.readable_head == 120
+    s.leading = False  # deposed: the tail past 120 may be cut by the reconcile
+    assert topic.readable_head == 120
+    s.reconciled("t")
+    assert topic.readable_head == 300
+
+
+async def test_only_a_registered_member_joins_the_in_sync_set(nursery: trio.Nursery, tmp_path: Path) -> None:
+    registry = Registry(make_config(tmp_path, acks="all", min_insync=2, replica_lag=1.0, node_id="a",
+                                    etcd="http://127.0.0.1:2379", cluster="c1"), nursery, Counters())
+    clustering = Clustering(registry)
+    state = registry.replica
+    state.leading = True
+    topic = await registry.get_or_create("t")
+    now = trio.current_time()
+    clustering.members = {"a": "127.0.0.1:1", "b": "127.0.0.1:2"}
+    clustering.members_at = clustering.lead_start = now - 5
+    state.record("b", "t", topic.visible_head, topic.visible_head)  # both hold everything the leader has
+    state.record("stranger", "t", topic.visible_head, topic.visible_head)  # a FETCH naming any node id
+    assert clustering._desired(("a",), now) == ("a", "b")
+    topic.close_input()
+    await clustering.etcd.aclose()
+
+
+async def test_a_follower_joins_once_it_holds_everything_acknowledged_not_the_head(nursery: trio.Nursery,
+                                                                                  tmp_path: Path) -> None:
+    """Under a steady load a follower is always a step behind the head: it joins once it holds the
+    high watermark (what the in-sync members hold) and the head this leader took over with."""
+    registry = Registry(make_config(tmp_path, acks="all", min_insync=2, replica_lag=1.0, node_id="a",
+                                    etcd="http://127.0.0.1:2379", cluster="c1"), nursery, Counters())
+    clustering = Clustering(registry)
+    state = registry.replica
+    state.leading = True
+    topic = await registry.get_or_create("t")
+    now = trio.current_time()
+    clustering.members = {"a": "127.0.0.1:1", "b": "127.0.0.1:2", "c": "127.0.0.1:3"}
+    clustering.members_at = clustering.lead_start = now - 5
+    clustering.takeover_heads = {"t": 80}
+    state.isr_needed = frozenset({"c"})
+    state.record("c", "t", 100, 100)  # caught up with the head of then
+    topic.visible_head = 150  # stored here since; c holds 100 (the high watermark)
+    state.record("b", "t", 90, 150)  # below the high watermark: lacks acknowledged batches
+    assert clustering._desired(("a", "c"), now) == ("a", "c")
+    state.record("b", "t", 120, 150)  # everything acknowledged, not the head
+    assert clustering._desired(("a", "c"), now) == ("a", "b", "c")
+    clustering.takeover_heads = {"t": 130}  # acknowledged in an earlier epoch, up to the takeover head
+    assert clustering._desired(("a", "c"), now) == ("a", "c")
+    topic.visible_head = topic.log.head
+    topic.close_input()
+    await clustering.etcd.aclose()
