@@ -210,9 +210,9 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
                     raise ReplicationRefused(f"leader {target.label}: {reply.reason}")
                 if reply.reason.startswith("fenced"):
                     log.info("topic %s: the leader moved to a new epoch (%s)", name, reply.reason)
-                    if target.clustered:  # reconnect: the log is compared with the leader's epochs again
-                        raise _Retry(f"fenced: {reply.reason}")
-                    epoch = 0
+                    if target.clustered or epoch == 0:  # reconnect (with backoff): the log is compared with
+                        raise _Retry(f"fenced: {reply.reason}")  # the leader's epochs again; a cluster
+                    epoch = 0  # fences epoch 0, so a plain follower of a cluster node must not spin
                     continue
                 raise _Retry(f"the leader refused FETCH at {offset}: {reply.reason}")
             h = reply.header
@@ -291,7 +291,7 @@ async def _epochs(stream: trio.abc.Stream, name: str, limit: float) -> dict[str,
             if isinstance(reply, MokReply):
                 try:
                     body = json.loads(reply.body)
-                except ValueError as e:
+                except (ValueError, RecursionError) as e:
                     raise BadReply(f"EPOCHS: not JSON: {e}") from None
                 if not isinstance(body, dict):
                     raise BadReply("EPOCHS: expected an object")
@@ -345,7 +345,7 @@ async def reconcile(stream: trio.abc.Stream, registry: Registry, topic: Topic, l
             raise BadReply("EPOCHS: expected epochs and head")
         try:
             theirs = [(int(e), int(s)) for e, s in raw]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise BadReply(f"EPOCHS: expected [epoch, start] pairs, got {raw[:3]!r}") from None
         end = divergence(ef.entries, theirs, head)
         if end is None or end >= flog.head:

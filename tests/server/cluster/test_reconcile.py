@@ -135,8 +135,30 @@ async def test_a_fenced_cluster_follower_reconnects_and_never_fetches_with_epoch
     topic.close_input()
 
 
+async def test_a_plain_follower_fenced_at_epoch_0_backs_off_instead_of_spinning(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A --replicate-from follower (epoch 0 on its first fetch) of a cluster node, which fences
+    epoch 0: the fetch loop ends with a retry (the caller backs off), not a tight FETCH/ERR loop."""
+    registry = Registry(make_config(tmp_path, node_id="b", replicate_from="127.0.0.1:1"), nursery, Counters())
+    topic = await registry.get_or_create("t")
+    fetches: list[bytes] = []
+
+    async def leader(stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        while (line := await read_line(stream, buf)) is not None:
+            fetches.append(line)
+            await stream.send_all(b"ERR fenced: epoch 0, the leader's is 7\r\n")
+
+    host, _, port = (await scripted_peer(nursery, leader)).rpartition(":")
+    with trio.fail_after(5), pytest.raises(_Retry, match="fenced"):
+        await _fetch_loop(registry, topic, Target(host, int(port), "scripted"))
+    assert len(fetches) == 1, fetches
+    topic.close_input()
+
+
 @pytest.mark.parametrize("body", [b"{not json", b'{"epochs": [[1]], "head": 0}', b'{"epochs": [["x", 0]], "head": 0}',
-                                  b'{"epochs": [null], "head": 0}'])
+                                  b'{"epochs": [null], "head": 0}', b'{"epochs": [[Infinity, 0]], "head": 0}',
+                                  b"[" * 100_000 + b"]" * 100_000])
 async def test_a_malformed_epochs_reply_is_a_bad_reply(nursery: trio.Nursery, tmp_path: Path, body: bytes) -> None:
     registry = Registry(make_config(tmp_path, node_id="b", etcd="http://127.0.0.1:2379", cluster="c1"),
                         nursery, Counters())
