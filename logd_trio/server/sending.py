@@ -10,14 +10,14 @@ by the send timeout (``--timeout``; shortened once a graceful shutdown drains).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import trio
 
 from logd_trio.core import requests as p
 from logd_trio.server.sockio import (
-    LINGER_BYTES,
-    LINGER_SECONDS,
+    discard_input,
     linger_close,
     raw_socket,
     receive,
@@ -127,14 +127,5 @@ class SocketIO:
             self.tls.shutdown(socket.SHUT_WR)  # no TLS close_notify: the FIN ends the stream
         except OSError:
             return
-        buf = memoryview(bytearray(65536))
-        got = 0
-        with trio.move_on_after(LINGER_SECONDS):
-            while got < LINGER_BYTES:
-                try:
-                    n = await self.tls.recv_into(buf)
-                except (trio.BrokenResourceError, OSError):
-                    return
-                if n == 0:
-                    return
-                got += n
+        with contextlib.suppress(trio.BrokenResourceError, OSError):
+            await discard_input(self.tls.recv_into)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-__all__ = ["linger_close", "raw_socket", "receive", "send_now", "send_rest", "sendfile_now",
+__all__ = ["discard_input", "linger_close", "raw_socket", "receive", "send_now", "send_rest", "sendfile_now",
            "sendfile_rest"]
 
 SENDFILE_CHUNK = 1 << 20
@@ -152,11 +152,16 @@ async def linger_close(raw: socket.socket) -> None:
         raw.shutdown(socket.SHUT_WR)
     except OSError:
         return
+    await discard_input(lambda buf: receive(raw, buf, True))
+
+
+async def discard_input(recv: Callable[[memoryview], Awaitable[int]]) -> None:
+    """Read and drop what the peer still sends, for at most LINGER_SECONDS and LINGER_BYTES (or EOF)."""
     buf = memoryview(bytearray(65536))
     got = 0
     with trio.move_on_after(LINGER_SECONDS):
         while got < LINGER_BYTES:
-            n = await receive(raw, buf, True)
+            n = await recv(buf)
             if n == 0:
                 break
             got += n

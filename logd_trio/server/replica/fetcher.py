@@ -70,24 +70,32 @@ def _fatal(reason: str, target: Target) -> bool:
     return reason.startswith("not leader") or "own id" in reason or "beyond the leader's head" in reason
 
 
+async def _mok(stream: trio.abc.Stream, request: bytes, limit: float) -> bytes:
+    """Send ``request`` (a line) and return its ``MOK`` body, within ``limit`` seconds; an ``ERR``
+    is a :class:`_Retry`, anything else a :class:`BadReply`."""
+    what = request.split(b" ", 1)[0].strip().decode("ascii", "replace")
+    with trio.fail_after(limit):
+        await stream.send_all(request)
+        parser = ReplyParser(max_reply=1 << 20)
+        while True:
+            reply = parser.next_reply(ReplyKind.MOK)
+            if isinstance(reply, MokReply):
+                return reply.body
+            if isinstance(reply, ErrorReply):
+                raise _Retry(f"{what} refused: {reply.reason}")
+            if reply is not NEED_DATA:
+                raise BadReply(f"unexpected reply to {what}: {reply!r}")
+            data = await stream.receive_some(_RECV)
+            if not data:
+                raise BadReply("the leader closed the connection")
+            parser.receive_data(data)
+
+
 async def _leader_topics(host: str, port: int, limit: float, config: ServerConfig) -> list[str]:
     stream = await open_link(host, port, config)  # TLS and AUTH as configured (link.py)
     async with stream:
-        with trio.fail_after(limit):
-            await stream.send_all(b"TOPICS\r\n")
-            parser = ReplyParser(max_reply=1 << 20)
-            while True:
-                reply = parser.next_reply(ReplyKind.MOK)
-                if isinstance(reply, MokReply):
-                    return [line.split(b":")[0].decode("ascii") for line in reply.body.split(b"\r\n") if line]
-                if isinstance(reply, ErrorReply):
-                    raise _Retry(f"TOPICS refused: {reply.reason}")
-                if reply is not NEED_DATA:
-                    raise BadReply(f"unexpected reply to TOPICS: {reply!r}")
-                data = await stream.receive_some(_RECV)
-                if not data:
-                    raise BadReply("the leader closed the connection")
-                parser.receive_data(data)
+        body = await _mok(stream, b"TOPICS\r\n", limit)
+    return [line.split(b":")[0].decode("ascii") for line in body.split(b"\r\n") if line]
 
 
 async def follow(registry: Registry, target: Target | None = None) -> None:
@@ -283,27 +291,14 @@ async def _store(registry: Registry, topic: Topic, reply: FetchReply) -> None:
 
 
 async def _epochs(stream: trio.abc.Stream, name: str, limit: float) -> dict[str, object]:
-    with trio.fail_after(limit):
-        await stream.send_all(b"EPOCHS %s\r\n" % name.encode())
-        parser = ReplyParser(max_reply=1 << 20)
-        while True:
-            reply = parser.next_reply(ReplyKind.MOK)
-            if isinstance(reply, MokReply):
-                try:
-                    body = json.loads(reply.body)
-                except (ValueError, RecursionError) as e:
-                    raise BadReply(f"EPOCHS: not JSON: {e}") from None
-                if not isinstance(body, dict):
-                    raise BadReply("EPOCHS: expected an object")
-                return body
-            if isinstance(reply, ErrorReply):
-                raise _Retry(f"EPOCHS refused: {reply.reason}")
-            if reply is not NEED_DATA:
-                raise BadReply(f"unexpected reply to EPOCHS: {reply!r}")
-            data = await stream.receive_some(_RECV)
-            if not data:
-                raise BadReply("the leader closed the connection")
-            parser.receive_data(data)
+    raw = await _mok(stream, b"EPOCHS %s\r\n" % name.encode(), limit)
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise BadReply(f"EPOCHS: not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadReply("EPOCHS: expected an object")
+    return body
 
 
 def divergence(mine: list[tuple[int, int]], theirs: list[tuple[int, int]], their_head: int) -> int | None:
