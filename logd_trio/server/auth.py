@@ -28,13 +28,12 @@ import fnmatch
 import hashlib
 import hmac
 import logging
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from logd_trio.core import requests as p
-from logd_trio.server.config import ConfigError
+from logd_trio.server.config import ConfigError, read_toml
 from logd_trio.server.limits import Throttled
 from logd_trio.server.stats import Counters
 
@@ -175,13 +174,7 @@ class Policy:
 def load_policy(path: str) -> Policy:
     """Read and check an auth file; :class:`ConfigError` (one line, naming the file and key)."""
     where = f"auth file {path}"
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"{where}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    data = read_toml(path, where)
     unknown = sorted(set(data) - {ANONYMOUS, "principals"})
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: anonymous, principals)")

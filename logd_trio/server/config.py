@@ -296,16 +296,21 @@ def _normalise(raw: Mapping[str, Any], source: str, notes: Notes, *, env: bool =
     return out
 
 
+def read_toml(path: str | Path, where: str) -> dict[str, Any]:
+    """A TOML file's contents; :class:`ConfigError` starting with ``where`` when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{where}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def _file_section(file: Path, notes: Notes) -> Mapping[str, Any]:
     """The settings of a TOML file: its ``[serve]`` table if it has one (anything else at the
     top level is then an error or, for another table, a note), else its top level."""
-    try:
-        with open(file, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"config file {file}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {file}: {e}") from None
+    data = read_toml(file, f"config file {file}")
     if "serve" not in data:
         return data
     section = data["serve"]
