@@ -51,8 +51,6 @@ async def serve_fetch(conn: FetchingConnection, req: Fetch, pending: bytearray) 
                 conn.counters.longpoll_waiting -= 1
             state.check_fetch(req)  # the epoch may have moved meanwhile
             visible = topic.visible_head
-            if visible <= req.offset:  # nothing new during the poll: it was caught up all along
-                state.record(req.node, req.topic, req.offset, visible)
             header, plan = state.fetch_reply(topic.log, req, visible)
         else:
             header, plan = state.fetch_reply(topic.log, req, visible)  # validates the offset first
