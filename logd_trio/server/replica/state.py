@@ -109,6 +109,7 @@ class ReplicaState:
         self.observe_epoch: Callable[[int], None] = lambda epoch: None
         self.isr_needed: frozenset[str] = frozenset()
         self.isr_size = 1
+        self.acked_end: dict[str, int] = {}  # a cluster leader: per topic, the end of the last batch it acknowledged
         self.describe: Callable[[], dict[str, object]] = self._describe
         self.address = ""  # where this node listens, once bound
         self.bound = trio.Event()
@@ -319,6 +320,7 @@ class ReplicaState:
             if self.isr_size < self.config.min_insync or trio.current_time() >= deadline:
                 raise RequestError(self.refusal() or "not enough replicas")  # e.g. woken past its lease: not leader
             if all((p := self.followers.get((n, topic))) is not None and p.offset >= end for n in self.isr_needed):
+                self.acked_end[topic] = max(self.acked_end.get(topic, 0), end)  # a joiner must hold it
                 return
             with trio.move_on_after(min(self.config.replica_lag / 4, max(deadline - trio.current_time(), 0))):
                 await self._progress.wait()
