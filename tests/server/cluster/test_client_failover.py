@@ -4,7 +4,6 @@ cluster works from the library and the CLI."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
