@@ -170,8 +170,9 @@ class ClusterClient(Client):
     serve yet (its high watermark behind, just after a takeover) before it says ``NotFound``."""
 
     def __init__(self, addresses: Sequence[str], *, give_up: float = 30.0, leader_wait: float = 5.0,
-                 settle: float = 10.0, secure: Secure = PLAIN, retry: RetryPolicy | None = None, request_timeout: float | None = None,
-                 max_reply: int = DEFAULT_MAX_REPLY, extensions: bool | None = None) -> None:
+                 settle: float = 10.0, secure: Secure = PLAIN, retry: RetryPolicy | None = None,
+                 request_timeout: float | None = None, max_reply: int = DEFAULT_MAX_REPLY,
+                 extensions: bool | None = None) -> None:
         if not addresses:
             raise ValueError("at least one address")
         super().__init__(addresses[0], retry=retry, request_timeout=request_timeout, max_reply=max_reply,

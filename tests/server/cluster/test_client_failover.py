@@ -21,8 +21,8 @@ from .nodes import Node, wait_leader
 Seen = list[tuple[int, int, bytes]]
 
 
-async def whole_log(address: str, topic: str, secure: Secure = Secure()) -> Seen:
-    async with open_client(address, ssl_context=secure.ssl_context) as c, c.scanner(topic, read_size=500) as s:
+async def whole_log(address: str, topic: str) -> Seen:
+    async with open_client(address) as c, c.scanner(topic, read_size=500) as s:
         return [(m.offset, m.delta, m.body) async for m in s]
 
 
@@ -81,7 +81,7 @@ async def test_a_tls_cluster_from_the_library_and_the_cli(nursery: trio.Nursery,
     hosts = [n.addr for n in nodes]
     secure = Secure(certs.context())
     with trio.fail_after(20):
-        while (leader := await find_leader(hosts, per_node=1.0, secure=secure)) is None:
+        while (leader := await find_leader(hosts, per_node=1.0, secure=secure)) is None:  # noqa: ASYNC110
             await trio.sleep(0.1)
     with pytest.raises(TLSFailed):  # every node refuses a client that does not trust it: said, not retried
         await find_leader(hosts, per_node=1.0, secure=Secure(certs.context(ca=certs.other_ca)))
