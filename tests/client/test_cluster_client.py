@@ -11,8 +11,9 @@ import anyio.abc
 import pytest
 
 from logd_trio.client.client import open_client
-from logd_trio.client.failover import ClusterClient
-from logd_trio.core.errors import ConnectionLost, NotFound
+from logd_trio.client.failover import ClusterClient, FailoverWriter, Secure, find_leader
+from logd_trio.core.errors import ConnectionLost, NotFound, WriteFailed
+from logd_trio.server.auth import hash_token
 
 from ..harness import FAST_RETRY
 from .live import new_server
@@ -74,3 +75,21 @@ async def test_no_node_answering_is_connection_lost_within_give_up() -> None:
     with anyio.fail_after(5), pytest.raises(ConnectionLost, match="no node of"):
         await client.ping()
     assert anyio.current_time() - start < 3
+
+
+async def test_the_token_goes_to_every_node_with_the_cluster_clients(
+        tmp_path: Path, anyio_backend_name: str, tg: anyio.abc.TaskGroup) -> None:
+    auth = tmp_path / "auth.toml"
+    auth.write_text(f'[principals.app]\ntoken = "{hash_token("app-token-1")}"\nread = ["*"]\nwrite = ["t"]\n')
+    srv = new_server(anyio_backend_name, tg, tmp_path / "d", auth_file=str(auth))
+    await srv.start()
+    secure = Secure(token="app-token-1")
+    assert await find_leader([srv.addr], secure=secure) == srv.addr
+    with pytest.raises(WriteFailed, match="not allowed"):  # no token: refused, final
+        async with FailoverWriter([srv.addr], "t") as w:
+            await w.write_many([b"x"])
+    async with FailoverWriter([srv.addr], "t", secure=secure) as w:
+        await w.write_many([b"a", b"b"])
+    async with ClusterClient([srv.addr], secure=secure) as client, client.scanner("t") as s:
+        assert [m.body async for m in s] == [b"a", b"b"]
+    await srv.stop()

@@ -110,6 +110,7 @@ class ReplicaState:
         self.isr_needed: frozenset[str] = frozenset()
         self.isr_size = 1
         self.acked_end: dict[str, int] = {}  # a cluster leader: per topic, the end of the last batch it acknowledged
+        self.hw_shown: dict[str, int] = {}  # a cluster leader: per topic, the highest high watermark readers saw
         self.describe: Callable[[], dict[str, object]] = self._describe
         self.address = ""  # where this node listens, once bound
         self.bound = trio.Event()
@@ -224,10 +225,13 @@ class ReplicaState:
             if not self._leading:
                 held = self.held_hw.get(topic)
                 return visible if held is None else min(visible, held)
+            hw = visible
             for n in self.isr_needed:
                 p = self.followers.get((n, topic))
-                visible = min(visible, p.offset if p is not None else 0)
-            return visible
+                hw = min(hw, p.offset if p is not None else 0)
+            # never back: a joiner waited for may hold less than readers were shown (it must reach it to join)
+            shown = self.hw_shown[topic] = max(self.hw_shown.get(topic, 0), hw)
+            return min(visible, shown)
         need = self.config.min_insync - 1
         if need <= 0 or self.leader:
             return visible

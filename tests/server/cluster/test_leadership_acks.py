@@ -220,6 +220,29 @@ async def test_a_follower_that_keeps_up_with_a_moving_head_joins_when_no_other_m
     await done(clustering, topic)
 
 
+async def test_a_joiner_waited_for_does_not_pull_the_readers_high_watermark_back(nursery: trio.Nursery,
+                                                                                tmp_path: Path) -> None:
+    """Only the leader in the set: readers see the head (150).  b, at 120, holds the snapshot (100) and is
+    waited for: the readers' high watermark stays at 150 (at b's 120 a reader at 150 got ERR not found),
+    and b joins once it holds 150."""
+    clustering, topic = await leader_of_t(nursery, tmp_path, min_insync=1)
+    state = clustering.state
+    now = trio.current_time()
+    topic.visible_head = 100
+    state.record("b", "t", 50, 100)
+    assert clustering._desired(("a",), now) == ("a",)  # snapshot: 100
+    topic.visible_head = 150
+    assert topic.readable_head == 150  # shown to readers
+    state.record("b", "t", 120, 150)
+    assert clustering._desired(("a",), now + 0.1) == ("a",)
+    assert "b" in clustering.joins.waited
+    state.isr_needed = frozenset({"b"})  # as _isr_loop publishes it
+    assert topic.readable_head == 150
+    state.record("b", "t", 150, 150)
+    assert clustering._desired(("a",), now + 0.2) == ("a", "b")
+    await done(clustering, topic)
+
+
 async def test_a_member_whose_key_was_not_seen_stays_while_it_fetches(nursery: trio.Nursery, tmp_path: Path) -> None:
     clustering, topic = await leader_of_t(nursery, tmp_path)
     state = clustering.state
