@@ -8,9 +8,10 @@ One task, started once the server listens, owns:
   epoch file (before any batch of it) and only then takes writes; when another node leads it
   copies that node (``replica/fetcher.py``), first cutting what its logs hold beyond the new
   leader's history (copied aside);
-- the in-sync set in etcd while leading: a follower joins once it holds everything the leader
-  has, and leaves when it lagged ``--replica-lag``; every change is written (fenced) before the
-  acknowledgements stop waiting for a leaver, and waits for a joiner from the moment it is decided;
+- the in-sync set in etcd while leading: a follower joins once it holds everything acknowledged
+  (two fixed targets, cluster/joining.py: it is waited for before it joins), and leaves when it
+  lagged ``--replica-lag``; every change is written (fenced) before the acknowledgements stop
+  waiting for a leaver; the waiters are woken the moment the lease lapses;
 - eligibility: a node that never stored this cluster's id (a new node, or a wiped data directory)
   may not lead a cluster that already had a leader until it has caught up with one;
 - what ``CLUSTER`` answers (``describe``).

@@ -4,6 +4,7 @@ cluster works from the library and the CLI."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,6 +67,45 @@ async def test_a_following_scanner_resumes_on_another_node_when_the_one_it_reads
     assert {b for _, _, b in expected} >= {b"one-%04d" % i for i in range(300)} | {b"two-%04d" % i for i in range(300)}
     for n in nodes:
         if n is not victim:
+            await n.stop()
+
+
+async def test_logd_read_follow_with_several_hosts_keeps_reading_when_its_node_is_killed(
+        nursery: trio.Nursery, tmp_path: Path, etcd1: EtcdCluster) -> None:
+    nodes = [await Node(n, tmp_path / n, etcd1).start(nursery) for n in "abc"]
+    leader = await wait_leader(nodes, in_sync=3)
+    hosts = [n.addr for n in nodes]
+    async with FailoverWriter(hosts, "t", batch_size=400, timeout=3) as w:
+        await w.write_many(b"one-%04d" % i for i in range(200))
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "logd_trio_cli.main", "read", "--follow", "--host", ",".join(hosts), "--topic", "t",
+         "--format", "{offset}:{delta} {body}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    out = bytearray()
+
+    async def lines_at_least(n: int) -> None:
+        assert proc.stdout is not None
+        with trio.fail_after(30):
+            while out.count(b"\n") < n:
+                chunk = await proc.stdout.receive_some(65536)
+                assert chunk, "logd read ended"
+                out.extend(chunk)
+
+    try:
+        await lines_at_least(200)  # it reads from the leader (found with CLUSTER)
+        leader.kill()
+        await leader.wait_dead()
+        async with FailoverWriter(hosts, "t", batch_size=400, timeout=3, give_up=30) as w:
+            await w.write_many(b"two-%04d" % i for i in range(200))
+        new = await wait_leader(nodes, in_sync=2)
+        expected = [b"%d:%d %s" % m for m in await whole_log(new.addr, "t")]
+        await lines_at_least(len(expected))
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert out.splitlines() == expected  # no gap, no duplicate, across the failover
+    for n in nodes:
+        if n is not leader:
             await n.stop()
 
 
