@@ -4,6 +4,7 @@ cluster works from the library and the CLI."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,10 @@ async def test_a_tls_cluster_from_the_library_and_the_cli(nursery: trio.Nursery,
                 break
             await trio.sleep(0.1)
     assert out.stdout.splitlines() == [b"lib-%03d" % i for i in range(100)] + lines.splitlines()
+    shown = await trio.run_process([*cli, "cluster", "--host", ",".join(hosts), "--tls-ca", certs.ca, "--json"],
+                                   capture_stdout=True, capture_stderr=True, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert [v["role"] for v in json.loads(shown.stdout).values()].count("leader") == 1
     plain = await trio.run_process([*cli, "read", "--host", ",".join(hosts), "--topic", "t", "--retries", "1",
                                     "--timeout", "2s"], capture_stdout=True, capture_stderr=True, check=False)
     assert plain.returncode != 0  # no TLS against TLS nodes: refused, not a hang
