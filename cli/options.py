@@ -12,7 +12,8 @@ import anyio
 import typer
 
 from logd_trio.client.client import Client, RetryPolicy, open_client
-from logd_trio.client.failover import ClusterClient, Secure, parse_hosts
+from logd_trio.client.cluster_client import ClusterClient
+from logd_trio.client.failover import Secure, parse_hosts
 from logd_trio.client.transport import check_topic
 from logd_trio.core.addresses import AddressError, parse_address
 from logd_trio.core.durations import DurationError, parse_duration

@@ -4,10 +4,7 @@
 - :func:`find_leader` asks each address ``CLUSTER`` (a logd-trio extension) and returns the
   node that leads and may acknowledge now, or the leader a follower names; a server without
   the extension (Go logd, a single node) is taken as it is.
-- :class:`ClusterClient` is a :class:`~logd_trio.client.client.Client` over several addresses: its
-  connections go to one node (the leader when there is one, else any member that answers: reads
-  work on followers); when that node's connection breaks the next one goes to another node, so a
-  :class:`~logd_trio.client.scanner.Scanner` of it resumes after a failover at its next offset.
+- :class:`~logd_trio.client.cluster_client.ClusterClient` (its own module) is a client over several addresses.
 - :class:`FailoverWriter` pipelines batches to the leader.  When a batch is refused because
   the node does not lead (``ERR not leader [HOST:PORT]``, ``ERR fenced``), cannot acknowledge
   (``ERR not enough replicas``), or its connection breaks or times out, the writer finds the
@@ -30,8 +27,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from logd_trio.client.client import Client
-from logd_trio.client.transport import Connection, RetryPolicy, authenticate, connect
+from logd_trio.client.transport import Connection, RetryPolicy, TLSTimeout, authenticate, connect
 from logd_trio.core.addresses import AddressError, format_address, parse_address
 from logd_trio.core.defaults import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_REPLY
 from logd_trio.core.errors import BadReply, ClientError, ConnectionLost, Timeout, WriteFailed
@@ -40,7 +36,7 @@ from logd_trio.core.replies import ErrorReply, MokReply, OffsetReply, ReplyKind
 from logd_trio.core.requests import encode_batch
 from logd_trio.core.tls import TLSFailed
 
-__all__ = ["ClusterClient", "FailoverWriter", "Secure", "ask_cluster", "find_leader", "find_member", "parse_hosts",
+__all__ = ["FailoverWriter", "Secure", "ask_cluster", "find_leader", "find_member", "parse_hosts",
            "retriable"]
 
 _ONE_TRY = RetryPolicy(attempts=1, initial=0.05, maximum=0.05, connect_timeout=1.0)
@@ -136,6 +132,8 @@ async def _survey(addresses: Sequence[str], per_node: float, secure: Secure) -> 
     for address in addresses:
         try:
             view = await ask_cluster(address, per_node, secure)
+        except TLSTimeout:
+            continue  # no handshake: a node that does not run (paused, partitioned) as much as a refusal
         except TLSFailed as exc:
             refused = exc
             continue
@@ -160,73 +158,6 @@ async def _survey(addresses: Sequence[str], per_node: float, secure: Secure) -> 
         if view is not None and view.get("role") == "leader" and view.get("refusal") is None:
             return address, member
     return plain, member
-
-
-class ClusterClient(Client):
-    """A client of a cluster: see the module docstring.  ``give_up``: how long one connect looks
-    for a node (then :class:`ConnectionLost`); ``leader_wait``: after a broken connection, how long
-    it waits for a leader before it settles for any member; ``settle``: how long a following
-    :class:`~logd_trio.client.scanner.Scanner` waits for a position the node it moved to does not
-    serve yet (its high watermark behind, just after a takeover) before it says ``NotFound``."""
-
-    def __init__(self, addresses: Sequence[str], *, give_up: float = 30.0, leader_wait: float = 5.0,
-                 settle: float = 10.0, secure: Secure = PLAIN, retry: RetryPolicy | None = None,
-                 request_timeout: float | None = None, max_reply: int = DEFAULT_MAX_REPLY,
-                 extensions: bool | None = None) -> None:
-        if not addresses:
-            raise ValueError("at least one address")
-        super().__init__(addresses[0], retry=retry, request_timeout=request_timeout, max_reply=max_reply,
-                         extensions=extensions, ssl_context=secure.ssl_context, tls_hostname=secure.tls_hostname,
-                         token=secure.token)
-        self.addresses = list(addresses)
-        self.secure = secure
-        self.give_up = give_up
-        self.leader_wait = leader_wait
-        self.settle = settle  # a following Scanner waits this long for a position a new node does not serve yet
-        self.chosen: str | None = None  # the node connections go to (None: find one)
-        self.switches = 0  # how many times the node changed
-
-    async def connect(self) -> Connection:
-        """A connection to the chosen node; if it does not answer, to another one (see the class)."""
-        retry = RetryPolicy(attempts=1, initial=0.05, maximum=0.05,
-                            connect_timeout=min(self.retry.connect_timeout, 2.0))
-        lost = self.chosen
-        if lost is not None:
-            try:
-                return await self._open(lost, retry)
-            except TLSFailed:
-                raise
-            except _UNREACHABLE:
-                self.chosen = None
-        started = anyio.current_time()
-        delay = 0.05
-        why = "no node answered"
-        while True:
-            now = anyio.current_time()
-            wait_for_leader = lost is not None and now - started < self.leader_wait
-            found = (find_leader if wait_for_leader else find_member)
-            address = await found(self.addresses, per_node=retry.connect_timeout, secure=self.secure)
-            if address is not None:
-                try:
-                    conn = await self._open(address, retry)
-                except TLSFailed:
-                    raise
-                except _UNREACHABLE as exc:
-                    why = str(exc)
-                else:
-                    if address != lost:
-                        self.switches += lost is not None
-                    self.chosen = self.address = address
-                    return conn
-            if anyio.current_time() + delay - started > self.give_up:
-                raise ConnectionLost(f"no node of {', '.join(self.addresses)} answered within "
-                                     f"{self.give_up:g} s (last: {why})")
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.5)
-
-    async def _open(self, address: str, retry: RetryPolicy) -> Connection:
-        with anyio.fail_after(2 * retry.connect_timeout):
-            return await self.secure.connect(address, retry, self.max_reply)
 
 
 class FailoverWriter:

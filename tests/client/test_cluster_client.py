@@ -11,7 +11,8 @@ import anyio.abc
 import pytest
 
 from logd_trio.client.client import open_client
-from logd_trio.client.failover import ClusterClient, FailoverWriter, Secure, find_leader
+from logd_trio.client.cluster_client import ClusterClient
+from logd_trio.client.failover import FailoverWriter, Secure, find_leader
 from logd_trio.core.errors import ConnectionLost, NotFound, WriteFailed
 from logd_trio.server.auth import hash_token
 

@@ -13,7 +13,8 @@ import pytest
 import trio
 
 from logd_trio.client.client import open_client
-from logd_trio.client.failover import ClusterClient, FailoverWriter, Secure, find_leader
+from logd_trio.client.cluster_client import ClusterClient
+from logd_trio.client.failover import FailoverWriter, Secure, find_leader
 from logd_trio.core.tls import TLSFailed
 
 from ...etcd_harness import EtcdCluster
