@@ -253,6 +253,12 @@ class FailoverWriter:
                 return
             with anyio.fail_after(self.timeout):
                 reply = await conn.receive(ReplyKind.OFFSET)
+        except TLSTimeout as exc:  # a node that does not answer, as below
+            await self._failover(str(exc))
+            return
+        except TLSFailed:  # a refused certificate: final, as the module docstring says
+            await self._drop()
+            raise
         except (ConnectionLost, BadReply, TimeoutError, OSError) as exc:
             await self._failover(str(exc) or type(exc).__name__)
             return
@@ -308,6 +314,8 @@ class FailoverWriter:
                         self._conn = await self.secure.connect(address)
                     self.leader = address
                     return self._conn
+                except TLSTimeout as exc:
+                    why = str(exc)
                 except TLSFailed:
                     raise
                 except (ConnectionLost, TimeoutError, OSError) as exc:

@@ -14,9 +14,11 @@ from logd_trio.client.client import open_client
 from logd_trio.client.cluster_client import ClusterClient
 from logd_trio.client.failover import FailoverWriter, Secure, find_leader
 from logd_trio.core.errors import ConnectionLost, NotFound, WriteFailed
+from logd_trio.core.tls import TLSFailed
 from logd_trio.server.auth import hash_token
 
 from ..harness import FAST_RETRY
+from ..tlsfiles import make_certs
 from .live import new_server
 
 pytestmark = pytest.mark.anyio
@@ -93,4 +95,20 @@ async def test_the_token_goes_to_every_node_with_the_cluster_clients(
         await w.write_many([b"a", b"b"])
     async with ClusterClient([srv.addr], secure=secure) as client, client.scanner("t") as s:
         assert [m.body async for m in s] == [b"a", b"b"]
+    await srv.stop()
+
+
+async def test_a_refused_certificate_is_final_for_the_failover_writer(
+        tmp_path: Path, anyio_backend_name: str, tg: anyio.abc.TaskGroup) -> None:
+    """A certificate the node refuses (the client trusts another CA) is TLSFailed at once, not
+    retried as a failover until give_up."""
+    certs = make_certs(tmp_path / "c")
+    srv = new_server(anyio_backend_name, tg, tmp_path / "d", tls_cert=certs.server.cert, tls_key=certs.server.key)
+    await srv.start()
+    start = anyio.current_time()
+    with anyio.fail_after(20), pytest.raises(TLSFailed, match="TLS"):
+        async with FailoverWriter([srv.addr], "t", give_up=30,
+                                  secure=Secure(certs.context(ca=certs.other_ca))) as w:
+            await w.write_many([b"x"])
+    assert anyio.current_time() - start < 5
     await srv.stop()
