@@ -5,11 +5,15 @@ A joiner must hold everything that was acknowledged (or shown to a reader) befor
 waits for it: once in the set in etcd it may be the next leader.  Two fixed targets make that
 both safe and reachable by a follower that keeps up with a steady load, one step behind the head:
 
-1. when the follower is first seen as a candidate, a **snapshot** of each topic's floor;
-2. once it holds the snapshot, it is **waited for** (every acknowledgement from then on waits for
-   its copy too) and must reach the floor of that moment: nothing acknowledged before it was
-   waited for is missing from it when it joins.  A joiner waited for that does not get there within
-   ``--replica-lag`` stops being waited for and starts over.
+1. a **snapshot** of each topic's floor, taken when the follower is first seen as a candidate and
+   taken again each time it reaches the last one: it closes in on the head;
+2. when it reaches a snapshot soon after it was taken (within ``quick``: a quarter of
+   ``--replica-lag``), it is close behind the head and is **waited for** (every acknowledgement
+   from then on waits for its copy too); it must reach the floor of that moment: nothing
+   acknowledged before it was waited for is missing from it when it joins.  Waited for only when
+   that close, it holds acknowledgements up for little more than ``quick`` even when it catches up
+   from far behind under load; one that does not get there within ``--replica-lag`` stops being
+   waited for and starts over.
 
 The floor of a topic never goes back within a leadership: it is the highest of the head this
 leader took over with (the earlier epochs' acknowledged batches), the ends of the batches it
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["Joins"]
+__all__ = ["QUICK", "Joins"]
+
+QUICK = 0.25  # of --replica-lag: a joiner that reaches its snapshot within this is waited for
 
 
 class Joins:
@@ -29,7 +35,7 @@ class Joins:
 
     def __init__(self, takeover_heads: Mapping[str, int] | None = None) -> None:
         self.marks: dict[str, int] = dict(takeover_heads or {})
-        self.snapshots: dict[str, dict[str, int]] = {}  # phase 1: node -> topic -> floor
+        self.snapshots: dict[str, tuple[float, dict[str, int]]] = {}  # phase 1: node -> (taken, topic -> floor)
         self.waited: dict[str, tuple[float, dict[str, int]]] = {}  # phase 2: node -> (since, targets)
         self.changed = False
 
@@ -48,13 +54,16 @@ class Joins:
     def admit(self, node: str, held: Mapping[str, int | None], floors: Mapping[str, int], now: float,
               lag: float) -> bool:
         """May ``node``, which holds ``held`` (None: has not fetched the topic), join now?  ``floors``:
-        each topic's floor now (see :meth:`floor`)."""
+        each topic's floor now (see :meth:`floor`); ``lag``: ``--replica-lag``."""
         waited = self.waited.get(node)
         if waited is None:
-            snap = self.snapshots.setdefault(node, {})
+            taken, snap = self.snapshots.setdefault(node, (now, dict(floors)))
             for topic, f in floors.items():
                 snap.setdefault(topic, f)  # a topic new since: its floor when first seen
             if not _holds(held, snap, floors):
+                return False
+            if now - taken > lag * QUICK:  # reached, but long after: still far behind the head
+                self.snapshots[node] = (now, dict(floors))
                 return False
             waited = self.waited[node] = (now, dict(floors))
             self.changed = True

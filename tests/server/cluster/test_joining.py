@@ -3,7 +3,7 @@ target a follower that keeps up with a steady load does reach."""
 
 from __future__ import annotations
 
-from logd_trio.server.cluster.joining import Joins
+from logd_trio.server.cluster.joining import QUICK, Joins
 
 LAG = 1.0
 
@@ -57,3 +57,42 @@ def test_a_topic_not_fetched_keeps_a_joiner_out() -> None:
     floors = {"t": joins.floor("t", 0), "u": joins.floor("u", 0)}
     assert not joins.admit("b", {"t": 0, "u": None}, floors, 0.0, LAG)
     assert joins.admit("b", {"t": 0, "u": 0}, floors, 0.1, LAG)
+
+
+def _catch_up(copy: int, load: int = 100, behind: int = 20_000, lag: float = 10.0) -> list[tuple[str, float]]:
+    """A joiner ``behind`` bytes back copies ``copy`` bytes a step while the head grows by ``load``
+    (steps of 0.1 s); acknowledgements wait for its copy while it is waited for.  The stalls: how
+    long each wait lasted, and how it ended (joined, or dropped after ``lag``)."""
+    joins, dt = Joins(), 0.1
+    head, held, acked, now = behind, 0, behind, 0.0
+    since: float | None = None
+    stalls: list[tuple[str, float]] = []
+    for _ in range(20_000):
+        now, head = now + dt, head + load
+        held = min(head, held + copy)
+        acked = max(acked, min(head, held)) if "b" in joins.waited else head
+        was = "b" in joins.waited
+        admitted = joins.admit("b", {"t": held}, {"t": joins.floor("t", acked)}, now, lag)
+        if not was and "b" in joins.waited:
+            since = now
+        if was and "b" not in joins.waited:
+            assert since is not None
+            stalls.append(("dropped", now - since))
+        if admitted:
+            assert since is not None
+            stalls.append(("joined", now - since))
+            return stalls
+    return stalls
+
+
+def test_a_joiner_far_behind_under_load_holds_acknowledgements_up_briefly() -> None:
+    """It is waited for only once it reached a snapshot soon after it was taken (close behind the
+    head): at 1.5x and 1.2x the load it joins after one short wait, never dropped after a long one."""
+    for copy in (150, 120):
+        stalls = _catch_up(copy)
+        assert [kind for kind, _ in stalls] == ["joined"], stalls
+        assert stalls[0][1] <= 10.0 * QUICK, stalls  # acknowledgements waited at most a quarter of the lag
+
+
+def test_a_joiner_slower_than_the_load_is_never_waited_for() -> None:
+    assert _catch_up(copy=90) == []
