@@ -96,6 +96,7 @@ class Clustering:
         s = self.state
         s.gate = self._gate
         s.observe_epoch = self._observe_epoch
+        s.on_forget = self._forget_topic
         s.describe = self.describe
 
     # ------------------------------------------------------------ hooks the data plane calls
@@ -239,7 +240,7 @@ class Clustering:
         state.followers.clear()
         self.pending = frozenset()
         self.joins = Joins(self.takeover_heads)
-        state.acked_end = {}
+        state.acked_end, state.hw_shown = {}, {}  # this leadership's own (the takeover heads cover the earlier)
         self.lead_start = trio.current_time()
         self.first_seen = {}
         self._publish_isr(leadership)
@@ -247,6 +248,12 @@ class Clustering:
         state.leading = True
         await self._read_members()
         log.info("node %s: leads epoch %d, in sync: %s", self.config.node_id, epoch, ", ".join(leadership.in_sync))
+
+    def _forget_topic(self, topic: str) -> None:
+        """A deleted topic: its join floor and takeover head go (made anew, it starts at 0)."""
+        self.takeover_heads.pop(topic, None)
+        self.first_seen.pop(topic, None)
+        self.joins.drop(topic)
 
     async def _lapse_loop(self) -> None:
         """While leading, wake the acknowledgement waiters the moment the lease lapses (no renewal

@@ -45,6 +45,14 @@ class Joins:
         self.marks[topic] = mark
         return mark
 
+    def drop(self, topic: str) -> None:
+        """``topic`` was deleted: its floor and targets go (made anew, it starts from 0)."""
+        self.marks.pop(topic, None)
+        for _, snap in self.snapshots.values():
+            snap.pop(topic, None)
+        for _, targets in self.waited.values():
+            targets.pop(topic, None)
+
     def forget(self, node: str) -> None:
         """``node`` is in the set (or gone): a later join starts over."""
         self.snapshots.pop(node, None)

@@ -165,6 +165,12 @@ async def test_a_follower_joins_once_it_holds_everything_acknowledged_not_the_he
 
 
 async def leader_of_t(nursery: trio.Nursery, tmp_path: Path, **conf: object) -> tuple[Clustering, Topic]:
+    clustering, topic, _ = await leader_with_registry(nursery, tmp_path, **conf)
+    return clustering, topic
+
+
+async def leader_with_registry(nursery: trio.Nursery, tmp_path: Path,
+                               **conf: object) -> tuple[Clustering, Topic, Registry]:
     settings: dict[str, object] = {"acks": "all", "min_insync": 2, "replica_lag": 1.0, "node_id": "a",
                                    "etcd": "http://127.0.0.1:2379", "cluster": "c1", **conf}
     registry = Registry(make_config(tmp_path, **settings), nursery, Counters())
@@ -174,7 +180,7 @@ async def leader_of_t(nursery: trio.Nursery, tmp_path: Path, **conf: object) -> 
     now = trio.current_time()
     clustering.members = {"a": "127.0.0.1:1", "b": "127.0.0.1:2", "c": "127.0.0.1:3", "d": "127.0.0.1:4"}
     clustering.members_at = clustering.lead_start = now - 5
-    return clustering, topic
+    return clustering, topic, registry
 
 
 async def done(clustering: Clustering, topic: Topic) -> None:
@@ -243,6 +249,30 @@ async def test_a_joiner_waited_for_does_not_pull_the_readers_high_watermark_back
     await done(clustering, topic)
 
 
+async def test_a_deleted_topic_leaves_no_join_floor_and_no_high_watermark_behind(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """t was acknowledged and shown to readers up to 150; DELETE, then t made anew: a follower that
+    holds the new t joins (the old floor 150 kept everyone out), and readers of the new t are capped
+    by the in-sync set again (not let through up to the old 150)."""
+    clustering, topic, registry = await leader_with_registry(nursery, tmp_path, min_insync=1)
+    state = clustering.state
+    state.gate = lambda: None  # a leader that may acknowledge (DELETE refuses otherwise)
+    topic.visible_head = 150
+    assert topic.readable_head == 150  # shown to readers
+    state.acked_end["t"] = 150
+    assert clustering.joins.floor("t", 150) == 150
+    topic.visible_head = topic.log.head
+    await registry.delete("t")
+    new = await registry.get_or_create("t")
+    state.record("b", "t", new.visible_head, new.visible_head)  # b holds all of the new t
+    assert "b" in clustering._desired(("a",), trio.current_time())
+    state.isr_needed = frozenset({"b"})
+    new.visible_head = 100  # durable here; b holds 40
+    state.record("b", "t", 40, 100)
+    assert new.readable_head == 40
+    await done(clustering, new)
+
+
 async def test_a_member_whose_key_was_not_seen_stays_while_it_fetches(nursery: trio.Nursery, tmp_path: Path) -> None:
     clustering, topic = await leader_of_t(nursery, tmp_path)
     state = clustering.state
@@ -276,15 +306,15 @@ async def test_waiters_get_not_leader_the_moment_the_lease_lapses(
     lapse_at = session.clock.stop_at
     assert lapse_at - now > 0.2
     got: list[tuple[bytes, float]] = []
-    with trio.CancelScope() as scope:
-        nursery.start_soon(clustering._lapse_loop)
 
-        async def answer() -> None:
-            got.append((await AwaitReplicas(stored(0, 100), "t", state).answer(reply), trio.current_time()))
+    async def answer() -> None:
+        got.append((await AwaitReplicas(stored(0, 100), "t", state).answer(reply), trio.current_time()))
 
+    async with trio.open_nursery() as loops:  # the lapse loop lives (and is cancelled) in this test's own nursery
+        loops.start_soon(clustering._lapse_loop)
         async with trio.open_nursery() as inner:
             inner.start_soon(answer)
-        scope.cancel()
+        loops.cancel_scope.cancel()
     line, at = got[0]
     assert line.startswith(b"ERR not leader: lease not confirmed"), line
     assert at - lapse_at < 0.05, at - lapse_at  # not at the waiter's next look (1 s)
