@@ -62,7 +62,8 @@ HostOpt = Annotated[
 ]
 TopicOpt = Annotated[str, typer.Option("--topic", "-t", help="Topic name.", callback=check_topic_name)]
 RetriesOpt = Annotated[
-    int, typer.Option("--retries", min=1, help="Connection attempts before giving up (backoff between).")
+    int, typer.Option("--retries", min=1, help="Connection attempts before giving up (backoff between); with "
+                      "several --host addresses, 10 s of looking for a node (the leader) per attempt.")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")]
 TimeoutOpt = Annotated[
@@ -123,6 +124,11 @@ def connect_client(host: str, retries: int, timeout: float | None,
                        request_timeout=timeout, ssl_context=security.context, token=security.token)
 
 
+def cluster_give_up(retries: int) -> float:
+    """How long a cluster client looks for a node (the leader) before it gives up: 10 s per ``--retries``."""
+    return 10.0 * retries
+
+
 def cluster_security(security: Security) -> Secure:
     """How the cluster clients connect to every node: the TLS context and token of the flags."""
     return Secure(security.context, security.token)
@@ -131,7 +137,7 @@ def cluster_security(security: Security) -> Secure:
 @asynccontextmanager
 async def _cluster_client(host: str, retries: int, request_timeout: float | None,
                           security: Security) -> AsyncIterator[Client]:
-    client = ClusterClient(parse_hosts(host), secure=cluster_security(security),
+    client = ClusterClient(parse_hosts(host), secure=cluster_security(security), give_up=cluster_give_up(retries),
                            retry=RetryPolicy(attempts=retries, initial=0.1, maximum=1.0),
                            request_timeout=request_timeout)
     try:

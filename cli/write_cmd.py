@@ -33,6 +33,7 @@ from .options import (
     TokenOpt,
     TopicOpt,
     VerboseOpt,
+    cluster_give_up,
     cluster_security,
     connect_client,
     duration,
@@ -163,6 +164,7 @@ def write(
             if "," in host:  # a cluster: follow the leader, resend after a failover (at-least-once)
                 async with FailoverWriter(parse_hosts(host), topic, batch_size=batch_size or 65536,
                                           timeout=timeout or 10.0, on_ack=None if quiet else out,
+                                          give_up=cluster_give_up(retries),
                                           secure=cluster_security(security)) as fw:
                     writers.append(fw)
                     await feed(fw, counts)

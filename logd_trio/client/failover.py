@@ -30,7 +30,7 @@ import anyio
 from logd_trio.client.transport import Connection, RetryPolicy, TLSTimeout, authenticate, connect
 from logd_trio.core.addresses import AddressError, format_address, parse_address
 from logd_trio.core.defaults import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_REPLY
-from logd_trio.core.errors import BadReply, ClientError, ConnectionLost, Timeout, WriteFailed
+from logd_trio.core.errors import BadReply, ClientError, ConnectionLost, NotAllowed, Timeout, Unsupported, WriteFailed
 from logd_trio.core.framing import build_body, framed_size
 from logd_trio.core.replies import ErrorReply, MokReply, OffsetReply, ReplyKind
 from logd_trio.core.requests import encode_batch
@@ -40,7 +40,7 @@ __all__ = ["FailoverWriter", "Secure", "ask_cluster", "find_leader", "find_membe
            "retriable"]
 
 _ONE_TRY = RetryPolicy(attempts=1, initial=0.05, maximum=0.05, connect_timeout=1.0)
-_UNREACHABLE = (OSError, ConnectionLost, BadReply, TimeoutError, ValueError)
+_UNREACHABLE = (OSError, ConnectionLost, BadReply, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +51,11 @@ class Secure:
     ssl_context: ssl.SSLContext | None = None
     token: str | None = None
     tls_hostname: str | None = None
+
+    def __post_init__(self) -> None:  # a malformed token is said once, not taken for unreachable nodes
+        if self.token is not None and (not self.token or not self.token.isascii()
+                                       or any(c.isspace() or not c.isprintable() for c in self.token)):
+            raise ValueError("a token is printable ASCII without spaces")
 
     async def connect(self, address: str, retry: RetryPolicy = _ONE_TRY,
                       max_reply: int = DEFAULT_MAX_REPLY) -> Connection:
@@ -139,6 +144,8 @@ async def _survey(addresses: Sequence[str], per_node: float, secure: Secure) -> 
             continue
         except _UNREACHABLE:
             continue
+        except (NotAllowed, Unsupported) as exc:  # the token refused (or AUTH unknown): final, said with the node
+            raise type(exc)(f"{address}: {exc}", reason=exc.reason) from exc
         member = member or address
         if view is None:
             plain = plain or address
@@ -259,6 +266,10 @@ class FailoverWriter:
         except TLSFailed:  # a refused certificate: final, as the module docstring says
             await self._drop()
             raise
+        except (NotAllowed, Unsupported) as exc:  # AUTH refused: final
+            lost = self.pending_messages
+            await self._drop()
+            raise WriteFailed(f"{lost} message(s) not acknowledged: {exc}", []) from exc
         except (ConnectionLost, BadReply, TimeoutError, OSError) as exc:
             await self._failover(str(exc) or type(exc).__name__)
             return

@@ -13,7 +13,7 @@ import pytest
 from logd_trio.client.client import open_client
 from logd_trio.client.cluster_client import ClusterClient
 from logd_trio.client.failover import FailoverWriter, Secure, find_leader
-from logd_trio.core.errors import ConnectionLost, NotFound, WriteFailed
+from logd_trio.core.errors import ConnectionLost, NotAllowed, NotFound, WriteFailed
 from logd_trio.core.tls import TLSFailed
 from logd_trio.server.auth import hash_token
 
@@ -112,3 +112,27 @@ async def test_a_refused_certificate_is_final_for_the_failover_writer(
             await w.write_many([b"x"])
     assert anyio.current_time() - start < 5
     await srv.stop()
+
+
+def test_a_malformed_token_is_said_once_not_taken_for_unreachable_nodes() -> None:
+    for bad in ("two words", "", "caf\u00e9", "tab\there"):
+        with pytest.raises(ValueError, match="printable ASCII"):
+            Secure(token=bad)
+    assert Secure(token="app-token-1").token == "app-token-1"
+
+
+async def test_a_token_the_node_refuses_is_final_and_names_the_node(
+        tmp_path: Path, anyio_backend_name: str, tg: anyio.abc.TaskGroup) -> None:
+    auth = tmp_path / "auth.toml"
+    auth.write_text(f'[principals.app]\ntoken = "{hash_token("app-token-1")}"\nread = ["*"]\nwrite = ["t"]\n')
+    srv = new_server(anyio_backend_name, tg, tmp_path / "d", auth_file=str(auth))
+    await srv.start()
+    wrong = Secure(token="not-the-token")
+    with anyio.fail_after(10):
+        with pytest.raises(NotAllowed, match=srv.addr):
+            await find_leader([srv.addr], secure=wrong)
+        with pytest.raises(WriteFailed, match=r"1 message\(s\) not acknowledged: .*not allowed"):
+            async with FailoverWriter([srv.addr], "t", secure=wrong) as w:
+                await w.write_many([b"x"])
+    await srv.stop()
+
