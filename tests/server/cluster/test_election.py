@@ -277,8 +277,9 @@ async def test_an_in_sync_write_after_a_late_one_landed_reconciles(
 
 async def test_an_in_sync_write_cut_by_the_callers_timeout_is_unknown_until_read_back(
         nursery: trio.Nursery, shared_etcd: EtcdCluster, etcd: EtcdClient, cluster_name: str) -> None:
-    """The caller's own timeout (shorter than the client's) cuts the grow mid-flight; it lands later.
-    Until a definite answer the leader must count the grown set as possible."""
+    """The caller cuts the grow mid-flight (once the write is sent and held by the frozen proxy: no
+    timing involved); it lands later.  Until a definite answer the leader must count the grown set
+    as possible."""
     keys = ClusterKeys(cluster_name)
     proxy = TcpProxy(shared_etcd.members[0].client_port)
     await proxy.start(nursery)
@@ -286,8 +287,17 @@ async def test_an_in_sync_write_cut_by_the_callers_timeout_is_unknown_until_read
         lead = await campaign(two, keys, s, A)
         first = lead.isr_revision
         proxy.freeze()
-        with trio.move_on_after(0.2) as cut:
-            await lead.set_in_sync(("a", "b"))
+        cut = trio.CancelScope()
+
+        async def grow() -> None:
+            with cut:
+                await lead.set_in_sync(("a", "b"))
+
+        async with trio.open_nursery() as caller:
+            caller.start_soon(grow)
+            with trio.fail_after(5):
+                await proxy.holding.wait()  # the write is sent (held in the proxy): the caller gives up now
+            cut.cancel()
         assert cut.cancelled_caught
         assert lead.in_sync == ("a",) and lead.in_sync_unsure == ("a", "b")  # not "not applied"
         proxy.thaw()  # the cut write reaches etcd now
