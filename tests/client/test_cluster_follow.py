@@ -4,6 +4,7 @@ waiting for one while there is none."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from logd_trio.core.tls import TLSFailed
 from ..etcd_harness import TcpProxy
 from ..harness import FAST_RETRY
 from ..tlsfiles import make_certs
-from .live import LiveServer, new_server
+from .live import InLoopServer, LiveServer, new_server
 
 pytestmark = pytest.mark.anyio
 
@@ -155,3 +156,34 @@ async def test_a_following_reader_reads_from_the_leader_only_and_waits_for_one(
     assert await stat(follower, "requests.read") == 0
     await follower.stop()
     await leader.stop()
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_following_reader_leaves_a_node_that_comes_back_as_a_follower(
+        tmp_path: Path, tg: anyio.abc.TaskGroup, anyio_backend: str) -> None:
+    """x and y hold the same 6 batches; the reader follows x; x restarts, following y (it answers on
+    its address again): the reader goes on at y, the leader, and reads nothing from x."""
+    x, y = InLoopServer(tg, tmp_path / "x"), InLoopServer(tg, tmp_path / "y")
+    await x.start()
+    await y.start()
+    for node in (x, y):
+        await write(node.addr, BATCHES[:6])
+    client = ClusterClient([x.addr, y.addr], request_timeout=5, retry=QUICK, give_up=5)
+    got: list[bytes] = []
+    async with client, client.scanner("t", follow=True, wait_ms=200, poll_interval=0.05) as s:
+        it = s.__aiter__()
+        for _ in range(6):
+            got.append((await it.__anext__()).body)
+        assert client.chosen == x.addr
+        await x.stop()
+        x.config = dataclasses.replace(x.config, node_id="x", replicate_from=y.addr, fsync="always")
+        await x.start()  # the same address, now a follower
+        await write(y.addr, BATCHES[6:])
+        with anyio.fail_after(15):
+            for _ in range(6):
+                got.append((await it.__anext__()).body)
+    assert got == [m for b in BATCHES for m in b]
+    assert client.chosen == y.addr
+    assert await stat(x, "requests.read") == 0  # (counted since its restart)
+    await x.stop()
+    await y.stop()
