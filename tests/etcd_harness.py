@@ -216,6 +216,7 @@ class TcpProxy:
         self.frozen = False
         self._thawed = trio.Event()
         self._thawed.set()
+        self.holding = trio.Event()
 
     @property
     def url(self) -> str:
@@ -228,6 +229,7 @@ class TcpProxy:
     def freeze(self) -> None:
         self.frozen = True
         self._thawed = trio.Event()
+        self.holding = trio.Event()  # set once the frozen proxy holds data it would have forwarded
 
     def thaw(self) -> None:
         self.frozen = False
@@ -250,6 +252,7 @@ class TcpProxy:
         try:
             while data := await src.receive_some(65536):
                 while self.frozen:
+                    self.holding.set()
                     await self._thawed.wait()
                 await dst.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -15,6 +15,10 @@ long-poll extension (``READ ... <wait_ms>``) on logd-trio, by polling every
 position.  :class:`~logd_trio.core.errors.BadReply` (the server sent something that
 is not a reply) is never retried.  A server that comes back with a shorter log
 (the position past its head, or not a batch start) raises ``NotFound`` (logd-trio).
+Following with a client of several nodes (``ClusterClient``), the scanner reads from the
+leader only, waiting for one; when its connection breaks or a request times out (a paused
+node) or its node no longer leads, it resumes on the (new) leader at its next offset, waiting up
+to the client's ``settle`` seconds while that node does not serve the position yet (just after a takeover).
 
 Reply size: one READ asks for at most ``read_size`` messages, and never more
 than ``max_reply // MaxBatchSize`` (the client's reply limit over the server's
@@ -49,8 +53,16 @@ import anyio
 
 from logd_trio.client.checkpoint import Checkpoint, Position
 from logd_trio.client.positions import END, OLDEST, Last, StartAt, find_end, find_last
-from logd_trio.client.transport import ClientLike, Session, check_topic
-from logd_trio.core.errors import BadReply, ConnectionLost, InvalidPosition, InvalidRequest, NotFound, OffsetRemoved
+from logd_trio.client.transport import ClientLike, FollowsLeader, Session, check_topic
+from logd_trio.core.errors import (
+    BadReply,
+    ConnectionLost,
+    InvalidPosition,
+    InvalidRequest,
+    NotFound,
+    OffsetRemoved,
+    Timeout,
+)
 from logd_trio.core.replies import ErrorReply, Message, ReadReply, ReplyKind
 from logd_trio.core.requests import encode_read, encode_tail
 
@@ -79,24 +91,11 @@ class ScannerOptions(TypedDict, total=False):
 class Scanner:
     """Iterates over a topic's messages.  Create with :meth:`Client.scanner`."""
 
-    def __init__(
-        self,
-        client: ClientLike,
-        topic: str,
-        *,
-        start: StartAt | None = None,
-        offset: int | None = None,
-        delta: int = 0,
-        checkpoint: Checkpoint | None = None,
-        from_beginning: bool = False,
-        limit: int | None = None,
-        follow: bool = False,
-        read_size: int = 1000,
-        on_removed: OnRemoved = "error",
-        poll_interval: float = 0.5,
-        wait_ms: int = 10_000,
-        close_timeout: float = 5.0,
-    ) -> None:
+    def __init__(self, client: ClientLike, topic: str, *, start: StartAt | None = None, offset: int | None = None,
+                 delta: int = 0, checkpoint: Checkpoint | None = None, from_beginning: bool = False,
+                 limit: int | None = None, follow: bool = False, read_size: int = 1000,
+                 on_removed: OnRemoved = "error", poll_interval: float = 0.5, wait_ms: int = 10_000,
+                 close_timeout: float = 5.0) -> None:
         check_topic(topic)
         if on_removed not in ("error", "earliest"):
             raise ValueError("on_removed must be 'error' or 'earliest'")
@@ -132,11 +131,14 @@ class Scanner:
         self._longpoll: bool | None = None
         self._ended = False
         self._sized = False  # read_size capped for max_reply yet?
+        self._cluster = client if follow and isinstance(client, FollowsLeader) else None  # see the module docstring
+        self._settle = self._cluster.settle if self._cluster is not None else 0.0
+        self._unserved: tuple[int, float] | None = None  # a position the server did not serve, since when
 
     # ------------------------------------------------------------ context and iteration
 
     async def __aenter__(self) -> Scanner:
-        self._session = self._client.session()
+        self._session = self._client.session() if self._cluster is None else self._cluster.following_session()
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -216,12 +218,18 @@ class Scanner:
         await self._cap_read_size()
         if start == END:
             if await self._client.supports_extensions():
-                head = (await self._client.topics()).get(self.topic, (0, 0))[1]
+                head = await self._head()
                 self._verified = True
                 return Position(head, 0)
             return await find_end(fetch)
         assert isinstance(start, Last)
         return await find_last(fetch, start.n)
+
+    async def _head(self) -> int:
+        """The topic's head (0 if unknown) on the node this scanner reads from."""
+        if self._cluster is not None and self._session is not None:
+            return await self._cluster.head_on(self._session, self.topic)
+        return (await self._client.topics()).get(self.topic, (0, 0))[1]
 
     async def _fetch_for_walk(self, offset: int | None) -> ReadReply | ErrorReply:
         if offset is None:
@@ -239,8 +247,8 @@ class Scanner:
                 got = await self._fill_once()
             except BadReply:
                 raise
-            except ConnectionLost:
-                if not self.follow:
+            except (ConnectionLost, Timeout) as exc:
+                if not self.follow or (isinstance(exc, Timeout) and self._cluster is None):
                     raise
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -335,13 +343,17 @@ class Scanner:
         # Following, the position is checked against the head on every empty read too: a
         # server back with a shorter log (its tail lost) would otherwise never answer it.
         if (not self._verified or self.follow) and await self._client.supports_extensions():
-            head = (await self._client.topics()).get(self.topic, (0, 0))[1]  # an unknown topic's head is 0
+            head = await self._head()
             changed = " (the server's log is shorter than when this scanner read it)" if self._verified else ""
             if pos.offset > head:
+                if await self._settling(pos):
+                    return False
                 raise NotFound(f"offset {pos.offset} is past the end of topic {self.topic!r} (head is {head}){changed}")
             if pos.offset != head and (oldest is not None or pos.offset != 0):
                 if self._verified and not recheck:
                     return await self._fill_once(recheck=True)  # data may have come in meanwhile
+                if await self._settling(pos):
+                    return False
                 raise NotFound(f"offset {pos.offset} is not the start of a batch in topic {self.topic!r}{changed}")
         if not self.follow:
             return False
@@ -351,8 +363,22 @@ class Scanner:
         self._take(waited, pos)
         return True
 
+    async def _settling(self, pos: Position) -> bool:
+        """Following a cluster: wait (a poll interval) while a position this node does not serve is
+        younger than ``settle`` seconds; False once it is older (the caller raises)."""
+        if not (self.follow and self._verified and self._settle > 0):
+            return False
+        now = anyio.current_time()
+        if self._unserved is None or self._unserved[0] != pos.offset:
+            self._unserved = (pos.offset, now)
+        if now - self._unserved[1] >= self._settle:
+            return False
+        await anyio.sleep(self.poll_interval)
+        return True
+
     def _take(self, reply: ReadReply, pos: Position) -> None:
         """Queue the reply's messages from ``pos`` on, each with the position after it."""
+        self._unserved = None
         topic = self.topic
         buf = self._buffer
         for batch in reply.batches:

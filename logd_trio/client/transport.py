@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Final, NoReturn, Protocol, TypeVar
+from typing import Final, NoReturn, Protocol, TypeVar, runtime_checkable
 
 import anyio
 import anyio.abc
@@ -41,7 +41,9 @@ __all__ = [
     "ClientLike",
     "Connection",
     "RetryPolicy",
+    "FollowsLeader",
     "Session",
+    "TLSTimeout",
     "authenticate",
     "check_topic",
     "raise_leaf",
@@ -51,6 +53,11 @@ __all__ = [
 ]
 
 _F = TypeVar("_F", bound=Callable[..., object])
+
+
+class TLSTimeout(TLSFailed):
+    """No TLS handshake within the connect timeout: a server without TLS, or a node that does not
+    run (paused, partitioned).  One server: final as any TLSFailed; a cluster client tries another node."""
 
 
 def ki_protected(fn: _F) -> _F:
@@ -232,8 +239,9 @@ async def _handshake(stream: anyio.abc.SocketStream, where: str, ctx: ssl.SSLCon
     except BaseException as exc:
         await anyio.aclose_forcefully(stream)
         if isinstance(exc, TimeoutError):
-            why = f"no TLS handshake within {seconds:g} s (a server without TLS?)"
-        elif isinstance(exc, ssl.SSLError):
+            raise TLSTimeout(f"cannot connect to {where}: no TLS handshake within {seconds:g} s "
+                             "(a server without TLS, or one that does not run?)") from None
+        if isinstance(exc, ssl.SSLError):
             why = f"TLS handshake failed: {describe(exc)}"
         elif isinstance(exc, anyio.BrokenResourceError | anyio.EndOfStream | OSError):
             why = (f"the server closed the connection during the TLS handshake ({describe(exc)}; does it "
@@ -317,6 +325,19 @@ class ClientLike(Protocol):
     async def supports_extensions(self) -> bool: ...
 
     async def topics(self) -> dict[str, tuple[int, int]]: ...
+
+
+@runtime_checkable
+class FollowsLeader(Protocol):
+    """A client of several nodes: a following reader's session reads from the leader only and
+    moves with it; ``settle``: how long that reader waits for a position a new leader does not
+    serve yet (see :mod:`logd_trio.client.scanner`)."""
+
+    settle: float
+
+    def following_session(self) -> Session: ...
+
+    async def head_on(self, session: Session, topic: str) -> int: ...
 
 
 class Connector(Protocol):

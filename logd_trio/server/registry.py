@@ -173,7 +173,7 @@ class Registry:
             # final sync's --shutdown-timeout).
             with trio.CancelScope(shield=True):
                 await self._ended.pop(name).wait()
-                self.replica.epochs.pop(name, None)
+                self.replica.forget(name)  # its epochs, and what a cluster leader noted of it
                 first, head = topic.first, topic.visible_head
                 try:
                     freed = await run_blocking(remove_topic, self.root, name, log)

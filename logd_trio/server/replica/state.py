@@ -97,18 +97,20 @@ class ReplicaState:
         self.followers: dict[tuple[str, str], FollowerProgress] = {}
         self._progress = trio.Event()  # set (and replaced) whenever a follower's acknowledgement moves
         self.topics: dict[str, Topic] = {}  # every topic opened (for the high watermark's wake-ups)
-        # With --etcd the cluster task (server/clustering.py) sets the role: the node leads (and
-        # takes local writes) only while ``leading``; ``gate`` is the cluster's refusal (None: may
-        # acknowledge); ``isr_needed`` the followers whose copy an OK waits for, ``isr_size`` the
-        # in-sync set's size in etcd (the leader included).
+        # With --etcd the cluster task (server/clustering.py) sets the role: the node leads (and takes local
+        # writes) only while ``leading``; ``gate`` is the cluster's refusal (None: may acknowledge); ``isr_needed``
+        # the followers whose copy an OK waits for, ``isr_size`` the in-sync set's size in etcd (leader included).
         self.clustered = bool(config.etcd)
         self._leading = False
         self.generation = 0  # +1 whenever ``leading`` changes: an OK waits within one leadership
         self.held_hw: dict[str, int] = {}  # a deposed leader's readers stay capped here until reconciled
         self.gate: Callable[[], str | None] = lambda: None
         self.observe_epoch: Callable[[int], None] = lambda epoch: None
+        self.on_forget: Callable[[str], None] = lambda topic: None  # the cluster's bookkeeping of a deleted topic
         self.isr_needed: frozenset[str] = frozenset()
         self.isr_size = 1
+        self.acked_end: dict[str, int] = {}  # a cluster leader: per topic, the end of the last batch it acknowledged
+        self.hw_shown: dict[str, int] = {}  # a cluster leader: per topic, the highest high watermark readers saw
         self.describe: Callable[[], dict[str, object]] = self._describe
         self.address = ""  # where this node listens, once bound
         self.bound = trio.Event()
@@ -121,9 +123,9 @@ class ReplicaState:
 
     @leading.setter
     def leading(self, value: bool) -> None:
-        """Each change starts a new leadership generation and wakes the acknowledgement waiters (a
-        batch stored under one leadership is never acknowledged under another).  A node that stops
-        leading keeps its readers at the high watermark it had until it reconciled each topic."""
+        """Each change starts a new leadership generation and wakes the acknowledgement waiters (a batch stored
+        under one leadership is never acknowledged under another).  A node that stops leading keeps its
+        readers at the high watermark it had until it reconciled each topic."""
         if value == self._leading:
             return
         if not value and self.config.acks == "all":
@@ -138,6 +140,12 @@ class ReplicaState:
         """This node's copy of ``topic`` now matches a leader's history: its readers are no longer held."""
         if self.held_hw.pop(topic, None) is not None and (t := self.topics.get(topic)) is not None:
             t.wake_readers()
+
+    def forget(self, topic: str) -> None:
+        """``topic`` was deleted: nothing noted of it stays (made anew, it starts from nothing)."""
+        for noted in (self.topics, self.epochs, self.acked_end, self.hw_shown, self.held_hw):
+            noted.pop(topic, None)
+        self.on_forget(topic)
 
     def listening(self, address: str) -> None:
         self.address = address
@@ -165,9 +173,7 @@ class ReplicaState:
 
     def open_topic(self, root: Path, name: str) -> Topic:
         """Blocking: open (recover) a topic and its epoch file; a leader records its epoch from the head.
-
-        A follower's topics are :class:`FollowerTopic` (appends only at the offsets the leader gave).
-        """
+        A follower's topics are :class:`FollowerTopic` (appends only at the offsets the leader gave)."""
         c = self.config
         if self.is_follower or self.clustered:
             flog = FollowerLog.open(root, name, partition_size=c.partition_size, partitions=c.partitions,
@@ -208,8 +214,7 @@ class ReplicaState:
         return f"not leader {self.leader}" if self.leader else None
 
     def refuse_writes(self) -> None:
-        """Raise ``ERR not leader HOST:PORT`` on a follower, ``ERR not enough replicas`` with
-        ``--acks all`` and fewer than ``--min-insync`` nodes in sync."""
+        """``ERR not leader HOST:PORT`` on a follower, ``ERR not enough replicas`` (--acks all, too few in sync)."""
         why = self.refusal()
         if why is not None:
             raise RequestError(why)
@@ -223,10 +228,13 @@ class ReplicaState:
             if not self._leading:
                 held = self.held_hw.get(topic)
                 return visible if held is None else min(visible, held)
+            hw = visible
             for n in self.isr_needed:
                 p = self.followers.get((n, topic))
-                visible = min(visible, p.offset if p is not None else 0)
-            return visible
+                hw = min(hw, p.offset if p is not None else 0)
+            # never back: a joiner waited for may hold less than readers were shown (it must reach it to join)
+            shown = self.hw_shown[topic] = max(self.hw_shown.get(topic, 0), hw)
+            return min(visible, shown)
         need = self.config.min_insync - 1
         if need <= 0 or self.leader:
             return visible
@@ -319,6 +327,7 @@ class ReplicaState:
             if self.isr_size < self.config.min_insync or trio.current_time() >= deadline:
                 raise RequestError(self.refusal() or "not enough replicas")  # e.g. woken past its lease: not leader
             if all((p := self.followers.get((n, topic))) is not None and p.offset >= end for n in self.isr_needed):
+                self.acked_end[topic] = max(self.acked_end.get(topic, 0), end)  # a joiner must hold it
                 return
             with trio.move_on_after(min(self.config.replica_lag / 4, max(deadline - trio.current_time(), 0))):
                 await self._progress.wait()
