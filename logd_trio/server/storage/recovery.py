@@ -31,7 +31,14 @@ from logd_trio.server.storage.files import (
     parse_start,
     remove_files,
 )
-from logd_trio.server.storage.index import PENDING_FLUSH, REC_SIZE, PartitionIndex, validate
+from logd_trio.server.storage.index import (
+    HEADER_SIZE,
+    PENDING_FLUSH,
+    PartitionIndex,
+    read_layout,
+    validate,
+    write_header,
+)
 from logd_trio.server.storage.partition import Partition
 from logd_trio.server.storage.rebuild import damaged_end, next_frame
 from logd_trio.server.storage.syscalls import current
@@ -46,6 +53,16 @@ PROGRESS_BYTES = 256 << 20
 VERIFY_TAIL = 64 * 1024
 
 
+# File times come from a coarse clock (up to a scheduler tick behind the wall clock the
+# server's times come from): an mtime standing for an append time gets this much more.
+MTIME_SLACK_MS = 20
+
+
+def _mtime_ms(st: os.stat_result) -> int:
+    """An upper bound of the time (Unix ms) a file was last written."""
+    return -(-st.st_mtime_ns // 1_000_000) + MTIME_SLACK_MS
+
+
 class Recovery:
     """One topic directory being opened; :meth:`run` returns its partitions, oldest first."""
 
@@ -55,6 +72,8 @@ class Recovery:
         self.file_mode = file_mode
         self.log = log
         self.dir_dirty = False  # entries were removed or created: the directory needs an fsync
+        self._t = 0  # the time of batches the scan finds (see _files)
+        self._known: dict[int, int] = {}  # end position -> time of records the scan re-adds
 
     def run(self) -> list[Partition]:
         """Recover every partition (creating partition 0 if there is none).
@@ -120,31 +139,49 @@ class Recovery:
 
     def _files(self, start: int, fd: int, ifd: int, limit: int | None, *, head: bool) -> Partition:
         lpath = log_path(self.dir, start)
-        fsize = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        fsize = st.st_size
         stop = fsize if limit is None else min(fsize, limit)
         isize = os.fstat(ifd).st_size
-        n_rec, why = validate(fd, ifd, isize // REC_SIZE, stop)
+        timed, fresh = read_layout(ifd, isize)
+        if fresh:  # no index yet (a Go data directory, a crash at creation): a v2 one from the scan
+            if isize:
+                self.log.warning("topic %s: index of %s has no valid header; rescanning", self.topic, lpath)
+                current().ftruncate(ifd, 0)
+            write_header(ifd)
+            isize = HEADER_SIZE
+        idx = PartitionIndex(ifd, 0, timed=timed)
+        base, rs = idx.base, idx.rs
+        n_rec, why = validate(fd, ifd, (isize - base) // rs, stop, base, rs)
         if why:
             self.log.warning("topic %s: index of %s: %s; rescanning", self.topic, lpath, why)
-        elif isize % REC_SIZE:
+        elif (isize - base) % rs:
             self.log.warning("topic %s: index of %s has a torn record; rescanning tail", self.topic, lpath)
-        idx = PartitionIndex(ifd, n_rec)
+        idx.reset(n_rec)
         end, cum = idx.entry(n_rec - 1)
+        known: dict[int, int] = {}
         if head and end > 0:
-            # The index may have reached disk before the log data: re-verify its tail.
+            # The index may have reached disk before the log data: re-verify its tail (keeping the
+            # times of the records the rescan finds again).
             k = idx.last_end_at_most(end - VERIFY_TAIL)
+            if timed:
+                known = {idx.entry(j)[0]: idx.time(j) for j in range(k + 1, n_rec)}
             end, cum = idx.entry(k)
             n_rec = k + 1
-        if n_rec * REC_SIZE != isize:
-            current().ftruncate(ifd, n_rec * REC_SIZE)
+        if base + n_rec * rs != isize:
+            current().ftruncate(ifd, base + n_rec * rs)
         idx.reset(n_rec)
+        # The batches the scan adds were appended at unknown times, none after the log's last
+        # change: its mtime stands for them (kept from decreasing).
+        self._t = max(_mtime_ms(st), idx.time(n_rec - 1) if n_rec else 0)
+        self._known = known
         scanned = len(idx)
         good, cum = self._scan(fd, idx, end, stop, cum)
         if good == end > 0 and good < stop:
             # No valid frame where the index says one starts: the index is wrong, not the log.
             self.log.warning("topic %s: index of %s points at no valid frame (position %d); rescanning "
                              "the whole partition", self.topic, lpath, end)
-            current().ftruncate(ifd, 0)
+            current().ftruncate(ifd, base)
             idx.reset(0)
             scanned = end = 0
             good, cum = self._scan(fd, idx, 0, stop, 0)
@@ -155,7 +192,7 @@ class Recovery:
             self._damaged(fd, start, good, nxt)
             bad.append((good, nxt))
             cum += 1  # a placeholder record for the damaged range
-            idx.add(nxt, cum)
+            idx.add(nxt, cum, self._t)
             good, cum = self._scan(fd, idx, nxt, stop, cum)
         if good < fsize:
             self._cut(fd, start, good, fsize, torn_ok=head)
@@ -165,6 +202,8 @@ class Recovery:
             current().fdatasync(ifd)  # a sealed partition's rebuilt index: make the next open fast
             idx.synced_n = idx.n_file
         p = Partition(start, fd, idx, good, cum)
+        if good:
+            p.newest = idx.time(len(idx) - 1) if timed else _mtime_ms(st)
         for a, b in bad:
             p.bad.add(a, b)
         p.vend = min(end, good)  # trusted through the index, not checked: verified before it is served
@@ -178,6 +217,7 @@ class Recovery:
         buf = b""
         base = pos  # file position of buf[0]
         i = 0
+        t = idx.time(len(idx) - 1) if len(idx) else 0  # times never decrease
         start, next_report = pos, pos + PROGRESS_BYTES
         while base + i < stop:
             try:
@@ -205,7 +245,8 @@ class Recovery:
                 break
             i += need
             cum += h.count
-            idx.add(base + i, cum)
+            t = max(self._known.get(base + i, self._t), t)
+            idx.add(base + i, cum, t)
         return base + i, cum
 
     def _damaged(self, fd: int, start: int, a: int, b: int) -> None:
