@@ -6,7 +6,7 @@ import struct
 
 from logd_trio.server.storage.index import HEADER, HEADER_SIZE, REC, REC_SIZE, REC_V2
 
-__all__ = ["layout", "put_end", "records", "v1_of"]
+__all__ = ["layout", "put_end", "records", "times", "v1_of"]
 
 
 def layout(raw: bytes | bytearray) -> tuple[int, int]:
@@ -23,6 +23,13 @@ def records(raw: bytes | bytearray) -> list[tuple[int, int, int | None]]:
         t = struct.unpack_from("<Q", raw, at + 16)[0] if rs == REC_V2.size else None
         out.append((end, cum, t))
     return out
+
+
+def times(raw: bytes | bytearray) -> list[int]:
+    """The append times of a v2 file's records."""
+    out = [t for _, _, t in records(raw)]
+    assert raw[:HEADER_SIZE] == HEADER and all(t is not None for t in out)
+    return [t for t in out if t is not None]
 
 
 def put_end(raw: bytearray, k: int, end: int) -> None:

@@ -14,7 +14,7 @@ from logd_trio.server.storage import recovery
 from logd_trio.server.storage.index import HEADER
 from logd_trio.server.storage.topic_log import TopicLog
 
-from .index_files import records, v1_of
+from .index_files import records, times, v1_of
 
 TOPIC = "t"
 T0 = 1_900_000_000_000  # 2030-03-17 (Unix ms): later than the wall clock, so tick() takes it
@@ -78,7 +78,7 @@ def test_index_v2_round_trip_keeps_every_time(tmp_path: Path, window: None) -> N
 
 def test_times_never_go_back_when_the_clock_does(tmp_path: Path) -> None:
     offs = write_timed(tmp_path, [T0, T0 + 500, T0 + 100, T0 + 700], psize=10**6)
-    got = [t for _, _, t in records(index_files(tmp_path)[0].read_bytes())]
+    got = times(index_files(tmp_path)[0].read_bytes())
     assert got == [T0, T0 + 500, T0 + 500, T0 + 700]
     tl = open_log(tmp_path, 10**6)
     try:
@@ -89,7 +89,7 @@ def test_times_never_go_back_when_the_clock_does(tmp_path: Path) -> None:
         assert tl.seek(T0 + 701) == tl.head
     finally:
         tl.close()
-    assert [t for _, _, t in records(index_files(tmp_path)[0].read_bytes())][-1] >= T0 + 700
+    assert times(index_files(tmp_path)[0].read_bytes())[-1] >= T0 + 700
 
 
 def _set_mtime(path: Path, ms: int) -> None:
