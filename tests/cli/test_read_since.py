@@ -88,7 +88,7 @@ def test_client_seek(tmp_path: Path) -> None:
                 with pytest.raises(NotFound):
                     await c.seek("nope", 0)
                 with pytest.raises(ValueError, match="time zone"):
-                    await c.seek("t", datetime.datetime(2026, 12, 1))  # noqa: DTZ001 - the point
+                    await c.seek("t", datetime.datetime(2026, 12, 1))  # naive: the point
                 with pytest.raises(ValueError, match="after 1970"):
                     await c.seek("t", -1.0)
 
