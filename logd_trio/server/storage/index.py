@@ -62,8 +62,8 @@ _MAX_HINTS = 256
 # Records are read from the file a page at a time and the last few pages kept: a read
 # plan's searches (binary, galloping) touch a handful of records close together, and a
 # pread per record made READ twice as costly as with the mapping it replaced.
-_PAGE_RECS = 256  # records per page (4 KiB)
-_MAX_PAGES = 16  # pages kept per partition (64 KiB)
+_PAGE_RECS = 256  # records per page (4 KiB of v1 records, 6 KiB of v2)
+_MAX_PAGES = 16  # pages kept per partition (at most 96 KiB)
 
 
 class IndexDamaged(StorageError):
