@@ -74,10 +74,10 @@ class Topic:
         self.read_cap: Callable[[], int] | None = None  # --acks all: readers stop at the high watermark
 
     @classmethod
-    def open(cls, root: Path, name: str, config: ServerConfig) -> Topic:
+    def open(cls, root: Path, name: str, config: ServerConfig, now: int | None = None) -> Topic:
         """Open (recover) the topic's files; blocking, run it off the Trio thread for big topics."""
         tlog = TopicLog.open(root, name, partition_size=config.partition_size, partitions=config.partitions,
-                             file_mode=config.file_mode, dir_mode=config.dir_mode)
+                             file_mode=config.file_mode, dir_mode=config.dir_mode, now_ms=now)
         return cls(name, tlog, config)
 
     @property

@@ -17,7 +17,7 @@ from logd_trio.server.storage.topic_log import TopicLog
 from .index_files import records, times, v1_of
 
 TOPIC = "t"
-T0 = 1_900_000_000_000  # 2030-03-17 (Unix ms): later than the wall clock, so tick() takes it
+T0 = 1_000_000_000_000  # 2001-09-09 (Unix ms): earlier than any file's mtime, so recovery keeps the times
 
 
 def frame(i: int) -> bytes:
@@ -25,7 +25,7 @@ def frame(i: int) -> bytes:
 
 
 def open_log(root: Path, psize: int = 400, partitions: int = 1000) -> TopicLog:
-    return TopicLog.open(root, TOPIC, partition_size=psize, partitions=partitions)
+    return TopicLog.open(root, TOPIC, partition_size=psize, partitions=partitions, now_ms=T0)
 
 
 def write_timed(root: Path, times: list[int], psize: int = 400) -> list[int]:

@@ -17,7 +17,7 @@ from ..harness import make_config, start_server
 from ..wire import Wire, batch_request
 from .index_files import times
 
-T0 = 1_900_000_000_000  # Unix ms, later than the wall clock (a TopicLog never moves its time back)
+T0 = 1_000_000_000_000  # 2001-09-09 (Unix ms): earlier than any file's mtime, so recovery keeps the times
 
 
 @pytest.fixture

@@ -34,6 +34,8 @@ from logd_trio.server.storage.files import (
 from logd_trio.server.storage.index import (
     HEADER_SIZE,
     PENDING_FLUSH,
+    REC_SIZE,
+    REC_V2,
     PartitionIndex,
     read_layout,
     validate,
@@ -56,6 +58,37 @@ VERIFY_TAIL = 64 * 1024
 # File times come from a coarse clock (up to a scheduler tick behind the wall clock the
 # server's times come from): an mtime standing for an append time gets this much more.
 MTIME_SLACK_MS = 20
+# At open the times of the last this-many records of an index are checked (trusted_times): of the
+# newest partitions, as many as an unsynced index tail may hold (a sealed one's is synced soon after
+# its rotation, the head's every 256 KiB), of the others a few pages.
+TIME_TAIL_NEW = (256 << 10) // 24 + 1
+TIME_TAIL = 512
+NEW_PARTITIONS = 4
+
+
+def trusted_times(idx: PartitionIndex, n: int, lo: int, hi: int, tail: int) -> tuple[int, int]:
+    """``(k, t)``: the first ``k`` records' times look right (in ``[lo, hi]``, never decreasing), record
+    ``k``'s (time ``t``) does not (``k == n``: all do).  Checks the records :func:`validate` samples
+    and the last ``tail`` (a crash tears the unsynced tail, where a record's time may sit on
+    another page than its position); between a good and a bad sample, binary-searches the first bad."""
+    ks = sorted({0, *(n * j // 8 for j in range(1, 8)), *range(max(n - tail, 0), n)})
+    good, prev = -1, lo
+    for k in ks:
+        t = idx.time(k)
+        if not prev <= t <= hi:
+            break
+        good, prev = k, t
+    else:
+        return n, 0
+    bad, bad_t = k, t
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        t = idx.time(mid)
+        if prev <= t <= hi:
+            good, prev = mid, t
+        else:
+            bad, bad_t = mid, t
+    return bad, bad_t
 
 
 def _mtime_ms(st: os.stat_result) -> int:
@@ -68,6 +101,7 @@ class Recovery:
 
     def __init__(self, directory: Path, topic: str, file_mode: int, log: logging.Logger) -> None:
         self.dir = directory
+        self._lo = 0  # the newest append time read from the indexes so far: no later batch is earlier
         self.topic = topic
         self.file_mode = file_mode
         self.log = log
@@ -102,7 +136,7 @@ class Recovery:
                 last = i == len(logs) - 1
                 limit = None if last else logs[i + 1] - start
                 try:
-                    p = self._partition(start, limit, head=last)
+                    p = self._partition(start, limit, head=last, new=i >= len(logs) - NEW_PARTITIONS)
                 except OSError as e:
                     raise StorageError(f"topic {self.topic}: recovering {log_path(self.dir, start)}: {e}") from e
                 if p.size == 0 and not last:
@@ -124,7 +158,7 @@ class Recovery:
             raise
         return parts
 
-    def _partition(self, start: int, limit: int | None, *, head: bool) -> Partition:
+    def _partition(self, start: int, limit: int | None, *, head: bool, new: bool) -> Partition:
         fd = os.open(log_path(self.dir, start), os.O_RDWR | O_CLOEXEC)
         try:
             ifd = os.open(index_path(self.dir, start), os.O_RDWR | os.O_CREAT | O_CLOEXEC, self.file_mode)
@@ -132,32 +166,42 @@ class Recovery:
             os.close(fd)
             raise
         try:
-            return self._files(start, fd, ifd, limit, head=head)
+            return self._files(start, fd, ifd, limit, head=head, tail=TIME_TAIL_NEW if new else TIME_TAIL)
         except BaseException:
             close_quietly([fd, ifd])
             raise
 
-    def _files(self, start: int, fd: int, ifd: int, limit: int | None, *, head: bool) -> Partition:
+    def _files(self, start: int, fd: int, ifd: int, limit: int | None, *, head: bool, tail: int) -> Partition:
         lpath = log_path(self.dir, start)
         st = os.fstat(fd)
         fsize = st.st_size
         stop = fsize if limit is None else min(fsize, limit)
         isize = os.fstat(ifd).st_size
         timed, fresh = read_layout(ifd, isize)
-        if fresh:  # no index yet (a Go data directory, a crash at creation): a v2 one from the scan
-            if isize:
-                self.log.warning("topic %s: index of %s has no valid header; rescanning", self.topic, lpath)
-                current().ftruncate(ifd, 0)
-            write_header(ifd)
-            isize = HEADER_SIZE
-        idx = PartitionIndex(ifd, 0, timed=timed)
-        base, rs = idx.base, idx.rs
-        n_rec, why = validate(fd, ifd, (isize - base) // rs, stop, base, rs)
+        if fresh and isize:  # a header torn by a crash, an unknown version: a v2 index from the scan
+            self.log.warning("topic %s: index of %s has no valid header; rescanning", self.topic, lpath)
+        base, rs = (HEADER_SIZE, REC_V2.size) if timed else (0, REC_SIZE)
+        n_rec, why = (0, "") if fresh else validate(fd, ifd, (isize - base) // rs, stop, base, rs)
         if why:
             self.log.warning("topic %s: index of %s: %s; rescanning", self.topic, lpath, why)
         elif (isize - base) % rs:
             self.log.warning("topic %s: index of %s has a torn record; rescanning tail", self.topic, lpath)
-        idx.reset(n_rec)
+        if n_rec == 0 and (fresh or not timed):
+            # nothing to keep (no index yet: a Go data directory, a crash at creation; or one not
+            # a record of which holds): a v2 index from the scan, whatever the old one was
+            idx = self._fresh_v2(ifd)
+            timed, isize, base, rs = True, HEADER_SIZE, idx.base, idx.rs
+        else:
+            idx = PartitionIndex(ifd, n_rec, timed=timed)
+        hi = _mtime_ms(st)  # no batch was appended after the log's last change
+        if timed and n_rec:
+            ok, bad_t = trusted_times(idx, n_rec, self._lo, hi, tail)
+            if ok < n_rec:
+                self.log.warning("topic %s: index of %s: the time of record %d (%d) is not plausible (not in "
+                                 "[%d, %d] or earlier than the one before); rescanning from there", self.topic,
+                                 lpath, ok, bad_t, self._lo, hi)
+                n_rec = ok
+                idx.reset(n_rec)
         end, cum = idx.entry(n_rec - 1)
         known: dict[int, int] = {}
         if head and end > 0:
@@ -165,7 +209,7 @@ class Recovery:
             # times of the records the rescan finds again).
             k = idx.last_end_at_most(end - VERIFY_TAIL)
             if timed:
-                known = {idx.entry(j)[0]: idx.time(j) for j in range(k + 1, n_rec)}
+                known = {idx.entry(j)[0]: t for j in range(k + 1, n_rec) if self._lo <= (t := idx.time(j)) <= hi}
             end, cum = idx.entry(k)
             n_rec = k + 1
         if base + n_rec * rs != isize:
@@ -173,7 +217,7 @@ class Recovery:
         idx.reset(n_rec)
         # The batches the scan adds were appended at unknown times, none after the log's last
         # change: its mtime stands for them (kept from decreasing).
-        self._t = max(_mtime_ms(st), idx.time(n_rec - 1) if n_rec else 0)
+        self._t = max(hi, idx.time(n_rec - 1) if n_rec else 0)
         self._known = known
         scanned = len(idx)
         good, cum = self._scan(fd, idx, end, stop, cum)
@@ -181,8 +225,8 @@ class Recovery:
             # No valid frame where the index says one starts: the index is wrong, not the log.
             self.log.warning("topic %s: index of %s points at no valid frame (position %d); rescanning "
                              "the whole partition", self.topic, lpath, end)
-            current().ftruncate(ifd, base)
-            idx.reset(0)
+            idx = self._fresh_v2(ifd)  # (a v1 one too: its times are unknown anyway)
+            timed = True
             scanned = end = 0
             good, cum = self._scan(fd, idx, 0, stop, 0)
         bad: list[tuple[int, int]] = []
@@ -192,7 +236,7 @@ class Recovery:
             self._damaged(fd, start, good, nxt)
             bad.append((good, nxt))
             cum += 1  # a placeholder record for the damaged range
-            idx.add(nxt, cum, self._t)
+            idx.add(nxt, cum, max(self._t, idx.time(len(idx) - 1) if len(idx) else 0))
             good, cum = self._scan(fd, idx, nxt, stop, cum)
         if good < fsize:
             self._cut(fd, start, good, fsize, torn_ok=head)
@@ -203,7 +247,9 @@ class Recovery:
             idx.synced_n = idx.n_file
         p = Partition(start, fd, idx, good, cum)
         if good:
-            p.newest = idx.time(len(idx) - 1) if timed else _mtime_ms(st)
+            p.newest = idx.time(len(idx) - 1) if timed else max(hi, self._lo)
+            if timed and scanned:  # the last time read from the index (the scan's are stand-ins)
+                self._lo = max(self._lo, idx.time(scanned - 1))
         for a, b in bad:
             p.bad.add(a, b)
         p.vend = min(end, good)  # trusted through the index, not checked: verified before it is served
@@ -211,6 +257,12 @@ class Recovery:
             self.log.info("topic %s: %s: %d batches rescanned", self.topic, lpath, rebuilt)
         p.synced_size = 0  # durability of what a crashed process left is unknown: first job syncs it
         return p
+
+    def _fresh_v2(self, ifd: int) -> PartitionIndex:
+        """Cut the index file to nothing and make it an empty v2 index."""
+        current().ftruncate(ifd, 0)
+        write_header(ifd)
+        return PartitionIndex(ifd, 0, timed=True)
 
     def _scan(self, fd: int, idx: PartitionIndex, pos: int, stop: int, cum: int) -> tuple[int, int]:
         """Check frames from ``pos`` up to ``stop``, adding index records; return (good end, cum)."""

@@ -11,11 +11,15 @@ only start a little early.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from logd_trio.server.storage.partition import Partition
 
-__all__ = ["droppable", "newest", "seek"]
+__all__ = ["CLOCK_AHEAD_WARN_MS", "droppable", "newest", "seek", "start_time"]
+
+# A topic whose newest batch is this much later than the clock at open gets a warning.
+CLOCK_AHEAD_WARN_MS = 60_000
 
 
 def seek(parts: Sequence[Partition], when_ms: int, stop: int) -> int:
@@ -55,3 +59,13 @@ def newest(parts: Sequence[Partition]) -> int:
         if p.size:
             return p.newest
     return 0
+
+
+def start_time(parts: Sequence[Partition], now_ms: int, topic: str, log: logging.Logger) -> int:
+    """The time of a just-opened topic's first batches: ``now_ms``, or its newest batch's time if
+    later (times never decrease); far later (the clock went back) gets a warning."""
+    last = newest(parts)
+    if last > now_ms + CLOCK_AHEAD_WARN_MS:
+        log.warning("topic %s: its newest batch was appended %d s after the clock's now (the clock went back?); "
+                    "new batches get that time until the clock catches up", topic, (last - now_ms) // 1000)
+    return max(now_ms, last)

@@ -83,8 +83,9 @@ class TopicLog:
     @classmethod
     def open(cls, root: Path, topic: str, *, partition_size: int, partitions: int,
              file_mode: int = 0o600, dir_mode: int = 0o700,
-             logger: logging.Logger | None = None) -> TopicLog:
-        """Create the topic dir if missing (fsync parent dir when created), recover, return."""
+             logger: logging.Logger | None = None, now_ms: int | None = None) -> TopicLog:
+        """Create the topic dir if missing (fsync parent dir when created), recover, return.  ``now_ms``:
+        the clock now (Unix ms, default the system's): the time of the first batches."""
         if not valid_topic(topic.encode("utf-8", "surrogateescape")):
             raise ValueError(f"invalid topic name {topic!r}")
         if partition_size < 1 or partitions < 1:
@@ -106,7 +107,8 @@ class TopicLog:
         tl.head = tl._parts[-1].end
         tl.first = tl._parts[0].start
         tl.acked = tl.head  # what an earlier process left counts as acknowledged
-        tl.now_ms = max(time.time_ns() // 1_000_000, tl.last_append_ms)
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        tl.now_ms = timeline.start_time(tl._parts, now, topic, log)
         return tl
 
     def tick(self, now_ms: int) -> None:
@@ -230,9 +232,7 @@ class TopicLog:
         except OSError as e:
             raise StorageError(f"topic {self.topic}: cannot read an index: {_why(e)}") from e
 
-    @property
-    def removal_pending(self) -> bool:
-        return bool(self._doomed)
+    removal_pending = property(lambda self: bool(self._doomed))
 
     def remove_job(self) -> RemoveJob | None:
         """The files of the partitions retention dropped (None if none); run it off the owning thread."""
