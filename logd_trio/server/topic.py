@@ -181,7 +181,8 @@ class Topic:
                 nursery.start_soon(self.verifier.scrub)
                 nursery.start_soon(self._remover)
                 if self.config.retention_time:
-                    nursery.start_soon(expire_by_age, self.log, self.config.retention_time, self._garbage_out)
+                    nursery.start_soon(expire_by_age, self.log, self.config.retention_time, self._garbage_out,
+                                       self.follows)
                 task_status.started()
                 async for item in self._recv:
                     self.log.tick(now_ms())  # the time of this wake-up's batches (docs/storage.md)
@@ -342,6 +343,10 @@ class Topic:
         while True:
             await trio.sleep(self.config.flush_interval)
             await self._sync()
+
+    def follows(self) -> bool:
+        """Whether this node follows a leader for this topic now (then the leader decides retention)."""
+        return False
 
     def _garbage_out(self) -> None:  # retention dropped partitions: the remover unlinks them
         self._garbage.set()
