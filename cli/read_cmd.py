@@ -89,7 +89,7 @@ def _check_since(value: str | None) -> str | None:
     return value
 
 
-async def _seek(client: Client, topic: str, when: datetime.datetime) -> StartAt | None:
+async def _seek(client: Client, topic: str, when: datetime.datetime | float) -> StartAt | None:
     """Where the first batch at or after ``when`` starts (SEEK); the oldest of a topic not there yet."""
     try:
         return Position(await client.seek(topic, when), 0)
@@ -126,7 +126,8 @@ def read(
              "@TIME: the first batch written at or after TIME (ISO 8601 with a zone, 2026-12-01T10:00:00Z).")] = None,
     since: Annotated[str | None, typer.Option(
         "--since", callback=_check_since, metavar="DURATION",
-        help="Start at the first batch written in the last DURATION (10m, 2h, 7d).")] = None,
+        help="Start at the first batch written in the last DURATION (10m, 2h, 7d), by this machine's clock "
+             "(the server stamps batches by its own: a skew between them moves the start by as much).")] = None,
     from_beginning: Annotated[
         bool, typer.Option("--from-beginning", help="Start at the oldest retained message (ignore a checkpoint).")
     ] = False,
@@ -154,9 +155,9 @@ def read(
     """Read messages, by default from the oldest retained one to the end of the log."""
     if sum((offset is not None, from_beginning, from_now, since is not None)) > 1:
         raise typer.BadParameter("use one of --offset, --since, --from-beginning and --from-now")
-    when: datetime.datetime | None = None
-    if since is not None:
-        when = datetime.datetime.fromtimestamp(time.time() - parse_duration(since), datetime.UTC)
+    when: datetime.datetime | float | None = None
+    if since is not None:  # (longer than since 1970: everything)
+        when = max(time.time() - parse_duration(since), 0.0)
     elif offset is not None and offset.startswith("@"):
         when = parse_time(offset[1:])
     start = END if from_now else parse_start(offset) if offset is not None and when is None else None

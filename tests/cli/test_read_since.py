@@ -1,5 +1,5 @@
 """``logd read --since`` / ``--offset @TIME`` and ``Client.seek`` against a real server (own thread)
-on a data directory whose batches were stamped two hours and one minute ago (real files)."""
+on a data directory whose batches were stamped two hours and twenty minutes ago (real files)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ def _cli(*args: str) -> tuple[int, str]:
 
 
 def _stamped(root: Path, now_ms: int) -> list[int]:
-    """Topic ``t``: batches a, b two hours before ``now_ms``; c, d one minute before; offsets."""
+    """Topic ``t``: batches a, b two hours before ``now_ms``; c, d twenty minutes before; offsets."""
     tl = TopicLog.open(root, "t", partition_size=10**6, partitions=8)
     tl.now_ms = 0  # the times below are in the past: set them as an earlier process would have
     offs = []
-    for body, age_ms in ((b"a", 7_200_000), (b"b", 7_199_000), (b"c", 60_000), (b"d", 59_000)):
+    for body, age_ms in ((b"a", 7_200_000), (b"b", 7_199_000), (b"c", 1_200_000), (b"d", 1_199_000)):
         tl.tick(now_ms - age_ms)
         offs.append(tl.append(build_frame("t", build_body([body]), 1), 1))
     tl.close()
@@ -45,14 +45,17 @@ def test_read_since_and_at_a_time(tmp_path: Path) -> None:
     now = time.time_ns() // 1_000_000
     _stamped(tmp_path / "d", now)
     with server_thread(tmp_path / "d") as addr:
-        assert _cli("read", "--host", addr, "-t", "t", "--since", "10m") == (0, "c\nd\n")
+        assert _cli("read", "--host", addr, "-t", "t", "--since", "1h") == (0, "c\nd\n")
         assert _cli("read", "--host", addr, "-t", "t", "--since", "3h") == (0, "a\nb\nc\nd\n")
         assert _cli("read", "--host", addr, "-t", "t", "--since", "1d") == (0, "a\nb\nc\nd\n")
-        assert _cli("read", "--host", addr, "-t", "t", "--since", "30s") == (0, "")  # nothing that new
+        assert _cli("read", "--host", addr, "-t", "t", "--since", "10m") == (0, "")  # nothing that new
+        for age in ("100000d", "2000000d"):  # longer than since 1970: everything
+            assert _cli("read", "--host", addr, "-t", "t", "--since", age) == (0, "a\nb\nc\nd\n"), age
         assert _cli("read", "--host", addr, "-t", "t", "--offset", "@" + _iso(now - 7_199_000)) == (0, "b\nc\nd\n")
-        assert _cli("read", "--host", addr, "-t", "t", "--offset", "@" + _iso(now - 59_000)) == (0, "d\n")
+        assert _cli("read", "--host", addr, "-t", "t", "--offset", "@" + _iso(now - 1_199_000)) == (0, "d\n")
         # a zone other than UTC names the same instant
-        local = datetime.datetime.fromtimestamp((now - 60_000) / 1000, datetime.timezone(datetime.timedelta(hours=2)))
+        plus2 = datetime.timezone(datetime.timedelta(hours=2))
+        local = datetime.datetime.fromtimestamp((now - 1_200_000) / 1000, plus2)
         assert _cli("read", "--host", addr, "-t", "t", "--offset", "@" + local.isoformat()) == (0, "c\nd\n")
         code, out = _cli("read", "--host", addr, "-t", "nope", "--since", "1h")
         assert code != 0 and "does not exist" in out
@@ -79,8 +82,8 @@ def test_client_seek(tmp_path: Path) -> None:
         async def main() -> None:
             async with open_client(addr) as c:
                 assert await c.seek("t", 0) == offs[0]
-                assert await c.seek("t", (now - 60_000) / 1000) == offs[2]
-                at = datetime.datetime.fromtimestamp((now - 60_000) / 1000, datetime.UTC)
+                assert await c.seek("t", (now - 1_200_000) / 1000) == offs[2]
+                at = datetime.datetime.fromtimestamp((now - 1_200_000) / 1000, datetime.UTC)
                 assert await c.seek("t", at) == offs[2]
                 assert await c.seek("t", at + datetime.timedelta(milliseconds=1)) == offs[3]
                 head = (await c.topics())["t"][1]
