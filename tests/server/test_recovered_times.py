@@ -176,3 +176,22 @@ def test_a_damaged_header_makes_a_v2_index_again(tmp_path: Path, damage: str) ->
         raw = index(tmp_path, s).read_bytes()
         assert raw.startswith(HEADER)
         assert set(times(raw)) <= {T0 + 20_000 + SLACK, now}
+
+
+def test_seek_on_an_index_cut_under_the_server_answers_the_partition_start(tmp_path: Path) -> None:
+    """An index file truncated while the server runs: SEEK answers its partition's start (early,
+    never late) instead of failing; a READ there rebuilds the index."""
+    tl = open_log(tmp_path, T0, psize=10**7)
+    try:
+        for i in range(8192):  # 32 pages of records: more than the index keeps in memory
+            tl.tick(T0 + i)
+            tl.append(frame(i), 1)
+        tl.close()
+        tl = open_log(tmp_path, T0 + HOUR, psize=10**7)
+        assert tl.seek(T0 + 100) > 0
+        os.truncate(index(tmp_path, 0), HEADER_SIZE + 10 * REC_V2.size)
+        tl._parts[0].idx._pages.clear()  # (what a cache of other pages would hold by then)
+        assert tl.seek(T0 + 100) == 0
+        assert tl.seek(T0 + 10**9) == tl.head  # (newer than everything: no index read)
+    finally:
+        tl.close()

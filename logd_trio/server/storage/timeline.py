@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from logd_trio.server.storage.index import IndexDamaged
 from logd_trio.server.storage.partition import Partition
 
 __all__ = ["CLOCK_AHEAD_WARN_MS", "droppable", "newest", "seek", "start_time"]
@@ -26,17 +27,20 @@ def seek(parts: Sequence[Partition], when_ms: int, stop: int) -> int:
     """Offset of the first batch before ``stop`` appended at or after ``when_ms``; ``stop`` if none.
 
     A partition whose times are unknown (v1 index) answers its start when its
-    newest batch (its ``.log``'s mtime) is not older than ``when_ms``.
-    Raises :class:`~logd_trio.server.storage.index.IndexDamaged` or OSError
-    if an index file lost records under the server.
+    newest batch (its ``.log``'s mtime) is not older than ``when_ms``; so does
+    one whose index file lost records under the server (the next read of it
+    rebuilds it).  Raises OSError.
     """
     for p in parts:
         if p.start >= stop:
             break
         if p.size == 0 or p.newest < when_ms:
             continue
-        k = p.idx.first_at_or_after(when_ms)
-        return min(p.start + p.idx.entry(k - 1)[0], stop)
+        try:
+            k = p.idx.first_at_or_after(when_ms)
+            return min(p.start + p.idx.entry(k - 1)[0], stop)
+        except IndexDamaged:
+            return min(p.start, stop)  # early, never late
     return stop
 
 
