@@ -14,7 +14,7 @@ from logd_trio.server.storage import recovery
 from logd_trio.server.storage.index import HEADER
 from logd_trio.server.storage.topic_log import TopicLog
 
-from .index_files import records, times, v1_of
+from .index_files import put_end, records, times, v1_of
 
 TOPIC = "t"
 T0 = 1_000_000_000_000  # 2001-09-09 (Unix ms): earlier than any file's mtime, so recovery keeps the times
@@ -159,25 +159,31 @@ def test_go_data_dir_gets_v2_indexes_with_the_logs_mtime(tmp_path: Path) -> None
         assert p.with_suffix(".idx").read_bytes() == b"\x01\x02go"
 
 
-def test_a_rebuilt_index_keeps_times_that_never_make_a_batch_earlier(tmp_path: Path) -> None:
-    """While running, a rebuilt index (from the .log) cannot know its batches' times: they get
-    the time of the next batch appended after them, so SEEK may start early, never late."""
+def test_a_rebuilt_index_keeps_the_times_it_can(tmp_path: Path) -> None:
+    """While running, a rebuilt index (from the .log) keeps the old index's time for each batch
+    ending where an old record does; one the old index misplaced gets the next old record's time,
+    batches past what the old index held the time of the next batch appended after them (so SEEK
+    may start early, never late); times never go back."""
     offs = write_timed(tmp_path, TIMES, psize=10**6)
     tl = open_log(tmp_path, 10**6)
     try:
+        path = index_files(tmp_path)[0]
+        raw = bytearray(path.read_bytes())
+        put_end(raw, 7, records(raw)[7][0] + 1)  # under the server, record 7 goes wrong (batch 8 still
+        path.write_bytes(raw[: len(raw) - 3 * 24])  # ends where it did) and the last three are lost
         tl.tick(T0 + 60_000)
         tl.append(frame(99), 1)  # pending when the rebuild starts
         job = tl.rebuild_job(0, -1)
         assert job is not None
         job.run()
         tl.apply_rebuild(job)
-        assert tl.seek(T0 + 5000) == offs[0]  # the rebuilt batches' times are an upper bound
-        assert tl.seek(T0 + 60_000) == offs[0]
+        assert tl.seek(T0 + 2000) == offs[6]
+        assert tl.seek(TIMES[-1]) == offs[-3]  # the lost ones: as late as the batch after them
         assert tl.seek(T0 + 60_001) == tl.head
     finally:
         tl.close()
-    got = records(index_files(tmp_path)[0].read_bytes())
-    assert [t for _, _, t in got] == [T0 + 60_000] * len(got)
+    got = [t for _, _, t in records(index_files(tmp_path)[0].read_bytes())]
+    assert got == TIMES[:7] + [TIMES[8]] + TIMES[8:37] + [T0 + 60_000] * 4
 
 
 def test_retention_by_age_exact_boundary(tmp_path: Path) -> None:

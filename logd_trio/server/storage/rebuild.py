@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 from logd_trio.core.errors import InvalidBatchError, StorageError
@@ -109,8 +110,8 @@ class RebuildJob:
         self._old_fd = old_fd  # the index being replaced: a hint for where damaged batches end
         self._old_n = p.idx.n_file
         self._timed, self._base, self._rs = p.idx.timed, p.idx.base, p.idx.rs
-        # the time every rebuilt record gets (the log does not say when its batches came): one
-        # no batch of the rebuilt range is later than, and no later record earlier than
+        # the time a rebuilt record gets when the old index has none for it (the log does not say
+        # when its batches came): one no batch of the rebuilt range is later than
         self._time = time_ms
         self._dir = directory
         self._file_mode = file_mode
@@ -124,6 +125,9 @@ class RebuildJob:
         records = bytearray(HEADER if self._timed else b"")
         cum = 0
         pos = 0
+        t = 0
+        old = self._old_times()
+        old_end, old_t = next(old, (-1, 0))
         try:
             while pos < self.stop:
                 n, count = self._frame(pos)
@@ -135,7 +139,16 @@ class RebuildJob:
                     self.bad.append((pos, nxt, self._copy(pos, nxt)))
                     pos = nxt
                     cum += 1  # a placeholder record: the range is never served
-                records += REC_V2.pack(pos, cum, self._time) if self._timed else REC.pack(pos, cum)
+                if self._timed:
+                    while 0 <= old_end < pos:
+                        old_end, old_t = next(old, (-1, 0))
+                    # the time of the old record ending here, else of the next one (a batch ending
+                    # later was not appended earlier); kept from going back, never later than the
+                    # batches appended after the rebuilt range
+                    t = max(t, min(old_t, self._time) if old_end >= 0 else self._time)
+                    records += REC_V2.pack(pos, cum, t)
+                else:
+                    records += REC.pack(pos, cum)
             tmp = self._dir / f"{self.start}.index.rebuild"
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, self._file_mode)
             try:
@@ -149,6 +162,25 @@ class RebuildJob:
         self.new_fd = fd
         self.n = (len(records) - self._base) // self._rs
         self.cum = cum
+
+    def _old_times(self) -> Iterator[tuple[int, int]]:
+        """``(end, time)`` of the old index's records, in order (read a chunk at a time; stops early
+        where the file ends or cannot be read)."""
+        if not self._timed:
+            return
+        rs, chunk = self._rs, self._rs * 4096
+        at, last = self._base, self._base + self._old_n * rs
+        while at < last:
+            try:
+                raw = os.pread(self._old_fd, min(chunk, last - at), at)
+            except OSError:
+                return
+            if len(raw) < rs:
+                return
+            for k in range(0, len(raw) - rs + 1, rs):
+                end, _, t = REC_V2.unpack_from(raw, k)
+                yield int(end), int(t)
+            at += len(raw) - len(raw) % rs
 
     def _frame(self, pos: int) -> tuple[int, int]:
         return frame_at(self._fd, pos, self.stop)
