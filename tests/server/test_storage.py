@@ -19,7 +19,7 @@ from logd_trio.core.errors import NotFound, StorageError
 from logd_trio.core.framing import build_body, build_frame
 from logd_trio.server.storage import recovery, syscalls
 from logd_trio.server.storage.files import list_topics
-from logd_trio.server.storage.index import REC_SIZE, PartitionIndex
+from logd_trio.server.storage.index import HEADER, HEADER_SIZE, REC_SIZE, REC_V2, PartitionIndex
 from logd_trio.server.storage.reads import CorruptData, ReadPlan
 from logd_trio.server.storage.recovery import Recovery
 from logd_trio.server.storage.topic_log import TopicLog
@@ -411,13 +411,25 @@ def test_reopen_without_index(tmp_path: Path, verify_tail: None) -> None:
         _same_records(idx[name], after[name])
 
 
-@pytest.mark.parametrize("cut", [0, 1, 7, 15, 16, 17, 33, -1, -15, -16, -17])
+# v2: a 16-byte header, then 24-byte records (end, cum, time): cuts in the header, in a record's
+# position or count, and in its time only (-8: the last record lost just its time).
+@pytest.mark.parametrize("cut", [0, 1, 7, 15, 16, 17, 32, 39, 40, 41, 65, -1, -8, -9, -16, -23, -24, -25])
 def test_reopen_with_truncated_index(tmp_path: Path, verify_tail: None, cut: int) -> None:
     offs, frames = _write_sample(tmp_path)
+    before = {}
     for p in (tmp_path / TOPIC).glob("*.index"):
         data = p.read_bytes()
+        before[p.name] = records(data)
         p.write_bytes(data[:cut])
     _check_sample(tmp_path, offs, frames).close()
+    for p in (tmp_path / TOPIC).glob("*.index"):
+        data = p.read_bytes()
+        assert data.startswith(HEADER)
+        after = records(data)
+        _same_records(before[p.name], after)
+        size = len(before[p.name]) * REC_V2.size + HEADER_SIZE
+        kept = max(0, (size + cut if cut < 0 else min(cut, size)) - HEADER_SIZE) // REC_V2.size
+        assert after[:kept] == before[p.name][:kept]  # the whole records left keep their times
 
 
 def test_reopen_with_stale_index(tmp_path: Path, verify_tail: None) -> None:
