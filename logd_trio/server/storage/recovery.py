@@ -71,16 +71,27 @@ def trusted_times(idx: PartitionIndex, n: int, lo: int, hi: int, tail: int) -> t
     ``k``'s (time ``t``) does not (``k == n``: all do).  Checks the records :func:`validate` samples
     and the last ``tail`` (a crash tears the unsynced tail, where a record's time may sit on
     another page than its position); between a good and a bad sample, binary-searches the first bad."""
-    ks = sorted({0, *(n * j // 8 for j in range(1, 8)), *range(max(n - tail, 0), n)})
+    first_tail = max(n - tail, 0)
+    ks = sorted({0, *(n * j // 8 for j in range(1, 8))} - set(range(first_tail, n)))
     good, prev = -1, lo
+    bad = -1
     for k in ks:
         t = idx.time(k)
         if not prev <= t <= hi:
+            bad, bad_t = k, t
             break
         good, prev = k, t
-    else:
-        return n, 0
-    bad, bad_t = k, t
+    if bad < 0:  # the tail: one read
+        raw = os.pread(idx.fd, (n - first_tail) * idx.rs, idx.base + first_tail * idx.rs)
+        for k, (_, _, t) in enumerate(REC_V2.iter_unpack(raw[: len(raw) - len(raw) % idx.rs]), first_tail):
+            if not prev <= t <= hi:
+                bad, bad_t = k, t
+                break
+            good, prev = k, t
+        else:
+            if len(raw) == (n - first_tail) * idx.rs:
+                return n, 0
+            bad, bad_t = first_tail + len(raw) // idx.rs, -1  # (the file shrank meanwhile)
     while bad - good > 1:
         mid = (good + bad) // 2
         t = idx.time(mid)
