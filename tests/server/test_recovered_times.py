@@ -195,3 +195,23 @@ def test_seek_on_an_index_cut_under_the_server_answers_the_partition_start(tmp_p
         assert tl.seek(T0 + 10**9) == tl.head  # (newer than everything: no index read)
     finally:
         tl.close()
+
+
+def test_a_newest_batch_far_ahead_of_the_clock_is_kept_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Times no later than the log's last change are plausible even if that was a day after the
+    clock's now (the clock went back): they are kept, times do not go back, and the log says so."""
+    write(tmp_path, 5, psize=10**6)
+    day = 24 * HOUR
+    set_mtime(tmp_path / TOPIC / "0.log", T0 + 5000)
+    with caplog.at_level("WARNING"):
+        tl = open_log(tmp_path, T0 - day, psize=10**6)
+    try:
+        assert tl.now_ms == T0 + 4000
+        assert any("after the clock's now" in r.getMessage() for r in caplog.records)
+    finally:
+        tl.close()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        open_log(tmp_path, T0 + 4000, psize=10**6).close()
+    assert not any("after the clock's now" in r.getMessage() for r in caplog.records)
