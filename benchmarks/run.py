@@ -69,6 +69,7 @@ import baseline  # noqa: E402
 import pipeline  # noqa: E402
 
 from logd_trio.core.framing import build_body, build_frame  # noqa: E402
+from logd_trio.server.storage.index import HEADER as INDEX_HEADER  # noqa: E402
 from logd_trio.tools.bench import BenchConfig, PhaseResult, read_messages, run_bench  # noqa: E402
 from logd_trio.tools.bench_phases import topic_spans  # noqa: E402
 
@@ -320,7 +321,8 @@ def section_reads(args: argparse.Namespace) -> None:
 
 
 def make_topic_files(topic_dir: Path, total: int, batch: int = 4096, message_size: int = 31) -> int:
-    """Write ``total`` bytes of identical small batches as 0.log + 0.index (the stored formats)."""
+    """Write ``total`` bytes of identical small batches as 0.log + 0.index (the stored formats: a
+    version-2 index, every batch stamped a second before now)."""
     topic_dir.mkdir(parents=True, exist_ok=True)
     msg = b"x" * message_size
     per = len(b"MSG %d\r\n" % message_size) + message_size + 2
@@ -329,13 +331,16 @@ def make_topic_files(topic_dir: Path, total: int, batch: int = 4096, message_siz
     n = total // len(frame)
     chunk_frames = max(1, (4 << 20) // len(frame))
     chunk = frame * chunk_frames
-    rec = struct.Struct("<QQ")
+    rec = struct.Struct("<QQQ")
+    stamp = time.time_ns() // 1_000_000 - 1000
     with open(topic_dir / "0.log", "wb") as log, open(topic_dir / "0.index", "wb") as idx:
+        idx.write(INDEX_HEADER)
         done = 0
         while done < n:
             k = min(chunk_frames, n - done)
             log.write(chunk if k == chunk_frames else frame * k)
-            idx.write(b"".join(rec.pack((done + i + 1) * len(frame), (done + i + 1) * count) for i in range(k)))
+            idx.write(b"".join(rec.pack((done + i + 1) * len(frame), (done + i + 1) * count, stamp)
+                               for i in range(k)))
             done += k
     return n
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from logd_trio.client.checkpoint import FileCheckpoint
-from logd_trio.client.positions import END, parse_start
+from logd_trio.client.checkpoint import FileCheckpoint, Position
+from logd_trio.client.client import Client
+from logd_trio.client.positions import END, StartAt, parse_start
 from logd_trio.core.defaults import DEFAULT_ADDRESS
+from logd_trio.core.durations import DurationError, parse_duration
 from logd_trio.core.errors import NotFound
 from logd_trio.core.replies import Message
 
@@ -51,13 +55,46 @@ def _check_format(value: str) -> str:
     return value
 
 
+def parse_time(text: str) -> datetime.datetime:
+    """``2026-12-01T10:00:00Z`` (ISO 8601 with a zone: ``Z`` or ``+01:00``).  Raises ValueError."""
+    try:
+        when = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a time: use ISO 8601 such as 2026-12-01T10:00:00Z") from None
+    if when.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone: add Z for UTC or an offset such as +01:00")
+    if when.timestamp() < 0:
+        raise ValueError(f"{text!r} is before 1970")
+    return when
+
+
 def _check_start(value: str | None) -> str | None:
     if value is not None:
         try:
-            parse_start(value)
+            if value.startswith("@"):
+                parse_time(value[1:])
+            else:
+                parse_start(value)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
     return value
+
+
+def _check_since(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_duration(value, key="--since")
+        except DurationError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+async def _seek(client: Client, topic: str, when: datetime.datetime | float) -> StartAt | None:
+    """Where the first batch at or after ``when`` starts (SEEK); the oldest of a topic not there yet."""
+    try:
+        return Position(await client.seek(topic, when), 0)
+    except NotFound:
+        return None
 
 
 def _format(msg: Message, fmt: str, numbers: bool) -> bytes:
@@ -85,7 +122,12 @@ def read(
     topic: TopicOpt = "default",
     offset: Annotated[str | None, typer.Option(
         "--offset", "-o", callback=_check_start, metavar="POSITION",
-        help="Where to start: oldest, end, -N (the last N messages), OFFSET or OFFSET:DELTA (as -n prints).")] = None,
+        help="Where to start: oldest, end, -N (the last N messages), OFFSET or OFFSET:DELTA (as -n prints), or "
+             "@TIME: the first batch written at or after TIME (ISO 8601 with a zone, 2026-12-01T10:00:00Z).")] = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", callback=_check_since, metavar="DURATION",
+        help="Start at the first batch written in the last DURATION (10m, 2h, 7d), by this machine's clock "
+             "(the server stamps batches by its own: a skew between them moves the start by as much).")] = None,
     from_beginning: Annotated[
         bool, typer.Option("--from-beginning", help="Start at the oldest retained message (ignore a checkpoint).")
     ] = False,
@@ -111,9 +153,14 @@ def read(
     token: TokenOpt = None,
 ) -> None:
     """Read messages, by default from the oldest retained one to the end of the log."""
-    if sum((offset is not None, from_beginning, from_now)) > 1:
-        raise typer.BadParameter("use one of --offset, --from-beginning and --from-now")
-    start = END if from_now else parse_start(offset) if offset is not None else None
+    if sum((offset is not None, from_beginning, from_now, since is not None)) > 1:
+        raise typer.BadParameter("use one of --offset, --since, --from-beginning and --from-now")
+    when: datetime.datetime | float | None = None
+    if since is not None:  # (longer than since 1970: everything)
+        when = max(time.time() - parse_duration(since), 0.0)
+    elif offset is not None and offset.startswith("@"):
+        when = parse_time(offset[1:])
+    start = END if from_now else parse_start(offset) if offset is not None and when is None else None
     follow = follow or from_now
     security = Security(tls, tls_ca, tls_cert, tls_key, token)
     out = sys.stdout.buffer
@@ -124,8 +171,9 @@ def read(
                 if not follow:
                     raise NotFound(f"topic {topic!r} does not exist")
                 typer.echo(f"logd read: waiting for topic {topic!r} to exist", err=True)
+            begin = start if when is None else await _seek(client, topic, when)
             cp = FileCheckpoint(checkpoint) if checkpoint else None
-            async with client.scanner(topic, start=start, from_beginning=from_beginning, checkpoint=cp,
+            async with client.scanner(topic, start=begin, from_beginning=from_beginning, checkpoint=cp,
                                       limit=limit or None, follow=follow, read_size=5000) as scanner:
                 async for msg in scanner:
                     out.write(_format(msg, fmt, numbers))

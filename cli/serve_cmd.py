@@ -65,6 +65,10 @@ def serve(
     scrub_rate: Annotated[str | None, typer.Option(
         help="Bytes/s the background check of old partitions reads (CRC + framing); 0: off. Default: 32MiB.")]
         = None,
+    retention_time: Annotated[str | None, typer.Option(
+        help="Also drop a topic's partitions whose newest batch is older than this (e.g. 7d, 12h), by the "
+             "rules of --partitions (never the head partition, never unacknowledged batches); 0: off. "
+             "Default: off.")] = None,
     http_host: Annotated[str | None, typer.Option(
         help="HOST:PORT for /metrics (Prometheus), /healthz and /readyz; \"\": off. Default: off.")] = None,
     node_id: Annotated[str | None, typer.Option(
@@ -128,6 +132,7 @@ def serve(
         "max_connections_per_ip": max_connections_per_ip, "max_wait": max_wait,
         "pipeline_depth": pipeline_depth, "file_mode": file_mode, "dir_mode": dir_mode,
         "min_free_space": min_free_space, "max_waiters": max_waiters, "scrub_rate": scrub_rate,
+        "retention_time": retention_time,
         "http_host": http_host, "node_id": node_id, "replicate_from": replicate_from,
         "acks": acks, "min_insync": min_insync, "replica_lag": replica_lag,
         "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca, "auth_file": auth_file,

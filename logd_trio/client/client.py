@@ -29,6 +29,7 @@ request opens a new one.  Whether a cancelled BATCH was stored is unknown.
 
 from __future__ import annotations
 
+import datetime
 import os
 import ssl
 from collections.abc import AsyncIterator, Iterable
@@ -64,7 +65,7 @@ from logd_trio.core.replies import (
     Reply,
     ReplyKind,
 )
-from logd_trio.core.requests import encode_read, encode_tail
+from logd_trio.core.requests import encode_read, encode_seek, encode_tail
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -242,6 +243,28 @@ class Client:
         reply = await self._session.request(b"DELETE %s\r\n" % check_topic(topic), ReplyKind.OK,
                                             idempotent=False)
         _raise_if_error(reply)
+
+    async def seek(self, topic: str, when: datetime.datetime | float) -> int:
+        """SEEK extension: the offset of the first batch of ``topic`` the server appended at or after
+        ``when`` (an aware datetime, or Unix time in seconds as ``time.time()`` gives); the head when
+        there is none.  Batches whose time the server does not know (written by an older release or
+        by Go logd) count as late as their partition's last write, so the answer may start a little
+        early, never late.  ``NotFound`` for an unknown topic; :class:`Unsupported` on Go logd."""
+        if isinstance(when, datetime.datetime):
+            if when.tzinfo is None:
+                raise ValueError("seek: a datetime needs a time zone (datetime.timezone.utc, or astimezone())")
+            seconds = when.timestamp()
+        else:
+            seconds = float(when)
+        if not 0 <= seconds < 2**53 / 1000:
+            raise ValueError(f"seek: {when!r} is not a time after 1970")
+        check_topic(topic)
+        if not await self.supports_extensions():
+            raise Unsupported("the server does not support SEEK (a logd-trio extension)")
+        reply = await self._session.request(encode_seek(topic, int(seconds * 1000)), ReplyKind.SEEK)
+        _raise_if_error(reply)
+        assert isinstance(reply, OffsetReply)
+        return reply.offset
 
     async def ping(self) -> float:
         """Round-trip time in seconds (PING, or CONFIG on servers without the extension)."""

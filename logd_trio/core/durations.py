@@ -1,7 +1,7 @@
 """Durations, one grammar for every flag, setting and environment variable.
 
 A duration is a number of seconds (``0.4``, ``15``) or Go's notation: one or
-more ``<number><unit>`` with units ``h``, ``m``, ``s``, ``ms``, ``us`` (``µs``,
+more ``<number><unit>`` with units ``d`` (24 h, beyond Go), ``h``, ``m``, ``s``, ``ms``, ``us`` (``µs``,
 micro sign or Greek mu) and ``ns`` (``15s``, ``1m30s``, ``200ms``, ``1.5h``).  Never negative, always finite.
 """
 
@@ -13,11 +13,11 @@ from typing import Final
 
 __all__ = ["DurationError", "format_duration", "parse_duration"]
 
-_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|\u00b5s|\u03bcs|ns)", re.ASCII)
-_UNIT: Final = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6,
-                "ns": 1e-9}
+_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(d|h|ms|m|s|us|\u00b5s|\u03bcs|ns)", re.ASCII)
+_UNIT: Final = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6,
+                "\u03bcs": 1e-6, "ns": 1e-9}
 _NUMBER: Final = re.compile(r"\+?(\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)  # no '_', inf, nan
-EXAMPLES: Final = "examples: 0.4, 400ms, 15s, 1m30s"
+EXAMPLES: Final = "examples: 0.4, 400ms, 15s, 1m30s, 7d"
 
 
 class DurationError(ValueError):

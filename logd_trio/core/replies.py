@@ -11,6 +11,7 @@ request order), so it asks for the next reply *of a kind*::
 request                 successful reply
 ======================  ====================================================
 BATCH                   :class:`OffsetReply` (``OK <offset> 1``)
+SEEK (extension)        :class:`OffsetReply` (``OK <offset>``)
 READ / TAIL             :class:`ReadReply` (``OK <offset> <n>`` + n frames)
 STATS / CONFIG / TOPICS :class:`MokReply` (``MOK <len>`` + body + CRLF)
 CLOSE                   :class:`OkReply` (``OK``)
@@ -77,6 +78,7 @@ class ReplyKind(Enum):
     """What the next reply answers; decides how its bytes are parsed."""
 
     OFFSET = "BATCH"
+    SEEK = "SEEK"  # ``OK <offset>`` (an extension), parsed as an OffsetReply
     READ = "READ/TAIL"
     MOK = "STATS/CONFIG/TOPICS"
     OK = "CLOSE"
@@ -308,6 +310,9 @@ class ReplyParser:
                 offset = parse_uint(words[1])
                 if offset is not None and words[2] == b"1":
                     return OffsetReply(offset)
+        elif kind is ReplyKind.SEEK:
+            if len(words) == 2 and words[0] == b"OK" and (offset := parse_uint(words[1])) is not None:
+                return OffsetReply(offset)
         elif kind is ReplyKind.READ:
             if len(words) == 3 and words[0] == b"OK":
                 offset, n = parse_uint(words[1]), parse_uint(words[2])

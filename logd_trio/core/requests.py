@@ -35,20 +35,24 @@ __all__ = [
     "Read",
     "Request",
     "RequestParser",
+    "Seek",
     "Stats",
     "Tail",
     "Topics",
     "encode_batch",
     "encode_delete",
     "encode_read",
+    "encode_seek",
     "encode_tail",
     "reply_err",
     "reply_mok",
     "reply_offset",
     "reply_read_header",
+    "reply_seek",
 ]
 
 MAX_LINE: Final = 4096
+MAX_UNIX_MS: Final = (1 << 63) - 1  # a SEEK time beyond this is not a time
 
 
 class NeedData(Enum):
@@ -83,6 +87,15 @@ class Read:
 class Tail:
     topic: str
     limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Seek:
+    """``SEEK <topic> <unix_ms>`` (extension): the offset of the first batch appended at or after
+    ``unix_ms`` (Unix milliseconds), the head if none; answered ``OK <offset>``."""
+
+    topic: str
+    unix_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +149,8 @@ class Auth:
     token: str = field(repr=False)  # never in a log line
 
 
-Request = Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch | Delete | Auth | Cluster | Epochs
+Request = (Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch | Delete | Auth | Cluster | Epochs
+           | Seek)
 
 _SIMPLE: Final[dict[bytes, Request]] = {
     b"STATS": Stats(),
@@ -269,6 +283,14 @@ class RequestParser:
             if len(words) != 2 or not words[1] or not all(0x21 <= c <= 0x7E for c in words[1]):
                 raise RequestError(INVALID_REQUEST)
             return Auth(words[1].decode("ascii"))
+        if cmd == b"SEEK":
+            if len(words) != 3:
+                raise RequestError(MISSING_TOPIC if len(words) == 1 else INVALID_REQUEST)
+            topic = _topic(words[1])
+            when = parse_uint(words[2])
+            if when is None or when > MAX_UNIX_MS:
+                raise RequestError(INVALID_REQUEST)
+            return Seek(topic, when)
         if cmd == b"EPOCHS":
             if len(words) != 2:
                 raise RequestError(INVALID_REQUEST)
@@ -333,6 +355,11 @@ def reply_err(reason: str) -> bytes:
     return b"ERR %s\r\n" % reason.encode("ascii", "replace") if reason else b"ERR\r\n"
 
 
+def reply_seek(offset: int) -> bytes:
+    """Reply to SEEK."""
+    return b"OK %d\r\n" % offset
+
+
 REPLY_OK: Final = b"OK\r\n"
 REPLY_PONG: Final = b"PONG\r\n"
 
@@ -352,6 +379,10 @@ def encode_read(topic: str, offset: int, limit: int, wait_ms: int | None = None)
 
 def encode_tail(topic: str, limit: int) -> bytes:
     return b"TAIL %s %d\r\n" % (topic.encode("ascii"), limit)
+
+
+def encode_seek(topic: str, unix_ms: int) -> bytes:
+    return b"SEEK %s %d\r\n" % (topic.encode("ascii"), unix_ms)
 
 
 def encode_delete(topic: str) -> bytes:

@@ -86,6 +86,7 @@ class ServerConfig:
     min_free_space: int = 16 * MIB
     max_waiters: int = 1024
     scrub_rate: int = 32 * MIB
+    retention_time: float = 0.0  # drop sealed partitions whose newest batch is older (seconds); 0: off
     http_host: str = ""  # HOST:PORT of /metrics, /healthz, /readyz; "" (the default): off
     node_id: str = ""  # this node's name in a replicated cluster (required with replicate_from)
     replicate_from: str = ""  # HOST:PORT of the leader: this node is a follower; "": a leader
@@ -119,7 +120,7 @@ class ServerConfig:
         for name in ("flush_batches", "min_free_space", "max_waiters", "scrub_rate", "max_connections_per_ip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
-        for name in ("flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait"):
+        for name in ("flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait", "retention_time"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")
         if self.fsync == "interval" and self.flush_interval <= 0:
@@ -220,7 +221,7 @@ def _check_cluster(c: ServerConfig) -> None:
 
 _FIELDS: Final = {f.name: f for f in dataclasses.fields(ServerConfig) }
 _DURATIONS: Final = {"flush_interval", "timeout", "idle_timeout", "shutdown_timeout", "max_wait", "replica_lag",
-                    "lease_ttl"}
+                    "lease_ttl", "retention_time"}
 _INTS: Final = {"batch_size", "max_messages", "partition_size", "partitions", "flush_batches", "topics",
                 "max_connections", "max_connections_per_ip", "pipeline_depth", "min_free_space", "max_waiters",
                 "scrub_rate", "min_insync"}

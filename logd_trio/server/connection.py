@@ -26,7 +26,7 @@ from logd_trio.core import requests as p
 from logd_trio.core.errors import NotFound, RequestError, StorageError
 from logd_trio.server.admin import AdminRequest, peer_of, report_refusal
 from logd_trio.server.auth import check_request
-from logd_trio.server.reading import answer_read, polls
+from logd_trio.server.reading import answer_read, answer_seek, polls
 from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.acks import AwaitReplicas
@@ -68,7 +68,7 @@ _Item = bytes | Append | AwaitReplicas | StatsRequest | AdminRequest | p.Read | 
 _CMD_NAMES: Final[dict[type, str]] = {
     p.Batch: "batch", p.Read: "read", p.Tail: "tail", p.Stats: "stats", p.Config: "config",
     p.Close: "close", p.Ping: "ping", p.Topics: "topics", p.Fetch: "fetch", p.Delete: "delete", p.Auth: "auth",
-    p.Cluster: "cluster", p.Epochs: "epochs",
+    p.Cluster: "cluster", p.Epochs: "epochs", p.Seek: "seek",
 }
 
 
@@ -248,6 +248,8 @@ class Connection:
                 # Resolved by the writer, in order: a READ pipelined after a
                 # BATCH on this connection sees that batch.
                 item = req
+            elif isinstance(req, p.Seek):  # answered now: what is readable now (server/reading.py)
+                item = answer_seek(self.registry, req)
             elif isinstance(req, p.Cluster | p.Epochs):  # replication extensions (server/replica/state.py)
                 item = self.registry.replica.extension_reply(req)
             elif isinstance(req, p.Ping):

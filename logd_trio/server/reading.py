@@ -1,4 +1,4 @@
-"""The answer to READ and TAIL: the long-poll at the head, the plan, the frames by sendfile.
+"""The answer to READ and TAIL (the long-poll at the head, the plan, the frames by sendfile), and SEEK's.
 
 Called in reply order: by the connection's writer, or by its reader when nothing
 is ahead of the request (``Connection._answer_now``).
@@ -19,7 +19,7 @@ from logd_trio.server.registry import Registry
 from logd_trio.server.stats import Counters
 from logd_trio.server.storage.reads import ReadPlan
 
-__all__ = ["ReadingConnection", "answer_read", "polls"]
+__all__ = ["ReadingConnection", "answer_read", "answer_seek", "polls"]
 
 
 class ReadingConnection(Protocol):
@@ -43,6 +43,15 @@ def polls(conn: ReadingConnection, req: p.Read | p.Tail) -> bool:
     topic = conn.registry.get(req.topic)
     return req.offset == (topic.readable_head if topic is not None else 0) and (
         conn.counters.longpoll_waiting < conn.config.max_waiters)
+
+
+def answer_seek(registry: Registry, req: p.Seek) -> bytes:
+    """``OK <offset>``: the first readable batch of the topic appended at or after the time (the
+    readable head if none).  Raises :class:`NotFound` (unknown topic) or :class:`StorageError`."""
+    topic = registry.get(req.topic)
+    if topic is None:
+        raise NotFound(req.topic)
+    return p.reply_seek(topic.seek(req.unix_ms))
 
 
 async def answer_read(conn: ReadingConnection, req: p.Read | p.Tail, pending: bytearray) -> None:

@@ -23,6 +23,7 @@ from logd_trio.server.stats import Counters, TopicView
 from logd_trio.server.storage import usage
 from logd_trio.server.storage.files import list_topics, remove_deleted, remove_topic
 from logd_trio.server.topic import Append, Topic
+from logd_trio.server.wallclock import now_ms
 
 __all__ = ["Registry"]
 
@@ -115,7 +116,7 @@ class Registry:
         event = self._creating[name] = trio.Event()
         try:
             try:
-                topic = await run_blocking(self.replica.open_topic, self.root, name)
+                topic = await run_blocking(self.replica.open_topic, self.root, name, now_ms())
             except (OSError, StorageError) as e:
                 # Details (paths) go to the log, not to the client.
                 log.error("cannot open topic %s: %s", name, e)

@@ -17,20 +17,23 @@ from pathlib import Path
 
 import trio
 
-from logd_trio.core.errors import LogdError, NotFound, StorageError
+from logd_trio.core.errors import NotFound, StorageError
+from logd_trio.server.appends import Append, Place
 from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.histogram import Histograms
 from logd_trio.server.limits import TopicFds
 from logd_trio.server.reasons import TopicDeleted
+from logd_trio.server.retention import expire_by_age
 from logd_trio.server.storage.jobs import FilesGone, SyncJob
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.storage.rebuild import IndexSuspect
 from logd_trio.server.storage.space import FreeSpace
 from logd_trio.server.storage.topic_log import TopicLog
 from logd_trio.server.verifier import Verifier
+from logd_trio.server.wallclock import now_ms
 
-__all__ = ["Append", "Place", "Topic"]
+__all__ = ["Append", "Place", "Topic"]  # Append and Place: from server/appends.py
 
 log = logging.getLogger("logd_trio.server.topic")
 
@@ -39,28 +42,6 @@ log = logging.getLogger("logd_trio.server.topic")
 INBOX_SIZE = 64
 # Rounds of verify-then-plan-again a read may take (one, two after an index rebuild).
 _VERIFY_ROUNDS = 4
-
-
-# A replicated frame's placement: (offset it must land at, the leader starts a partition there,
-# the leader's first offset).  Carried by the item itself, so a frame refused before it reaches
-# the log cannot hand its offset to the next one.
-Place = tuple[int, bool, int]
-
-
-class Append:
-    """One BATCH on its way to the topic, and the slot its answer comes back in."""
-
-    __slots__ = ("count", "done", "end", "error", "frame", "offset", "place", "queued")
-
-    def __init__(self, frame: bytes, count: int, place: Place | None = None) -> None:
-        self.frame = frame
-        self.count = count
-        self.place = place  # a replicated frame: where it must land (see Place)
-        self.offset = -1
-        self.end = -1  # the offset after the batch, once stored
-        self.error: LogdError | None = None
-        self.done = trio.Event()
-        self.queued = time.perf_counter()
 
 
 class Topic:
@@ -93,10 +74,10 @@ class Topic:
         self.read_cap: Callable[[], int] | None = None  # --acks all: readers stop at the high watermark
 
     @classmethod
-    def open(cls, root: Path, name: str, config: ServerConfig) -> Topic:
+    def open(cls, root: Path, name: str, config: ServerConfig, now: int | None = None) -> Topic:
         """Open (recover) the topic's files; blocking, run it off the Trio thread for big topics."""
         tlog = TopicLog.open(root, name, partition_size=config.partition_size, partitions=config.partitions,
-                             file_mode=config.file_mode, dir_mode=config.dir_mode)
+                             file_mode=config.file_mode, dir_mode=config.dir_mode, now_ms=now)
         return cls(name, tlog, config)
 
     @property
@@ -158,6 +139,13 @@ class Topic:
                 await self.verifier.rebuild(e)
         raise StorageError(f"topic {self.name}: could not verify the read at {offset}")
 
+    def seek(self, when_ms: int) -> int:
+        """Offset of the first readable batch appended at or after ``when_ms`` (Unix ms); the readable
+        head if none.  Raises :class:`TopicDeleted` or :class:`StorageError`."""
+        if self.deleted:
+            raise TopicDeleted(self.name)
+        return max(self.first, self.log.seek(when_ms, self.readable_head))
+
     @property
     def readable_head(self) -> int:  # the acknowledged head, capped at the high watermark (replication)
         return self.visible_head if self.read_cap is None else max(self.first, min(self.visible_head, self.read_cap()))
@@ -192,8 +180,12 @@ class Topic:
                     nursery.start_soon(self._syncer_interval)
                 nursery.start_soon(self.verifier.scrub)
                 nursery.start_soon(self._remover)
+                if self.config.retention_time:
+                    nursery.start_soon(expire_by_age, self.log, self.config.retention_time, self._garbage_out,
+                                       self.follows)
                 task_status.started()
                 async for item in self._recv:
+                    self.log.tick(now_ms())  # the time of this wake-up's batches (docs/storage.md)
                     self._write(item)
                     while True:  # take everything already queued before yielding
                         try:
@@ -351,6 +343,13 @@ class Topic:
         while True:
             await trio.sleep(self.config.flush_interval)
             await self._sync()
+
+    def follows(self) -> bool:
+        """Whether this node follows a leader for this topic now (then the leader decides retention)."""
+        return False
+
+    def _garbage_out(self) -> None:  # retention dropped partitions: the remover unlinks them
+        self._garbage.set()
 
     async def _remover(self) -> None:
         """Unlink (and close) the partitions retention dropped, in a worker thread, oldest first."""

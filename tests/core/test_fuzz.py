@@ -145,6 +145,8 @@ def replies(draw: st.DrawFn) -> tuple[ReplyKind, bytes]:
         return kind, draw(st.sampled_from([b"ERR\r\n", b"ERR not found\r\n", b"ERR storage error: x\r\n"]))
     if kind is ReplyKind.OFFSET:
         return kind, b"OK %d 1\r\n" % draw(st.integers(0, 2**63))
+    if kind is ReplyKind.SEEK:
+        return kind, b"OK %d\r\n" % draw(st.integers(0, 2**63))
     if kind is ReplyKind.READ:
         frames = [p.encode_batch(draw(topics), build_body(m), len(m)) for m in draw(st.lists(bodies, min_size=1,
                                                                                                 max_size=4))]

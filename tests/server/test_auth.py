@@ -270,3 +270,16 @@ def test_patterns_and_subjects(tmp_path: Path) -> None:
     assert policy.by_subject("").name == "anonymous"
     assert "token" not in repr(policy.by_token(OPS)).replace("token_digest", "")  # no digest in a repr
     assert NODE not in repr(make_config(tmp_path, replicate_token=NODE))  # nor a follower's token
+
+
+async def test_seek_needs_the_read_right(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _server(nursery, tmp_path)
+    w = await Wire.connect(srv.host, srv.port)
+    with trio.fail_after(10):
+        assert await _ask(w, b"AUTH " + OPS.encode() + b"\r\n") == b"OK\r\n"
+        for topic in (b"public.x", b"private"):
+            assert await _ask(w, batch_request(topic.decode(), [b"m"])) == b"OK 0 1\r\n"
+        w2 = await Wire.connect(srv.host, srv.port)  # anonymous: read public.* only
+        assert await _ask(w2, b"SEEK public.x 0\r\n") == b"OK 0\r\n"
+        assert await _ask(w2, b"SEEK private 0\r\n") == b"ERR not allowed\r\n"
+        assert (await _stats(w2))["auth.refused"] == "1"

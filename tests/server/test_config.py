@@ -100,3 +100,18 @@ def test_max_connections_per_ip() -> None:
         load_config(flags={"max_connections_per_ip": -1}, env={})
     result = CliRunner().invoke(app, ["serve", "--help"])
     assert "--max-connections-per-ip" in result.output
+
+
+def test_retention_time_from_flag_env_and_file(tmp_path: Path) -> None:
+    assert ServerConfig().retention_time == 0.0  # off by default
+    cfg_file = tmp_path / "logd.toml"
+    cfg_file.write_text('retention-time = "7d"\n')
+    assert load_config(file=cfg_file, env={}).retention_time == 7 * 86400
+    assert load_config(file=cfg_file, env={"LOGD_RETENTION_TIME": "12h"}).retention_time == 12 * 3600
+    assert load_config(flags={"retention_time": "1d12h"}, env={"LOGD_RETENTION_TIME": "12h"}).retention_time == 129600
+    with pytest.raises(ConfigError, match="LOGD_RETENTION_TIME"):
+        load_config(env={"LOGD_RETENTION_TIME": "a week"})
+    with pytest.raises(ConfigError, match="retention_time"):
+        load_config(flags={"retention_time": "-1d"}, env={})
+    result = CliRunner().invoke(app, ["serve", "--retention-time", "soon"])
+    assert result.exit_code != 0 and "retention_time" in result.output

@@ -36,6 +36,7 @@ from logd_trio.server.storage.topic_log import TopicLog
 from .. import harness
 from ..harness import ServerProcess, make_config, spawn, start_server
 from ..wire import Wire, batch_request
+from .index_files import put_end, records
 from .test_server import capture_topics
 
 # ---------------------------------------------------------------- helpers
@@ -266,9 +267,10 @@ def test_wrong_index_record_is_rebuilt_from_the_log(tmp_path: Path) -> None:
     d = root / "x"
     s0 = partitions_of(d)[0]
     raw = bytearray((d / f"{s0}.index").read_bytes())
-    n = len(raw) // 16
+    recs = records(raw)
+    n = len(recs)
     mid = n // 2 + 1
-    raw[mid * 16 : mid * 16 + 8] = (int.from_bytes(raw[mid * 16 : mid * 16 + 8], "little") + 3).to_bytes(8, "little")
+    put_end(raw, mid, recs[mid][0] + 3)
     (d / f"{s0}.index").write_bytes(bytes(raw))
     tl = TopicLog.open(root, "x", partition_size=6000, partitions=10_000)
     try:
@@ -1108,11 +1110,11 @@ async def test_index_record_off_by_one_after_restart(nursery: trio.Nursery, tmp_
     assert len(starts) >= 3
     for start in starts[:2]:
         raw = bytearray((d / f"{start}.index").read_bytes())
-        n = len(raw) // 16
+        recs = records(raw)
+        n = len(recs)
         sampled = {0, n - 1, *(n * j // 8 for j in range(1, 8))}  # the records a restart checks
         mid = next(k for k in range(n // 2, n) if k not in sampled and k + 1 not in sampled)
-        end = int.from_bytes(raw[mid * 16 : mid * 16 + 8], "little")
-        raw[mid * 16 : mid * 16 + 8] = (end + 1).to_bytes(8, "little")
+        put_end(raw, mid, recs[mid][0] + 1)
         (d / f"{start}.index").write_bytes(bytes(raw))
     srv = await start_server(nursery, cfg)
     w = await Wire.connect(srv.host, srv.port)

@@ -28,8 +28,8 @@ def capture_topics(monkeypatch: pytest.MonkeyPatch) -> dict[str, Topic]:
     seen: dict[str, Topic] = {}
     real_open = Topic.open.__func__  # type: ignore[attr-defined]
 
-    def spy(cls: type[Topic], root: Path, name: str, config: Any) -> Topic:
-        t: Topic = real_open(cls, root, name, config)
+    def spy(cls: type[Topic], root: Path, name: str, config: Any, now: int | None = None) -> Topic:
+        t: Topic = real_open(cls, root, name, config, now)
         seen[name] = t
         return t
 

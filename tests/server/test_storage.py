@@ -19,10 +19,12 @@ from logd_trio.core.errors import NotFound, StorageError
 from logd_trio.core.framing import build_body, build_frame
 from logd_trio.server.storage import recovery, syscalls
 from logd_trio.server.storage.files import list_topics
-from logd_trio.server.storage.index import REC_SIZE, PartitionIndex
+from logd_trio.server.storage.index import HEADER, HEADER_SIZE, REC_SIZE, REC_V2, PartitionIndex
 from logd_trio.server.storage.reads import CorruptData, ReadPlan
 from logd_trio.server.storage.recovery import Recovery
 from logd_trio.server.storage.topic_log import TopicLog
+
+from .index_files import layout, records
 
 TOPIC = "t"
 
@@ -388,22 +390,46 @@ def test_reopen_with_index(tmp_path: Path, verify_tail: None) -> None:
     assert not list((tmp_path / TOPIC).glob("*corrupt*"))
 
 
+def _same_records(before: list[tuple[int, int, int | None]], after: list[tuple[int, int, int | None]]) -> None:
+    """The records of a rescanned index: the same batches; times unknown to the scan are an upper
+    bound of the real ones (never earlier), and never decrease."""
+    assert [(e, c) for e, c, _ in after] == [(e, c) for e, c, _ in before]
+    times = [t for _, _, t in after]
+    assert all(t is not None and b is not None and t >= b for t, (_, _, b) in zip(times, before, strict=True))
+    assert times == sorted(times)  # type: ignore[type-var]
+
+
 def test_reopen_without_index(tmp_path: Path, verify_tail: None) -> None:
     offs, frames = _write_sample(tmp_path)
-    idx = {p.name: p.read_bytes() for p in (tmp_path / TOPIC).glob("*.index")}
+    idx = {p.name: records(p.read_bytes()) for p in (tmp_path / TOPIC).glob("*.index")}
     for p in (tmp_path / TOPIC).glob("*.index"):
         p.unlink()
     _check_sample(tmp_path, offs, frames).close()
-    assert {p.name: p.read_bytes() for p in (tmp_path / TOPIC).glob("*.index")} == idx  # rebuilt
+    after = {p.name: records(p.read_bytes()) for p in (tmp_path / TOPIC).glob("*.index")}  # rebuilt
+    assert after.keys() == idx.keys()
+    for name in idx:
+        _same_records(idx[name], after[name])
 
 
-@pytest.mark.parametrize("cut", [0, 1, 7, 15, 16, 17, 33, -1, -15, -16, -17])
+# v2: a 16-byte header, then 24-byte records (end, cum, time): cuts in the header, in a record's
+# position or count, and in its time only (-8: the last record lost just its time).
+@pytest.mark.parametrize("cut", [0, 1, 7, 15, 16, 17, 32, 39, 40, 41, 65, -1, -8, -9, -16, -23, -24, -25])
 def test_reopen_with_truncated_index(tmp_path: Path, verify_tail: None, cut: int) -> None:
     offs, frames = _write_sample(tmp_path)
+    before = {}
     for p in (tmp_path / TOPIC).glob("*.index"):
         data = p.read_bytes()
+        before[p.name] = records(data)
         p.write_bytes(data[:cut])
     _check_sample(tmp_path, offs, frames).close()
+    for p in (tmp_path / TOPIC).glob("*.index"):
+        data = p.read_bytes()
+        assert data.startswith(HEADER)
+        after = records(data)
+        _same_records(before[p.name], after)
+        size = len(before[p.name]) * REC_V2.size + HEADER_SIZE
+        kept = max(0, (size + cut if cut < 0 else min(cut, size)) - HEADER_SIZE) // REC_V2.size
+        assert after[:kept] == before[p.name][:kept]  # the whole records left keep their times
 
 
 def test_reopen_with_stale_index(tmp_path: Path, verify_tail: None) -> None:
@@ -411,9 +437,12 @@ def test_reopen_with_stale_index(tmp_path: Path, verify_tail: None) -> None:
     offs, frames = _write_sample(tmp_path, psize=10**6)
     ipath = tmp_path / TOPIC / "0.index"
     full = ipath.read_bytes()
-    ipath.write_bytes(full[: REC_SIZE * 10])
+    base, rs = layout(full)
+    ipath.write_bytes(full[: base + rs * 10])
     _check_sample(tmp_path, offs, frames, psize=10**6).close()
-    assert ipath.read_bytes() == full
+    after = ipath.read_bytes()
+    assert after[: base + rs * 10] == full[: base + rs * 10]  # the records it had are kept as they were
+    _same_records(records(full), records(after))
 
 
 @pytest.mark.parametrize("how", ["log-cut", "junk-records", "zero-records", "middle-garbage"])
@@ -430,8 +459,9 @@ def test_reopen_with_index_claiming_more(tmp_path: Path, verify_tail: None, how:
         ipath.write_bytes(ipath.read_bytes() + bytes(REC_SIZE * 5))
     else:  # a bad record in the middle: the index is garbage and rebuilt
         data = bytearray(ipath.read_bytes())
-        mid = (len(data) // REC_SIZE // 2) * REC_SIZE
-        data[mid : mid + REC_SIZE] = bytes(REC_SIZE)
+        base, rs = layout(data)
+        mid = base + (len(data) - base) // rs // 2 * rs
+        data[mid : mid + rs] = bytes(rs)
         ipath.write_bytes(bytes(data))
     _check_sample(tmp_path, offs, frames, psize=10**6).close()
     assert not list((tmp_path / TOPIC).glob("*corrupt*"))
@@ -442,7 +472,8 @@ def test_sealed_partition_index_mismatch(tmp_path: Path) -> None:
     offs, frames = _write_sample(tmp_path)
     ipath = tmp_path / TOPIC / "0.index"
     data = bytearray(ipath.read_bytes())
-    data[-REC_SIZE:] = (10**9).to_bytes(8, "little") + (10**9).to_bytes(8, "little")
+    rs = layout(data)[1]
+    data[-rs : -rs + 16] = (10**9).to_bytes(8, "little") + (10**9).to_bytes(8, "little")
     ipath.write_bytes(bytes(data))
     _check_sample(tmp_path, offs, frames).close()
 

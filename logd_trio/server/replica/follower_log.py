@@ -55,6 +55,9 @@ class FollowerTopic(Topic):
         self.leading = leading
         self._fence: int | None = None  # while a cut is coming: nothing past it is acknowledged or shown
 
+    def follows(self) -> bool:
+        return not self.leading()
+
     async def cut(self, truncate: Callable[[], object]) -> None:
         """Run the blocking ``truncate`` (a cut of the log, in a worker thread) with no local append
         of this node's last leadership pending: those not yet answered fail (their outcome is

@@ -171,17 +171,18 @@ class ReplicaState:
         write_counter(path, self.epoch, self.config.file_mode)
         log.info("leader epoch %d", self.epoch)
 
-    def open_topic(self, root: Path, name: str) -> Topic:
+    def open_topic(self, root: Path, name: str, now: int | None = None) -> Topic:
         """Blocking: open (recover) a topic and its epoch file; a leader records its epoch from the head.
-        A follower's topics are :class:`FollowerTopic` (appends only at the offsets the leader gave)."""
+        ``now``: the wall clock (Unix ms), read on the Trio thread.  A follower's topics are
+        :class:`FollowerTopic` (appends only at the offsets the leader gave)."""
         c = self.config
         if self.is_follower or self.clustered:
             flog = FollowerLog.open(root, name, partition_size=c.partition_size, partitions=c.partitions,
-                                    file_mode=c.file_mode, dir_mode=c.dir_mode)
+                                    file_mode=c.file_mode, dir_mode=c.dir_mode, now_ms=now)
             assert isinstance(flog, FollowerLog)  # open() builds the class it is called on
             topic: Topic = FollowerTopic(name, flog, c, leading=lambda: self.leading)
         else:
-            topic = Topic.open(root, name, c)
+            topic = Topic.open(root, name, c, now)
         try:
             ef = EpochFile.load(Path(root) / name, c.file_mode)
             ef.truncate(topic.log.head + 1)  # recovery may have cut the log below an epoch's start

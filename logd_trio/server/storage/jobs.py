@@ -17,7 +17,7 @@ from logd_trio.server.storage.files import close_quietly, remove_files
 from logd_trio.server.storage.partition import Partition
 from logd_trio.server.storage.syscalls import current
 
-__all__ = ["FilesGone", "RemoveJob", "SyncJob"]
+__all__ = ["FilesGone", "RemoveJob", "SyncJob", "capture"]
 
 
 class SyncJob:
@@ -98,6 +98,30 @@ def _linked(fd: int, path: Path) -> bool:
     except FileNotFoundError:
         return False
     return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def capture(topic: str, upto: int, data: list[Partition], index: list[Partition], dir_fd: int | None,
+            paths: list[Path], on_done: Callable[[int], None]) -> SyncJob:
+    """A job fsyncing the ``data`` partitions' logs (``paths``), the ``index`` partitions' indexes
+    and ``dir_fd`` (if not None), on dup'ed fds; marks what it covers as synced.  Raises
+    :class:`StorageError` (chained) if an fd cannot be duplicated (nothing is marked then)."""
+    dup = current().dup
+    data_fds: list[int] = []
+    index_fds: list[int] = []
+    try:
+        for p in data:
+            data_fds.append(dup(p.fd))
+        for p in index:
+            index_fds.append(dup(p.idx.fd))
+        dir_dup = dup(dir_fd) if dir_fd is not None else None
+    except OSError as e:
+        close_quietly(data_fds + index_fds)
+        raise StorageError(f"topic {topic}: cannot capture sync job: {e.strerror or type(e).__name__}") from e
+    for p in data:
+        p.synced_size = p.size
+    for p in index:
+        p.idx.synced_n = p.idx.n_file
+    return SyncJob(upto, data_fds, paths, index_fds, dir_dup, on_done)
 
 
 class RemoveJob:

@@ -8,7 +8,7 @@ from bisect import bisect_right
 from pathlib import Path
 
 from logd_trio.server.storage.files import O_CLOEXEC, close_quietly, index_path, log_path, remove_files
-from logd_trio.server.storage.index import PartitionIndex
+from logd_trio.server.storage.index import PartitionIndex, write_header
 
 __all__ = ["Partition", "Ranges"]
 
@@ -63,7 +63,8 @@ class Ranges:
 class Partition:
     """``<start>.log`` (open read-write as ``fd``) and its index."""
 
-    __slots__ = ("bad", "cum", "fd", "generation", "idx", "size", "start", "synced_size", "vend", "verified")
+    __slots__ = ("bad", "cum", "fd", "generation", "idx", "newest", "size", "start", "synced_size", "vend",
+                 "verified")
 
     def __init__(self, start: int, fd: int, idx: PartitionIndex, size: int, cum: int) -> None:
         self.start = start
@@ -78,18 +79,22 @@ class Partition:
         self.verified = Ranges()
         self.bad = Ranges()  # bytes that are not valid batches (found by a rebuild): never served
         self.generation = 0  # bumped when the index is rebuilt
+        # Unix ms of the newest batch (its index record's time; the .log's mtime for a v1 index); 0: none
+        self.newest = 0
 
     @classmethod
     def create(cls, directory: Path, start: int, file_mode: int) -> Partition:
-        """New empty ``<start>.log`` and ``<start>.index`` (truncated if present).  Raises OSError;
-        nothing is left behind then.  The caller fsyncs the directory."""
+        """New empty ``<start>.log`` and ``<start>.index`` (truncated if present; a v2 index).  Raises
+        OSError; nothing is left behind then.  The caller fsyncs the directory."""
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | O_CLOEXEC
         fd = os.open(log_path(directory, start), flags, file_mode)
+        ifd = -1
         try:
             ifd = os.open(index_path(directory, start), flags, file_mode)
+            write_header(ifd)
         except OSError:
-            os.close(fd)
-            remove_files([log_path(directory, start)], _quiet, "")
+            close_quietly([fd, ifd] if ifd >= 0 else [fd])
+            remove_files([log_path(directory, start), index_path(directory, start)], _quiet, "")
             raise
         p = cls(start, fd, PartitionIndex(ifd, 0), 0, 0)
         p.synced_size = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 from logd_trio.core.errors import InvalidBatchError, StorageError
@@ -27,10 +28,11 @@ from logd_trio.server.storage.files import (
     log_path,
     write_all,
 )
-from logd_trio.server.storage.index import REC
+from logd_trio.server.storage.index import HEADER, REC, REC_V2
 from logd_trio.server.storage.partition import Partition
+from logd_trio.server.storage.syscalls import current
 
-__all__ = ["IndexSuspect", "RebuildJob", "apply", "damaged_end", "frame_at", "next_frame"]
+__all__ = ["IndexSuspect", "RebuildJob", "apply", "damaged_end", "frame_at", "next_frame", "start_job"]
 
 
 class IndexSuspect(StorageError):
@@ -97,7 +99,8 @@ def damaged_end(fd: int, pos: int, stop: int) -> int:
 class RebuildJob:
     """Scan ``[0, stop)`` of partition ``start`` and write its index anew.  ``run`` is blocking."""
 
-    def __init__(self, p: Partition, fd: int, old_fd: int, directory: Path, file_mode: int, topic: str) -> None:
+    def __init__(self, p: Partition, fd: int, old_fd: int, directory: Path, file_mode: int, topic: str,
+                 time_ms: int) -> None:
         self.start = p.start
         self.generation = p.generation
         self.stop = p.idx.file_end  # what the file part of the index covers (the rest is pending)
@@ -106,6 +109,10 @@ class RebuildJob:
         self._fd = fd
         self._old_fd = old_fd  # the index being replaced: a hint for where damaged batches end
         self._old_n = p.idx.n_file
+        self._timed, self._base, self._rs = p.idx.timed, p.idx.base, p.idx.rs
+        # the time a rebuilt record gets when the old index has none for it (the log does not say
+        # when its batches came): one no batch of the rebuilt range is later than
+        self._time = time_ms
         self._dir = directory
         self._file_mode = file_mode
         self.new_fd = -1
@@ -115,9 +122,12 @@ class RebuildJob:
 
     def run(self) -> None:
         """Raises OSError if the log cannot be read or the index written (nothing is swapped then)."""
-        records = bytearray()
+        records = bytearray(HEADER if self._timed else b"")
         cum = 0
         pos = 0
+        t = 0
+        old = self._old_times()
+        old_end, old_t = next(old, (-1, 0))
         try:
             while pos < self.stop:
                 n, count = self._frame(pos)
@@ -129,7 +139,16 @@ class RebuildJob:
                     self.bad.append((pos, nxt, self._copy(pos, nxt)))
                     pos = nxt
                     cum += 1  # a placeholder record: the range is never served
-                records += REC.pack(pos, cum)
+                if self._timed:
+                    while 0 <= old_end < pos:
+                        old_end, old_t = next(old, (-1, 0))
+                    # the time of the old record ending here, else of the next one (a batch ending
+                    # later was not appended earlier); kept from going back, never later than the
+                    # batches appended after the rebuilt range
+                    t = max(t, min(old_t, self._time) if old_end >= 0 else self._time)
+                    records += REC_V2.pack(pos, cum, t)
+                else:
+                    records += REC.pack(pos, cum)
             tmp = self._dir / f"{self.start}.index.rebuild"
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, self._file_mode)
             try:
@@ -141,8 +160,27 @@ class RebuildJob:
         finally:
             close_quietly([self._fd, self._old_fd])
         self.new_fd = fd
-        self.n = len(records) // REC.size
+        self.n = (len(records) - self._base) // self._rs
         self.cum = cum
+
+    def _old_times(self) -> Iterator[tuple[int, int]]:
+        """``(end, time)`` of the old index's records, in order (read a chunk at a time; stops early
+        where the file ends or cannot be read)."""
+        if not self._timed:
+            return
+        rs, chunk = self._rs, self._rs * 4096
+        at, last = self._base, self._base + self._old_n * rs
+        while at < last:
+            try:
+                raw = os.pread(self._old_fd, min(chunk, last - at), at)
+            except OSError:
+                return
+            if len(raw) < rs:
+                return
+            for k in range(0, len(raw) - rs + 1, rs):
+                end, _, t = REC_V2.unpack_from(raw, k)
+                yield int(end), int(t)
+            at += len(raw) - len(raw) % rs
 
     def _frame(self, pos: int) -> tuple[int, int]:
         return frame_at(self._fd, pos, self.stop)
@@ -153,20 +191,21 @@ class RebuildJob:
         try:
             while lo < hi:
                 mid = (lo + hi) // 2
-                raw = os.pread(self._old_fd, REC.size, mid * REC.size)
-                if len(raw) != REC.size:
-                    return 0
-                if REC.unpack(raw)[0] <= pos:
+                if self._old_end(mid) <= pos:
                     lo = mid + 1
                 else:
                     hi = mid
             if lo >= self._old_n:
                 return 0
-            prev = 0 if lo == 0 else REC.unpack(os.pread(self._old_fd, REC.size, (lo - 1) * REC.size))[0]
-            end = int(REC.unpack(os.pread(self._old_fd, REC.size, lo * REC.size))[0])
+            prev = 0 if lo == 0 else self._old_end(lo - 1)
+            end = self._old_end(lo)
         except (OSError, struct.error):
             return 0
         return end if prev == pos and pos < end <= self.stop else 0
+
+    def _old_end(self, k: int) -> int:
+        """``end_k`` of the old index.  Raises struct.error or OSError."""
+        return int(REC.unpack(os.pread(self._old_fd, REC.size, self._base + k * self._rs))[0])
 
     def _copy(self, a: int, b: int) -> str:
         try:
@@ -178,6 +217,26 @@ class RebuildJob:
         """Drop the result (the partition went away, or the caller was cancelled)."""
         close_quietly([self._fd, self._old_fd] + ([self.new_fd] if self.new_fd >= 0 else []))
         self.new_fd = -1
+
+
+def start_job(p: Partition, directory: Path, file_mode: int, topic: str, log: logging.Logger) -> RebuildJob:
+    """A job rebuilding ``p``'s index (owning thread): dup'ed fds, and ``p``'s new records held
+    pending until :func:`apply`.  Raises :class:`StorageError` (chained)."""
+    try:
+        fd = current().dup(p.fd)
+        try:
+            old_fd = current().dup(p.idx.fd)
+        except OSError:
+            os.close(fd)
+            raise
+    except OSError as e:
+        raise StorageError(f"topic {topic}: cannot rebuild an index: {e.strerror or type(e).__name__}") from e
+    # The rebuilt records' time: the first pending record's (appended after all of them), else the newest.
+    idx = p.idx
+    time_ms = idx.time(idx.n_file) if len(idx) > idx.n_file else p.newest
+    idx.frozen = True  # new records stay pending until the rebuilt file is in place
+    log.warning("topic %s: index of partition %d disagrees with its log; rebuilding it", topic, p.start)
+    return RebuildJob(p, fd, old_fd, directory, file_mode, topic, max(time_ms, 0))
 
 
 def apply(job: RebuildJob, p: Partition | None, directory: Path, log: logging.Logger) -> None:

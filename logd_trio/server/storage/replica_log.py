@@ -26,7 +26,6 @@ from pathlib import Path
 from logd_trio.core.errors import NotFound, StorageError
 from logd_trio.core.framing import check_frame
 from logd_trio.server.storage.files import copy_aside, fsync_dir, remove_files, write_all
-from logd_trio.server.storage.index import REC_SIZE
 from logd_trio.server.storage.partition import Partition
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.storage.syscalls import current
@@ -69,7 +68,8 @@ def append_at(tlog: TopicLog, offset: int, frame: bytes, *, new_partition: bool)
         raise StorageError(f"topic {tlog.topic}: write failed: {e.strerror or type(e).__name__}") from e
     hp.size = pos + n
     hp.cum += h.count
-    hp.idx.add(hp.size, hp.cum)
+    hp.idx.add(hp.size, hp.cum, tlog.now_ms)  # the follower's own append time (docs/storage.md)
+    hp.newest = tlog.now_ms
     tlog.head = offset + n
     return offset
 
@@ -141,7 +141,7 @@ def _cut(p: Partition, pos: int, i: int) -> None:
     cum = idx.entry(i - 1)[1]
     sys = current()
     os.ftruncate(p.fd, pos)
-    os.ftruncate(idx.fd, i * REC_SIZE)
+    os.ftruncate(idx.fd, idx.base + i * idx.rs)
     sys.fsync(p.fd)
     sys.fsync(idx.fd)
     idx.hints.clear()
@@ -149,6 +149,8 @@ def _cut(p: Partition, pos: int, i: int) -> None:
     p.size = p.synced_size = pos
     p.cum = cum
     p.vend = min(p.vend, pos)
+    if pos and idx.timed:
+        p.newest = idx.time(i - 1)
 
 
 def fetch_plan(tlog: TopicLog, offset: int, max_bytes: int, stop: int) -> tuple[ReadPlan, list[int]]:

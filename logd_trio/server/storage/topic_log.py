@@ -10,31 +10,31 @@ Durability: :meth:`TopicLog.append` only writes to the page cache.
 :meth:`TopicLog.sync_job` captures dup'ed fds of everything not yet synced;
 its :meth:`SyncJob.run` fdatasyncs them (in a worker thread).
 
-Retention: a rotation past ``partitions`` drops the oldest partitions, but
-only those whose batches are all acknowledged (:meth:`TopicLog.acknowledge`),
-so ``first <= acknowledged head`` always; their files are closed and unlinked
-by a :class:`RemoveJob` (:meth:`TopicLog.remove_job`), off the owning thread.
+Retention: a rotation past ``partitions`` (or :meth:`TopicLog.expire`, by age)
+drops the oldest partitions, only those whose batches are all acknowledged
+(:meth:`TopicLog.acknowledge`), so ``first <= acknowledged head`` always; a
+:class:`RemoveJob` (:meth:`TopicLog.remove_job`) unlinks them off the owning thread.
 
-Test hooks: ``fsync_count`` counts completed sync jobs, ``on_fsync``
-(``Callable[[int], None] | None``) is called with a job's ``upto`` from the
-thread that ran it, after the fsyncs.
+Time: a batch is recorded with ``now_ms`` (Unix ms), moved by :meth:`TopicLog.tick`
+(once per wake-up of the topic task); :meth:`TopicLog.seek` finds a time (:mod:`.timeline`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
 
 from logd_trio.core.errors import NotFound, StorageError
 from logd_trio.core.framing import valid_topic
-from logd_trio.server.storage import rebuild, verify
+from logd_trio.server.storage import rebuild, timeline, verify
 from logd_trio.server.storage.files import close_quietly, log_path, open_topic_dir, write_all
-from logd_trio.server.storage.index import PENDING_FLUSH, REC_SIZE, IndexDamaged
-from logd_trio.server.storage.jobs import FilesGone, RemoveJob, SyncJob
+from logd_trio.server.storage.index import PENDING_FLUSH, IndexDamaged
+from logd_trio.server.storage.jobs import FilesGone, RemoveJob, SyncJob, capture
 from logd_trio.server.storage.partition import Partition
 from logd_trio.server.storage.reads import ReadPlan, plan_read
 from logd_trio.server.storage.rebuild import IndexSuspect, RebuildJob
@@ -53,10 +53,6 @@ def _why(e: OSError) -> str:
     return e.strerror or type(e).__name__
 
 
-def _start_of(p: Partition) -> int:
-    return p.start
-
-
 class TopicLog:
     """The partitions of one topic.  See the module docstring."""
 
@@ -67,8 +63,9 @@ class TopicLog:
         self.first = 0
         self.acked = 0  # batches before this offset are acknowledged: retention may drop them
         self.rotations = 0  # partitions created by append; a topic task may sync when it changes
-        self.fsync_count = 0
-        self.on_fsync: Callable[[int], None] | None = None
+        self.fsync_count = 0  # completed sync jobs (a test hook, as on_fsync)
+        self.on_fsync: Callable[[int], None] | None = None  # called with a job's upto by its thread, after it
+        self.now_ms = 0  # the append time of the next batches (tick)
         self._dir = directory
         self._dir_fd = dir_fd
         self._psize = partition_size
@@ -86,8 +83,9 @@ class TopicLog:
     @classmethod
     def open(cls, root: Path, topic: str, *, partition_size: int, partitions: int,
              file_mode: int = 0o600, dir_mode: int = 0o700,
-             logger: logging.Logger | None = None) -> TopicLog:
-        """Create the topic dir if missing (fsync parent dir when created), recover, return."""
+             logger: logging.Logger | None = None, now_ms: int | None = None) -> TopicLog:
+        """Create the topic dir if missing (fsync parent dir when created), recover, return.  ``now_ms``:
+        the clock now (Unix ms, default the system's): the time of the first batches."""
         if not valid_topic(topic.encode("utf-8", "surrogateescape")):
             raise ValueError(f"invalid topic name {topic!r}")
         if partition_size < 1 or partitions < 1:
@@ -109,7 +107,18 @@ class TopicLog:
         tl.head = tl._parts[-1].end
         tl.first = tl._parts[0].start
         tl.acked = tl.head  # what an earlier process left counts as acknowledged
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        tl.now_ms = timeline.start_time(tl._parts, now, topic, log)
         return tl
+
+    def tick(self, now_ms: int) -> None:
+        """Batches appended from now on get ``now_ms`` (ignored if smaller: times never go back)."""
+        if now_ms > self.now_ms:
+            self.now_ms = now_ms
+
+    @property
+    def last_append_ms(self) -> int:  # Unix ms of the newest batch (0: none)
+        return timeline.newest(self._parts)
 
     # ------------------------------------------------------------------ writing
 
@@ -154,7 +163,8 @@ class TopicLog:
         offset = self.head
         hp.size = pos + n
         hp.cum += count
-        hp.idx.add(hp.size, hp.cum)
+        hp.newest = t = self.now_ms
+        hp.idx.add(hp.size, hp.cum, t)
         self.head = offset + n
         if len(hp.idx.pending) >= PENDING_FLUSH:
             self._flush_index(hp)
@@ -178,7 +188,8 @@ class TopicLog:
             raise StorageError(f"topic {self.topic}: write failed: {_why(e)}") from e
         p.size = n
         p.cum = count
-        p.idx.add(n, count)
+        p.newest = self.now_ms
+        p.idx.add(n, count, p.newest)
         self._parts.append(p)
         self.head = start + n
         self.rotations += 1
@@ -195,15 +206,33 @@ class TopicLog:
             if len(self._parts) > self._pmax:
                 self._trim()
 
-    def _trim(self) -> None:
+    def _trim(self, n: int = 0) -> None:
+        """Drop the ``n`` oldest partitions, then more while there are too many (acknowledged only)."""
         parts = self._parts
+        self._doomed += parts[:n]
+        del parts[:n]
         while len(parts) > self._pmax and parts[0].end <= self.acked:
             self._doomed.append(parts.pop(0))
         self.first = parts[0].start
 
-    @property
-    def removal_pending(self) -> bool:
-        return bool(self._doomed)
+    def expire(self, max_age_ms: int) -> int | None:
+        """Retention by age (:func:`.timeline.droppable`; the files go with :meth:`remove_job`); the ms
+        until the next partition is due (None: only the head is left)."""
+        if self._closed:
+            return None
+        n, due = timeline.droppable(self._parts, self.now_ms, max_age_ms, self.acked)
+        self._trim(n)
+        return due
+
+    def seek(self, when_ms: int, end: int | None = None) -> int:
+        """Offset of the first batch appended at or after ``when_ms`` (Unix ms) before ``end`` (default
+        the head), else ``end``.  Raises :class:`StorageError`."""
+        try:
+            return timeline.seek(self._parts, when_ms, self.head if end is None else min(end, self.head))
+        except OSError as e:
+            raise StorageError(f"topic {self.topic}: cannot read an index: {_why(e)}") from e
+
+    removal_pending = property(lambda self: bool(self._doomed))
 
     def remove_job(self) -> RemoveJob | None:
         """The files of the partitions retention dropped (None if none); run it off the owning thread."""
@@ -213,8 +242,8 @@ class TopicLog:
         return RemoveJob(doomed, [f for p in doomed for f in p.paths(self._dir)], self.topic, self._log)
 
     def removed(self) -> None:
-        """A :meth:`remove_job` has run (owning thread): the next sync fsyncs the directory, so
-        that the unlinks are durable (marked only now: a sync before them would not cover them)."""
+        """A :meth:`remove_job` has run (owning thread): the next sync fsyncs the directory (marked
+        only now: a sync before the unlinks would not make them durable)."""
         self._dir_dirty = True
 
     # ------------------------------------------------------------------ syncing
@@ -243,29 +272,14 @@ class TopicLog:
             if p.size > p.synced_size:
                 data.append(p)
             unsynced = p.idx.n_file - p.idx.synced_n
-            if unsynced > 0 and (p is not hp or final or unsynced * REC_SIZE >= _INDEX_SYNC_BYTES):
+            if unsynced > 0 and (p is not hp or final or unsynced * p.idx.rs >= _INDEX_SYNC_BYTES):
                 index.append(p)
         if not data and not index and not self._dir_dirty:
             return None
-        dup = current().dup
-        data_fds: list[int] = []
-        index_fds: list[int] = []
-        try:
-            for p in data:
-                data_fds.append(dup(p.fd))
-            for p in index:
-                index_fds.append(dup(p.idx.fd))
-            dir_fd = dup(self._dir_fd) if self._dir_dirty else None
-        except OSError as e:
-            close_quietly(data_fds + index_fds)
-            raise StorageError(f"topic {self.topic}: cannot capture sync job: {_why(e)}") from e
-        for p in data:
-            p.synced_size = p.size
-        for p in index:
-            p.idx.synced_n = p.idx.n_file
+        job = capture(self.topic, self.head, data, index, self._dir_fd if self._dir_dirty else None,
+                      [log_path(self._dir, p.start) for p in data], self._synced)
         self._dir_dirty = False
-        paths = [log_path(self._dir, p.start) for p in data]
-        return SyncJob(self.head, data_fds, paths, index_fds, dir_fd, self._synced)
+        return job
 
     def check_linked(self, job: SyncJob) -> None:
         """Raise :class:`FilesGone` if a file ``job`` synced was removed or replaced under the
@@ -286,7 +300,7 @@ class TopicLog:
 
     def _index_of(self, offset: int) -> int:
         """Index in ``_parts`` of the partition holding ``offset`` (-1 if before the first)."""
-        return bisect_right(self._parts, offset, key=_start_of) - 1
+        return bisect_right(self._parts, offset, key=attrgetter("start")) - 1
 
     def read_plan(self, offset: int, limit: int, end: int | None = None, max_partitions: int | None = None,
                   borrow: bool = False) -> ReadPlan:
@@ -345,19 +359,7 @@ class TopicLog:
         p = self._part_at(start)
         if p is None or p.idx.frozen or (generation >= 0 and p.generation != generation):
             return None
-        try:
-            fd = current().dup(p.fd)
-            try:
-                old_fd = current().dup(p.idx.fd)
-            except OSError:
-                os.close(fd)
-                raise
-        except OSError as e:
-            raise StorageError(f"topic {self.topic}: cannot rebuild an index: {_why(e)}") from e
-        p.idx.frozen = True  # new records stay pending until the rebuilt file is in place
-        self._log.warning("topic %s: index of partition %d disagrees with its log; rebuilding it",
-                          self.topic, start)
-        return RebuildJob(p, fd, old_fd, self._dir, self._file_mode, self.topic)
+        return rebuild.start_job(p, self._dir, self._file_mode, self.topic, self._log)
 
     def apply_rebuild(self, job: RebuildJob) -> None:
         """Swap a finished rebuild in (owning thread); the partition's reads are verified by it."""
@@ -394,7 +396,5 @@ class TopicLog:
     def __enter__(self) -> TopicLog:
         return self
 
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()

@@ -1,13 +1,11 @@
-"""What a topic's files hold, for STATS and ``logd topics --json``: batches and the last write.
+"""What a topic's files hold, for STATS and ``logd topics --json``: batches and the last append.
 
-Synchronous and cheap (no file is read: index records are counted from what the
-partitions know, the time comes from one ``fstat`` of an open descriptor), so
-the stats task calls it on the Trio thread.
+Synchronous and cheap (no file is read: index records are counted and the time
+is taken from what the partitions know), so the stats task calls it on the Trio
+thread.
 """
 
 from __future__ import annotations
-
-import os
 
 from logd_trio.server.storage.topic_log import TopicLog
 
@@ -20,11 +18,6 @@ def batches(tlog: TopicLog) -> int:
 
 
 def last_write(tlog: TopicLog) -> float:
-    """Unix time of the last write to the head partition's data file (0.0: none, or it is closed)."""
-    parts = tlog._parts
-    if not parts or not parts[-1].size:
-        return 0.0
-    try:
-        return os.fstat(parts[-1].fd).st_mtime
-    except OSError:
-        return 0.0
+    """Unix time of the topic's last append (its index's time; for a partition indexed by an older
+    release, the last write to its data file); 0.0: none, or the log is closed."""
+    return tlog.last_append_ms / 1000

@@ -16,7 +16,7 @@ from pathlib import Path
 from logd_trio.core.errors import StorageError
 from logd_trio.core.framing import check_frame
 from logd_trio.server.storage.files import close_quietly
-from logd_trio.server.storage.index import REC, REC_SIZE, IndexDamaged
+from logd_trio.server.storage.index import REC, IndexDamaged
 from logd_trio.server.storage.partition import Partition
 from logd_trio.server.storage.syscalls import current
 
@@ -25,8 +25,8 @@ __all__ = ["VerifyJob", "apply", "scrub_range", "verify_job"]
 # Largest read of one verification step (a bigger single batch is read whole).
 VERIFY_CHUNK = 4 << 20
 
-# per part: (partition start, dup'ed fd, first position, cum before it, index records)
-_Part = tuple[int, int, int, int, bytes]
+# per part: (partition start, dup'ed fd, first position, cum before it, index records, record size)
+_Part = tuple[int, int, int, int, bytes, int]
 
 
 class VerifyJob:
@@ -53,27 +53,27 @@ class VerifyJob:
     @property
     def size(self) -> int:
         """Bytes this job will read."""
-        return sum(REC.unpack_from(r, len(r) - REC_SIZE)[0] - pos for _, _, pos, _, r in self._parts if r)
+        return sum(REC.unpack_from(r, len(r) - rs)[0] - pos for _, _, pos, _, r, rs in self._parts if r)
 
     def run(self) -> None:
         """Verify every batch.  Raises OSError only if the log cannot be read."""
         try:
-            for start, fd, pos, cum, records in self._parts:
-                self._run_part(start, fd, pos, cum, records)
+            for start, fd, pos, cum, records, rs in self._parts:
+                self._run_part(start, fd, pos, cum, records, rs)
         finally:
             self.close()
 
-    def _run_part(self, start: int, fd: int, pos: int, cum: int, records: bytes) -> None:
+    def _run_part(self, start: int, fd: int, pos: int, cum: int, records: bytes, rs: int) -> None:
         first = pos
         topic = self.topic.encode("ascii")
-        n = len(records) // REC_SIZE
+        n = len(records) // rs
         i = 0
         while i < n:
             # one chunk: consecutive batches up to VERIFY_CHUNK bytes (at least one batch)
             j = i
             chunk_end = pos
             while j < n:
-                end = REC.unpack_from(records, j * REC_SIZE)[0]
+                end = REC.unpack_from(records, j * rs)[0]
                 if j > i and end - pos > VERIFY_CHUNK:
                     break
                 chunk_end = end
@@ -82,7 +82,7 @@ class VerifyJob:
             self.nbytes += len(buf)
             base = pos
             for k in range(i, j):
-                end, c = REC.unpack_from(records, k * REC_SIZE)
+                end, c = REC.unpack_from(records, k * rs)
                 h = check_frame(buf, pos - base, end - base) if c > cum else None
                 if h is None or h.frame_len != end - pos or h.count != c - cum or h.topic != topic:
                     # The log or its index is wrong here: a rebuild from the log tells which.
@@ -97,21 +97,22 @@ class VerifyJob:
         """Close the dup'ed fds (``run`` does it too).  Idempotent."""
         if not self._closed:
             self._closed = True
-            close_quietly([fd for _, fd, _, _, _ in self._parts])
+            close_quietly([fd for _, fd, _, _, _, _ in self._parts])
 
 
 def records(p: Partition, i: int, k: int) -> bytes:
     """Raw index records ``i..k`` of ``p`` (file part with one pread, then pending)."""
     idx = p.idx
+    rs = idx.rs
     out = b""
     if i < idx.n_file:
         top = min(k + 1, idx.n_file)
-        out = os.pread(idx.fd, (top - i) * REC_SIZE, i * REC_SIZE)
-        if len(out) != (top - i) * REC_SIZE:
+        out = os.pread(idx.fd, (top - i) * rs, idx.base + i * rs)
+        if len(out) != (top - i) * rs:
             raise IndexDamaged(f"index of partition {p.start} shrank under the server")
         i = top
     if i <= k:
-        out += bytes(idx.pending[(i - idx.n_file) * REC_SIZE : (k + 1 - idx.n_file) * REC_SIZE])
+        out += bytes(idx.pending[(i - idx.n_file) * rs : (k + 1 - idx.n_file) * rs])
     return out
 
 
@@ -132,9 +133,9 @@ def verify_job(topic: str, directory: Path, file_mode: int, part_at: Callable[[i
             k = p.idx.last_end_at_most(b)
             if i < 0 or k < i:
                 continue
-            parts.append((start, sys.dup(p.fd), a, p.idx.entry(i - 1)[1], records(p, i, k)))
+            parts.append((start, sys.dup(p.fd), a, p.idx.entry(i - 1)[1], records(p, i, k), p.idx.rs))
     except OSError as e:
-        close_quietly([fd for _, fd, _, _, _ in parts])
+        close_quietly([fd for _, fd, _, _, _, _ in parts])
         raise StorageError(f"topic {topic}: cannot verify: {e}") from e
     return VerifyJob(topic, directory, file_mode, parts)
 
