@@ -27,7 +27,17 @@ __all__ = ["FollowerLog", "FollowerTopic"]
 
 
 class FollowerLog(TopicLog):
-    """A topic log that takes frames only at given offsets."""
+    """A topic log that takes frames only at given offsets.  Its retention is the leader's, whatever
+    this node's ``--partitions``: a partition goes once the leader's first offset is past it (and not
+    before), so that both directories hold the same partitions byte for byte."""
+
+    leader_first = 0  # the leader's first offset, as its last reply said
+
+    def _trim(self) -> None:
+        parts, upto = self._parts, min(self.acked, self.leader_first)
+        while len(parts) > 1 and parts[0].end <= upto:
+            self._doomed.append(parts.pop(0))
+        self.first = parts[0].start
 
     def append(self, frame: bytes | memoryview, count: int) -> int:
         raise StorageError(f"topic {self.topic}: this node is a follower; writes go to the leader")
@@ -39,7 +49,11 @@ class FollowerLog(TopicLog):
             start_at(self, offset)  # joined after the leader's retention: start where the leader does
         if offset != self.head:
             raise OffsetMismatch(f"topic {self.topic}: frame for offset {offset}, log ends at {self.head}")
-        return append_at(self, offset, frame, new_partition=new_partition)
+        at = append_at(self, offset, frame, new_partition=new_partition)
+        if first > self.leader_first:
+            self.leader_first = first
+            self._trim()
+        return at
 
 
 class FollowerTopic(Topic):
