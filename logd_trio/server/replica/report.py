@@ -71,9 +71,23 @@ class Reporting:
         return b"MOK %d\r\n%s\r\n" % (len(b := json.dumps(body).encode()), b)
 
     def _describe(self) -> dict[str, object]:
+        """``CLUSTER`` of a plain leader or follower (a cluster node's is clustering.py's)."""
+        now = trio.current_time()
         role = "follower" if self.leader else "leader"
-        out: dict[str, object] = {"node": self.node_id, "role": role, "epoch": self.epoch, "history": self.history,
-                                  "leader": {"addr": self.leader or self.address, "epoch": self.epoch}}
+        followers: dict[str, dict[str, object]] = {}
+        for (n, name), p in self.followers.items():
+            head = t.visible_head if (t := self.topics.get(name)) is not None else p.offset
+            followers.setdefault(n, {})[name] = {
+                "offset": p.offset, "lag_bytes": max(0, head - p.offset),
+                "caught_up_ago": round(now - p.caught_up, 3) if p.caught_up > -1e300 else None}
+        out: dict[str, object] = {
+            "node": self.node_id, "role": role, "epoch": self.epoch, "history": self.history,
+            "leader": {"addr": self.leader or self.address, "epoch": self.epoch},
+            "refusal": f"not leader {self.leader}" if self.leader else None, "followers": followers,
+            "topics": {n: {"first": t.first, "head": t.visible_head, "hw": t.readable_head}
+                       for n, t in self.topics.items()}}
+        if not self.leader:
+            out["in_sync"] = sorted(self.in_sync(now))
         if self.halted is not None:
             out["halted"] = self.halted
         return out

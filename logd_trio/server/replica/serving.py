@@ -55,7 +55,7 @@ def fetch_reply(state: ReplicaState, topic: Topic, req: Fetch, visible: int) -> 
         except StorageError as e:  # an offset inside a batch: the follower's log is not the leader's
             raise RequestError(str(e)) from e
         plan = topic.fds.hold(plan)
-    hw = state.leader_hw(req.topic, visible)
+    hw = state.leader_hw(req.topic, visible, req.node, req.offset + plan.nbytes)
     header = FetchHeader(state.epoch, epoch, tlog.first, visible, req.offset, plan.nbytes, tuple(starts), hw)
     state.counters.fetch_bytes_out += plan.nbytes
     return encode_fetch_header(header), plan, hw

@@ -327,10 +327,24 @@ class ReplicaState(Reporting):
         if progress is not None:
             progress.replied_head, progress.told_hw = visible, hw
 
-    def leader_hw(self, topic: str, visible: int) -> int:
-        """The high watermark a FETCH reply tells (the head when readers are not capped)."""
+    def leader_hw(self, topic: str, visible: int, node: str = "", end: int = -1) -> int:
+        """The high watermark a FETCH reply tells (the head when readers are not capped).  A reply
+        to ``node`` carrying frames up to ``end`` tells what the high watermark will be once that
+        in-sync follower holds them (true when its readers can see them: after it stored them),
+        so that its readers need no second round trip."""
         t = self.topics.get(topic)
-        return visible if t is None or t.read_cap is None else self.high_watermark(topic, visible)
+        if t is None or t.read_cap is None:
+            return visible
+        hw = self.high_watermark(topic, visible)
+        need = self.config.min_insync - 1
+        if end <= hw or not node or self.clustered or self.leader or need <= 0:
+            return hw
+        insync = self.in_sync(trio.current_time())
+        if node not in insync:
+            return hw
+        got = sorted((end if n == node else p.offset for (n, tp), p in self.followers.items()
+                      if tp == topic and n in insync), reverse=True)
+        return max(hw, min(visible, got[need - 1])) if len(got) >= need else hw
 
     def told_hw(self, node: str, topic: str) -> int:
         p = self.followers.get((node, topic))

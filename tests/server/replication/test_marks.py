@@ -110,3 +110,18 @@ def test_a_fetch_plan_spans_at_most_the_partitions_it_may_hold(tmp_path: Path) -
         plan, _ = fetch_plan(tl, tl.first, 1 << 20, tl.head)
         with plan:
             assert len(plan.segments) == len(tl._parts)
+
+
+async def test_a_reply_tells_the_high_watermark_its_frames_make_once_stored(tmp_path: Path) -> None:
+    for insync, want in ((2, 300), (3, 100)):
+        root = tmp_path / str(insync)
+        s = ReplicaState(make_config(root, acks="all", min_insync=insync, replica_lag=1.0, node_id="a"))
+        topic = await trio.to_thread.run_sync(s.open_topic, root, "t")
+        topic.visible_head = 300
+        for n in ("b", "c"):
+            s.record(n, "t", 100, 100)  # both in sync at 100
+        assert s.leader_hw("t", 300) == 100  # what the in-sync set holds now
+        # b's reply carries [100, 300): once b stored it, 300 is on two nodes (leader and b), not on three
+        assert s.leader_hw("t", 300, "b", 300) == want
+        assert s.leader_hw("t", 300, "stranger", 300) == 100  # a node not in sync counts for nothing
+        topic.log.close_without_sync()
