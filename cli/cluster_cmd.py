@@ -12,7 +12,7 @@ from logd_trio.core.defaults import DEFAULT_ADDRESS
 from logd_trio.core.errors import ConnectionLost, Unsupported
 
 from .errors import run
-from .options import HostOpt, VerboseOpt
+from .options import HostOpt, Security, TLSCAOpt, TLSCertOpt, TLSKeyOpt, TLSOpt, TokenOpt, VerboseOpt, cluster_security
 
 
 def _text(addr: str, v: dict[str, Any]) -> str:
@@ -44,14 +44,20 @@ def cluster(
     host: HostOpt = DEFAULT_ADDRESS,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object: address -> the node's view.")] = False,
     verbose: VerboseOpt = False,
+    tls: TLSOpt = False,
+    tls_ca: TLSCAOpt = None,
+    tls_cert: TLSCertOpt = None,
+    tls_key: TLSKeyOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Show each node's view of its cluster: role, leader, epoch, in-sync set, lags, etcd health."""
+    secure = cluster_security(Security(tls, tls_ca, tls_cert, tls_key, token))
 
     async def main() -> None:
         views: dict[str, Any] = {}
         for addr in parse_hosts(host):
             try:
-                view = await ask_cluster(addr, 5.0)
+                view = await ask_cluster(addr, 5.0, secure)
             except (OSError, ConnectionLost, TimeoutError) as exc:
                 views[addr] = {"error": str(exc) or type(exc).__name__}
                 continue

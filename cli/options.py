@@ -8,10 +8,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated
 
+import anyio
 import typer
 
 from logd_trio.client.client import Client, RetryPolicy, open_client
-from logd_trio.client.failover import find_leader, parse_hosts
+from logd_trio.client.failover import ClusterClient, Secure, parse_hosts
 from logd_trio.client.transport import check_topic
 from logd_trio.core.addresses import AddressError, parse_address
 from logd_trio.core.durations import DurationError, parse_duration
@@ -113,25 +114,27 @@ def connect_client(host: str, retries: int, timeout: float | None,
                    security: Security = PLAINTEXT) -> AbstractAsyncContextManager[Client]:
     """The client every command uses: ``retries`` connection attempts, ``timeout`` per request,
     TLS and a token as the flags say.  With several addresses (a cluster) it talks to the
-    leader (found with CLUSTER; plaintext only for now)."""
+    leader (found with CLUSTER), or a member when there is none, and moves to another node when
+    its connection breaks (a reader resumes there)."""
     if "," in host:
-        refuse_tls_for_a_cluster(security)
-        return _cluster_client(host, retries, timeout, security.token)
+        return _cluster_client(host, retries, timeout, security)
     return open_client(host, retry=RetryPolicy(attempts=retries, initial=0.1, maximum=1.0),
                        request_timeout=timeout, ssl_context=security.context, token=security.token)
 
 
-def refuse_tls_for_a_cluster(security: Security) -> None:
-    if security.context is not None:
-        raise typer.BadParameter("--tls with several --host addresses (a cluster) is not supported yet: "
-                                 "give the leader's address alone")
+def cluster_security(security: Security) -> Secure:
+    """How the cluster clients connect to every node: the TLS context and token of the flags."""
+    return Secure(security.context, security.token)
 
 
 @asynccontextmanager
 async def _cluster_client(host: str, retries: int, request_timeout: float | None,
-                          token: str | None) -> AsyncIterator[Client]:
-    hosts = parse_hosts(host)
-    leader = await find_leader(hosts) or hosts[0]
-    async with open_client(leader, retry=RetryPolicy(attempts=retries, initial=0.1, maximum=1.0),
-                           request_timeout=request_timeout, token=token) as client:
+                          security: Security) -> AsyncIterator[Client]:
+    client = ClusterClient(parse_hosts(host), secure=cluster_security(security),
+                           retry=RetryPolicy(attempts=retries, initial=0.1, maximum=1.0),
+                           request_timeout=request_timeout)
+    try:
         yield client
+    finally:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()

@@ -33,9 +33,9 @@ from .options import (
     TokenOpt,
     TopicOpt,
     VerboseOpt,
+    cluster_security,
     connect_client,
     duration,
-    refuse_tls_for_a_cluster,
 )
 
 
@@ -161,9 +161,9 @@ def write(
         writers: list[Writer | FailoverWriter] = []
         try:
             if "," in host:  # a cluster: follow the leader, resend after a failover (at-least-once)
-                refuse_tls_for_a_cluster(security)
                 async with FailoverWriter(parse_hosts(host), topic, batch_size=batch_size or 65536,
-                                          timeout=timeout or 10.0, on_ack=None if quiet else out) as fw:
+                                          timeout=timeout or 10.0, on_ack=None if quiet else out,
+                                          secure=cluster_security(security)) as fw:
                     writers.append(fw)
                     await feed(fw, counts)
             else:

@@ -4,6 +4,10 @@
 - :func:`find_leader` asks each address ``CLUSTER`` (a logd-trio extension) and returns the
   node that leads and may acknowledge now, or the leader a follower names; a server without
   the extension (Go logd, a single node) is taken as it is.
+- :class:`ClusterClient` is a :class:`~logd_trio.client.client.Client` over several addresses: its
+  connections go to one node (the leader when there is one, else any member that answers: reads
+  work on followers); when that node's connection breaks the next one goes to another node, so a
+  :class:`~logd_trio.client.scanner.Scanner` of it resumes after a failover at its next offset.
 - :class:`FailoverWriter` pipelines batches to the leader.  When a batch is refused because
   the node does not lead (``ERR not leader [HOST:PORT]``, ``ERR fenced``), cannot acknowledge
   (``ERR not enough replicas``), or its connection breaks or times out, the writer finds the
@@ -11,27 +15,61 @@
   acknowledged.  Delivery is **at least once**: a batch whose OK was lost in the failover may
   have been stored, and is then stored twice.  Any other ``ERR`` is final: :class:`WriteFailed`
   says how many messages were not acknowledged.
+
+All of them take the ``ssl_context`` (TLS on every connection, the CLUSTER probes included) and the
+``token`` (``AUTH`` first on every connection) of a TLS or authenticating cluster.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import ssl
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import anyio
 
-from logd_trio.client.transport import Connection, RetryPolicy, connect
+from logd_trio.client.client import Client
+from logd_trio.client.transport import Connection, RetryPolicy, authenticate, connect
 from logd_trio.core.addresses import AddressError, format_address, parse_address
-from logd_trio.core.defaults import DEFAULT_MAX_BATCH_SIZE
+from logd_trio.core.defaults import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_REPLY
 from logd_trio.core.errors import BadReply, ClientError, ConnectionLost, Timeout, WriteFailed
 from logd_trio.core.framing import build_body, framed_size
 from logd_trio.core.replies import ErrorReply, MokReply, OffsetReply, ReplyKind
 from logd_trio.core.requests import encode_batch
+from logd_trio.core.tls import TLSFailed
 
-__all__ = ["FailoverWriter", "ask_cluster", "find_leader", "parse_hosts", "retriable"]
+__all__ = ["ClusterClient", "FailoverWriter", "Secure", "ask_cluster", "find_leader", "find_member", "parse_hosts",
+           "retriable"]
 
 _ONE_TRY = RetryPolicy(attempts=1, initial=0.05, maximum=0.05, connect_timeout=1.0)
+_UNREACHABLE = (OSError, ConnectionLost, BadReply, TimeoutError, ValueError)
+
+
+@dataclass(frozen=True, slots=True)
+class Secure:
+    """How to open a connection to any node of a cluster: TLS (``ssl_context``, the certificate
+    checked against ``tls_hostname`` or else the address's host) and ``AUTH`` with ``token``."""
+
+    ssl_context: ssl.SSLContext | None = None
+    token: str | None = None
+    tls_hostname: str | None = None
+
+    async def connect(self, address: str, retry: RetryPolicy = _ONE_TRY,
+                      max_reply: int = DEFAULT_MAX_REPLY) -> Connection:
+        conn = await connect(address, retry=retry, max_reply=max_reply, ssl_context=self.ssl_context,
+                             tls_hostname=self.tls_hostname)
+        if self.token is not None:
+            try:
+                await authenticate(conn, self.token)
+            except BaseException:
+                await conn.aclose()
+                raise
+        return conn
+
+
+PLAIN = Secure()
 
 
 def parse_hosts(text: str) -> list[str]:
@@ -58,10 +96,10 @@ def _redirect(reason: str) -> str | None:
     return None
 
 
-async def ask_cluster(address: str, limit: float) -> dict[str, object] | None:
+async def ask_cluster(address: str, limit: float, secure: Secure = PLAIN) -> dict[str, object] | None:
     """The node's CLUSTER view; None if it does not have the extension.  Raises on a lost connection."""
     with anyio.fail_after(limit):
-        conn = await connect(address, retry=_ONE_TRY)
+        conn = await secure.connect(address)
         try:
             await conn.send(b"CLUSTER\r\n")
             reply = await conn.receive(ReplyKind.MOK)
@@ -73,32 +111,122 @@ async def ask_cluster(address: str, limit: float) -> dict[str, object] | None:
     return None
 
 
-async def find_leader(addresses: Sequence[str], *, per_node: float = 2.0) -> str | None:
+async def find_leader(addresses: Sequence[str], *, per_node: float = 2.0, secure: Secure = PLAIN) -> str | None:
     """The address of the node that leads and may acknowledge; else a leader some node names;
-    else the first address that answers without the extension; None if none answers."""
+    else the first address that answers without the extension; None if none answers.  A TLS
+    handshake every node refused is raised (:class:`~logd_trio.core.tls.TLSFailed`): a wrong
+    certificate is not a failover."""
+    leader, _ = await _survey(addresses, per_node, secure)
+    return leader
+
+
+async def find_member(addresses: Sequence[str], *, per_node: float = 2.0, secure: Secure = PLAIN) -> str | None:
+    """The leader's address (as :func:`find_leader`), else the first node that answers (a follower:
+    reads work there); None if none answers."""
+    leader, member = await _survey(addresses, per_node, secure)
+    return leader or member
+
+
+async def _survey(addresses: Sequence[str], per_node: float, secure: Secure) -> tuple[str | None, str | None]:
+    """(the leader as find_leader says, the first address that answered CLUSTER)."""
     named: list[str] = []
     plain: str | None = None
+    member: str | None = None
+    refused: TLSFailed | None = None
     for address in addresses:
         try:
-            view = await ask_cluster(address, per_node)
-        except (OSError, ConnectionLost, BadReply, TimeoutError, ValueError):
+            view = await ask_cluster(address, per_node, secure)
+        except TLSFailed as exc:
+            refused = exc
             continue
+        except _UNREACHABLE:
+            continue
+        member = member or address
         if view is None:
             plain = plain or address
             continue
         if view.get("role") == "leader" and view.get("refusal") is None:
-            return address
+            return address, member
         leader = view.get("leader")
         if isinstance(leader, dict) and isinstance(leader.get("addr"), str) and view.get("role") != "leader":
             named.append(str(leader["addr"]))
+    if member is None and refused is not None:
+        raise refused
     for address in named:  # a leader not in the list (say, one that restarted elsewhere)
         try:
-            view = await ask_cluster(address, per_node)
-        except (OSError, ConnectionLost, BadReply, TimeoutError, ValueError):
+            view = await ask_cluster(address, per_node, secure)
+        except _UNREACHABLE:
             continue
         if view is not None and view.get("role") == "leader" and view.get("refusal") is None:
-            return address
-    return plain
+            return address, member
+    return plain, member
+
+
+class ClusterClient(Client):
+    """A client of a cluster: see the module docstring.  ``give_up``: how long one connect looks
+    for a node (then :class:`ConnectionLost`); ``leader_wait``: after a broken connection, how long
+    it waits for a leader before it settles for any member; ``settle``: how long a following
+    :class:`~logd_trio.client.scanner.Scanner` waits for a position the node it moved to does not
+    serve yet (its high watermark behind, just after a takeover) before it says ``NotFound``."""
+
+    def __init__(self, addresses: Sequence[str], *, give_up: float = 30.0, leader_wait: float = 5.0,
+                 settle: float = 10.0, secure: Secure = PLAIN, retry: RetryPolicy | None = None,
+                 request_timeout: float | None = None, max_reply: int = DEFAULT_MAX_REPLY,
+                 extensions: bool | None = None) -> None:
+        if not addresses:
+            raise ValueError("at least one address")
+        super().__init__(addresses[0], retry=retry, request_timeout=request_timeout, max_reply=max_reply,
+                         extensions=extensions, ssl_context=secure.ssl_context, tls_hostname=secure.tls_hostname,
+                         token=secure.token)
+        self.addresses = list(addresses)
+        self.secure = secure
+        self.give_up = give_up
+        self.leader_wait = leader_wait
+        self.settle = settle  # a following Scanner waits this long for a position a new node does not serve yet
+        self.chosen: str | None = None  # the node connections go to (None: find one)
+        self.switches = 0  # how many times the node changed
+
+    async def connect(self) -> Connection:
+        """A connection to the chosen node; if it does not answer, to another one (see the class)."""
+        retry = RetryPolicy(attempts=1, initial=0.05, maximum=0.05,
+                            connect_timeout=min(self.retry.connect_timeout, 2.0))
+        lost = self.chosen
+        if lost is not None:
+            try:
+                return await self._open(lost, retry)
+            except TLSFailed:
+                raise
+            except _UNREACHABLE:
+                self.chosen = None
+        started = anyio.current_time()
+        delay = 0.05
+        why = "no node answered"
+        while True:
+            now = anyio.current_time()
+            wait_for_leader = lost is not None and now - started < self.leader_wait
+            found = (find_leader if wait_for_leader else find_member)
+            address = await found(self.addresses, per_node=retry.connect_timeout, secure=self.secure)
+            if address is not None:
+                try:
+                    conn = await self._open(address, retry)
+                except TLSFailed:
+                    raise
+                except _UNREACHABLE as exc:
+                    why = str(exc)
+                else:
+                    if address != lost:
+                        self.switches += lost is not None
+                    self.chosen = self.address = address
+                    return conn
+            if anyio.current_time() + delay - started > self.give_up:
+                raise ConnectionLost(f"no node of {', '.join(self.addresses)} answered within "
+                                     f"{self.give_up:g} s (last: {why})")
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _open(self, address: str, retry: RetryPolicy) -> Connection:
+        with anyio.fail_after(2 * retry.connect_timeout):
+            return await self.secure.connect(address, retry, self.max_reply)
 
 
 class FailoverWriter:
@@ -107,7 +235,7 @@ class FailoverWriter:
 
     def __init__(self, addresses: Sequence[str], topic: str, *, batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  window: int = 32, timeout: float = 10.0, give_up: float = 30.0,
-                 on_ack: Callable[[int, int], None] | None = None) -> None:
+                 on_ack: Callable[[int, int], None] | None = None, secure: Secure = PLAIN) -> None:
         if not addresses:
             raise ValueError("at least one address")
         self.addresses = list(addresses)
@@ -117,6 +245,7 @@ class FailoverWriter:
         self.timeout = timeout
         self.give_up = give_up
         self.on_ack = on_ack
+        self.secure = secure
         self.acked_messages = 0
         self.acked_batches = 0
         self.resent_batches = 0  # batches sent again after a failover (each may now be stored twice)
@@ -240,13 +369,16 @@ class FailoverWriter:
         delay = 0.05
         why = self._why
         while True:
-            address = self.leader or await find_leader(self.addresses, per_node=min(2.0, self.timeout))
+            address = self.leader or await find_leader(self.addresses, per_node=min(2.0, self.timeout),
+                                                       secure=self.secure)
             if address is not None:
                 try:
                     with anyio.fail_after(min(2.0, self.timeout)):
-                        self._conn = await connect(address, retry=_ONE_TRY)
+                        self._conn = await self.secure.connect(address)
                     self.leader = address
                     return self._conn
+                except TLSFailed:
+                    raise
                 except (ConnectionLost, TimeoutError, OSError) as exc:
                     why = str(exc)
             self.leader = None

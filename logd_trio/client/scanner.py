@@ -15,6 +15,10 @@ long-poll extension (``READ ... <wait_ms>``) on logd-trio, by polling every
 position.  :class:`~logd_trio.core.errors.BadReply` (the server sent something that
 is not a reply) is never retried.  A server that comes back with a shorter log
 (the position past its head, or not a batch start) raises ``NotFound`` (logd-trio).
+A client of several nodes (``ClusterClient``) moves to another node when its connection
+breaks, and the scanner resumes there at its next offset; as that node may not serve the
+position yet (its high watermark behind just after a takeover), it waits up to the client's
+``settle`` seconds before it says ``NotFound``.
 
 Reply size: one READ asks for at most ``read_size`` messages, and never more
 than ``max_reply // MaxBatchSize`` (the client's reply limit over the server's
@@ -132,6 +136,8 @@ class Scanner:
         self._longpoll: bool | None = None
         self._ended = False
         self._sized = False  # read_size capped for max_reply yet?
+        self._settle = float(getattr(client, "settle", 0.0))  # see the module docstring (a cluster)
+        self._unserved: tuple[int, float] | None = None  # a position the server did not serve, since when
 
     # ------------------------------------------------------------ context and iteration
 
@@ -338,10 +344,14 @@ class Scanner:
             head = (await self._client.topics()).get(self.topic, (0, 0))[1]  # an unknown topic's head is 0
             changed = " (the server's log is shorter than when this scanner read it)" if self._verified else ""
             if pos.offset > head:
+                if await self._settling(pos):
+                    return False
                 raise NotFound(f"offset {pos.offset} is past the end of topic {self.topic!r} (head is {head}){changed}")
             if pos.offset != head and (oldest is not None or pos.offset != 0):
                 if self._verified and not recheck:
                     return await self._fill_once(recheck=True)  # data may have come in meanwhile
+                if await self._settling(pos):
+                    return False
                 raise NotFound(f"offset {pos.offset} is not the start of a batch in topic {self.topic!r}{changed}")
         if not self.follow:
             return False
@@ -351,8 +361,22 @@ class Scanner:
         self._take(waited, pos)
         return True
 
+    async def _settling(self, pos: Position) -> bool:
+        """Following a cluster: wait (a poll interval) while a position this node does not serve is
+        younger than ``settle`` seconds; False once it is older (the caller raises)."""
+        if not (self.follow and self._verified and self._settle > 0):
+            return False
+        now = anyio.current_time()
+        if self._unserved is None or self._unserved[0] != pos.offset:
+            self._unserved = (pos.offset, now)
+        if now - self._unserved[1] >= self._settle:
+            return False
+        await anyio.sleep(self.poll_interval)
+        return True
+
     def _take(self, reply: ReadReply, pos: Position) -> None:
         """Queue the reply's messages from ``pos`` on, each with the position after it."""
+        self._unserved = None
         topic = self.topic
         buf = self._buffer
         for batch in reply.batches:

@@ -8,9 +8,10 @@ One task, started once the server listens, owns:
   epoch file (before any batch of it) and only then takes writes; when another node leads it
   copies that node (``replica/fetcher.py``), first cutting what its logs hold beyond the new
   leader's history (copied aside);
-- the in-sync set in etcd while leading: a follower joins once it holds everything the leader
-  has, and leaves when it lagged ``--replica-lag``; every change is written (fenced) before the
-  acknowledgements stop waiting for a leaver, and waits for a joiner from the moment it is decided;
+- the in-sync set in etcd while leading: a follower joins once it holds everything acknowledged
+  (two fixed targets, cluster/joining.py: it is waited for before it joins), and leaves when it
+  lagged ``--replica-lag``; every change is written (fenced) before the acknowledgements stop
+  waiting for a leaver; the waiters are woken the moment the lease lapses;
 - eligibility: a node that never stored this cluster's id (a new node, or a wiped data directory)
   may not lead a cluster that already had a leader until it has caught up with one;
 - what ``CLUSTER`` answers (``describe``).
@@ -21,26 +22,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import ssl
 from pathlib import Path
 
 import trio
 
-from logd_trio.core.tls import TLSConfigError, client_context
 from logd_trio.server.blocking import run_blocking
 from logd_trio.server.cluster.election import ClusterKeys, Leadership, Member, list_members
 from logd_trio.server.cluster.etcd import EtcdClient
 from logd_trio.server.cluster.etcd_wire import EtcdException, EtcdIndeterminate
+from logd_trio.server.cluster.joining import Joins
 from logd_trio.server.cluster.keys import InSync, epoch_of
 from logd_trio.server.cluster.node import ClusterNode, ClusterView
-from logd_trio.server.config import ConfigError, ServerConfig
+from logd_trio.server.cluster.tls import etcd_context
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.fetcher import Target, follow
-from logd_trio.server.replica.state import EPOCH_COUNTER, write_counter
+from logd_trio.server.replica.state import EPOCH_COUNTER, FollowerProgress, write_counter
 from logd_trio.server.storage.files import O_CLOEXEC, fsync_dir
 from logd_trio.server.storage.syscalls import current
 
-__all__ = ["CLUSTER_ID", "Clustering"]
+__all__ = ["CLUSTER_ID", "Clustering", "etcd_context"]
 
 log = logging.getLogger("logd_trio.server.clustering")
 
@@ -69,18 +69,6 @@ def _write_id(path: Path, value: str, mode: int) -> None:
     fsync_dir(path.parent)
 
 
-def etcd_context(config: ServerConfig) -> ssl.SSLContext | None:
-    """How this node checks etcd's certificates (``etcd_ca``, else the system's trust store) and
-    the client certificate it presents (``etcd_cert``); None without either (https:// endpoints
-    are then checked against the system's store).  :class:`ConfigError` naming the file."""
-    if not (config.etcd_ca or config.etcd_cert):
-        return None
-    try:
-        return client_context(config.etcd_ca or None, config.etcd_cert or None, config.etcd_key or None)
-    except TLSConfigError as e:
-        raise ConfigError(f"etcd TLS: {e}") from None
-
-
 class Clustering:
     """See the module docstring.  ``run`` until cancelled (ClusterMismatch ends it: the server stops)."""
 
@@ -102,6 +90,7 @@ class Clustering:
         self.lead_start = 0.0
         self.first_seen: dict[str, float] = {}
         self.takeover_heads: dict[str, int] = {}  # each topic's head when this node took over (leader)
+        self.joins = Joins()  # the join floors and joiners of the leadership (leader)
         self.following: Target | None = None
         self.led: Leadership | None = None  # the leadership this node last took writes with
         self._follow_scope: trio.CancelScope | None = None
@@ -154,6 +143,7 @@ class Clustering:
                 nursery.start_soon(self._roles, nursery)
                 nursery.start_soon(self._isr_loop)
                 nursery.start_soon(self._members_loop)
+                nursery.start_soon(self._lapse_loop)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 led = self.led  # still ours when only this stop ended it: hand over now, not after the lease
@@ -250,6 +240,8 @@ class Clustering:
         state.epoch, state.leader = epoch, ""
         state.followers.clear()
         self.pending = frozenset()
+        self.joins = Joins(self.takeover_heads)
+        state.acked_end = {}
         self.lead_start = trio.current_time()
         self.first_seen = {}
         self._publish_isr(leadership)
@@ -258,46 +250,71 @@ class Clustering:
         await self._read_members()
         log.info("node %s: leads epoch %d, in sync: %s", self.config.node_id, epoch, ", ".join(leadership.in_sync))
 
+    async def _lapse_loop(self) -> None:
+        """While leading, wake the acknowledgement waiters the moment the lease lapses (no renewal
+        confirmed in time): they answer ``ERR not leader`` then, not at their next look."""
+        woken: Leadership | None = None
+        while True:
+            node = self.node
+            leadership = node.leadership if node is not None else None
+            if leadership is None or not self.state.leading or leadership.gate.deposed:
+                await trio.sleep(ISR_PERIOD)
+                continue
+            left = leadership.gate.clock.remaining(leadership.session.now())
+            if left > 0:
+                woken = None
+                await trio.sleep(left)  # a renewal meanwhile moves the deadline: looked at again then
+                continue
+            if woken is not leadership:
+                woken = leadership
+                log.warning("node %s: lease of epoch %d not confirmed in time: acknowledging nothing",
+                            self.config.node_id, leadership.epoch)
+                self.state.progressed()
+            await trio.sleep(ISR_PERIOD)
+
     # ------------------------------------------------------------ the in-sync set (leader)
 
     def _publish_isr(self, leadership: Leadership) -> None:
         confirmed = set(leadership.in_sync)
-        union = confirmed | self.pending | set(leadership.in_sync_unsure or ())
+        union = confirmed | self.pending | set(leadership.in_sync_unsure or ()) | set(self.joins.waited)
         self.state.isr_needed = frozenset(union - {self.config.node_id})
         self.state.isr_size = len(confirmed)
         self.state.progressed()
 
     def _desired(self, current: tuple[str, ...], now: float) -> tuple[str, ...]:
-        state, lag, me = self.state, self.config.replica_lag, self.config.node_id
+        state, lag, me, joins = self.state, self.config.replica_lag, self.config.node_id, self.joins
         for name in state.topics:
             self.first_seen.setdefault(name, now)
-        nodes = {n for n, _ in state.followers} | set(current)
+        nodes = {n for n, _ in state.followers} | set(current) | set(joins.waited)
+        floors: dict[str, int] | None = None
         out = {me}
-        for n in nodes - {me}:
+        for n in sorted(nodes - {me}):
             progress = [(t, state.followers.get((n, t))) for t in state.topics]
             if n in current:  # stays unless its session is gone, or it lagged --replica-lag on some topic
-                if self.members_at > self.lead_start and n not in self.members:
-                    continue  # no member key: the node is down (its lease expired)
+                joins.forget(n)
+                if self._gone(n, progress):
+                    continue
                 stale = any((now - p.caught_up > lag) if p is not None else (now - self.first_seen[t] > lag)
                             for t, p in progress)
                 if not stale or now - self.lead_start <= lag:
                     out.add(n)
-            elif n in self.members and all(p is not None and p.offset >= self._join_floor(n, t) for t, p in progress):
-                out.add(n)  # a registered member that holds everything acknowledged: may join
+            elif n not in self.members:
+                joins.forget(n)
+            else:  # a registered member joins once it holds everything acknowledged (joining.py)
+                if floors is None:
+                    floors = {t: joins.floor(t, state.acked_end.get(t, 0), state.high_watermark(t, topic.visible_head))
+                              for t, topic in state.topics.items()}
+                if joins.admit(n, {t: p.offset if p is not None else None for t, p in progress}, floors, now, lag):
+                    out.add(n)
         return tuple(sorted(out))
 
-    def _join_floor(self, node: str, topic: str) -> int:
-        """What a joiner must hold of ``topic``: every batch acknowledged so far, i.e. up to the high
-        watermark over the others waited for, and up to the head this leader took over with (the
-        earlier epochs' acknowledged batches) -- not the head itself, which a follower under a steady
-        load is always a step behind."""
-        state = self.state
-        t = state.topics[topic]
-        floor = t.visible_head
-        for m in state.isr_needed - {node}:
-            p = state.followers.get((m, topic))
-            floor = min(floor, p.offset if p is not None else 0)
-        return min(t.visible_head, max(floor, self.takeover_heads.get(topic, 0)))
+    def _gone(self, node: str, progress: list[tuple[str, FollowerProgress | None]]) -> bool:
+        """A member of the set whose member key is not in etcd (read since this leadership began) and
+        that has not fetched since that read: its session is gone (a live follower whose key was not
+        seen yet, say just re-registered, fetches, and stays)."""
+        if not (self.members_at > self.lead_start and node not in self.members):
+            return False
+        return not any(p is not None and (p.polling > 0 or p.at >= self.members_at) for _, p in progress)
 
     async def _isr_loop(self) -> None:
         while True:
@@ -307,6 +324,9 @@ class Clustering:
             if leadership is None or not self.state.leading or leadership.epoch != self.state.epoch:
                 continue
             want = self._desired(leadership.in_sync, trio.current_time())
+            if self.joins.changed:  # a joiner is waited for (or no longer) from now on
+                self.joins.changed = False
+                self._publish_isr(leadership)
             if set(want) == set(leadership.in_sync) and not leadership.in_sync_unsure:
                 if self.pending:
                     self.pending = frozenset()

@@ -10,12 +10,14 @@ thread: the ``.log`` is the truth, and only damage in it is corruption.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import trio
 
 from logd_trio.core.errors import StorageError
 from logd_trio.server.blocking import run_blocking
+from logd_trio.server.cutgate import CutGate
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.storage.rebuild import IndexSuspect
 from logd_trio.server.storage.topic_log import TopicLog
@@ -37,6 +39,7 @@ class Verifier:
         self.log = tlog
         self.scrub_rate = scrub_rate
         self._rebuilding = trio.Lock()
+        self.cuts = CutGate()  # the scrub (and a follower's reads) never run during a cut of the log
 
     async def check(self, plan: ReadPlan) -> None:
         """Verify ``plan.checks`` (closes ``plan``).  Raises :class:`IndexSuspect` when a batch
@@ -71,6 +74,12 @@ class Verifier:
             finally:
                 self.log.apply_rebuild(job)  # (a failed job only unfreezes the old index)
 
+    async def _scrub_step(self) -> VerifyJob | None:
+        job = self.log.scrub_job(SCRUB_CHUNK)
+        if job is not None:
+            await self._run(job)
+        return job
+
     async def scrub(self) -> None:
         """Verify, at ``scrub_rate`` bytes/s, the frames an earlier process left and the index vouched for."""
         rate = self.scrub_rate
@@ -83,12 +92,11 @@ class Verifier:
         try:
             while True:
                 try:
-                    job = self.log.scrub_job(SCRUB_CHUNK)
+                    job = await self.cuts.use(self._scrub_step)
                     if job is None:
                         break
-                    await self._run(job)
                 except IndexSuspect as e:
-                    await self.rebuild(e)
+                    await self.cuts.use(functools.partial(self.rebuild, e))
                     continue
                 if not job.checked:  # the index could not place the range: leave it to the reads
                     log.warning("topic %s: scrub stopped: cannot locate unverified frames", self.name)

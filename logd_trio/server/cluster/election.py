@@ -136,9 +136,11 @@ class Leadership:
     ``isr_revision`` (the takeover's revision at first).  Each write of the set
     compares that revision, so writes apply in the order the leader made them: a
     write whose reply was lost (EtcdIndeterminate) can land later only if no
-    other write came after it.  Until a later write succeeds, ``in_sync_unsure``
-    holds the set of such a write: the caller must treat both sets as possible
-    (the high watermark waits for the union) until then."""
+    other write came after it.  From the moment a write is sent until a definite
+    answer (success, or a failed compare that reads what etcd holds),
+    ``in_sync_unsure`` holds the members of every such write: the caller must
+    treat them as possibly in the set (the high watermark waits for the union),
+    also when its own timeout or a cancel cut the call."""
 
     def __init__(self, etcd: EtcdClient, keys: ClusterKeys, session: Session, info: LeaderInfo, *,
                  in_sync: tuple[str, ...], isr_revision: int) -> None:
@@ -173,18 +175,19 @@ class Leadership:
         is as this leader last wrote it (fenced and ordered); False (and deposed) if
         the key is not ours.  If the set changed since (an earlier write of ours
         whose reply was lost, landing late), adopt what etcd holds and write again.
-        EtcdIndeterminate: not known (see ``in_sync_unsure``); call again."""
+        EtcdIndeterminate, or the call cut short (a timeout, a cancel): not known (see
+        ``in_sync_unsure``); call again, which reads back what etcd holds."""
         if self.info.node not in members:
             raise ValueError("the leader is always in its in-sync set")
         value = InSync(self.epoch, members).to_json()
         for _ in range(3):
             compare = [self._mine(), Compare.mod_revision(self.keys.isr, self.isr_revision)]
-            try:
-                r = await self.etcd.txn(compare, [Put(self.keys.isr, value)],
-                                        [Get(self.keys.leader), Get(self.keys.isr)])
-            except EtcdIndeterminate:
-                self.in_sync_unsure = members
-                raise
+            # Unknown from the moment it is sent until a definite answer: a reply lost, or the call
+            # cut by a caller's timeout or cancel, may leave it applied in etcd.
+            self._unsure(members)
+            r = await self.etcd.txn(compare, [Put(self.keys.isr, value)],
+                                    [Get(self.keys.leader), Get(self.keys.isr)])
+            self.in_sync_unsure = None  # a definite answer: what etcd holds is known (read in the same txn)
             if r.succeeded:
                 self.in_sync, self.isr_revision, self.in_sync_unsure = members, r.header.revision, None
                 return True
@@ -196,6 +199,11 @@ class Leadership:
                 raise ClusterDataError(f"{self.keys.isr}: deleted while this node leads")
             self.in_sync, self.isr_revision = InSync.from_kv(isr_kv).members, isr_kv.mod_revision
         raise EtcdUnavailable("in-sync set: it kept changing under this leader")
+
+    def _unsure(self, members: tuple[str, ...]) -> None:
+        """``members`` may be in etcd: added to the sets not known (each compared the same revision,
+        so any one of them may have landed, not two)."""
+        self.in_sync_unsure = tuple(sorted(set(self.in_sync_unsure or ()) | set(members)))
 
     async def resign(self) -> None:
         """Stop acknowledging, then delete the leader key if it is still ours."""

@@ -12,6 +12,7 @@ are refused before they reach the topic.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import trio
@@ -19,6 +20,7 @@ import trio
 from logd_trio.core.errors import StorageError
 from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig
+from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.storage.replica_log import OffsetMismatch, append_at, start_at
 from logd_trio.server.storage.topic_log import TopicLog
 from logd_trio.server.topic import Append, Topic
@@ -77,11 +79,15 @@ class FollowerTopic(Topic):
         try:
             async with self._sync_lock:  # the syncer is not inside an fsync while the files are cut
                 self._fail_beyond(self._fence)
-                with trio.CancelScope(shield=True):  # a cut, once started, completes
-                    await run_blocking(truncate)
+                with trio.CancelScope(shield=True):  # a cut, once started, completes; no read or scrub meanwhile
+                    await self.verifier.cuts.cut(functools.partial(run_blocking, truncate))
                 self.visible_head = self.flog.head
         finally:
             self._fence = None
+
+    async def open_read(self, offset: int, limit: int, borrow: bool = False) -> ReadPlan:
+        """As a topic's, never while the log is being cut (server/cutgate.py)."""
+        return await self.verifier.cuts.use(functools.partial(super().open_read, offset, limit, borrow))
 
     def _fail_beyond(self, fence: int) -> None:
         kept = [(end, item) for end, item in self._unacked if end <= fence]

@@ -77,6 +77,7 @@ class ReplicaState(Reporting):
         self.observe_epoch: Callable[[int], None] = lambda epoch: None
         self.isr_needed: frozenset[str] = frozenset()
         self.isr_size = 1
+        self.acked_end: dict[str, int] = {}  # a cluster leader: per topic, the end of the last batch it acknowledged
         self.describe: Callable[[], dict[str, object]] = self._describe
         self.address = ""  # where this node listens, once bound
         self.bound = trio.Event()
@@ -203,11 +204,14 @@ class ReplicaState(Reporting):
             if not self._leading:
                 held = self.held_hw.get(topic)
                 return visible if held is None else min(visible, held)
+            hw = visible
             for n in self.isr_needed:
                 p = self.followers.get((n, topic))
-                visible = min(visible, p.offset if p is not None else 0)
-            marks.raise_to(topic, visible)  # checkpointed: a restart holds its readers there (open_topic)
-            return visible
+                hw = min(hw, p.offset if p is not None else 0)
+            # checkpointed (a restart holds its readers there: open_topic) and never back: a joiner
+            # waited for may hold less than readers were shown (it must reach it to join)
+            marks.raise_to(topic, hw)
+            return min(visible, marks.get(topic))
         if self.is_follower:
             return min(visible, marks.get(topic))
         need = self.config.min_insync - 1
@@ -317,6 +321,7 @@ class ReplicaState(Reporting):
             if self.isr_size < self.config.min_insync or trio.current_time() >= deadline:
                 raise RequestError(self.refusal() or "not enough replicas")  # e.g. woken past its lease: not leader
             if all((p := self.followers.get((n, topic))) is not None and p.offset >= end for n in self.isr_needed):
+                self.acked_end[topic] = max(self.acked_end.get(topic, 0), end)  # a joiner must hold it
                 return
             with trio.move_on_after(min(self.config.replica_lag / 4, max(deadline - trio.current_time(), 0))):
                 await self._progress.wait()

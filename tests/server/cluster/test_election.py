@@ -275,6 +275,32 @@ async def test_an_in_sync_write_after_a_late_one_landed_reconciles(
         assert lead.in_sync == ("a",) and lead.in_sync_unsure is None
 
 
+async def test_an_in_sync_write_cut_by_the_callers_timeout_is_unknown_until_read_back(
+        nursery: trio.Nursery, shared_etcd: EtcdCluster, etcd: EtcdClient, cluster_name: str) -> None:
+    """The caller's own timeout (shorter than the client's) cuts the grow mid-flight; it lands later.
+    Until a definite answer the leader must count the grown set as possible."""
+    keys = ClusterKeys(cluster_name)
+    proxy = TcpProxy(shared_etcd.members[0].client_port)
+    await proxy.start(nursery)
+    async with EtcdClient([proxy.url, *shared_etcd.endpoints], timeout=2.0) as two, open_session(etcd, 3) as s:
+        lead = await campaign(two, keys, s, A)
+        first = lead.isr_revision
+        proxy.freeze()
+        with trio.move_on_after(0.2) as cut:
+            await lead.set_in_sync(("a", "b"))
+        assert cut.cancelled_caught
+        assert lead.in_sync == ("a",) and lead.in_sync_unsure == ("a", "b")  # not "not applied"
+        proxy.thaw()  # the cut write reaches etcd now
+        with trio.fail_after(3):
+            async with etcd.watch(keys.isr, start_revision=first + 1) as w:
+                landed = await w.__anext__()
+        assert InSync.from_kv(landed.kv).members == ("a", "b")
+        assert lead.in_sync_unsure == ("a", "b")  # still unknown to the leader: nothing read it back yet
+        assert await lead.set_in_sync(("a",))  # reads back what landed, then writes the set it wants
+        kv = await etcd.get(keys.isr)
+        assert kv is not None and InSync.from_kv(kv).members == ("a",) and lead.in_sync_unsure is None
+
+
 async def test_a_lost_register_reply_is_resent(nursery: trio.Nursery, shared_etcd: EtcdCluster,
                                                etcd: EtcdClient, cluster_name: str) -> None:
     keys = ClusterKeys(cluster_name)

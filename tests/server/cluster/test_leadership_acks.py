@@ -9,12 +9,16 @@ import trio
 import trio.testing
 
 from logd_trio.core.errors import LogdError
+from logd_trio.server.cluster.election import ClusterKeys, LeaderInfo, Leadership, Member
+from logd_trio.server.cluster.fencing import LeaseClock
+from logd_trio.server.cluster.node import ClusterNode
+from logd_trio.server.cluster.session import Session
 from logd_trio.server.clustering import Clustering
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.acks import AwaitReplicas
 from logd_trio.server.replica.state import ReplicaState
 from logd_trio.server.stats import Counters
-from logd_trio.server.topic import Append
+from logd_trio.server.topic import Append, Topic
 
 from ...harness import make_config
 
@@ -154,8 +158,134 @@ async def test_a_follower_joins_once_it_holds_everything_acknowledged_not_the_he
     assert clustering._desired(("a", "c"), now) == ("a", "c")
     state.record("b", "t", 120, 150)  # everything acknowledged, not the head
     assert clustering._desired(("a", "c"), now) == ("a", "b", "c")
-    clustering.takeover_heads = {"t": 130}  # acknowledged in an earlier epoch, up to the takeover head
-    assert clustering._desired(("a", "c"), now) == ("a", "c")
+    assert "b" in clustering.joins.waited  # waited for from the moment it was decided
     topic.visible_head = topic.log.head
     topic.close_input()
     await clustering.etcd.aclose()
+
+
+async def leader_of_t(nursery: trio.Nursery, tmp_path: Path, **conf: object) -> tuple[Clustering, Topic]:
+    settings: dict[str, object] = {"acks": "all", "min_insync": 2, "replica_lag": 1.0, "node_id": "a",
+                                   "etcd": "http://127.0.0.1:2379", "cluster": "c1", **conf}
+    registry = Registry(make_config(tmp_path, **settings), nursery, Counters())
+    clustering = Clustering(registry)
+    registry.replica.leading = True
+    topic = await registry.get_or_create("t")
+    now = trio.current_time()
+    clustering.members = {"a": "127.0.0.1:1", "b": "127.0.0.1:2", "c": "127.0.0.1:3", "d": "127.0.0.1:4"}
+    clustering.members_at = clustering.lead_start = now - 5
+    return clustering, topic
+
+
+async def done(clustering: Clustering, topic: Topic) -> None:
+    topic.visible_head = topic.log.head
+    topic.close_input()
+    await clustering.etcd.aclose()
+
+
+async def test_the_join_floor_does_not_go_back_when_a_member_with_less_is_waited_for(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """c (in the set) holds 100, so 100 may have been acknowledged; d is then waited for while it holds
+    90: the floor for b stays 100 (with d's 90 it went back, and b at 95 joined lacking 95..100)."""
+    clustering, topic = await leader_of_t(nursery, tmp_path)
+    state = clustering.state
+    now = trio.current_time()
+    state.isr_needed = frozenset({"c"})
+    state.record("c", "t", 100, 100)  # caught up with the head of then
+    topic.visible_head = 150
+    state.record("b", "t", 90, 150)
+    assert clustering._desired(("a", "c"), now) == ("a", "c")
+    state.record("d", "t", 90, 150)
+    clustering.pending = frozenset({"a", "c", "d"})  # d being written into the set
+    state.isr_needed = frozenset({"c", "d"})
+    state.record("b", "t", 95, 150)
+    assert "b" not in clustering._desired(("a", "c"), now)
+    await done(clustering, topic)
+
+
+async def test_a_follower_that_keeps_up_with_a_moving_head_joins_when_no_other_member_is_waited_for(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Only the leader in the set: the floor was the head itself, always a step ahead of b."""
+    clustering, topic = await leader_of_t(nursery, tmp_path, min_insync=1)
+    state = clustering.state
+    now = trio.current_time()
+    joined_after = None
+    for step in range(10):
+        topic.visible_head = 100 + 10 * step  # a steady load
+        state.record("b", "t", topic.visible_head - 10, topic.visible_head)  # b has what the head was a step ago
+        if "b" in clustering._desired(("a",), now + 0.1 * step):
+            joined_after = step
+            break
+    assert joined_after is not None, "b never joined"
+    await done(clustering, topic)
+
+
+async def test_a_joiner_waited_for_does_not_pull_the_readers_high_watermark_back(nursery: trio.Nursery,
+                                                                                tmp_path: Path) -> None:
+    """Only the leader in the set: readers see the head (150).  b, at 120, holds the snapshot (100) and is
+    waited for: the readers' high watermark stays at 150 (at b's 120 a reader at 150 got ERR not found),
+    and b joins once it holds 150."""
+    clustering, topic = await leader_of_t(nursery, tmp_path, min_insync=1)
+    state = clustering.state
+    now = trio.current_time()
+    topic.visible_head = 100
+    state.record("b", "t", 50, 100)
+    assert clustering._desired(("a",), now) == ("a",)  # snapshot: 100
+    topic.visible_head = 150
+    assert topic.readable_head == 150  # shown to readers
+    state.record("b", "t", 120, 150)
+    assert clustering._desired(("a",), now + 0.1) == ("a",)
+    assert "b" in clustering.joins.waited
+    state.isr_needed = frozenset({"b"})  # as _isr_loop publishes it
+    assert topic.readable_head == 150
+    state.record("b", "t", 150, 150)
+    assert clustering._desired(("a",), now + 0.2) == ("a", "b")
+    await done(clustering, topic)
+
+
+async def test_a_member_whose_key_was_not_seen_stays_while_it_fetches(nursery: trio.Nursery, tmp_path: Path) -> None:
+    clustering, topic = await leader_of_t(nursery, tmp_path)
+    state = clustering.state
+    state.record("b", "t", topic.visible_head, topic.visible_head)
+    state.record("c", "t", topic.visible_head, topic.visible_head)
+    clustering.members = {"a": "127.0.0.1:1"}  # b (re-registering) and c (dead) not seen
+    clustering.members_at = trio.current_time() + 0.001  # read after c's last fetch ...
+    await trio.sleep(0.01)
+    state.record("b", "t", topic.visible_head, topic.visible_head)  # ... and b fetched since
+    assert clustering._desired(("a", "b", "c"), trio.current_time()) == ("a", "b")
+    await done(clustering, topic)
+
+
+async def test_waiters_get_not_leader_the_moment_the_lease_lapses(
+        nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    clustering, topic = await leader_of_t(nursery, tmp_path, replica_lag=4.0)  # waiters look every 1 s
+    state = clustering.state
+    now = trio.current_time()
+    keys = ClusterKeys("c1")
+
+    async def renew(lease: int) -> int:
+        raise AssertionError("not renewed in this test")
+
+    session = Session(1, LeaseClock(2, now - 1.5, margin=0.2), renew, suspended=lambda: 0.0)
+    leadership = Leadership(clustering.etcd, keys, session, LeaderInfo("a", "127.0.0.1:1", 5, 1, 10),
+                            in_sync=("a", "b"), isr_revision=10)
+    clustering.node = node = ClusterNode(clustering.etcd, keys, Member("a", "127.0.0.1:1"))
+    node.leadership = leadership
+    state.epoch, state.isr_needed, state.isr_size = 5, frozenset({"b"}), 2
+    state.record("b", "t", 0, 0)
+    lapse_at = session.clock.stop_at
+    assert lapse_at - now > 0.2
+    got: list[tuple[bytes, float]] = []
+    with trio.CancelScope() as scope:
+        nursery.start_soon(clustering._lapse_loop)
+
+        async def answer() -> None:
+            got.append((await AwaitReplicas(stored(0, 100), "t", state).answer(reply), trio.current_time()))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(answer)
+        scope.cancel()
+    line, at = got[0]
+    assert line.startswith(b"ERR not leader: lease not confirmed"), line
+    assert at - lapse_at < 0.05, at - lapse_at  # not at the waiter's next look (1 s)
+    await done(clustering, topic)
