@@ -32,7 +32,7 @@ from logd_trio.core.fetch import FETCH_NEED_DATA, FetchError, FetchReply, FetchR
 from logd_trio.core.framing import parse_frame_header
 from logd_trio.server.blocking import run_blocking
 from logd_trio.server.registry import Registry
-from logd_trio.server.replica.follower_log import FollowerLog
+from logd_trio.server.replica.follower_log import FollowerLog, FollowerTopic
 from logd_trio.server.replica.link import LinkRefused, open_link
 from logd_trio.server.replica.marks import write_history
 from logd_trio.server.replica.reconcile import _cut, _mok, _Retry, _start_over, divergence, reconcile
@@ -254,6 +254,8 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
                     ef = state.epochs[name]
                     await _cut(state, topic, functools.partial(_start_over, flog, ef, h.first))
                     continue
+                if isinstance(topic, FollowerTopic):
+                    topic.follow_first(h.first)  # an idle leader's retention reaches a restarted follower
                 if offset >= h.head:
                     state.synced_topics.add(name)  # caught up with this leader once
                 if h.first == h.head == offset and trio.current_time() - asked < FETCH_WAIT_MS / 2000:

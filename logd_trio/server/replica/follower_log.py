@@ -31,11 +31,16 @@ __all__ = ["FollowerLog", "FollowerTopic"]
 class FollowerLog(TopicLog):
     """A topic log that takes frames only at given offsets.  Its retention is the leader's, whatever
     this node's ``--partitions``: a partition goes once the leader's first offset is past it (and not
-    before), so that both directories hold the same partitions byte for byte."""
+    before), so that both directories hold the same partitions byte for byte.  While ``leads()``
+    (a cluster node that leads now) its retention is its own ``--partitions``: it is the leader."""
 
     leader_first = 0  # the leader's first offset, as its last reply said
+    leads: Callable[[], bool] = staticmethod(lambda: False)
 
     def _trim(self) -> None:
+        if self.leads():
+            super()._trim()
+            return
         parts, upto = self._parts, min(self.acked, self.leader_first)
         while len(parts) > 1 and parts[0].end <= upto:
             self._doomed.append(parts.pop(0))
@@ -52,10 +57,14 @@ class FollowerLog(TopicLog):
         if offset != self.head:
             raise OffsetMismatch(f"topic {self.topic}: frame for offset {offset}, log ends at {self.head}")
         at = append_at(self, offset, frame, new_partition=new_partition)
+        self.follow_first(first)
+        return at
+
+    def follow_first(self, first: int) -> None:
+        """The leader's first offset is ``first`` (any reply, with or without frames): its retention."""
         if first > self.leader_first:
             self.leader_first = first
             self._trim()
-        return at
 
 
 class FollowerTopic(Topic):
@@ -66,7 +75,7 @@ class FollowerTopic(Topic):
                  leading: Callable[[], bool] = lambda: False) -> None:
         super().__init__(name, flog, config)
         self.flog = flog
-        self.leading = leading
+        self.leading = flog.leads = leading
         self._fence: int | None = None  # while a cut is coming: nothing past it is acknowledged or shown
 
     async def cut(self, truncate: Callable[[], object]) -> None:
@@ -84,6 +93,12 @@ class FollowerTopic(Topic):
                 self.visible_head = self.flog.head
         finally:
             self._fence = None
+
+    def follow_first(self, first: int) -> None:
+        """The leader's first offset (a reply without frames too): partitions it removed go here."""
+        self.flog.follow_first(first)
+        if self.flog.removal_pending:
+            self._garbage.set()
 
     async def open_read(self, offset: int, limit: int, borrow: bool = False) -> ReadPlan:
         """As a topic's, never while the log is being cut (server/cutgate.py)."""
