@@ -132,11 +132,14 @@ class Watermarks:
         self._dirty.set()
         return True
 
-    def cut(self, topic: str, end: int) -> None:
-        """The log now ends at ``end``: a mark beyond it comes down (a recreated or cut topic)."""
+    def cut(self, topic: str, end: int, *, wake: bool = True) -> None:
+        """The log now ends at ``end``: a mark beyond it comes down (a recreated or cut topic).
+        ``wake=False`` in a worker thread (a topic being opened): no Trio object is touched there; the
+        next checkpoint writes it, and until then every open of the topic cuts its mark again."""
         if self.marks.get(topic, 0) > end:
             self.marks[topic] = end
-            self._dirty.set()
+            if wake:
+                self._dirty.set()
 
     def forget(self, topic: str) -> None:
         if self.marks.pop(topic, None) is not None:

@@ -161,7 +161,7 @@ class ReplicaState(Reporting):
             raise
         self.epochs[name] = ef
         self.topics[name] = topic
-        self.marks.cut(name, topic.log.head)  # a topic recreated (or cut by recovery) since the checkpoint
+        self.marks.cut(name, topic.log.head, wake=False)  # recreated (or cut by recovery) since the checkpoint
         if c.acks == "all" or self.is_follower:  # a follower's readers stop at its leader's high watermark
             topic.read_cap = lambda: self.high_watermark(name, topic.visible_head)
         if self.clustered and c.acks == "all" and not self.leading:  # restarted: held until reconciled

@@ -125,3 +125,19 @@ async def test_a_reply_tells_the_high_watermark_its_frames_make_once_stored(tmp_
         assert s.leader_hw("t", 300, "b", 300) == want
         assert s.leader_hw("t", 300, "stranger", 300) == 100  # a node not in sync counts for nothing
         topic.log.close_without_sync()
+
+
+async def test_a_topic_opened_below_its_checkpointed_mark_in_a_worker_thread(tmp_path: Path) -> None:
+    (tmp_path / HW_FILE).write_text("t 500\n")  # the topic's directory was removed while the node was stopped
+    s = ReplicaState(make_config(tmp_path, node_id="b", replicate_from="127.0.0.1:1"))
+    await trio.to_thread.run_sync(s.load)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(s.marks.run)  # waits on the checkpoint's event
+        await trio.testing.wait_all_tasks_blocked()
+        topic = await trio.to_thread.run_sync(s.open_topic, tmp_path, "t")  # as Registry._start does
+        assert s.marks.get("t") == 0
+        await s.marks._flush()  # the checkpoint task's next write has the lowered mark
+        assert (tmp_path / HW_FILE).read_text() == "t 0\n"
+        nursery.cancel_scope.cancel()
+    topic.log.close_without_sync()
+
