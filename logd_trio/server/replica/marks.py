@@ -27,7 +27,7 @@ import trio
 from logd_trio.core.errors import StorageError
 from logd_trio.core.framing import valid_topic
 from logd_trio.server.blocking import run_blocking
-from logd_trio.server.storage.files import O_CLOEXEC, fsync_dir
+from logd_trio.server.storage.files import O_CLOEXEC, fsync_dir, write_all
 from logd_trio.server.storage.syscalls import current
 
 __all__ = ["CHECKPOINT_INTERVAL", "EPOCH_COUNTER", "HISTORY_FILE", "HW_FILE", "Watermarks", "read_counter",
@@ -47,7 +47,7 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, mode)
         try:
-            os.write(fd, data)
+            write_all(fd, data, len(data), 0)  # a short write (ENOSPC) raises: the old file stays
             current().fsync(fd)
         finally:
             os.close(fd)

@@ -3,6 +3,7 @@ cap: real files, virtual time."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from logd_trio.server.replica.marks import HW_FILE, Watermarks, read_history, wr
 from logd_trio.server.replica.state import ReplicaState
 from logd_trio.server.stats import Counters
 from logd_trio.server.storage.replica_log import fetch_plan
+from logd_trio.server.storage.syscalls import Layer, install
 
 from ...harness import make_config
 from .test_replica_log import frame, open_log
@@ -141,3 +143,26 @@ async def test_a_topic_opened_below_its_checkpointed_mark_in_a_worker_thread(tmp
         nursery.cancel_scope.cancel()
     topic.log.close_without_sync()
 
+
+class _ShortWrites(Layer):
+    """Every write comes up short by one byte, then the disk is full."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.short = False
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, pos: int) -> int:
+        if self.short:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.short = True
+        return self.inner.pwrite(fd, memoryview(data)[:len(data) - 1], pos)
+
+
+def test_a_short_checkpoint_write_keeps_the_old_checkpoint(tmp_path: Path) -> None:
+    marks = Watermarks(tmp_path, 0o644)
+    marks.save({"t": 100})
+    with install(_ShortWrites()), pytest.raises(StorageError, match="No space left"):
+        marks.save({"t": 200, "u": 7})
+    assert (tmp_path / HW_FILE).read_text() == "t 100\n"
+    marks.load()
+    assert marks.get("t") == 100
