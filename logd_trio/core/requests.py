@@ -119,7 +119,10 @@ class Delete:
 
 @dataclass(frozen=True, slots=True)
 class Cluster:
-    """Extension: the node's view of its cluster (``MOK`` with a JSON body)."""
+    """Extension: the node's view of its cluster (``MOK`` with a JSON body); ``CLUSTER HISTORY``
+    (``history``): only its data directory's history id, ``{"history": ID}`` (a follower's check)."""
+
+    history: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +272,8 @@ class RequestParser:
             if len(words) != 2 or not words[1] or not all(0x21 <= c <= 0x7E for c in words[1]):
                 raise RequestError(INVALID_REQUEST)
             return Auth(words[1].decode("ascii"))
+        if line == b"CLUSTER HISTORY":
+            return Cluster(history=True)
         if cmd == b"EPOCHS":
             if len(words) != 2:
                 raise RequestError(INVALID_REQUEST)

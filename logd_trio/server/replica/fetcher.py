@@ -19,6 +19,7 @@ keeps serving reads, logs once how to recover, and ``CLUSTER`` / STATS show it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -45,22 +46,41 @@ log = logging.getLogger("logd_trio.server.replica")
 
 FETCH_WAIT_MS = 1000  # long-poll at the leader's end
 TOPICS_POLL = 1.0  # seconds between looks at the leader's topic list
+HALT_RETRY = 30.0  # seconds between looks at a halted leader's history (at most)
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
 _RECV = 256 * 1024
 
 
 class _Halt(LogdError):
-    """The leader's history is not this node's: copy nothing more from it (:func:`halt`)."""
+    """The leader's log is not this node's: copy nothing more from it (:func:`halt`)."""
 
 
-def halt(state: ReplicaState, leader: str, why: str) -> None:
+class _OtherHistory(_Halt):
+    """The leader holds another history id: copying resumes once it holds this node's again."""
+
+
+class _Halted:
+    """Set by the task that halts replication: every fetcher then stops."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.resumable = False
+
+    def set(self, e: _Halt) -> None:
+        self.resumable = self.resumable or isinstance(e, _OtherHistory)
+        self.event.set()
+
+
+def halt(state: ReplicaState, leader: str, why: str, resumable: bool = True) -> None:
     """Stop copying from ``leader`` (the first reason is kept, logged once with how to recover)."""
     if state.halted is not None:
         return
     state.halted = why
+    then = ("replication resumes by itself once the leader holds this node's history" if resumable
+            else "then restart this node")
     log.error("replication halted: %s; nothing is cut or copied here, reads are still served. To recover, "
               "either stop the leader %s, replace its data directory with a copy of this node's and restart it, "
-              "or restart this node with an empty data directory to take the leader's history", why, leader)
+              "or restart this node with an empty data directory to take the leader's history; %s", why, leader, then)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +115,10 @@ async def _leader_topics(state: ReplicaState, target: Target, limit: float) -> l
 
 
 async def follow(registry: Registry, target: Target | None = None) -> None:
-    """Copy every topic of the leader (``target``, by default ``replicate_from``) until cancelled."""
+    """Copy every topic of the leader (``target``, by default ``replicate_from``) until cancelled.
+    A halt stops every fetcher; the leader's history is then looked at again (after 1 s, doubling up
+    to ``HALT_RETRY`` seconds) and copying resumes once it is this node's again (the leader got a
+    copy of this directory); a halt for batches the leader lacks stays until this node restarts."""
     config = registry.config
     if target is None:
         addr = config.leader_address
@@ -104,36 +127,66 @@ async def follow(registry: Registry, target: Target | None = None) -> None:
     state = registry.replica
     state.leader_topics, state.synced_topics = None, set()
     timeout = config.timeout or 15.0
+    pause = 1.0
+    while True:
+        if state.halted is None:
+            pause = 1.0
+            halted = _Halted()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_list_topics, registry, target, nursery, halted)
+                await halted.event.wait()
+                nursery.cancel_scope.cancel()  # every fetcher stops: nothing more is copied from it
+            if not halted.resumable:  # a leader lacking batches held here: the same id proves nothing
+                await trio.sleep_forever()
+        await trio.sleep(pause)
+        pause = min(pause * 2, HALT_RETRY)
+        with contextlib.suppress(OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry,
+                                 LinkRefused, StorageError, _Halt):
+            stream = await open_link(target.host, target.port, config)
+            async with stream:
+                await _check_history(stream, state, target, timeout)
+            log.warning("replication from %s resumes: it holds this node's history again (was: %s)",
+                        target.label, state.halted)
+            state.halted = None
+
+
+async def _list_topics(registry: Registry, target: Target, nursery: trio.Nursery, halted: _Halted) -> None:
+    """Look at the leader's topics every second and start a fetcher for each new one."""
+    state = registry.replica
+    timeout = registry.config.timeout or 15.0
     backoff = BACKOFF_MIN
     started: set[str] = set()
-    async with trio.open_nursery() as nursery:
-        while True:
-            try:
-                names = await _leader_topics(state, target, timeout)
-            except _Halt as e:
-                halt(state, target.label, str(e))
-                await trio.sleep(TOPICS_POLL)
-                continue
-            except (OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry, LinkRefused) as e:
-                log.warning("leader %s: cannot list topics: %s; retrying in %.2fs", target.label, e, backoff)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                continue
-            backoff = BACKOFF_MIN
-            state.leader_topics = set(names)
-            for name in names:
-                if name not in started and state.halted is None:
-                    started.add(name)
-                    nursery.start_soon(_follow_topic, registry, name, target)
-            await trio.sleep(TOPICS_POLL)
+    while True:
+        try:
+            names = await _leader_topics(state, target, timeout)
+        except _Halt as e:
+            halt(state, target.label, str(e), isinstance(e, _OtherHistory))
+            halted.set(e)
+            return
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry, LinkRefused,
+                StorageError) as e:  # StorageError: the history id could not be stored here
+            log.warning("leader %s: cannot list topics: %s; retrying in %.2fs", target.label, e, backoff)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            continue
+        backoff = BACKOFF_MIN
+        state.leader_topics = set(names)
+        for name in names:
+            if name not in started:
+                started.add(name)
+                nursery.start_soon(_follow_topic, registry, name, target, halted)
+        await trio.sleep(TOPICS_POLL)
 
 
-async def _follow_topic(registry: Registry, name: str, target: Target) -> None:
+async def _follow_topic(registry: Registry, name: str, target: Target, halted: _Halted | None = None) -> None:
     backoff = BACKOFF_MIN
     while True:
         try:
             topic = await registry.get_or_create(name)
-        except (RequestError, StorageError) as e:  # e.g. out of descriptors, or --topics reached: try again
+        except RequestError as e:  # a rule of this node (--topics, --topics-whitelist): no retry mends it
+            log.error("topic %s: not replicated here: %s", name, e)
+            return
+        except StorageError as e:  # e.g. out of descriptors: try again
             log.warning("topic %s: cannot create it here to replicate it: %s; retrying in %.2fs", name, e, backoff)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX * 5)
@@ -143,7 +196,9 @@ async def _follow_topic(registry: Registry, name: str, target: Target) -> None:
         except trio.ClosedResourceError:
             return  # shutting down: the topic's input is closed
         except _Halt as e:
-            halt(registry.replica, target.label, str(e))
+            halt(registry.replica, target.label, str(e), isinstance(e, _OtherHistory))
+            if halted is not None:
+                halted.set(e)
             return
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry, StorageError,
                 LinkRefused) as e:
@@ -157,11 +212,10 @@ async def _follow_topic(registry: Registry, name: str, target: Target) -> None:
 
 async def _check_history(stream: trio.abc.Stream, state: ReplicaState, target: Target, limit: float) -> None:
     """A plain follower: the leader's history id (``CLUSTER``) must be the one this node copied; a
-    node with none yet takes it.  Raises :class:`_Halt` for another one."""
-    if state.halted is not None:
-        raise _Halt(state.halted)
+    node with none yet takes it.  Raises :class:`_Halt` for another one.  ``CLUSTER HISTORY``: a
+    small reply, whatever the number of topics and followers."""
     try:
-        body = json.loads(await _mok(stream, b"CLUSTER\r\n", limit))
+        body = json.loads(await _mok(stream, b"CLUSTER HISTORY\r\n", limit))
     except (ValueError, RecursionError) as e:
         raise BadReply(f"CLUSTER: not JSON: {e}") from None
     theirs = body.get("history") if isinstance(body, dict) else None
@@ -171,7 +225,7 @@ async def _check_history(stream: trio.abc.Stream, state: ReplicaState, target: T
         await run_blocking(write_history, Path(state.config.workdir), theirs, state.config.file_mode)
         state.history = theirs
     elif theirs != state.history:
-        raise _Halt(f"the leader {target.label} holds another history (id {theirs}) than the one this node "
+        raise _OtherHistory(f"the leader {target.label} holds another history (id {theirs}) than the one this node "
                     f"copied (id {state.history}): was it restarted with an empty or other data directory?")
 
 
@@ -226,7 +280,8 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
                 if _fatal(reply.reason, target):
                     raise ReplicationRefused(f"leader {target.label}: {reply.reason}")
                 if "beyond the leader's head" in reply.reason and not target.clustered:
-                    raise _Halt(f"topic {name}: this node's log ends at {offset}, the leader's {reply.reason}: "
+                    theirs = reply.reason.rsplit(" ", 1)[-1]
+                    raise _Halt(f"the leader's log of {name} ends at {theirs}, this node's at {offset}: "
                                 "the leader lacks batches this node holds")
                 if reply.reason.startswith("fenced"):
                     log.info("topic %s: the leader moved to a new epoch (%s)", name, reply.reason)

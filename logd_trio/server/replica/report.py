@@ -58,7 +58,7 @@ class Reporting:
     def extension_reply(self, req: Cluster | Epochs) -> bytes:
         if isinstance(req, Epochs):
             return self.epochs_reply(req.topic)
-        body = json.dumps(self.describe(), sort_keys=True).encode()
+        body = json.dumps({"history": self.history} if req.history else self.describe(), sort_keys=True).encode()
         return b"MOK %d\r\n%s\r\n" % (len(body), body)
 
     def epochs_reply(self, name: str) -> bytes:

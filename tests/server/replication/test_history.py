@@ -82,3 +82,29 @@ async def test_a_followers_directory_can_replace_the_leaders(nursery: trio.Nurse
     assert b"replication halted" not in f.log
     await stop(f, leader)
     assert log_files(tmp_path / "b") == log_files(tmp_path / "a")
+
+
+async def test_a_halted_follower_resumes_once_the_leader_holds_its_history(nursery: trio.Nursery,
+                                                                           tmp_path: Path) -> None:
+    """The way out the halt names, taken while the follower runs: no restart of the follower."""
+    leader = await spawn(nursery, tmp_path / "a", "--node-id", "a")
+    port = leader.port
+    f = await spawn(nursery, tmp_path / "b", "--node-id", "b", "--replicate-from", f"127.0.0.1:{port}")
+    await write(leader, "t", 10, b"one")
+    await converge(leader, f)
+    await stop(leader)
+    shutil.rmtree(tmp_path / "a")
+    leader = await spawn(nursery, tmp_path / "a", "--node-id", "a", "--host", f"127.0.0.1:{port}")
+    await write(leader, "u", 3, b"new")
+    await assert_halted(f, b"holds another history")
+    assert "u" not in await heads(f)  # a halted follower starts no topic of the other history
+    await stop(leader)
+    shutil.rmtree(tmp_path / "a")
+    shutil.copytree(tmp_path / "b", tmp_path / "a")  # the recipe: the follower's directory replaces the leader's
+    leader = await spawn(nursery, tmp_path / "a", "--node-id", "a", "--host", f"127.0.0.1:{port}")
+    await write(leader, "t", 5, b"two")
+    await write(leader, "v", 2, b"new topic")
+    want = await converge(leader, f)
+    assert {"t", "v"} <= set(want) and b"replication from" in f.log and b"resumes" in f.log
+    assert (await stats(f))["replication.halted"] == "0"
+    await stop(f, leader)

@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from logd_trio.core.errors import StorageError
+from logd_trio.core.requests import Cluster, RequestParser
 from logd_trio.server.metrics import Snapshot, families
 from logd_trio.server.replica.marks import HW_FILE, Watermarks, read_history, write_history
 from logd_trio.server.replica.state import ReplicaState
@@ -166,3 +167,17 @@ def test_a_short_checkpoint_write_keeps_the_old_checkpoint(tmp_path: Path) -> No
     assert (tmp_path / HW_FILE).read_text() == "t 100\n"
     marks.load()
     assert marks.get("t") == 100
+
+
+async def test_the_history_probe_is_small_whatever_the_topics_and_followers(tmp_path: Path) -> None:
+    parser = RequestParser()
+    parser.receive_data(b"CLUSTER HISTORY\r\nCLUSTER\r\n")
+    assert [parser.next_event(), parser.next_event()] == [Cluster(history=True), Cluster()]
+    s = ReplicaState(make_config(tmp_path, node_id="a"))
+    s.history = "h-123"
+    for i in range(2000):
+        for n in ("b", "c"):
+            s.record(n, f"t{i}", 0, 0)
+    small = s.extension_reply(Cluster(history=True))
+    assert small == b'MOK 20\r\n{"history": "h-123"}\r\n'
+    assert len(s.extension_reply(Cluster())) > 100_000  # what every fetch connection asked for before
