@@ -201,9 +201,9 @@ class ReplicaState(Reporting):
         checkpoint, a follower at what its leader told it; a leader short of followers keeps it."""
         marks = self.marks
         if self.clustered:
-            if not self._leading:
+            if not self._leading:  # held until reconciled, then what its leader told it (never beyond)
                 held = self.held_hw.get(topic)
-                return visible if held is None else min(visible, held)
+                return min(visible, marks.get(topic) if held is None else held)
             hw = visible
             for n in self.isr_needed:
                 p = self.followers.get((n, topic))
