@@ -1,24 +1,29 @@
-"""What replication costs: write throughput with a follower and with ``--acks all``, and
+"""What replication costs: write throughput with followers and with ``--acks all``, and
 how far behind a follower is (time from the leader's OK to the batch being readable on it).
 
-Run from the repository root (about a minute with the defaults)::
+Run from the repository root (about two minutes with the defaults)::
 
     python benchmarks/replication.py
     python benchmarks/replication.py --duration 3 --rounds 3 --json out.json
 
 Every server is a fresh ``logd serve`` process on 127.0.0.1 with its data in /tmp and the
-default durability (fsync always).  Three set-ups, measured in alternating rounds so that
+default durability (fsync always).  The set-ups, measured in alternating rounds so that
 a noisy machine hurts them alike:
 
-``alone``       a leader without followers (the baseline);
-``follower``    the same leader with one follower copying it (``--acks leader``);
-``acks-all``    leader and follower with ``--acks all --min-insync 2``: an OK waits for
-                the follower's fsync too.
+``alone``        a leader without followers (the baseline);
+``follower``     the same leader with one follower copying it (``--acks leader``);
+``acks-all``     leader and one follower, ``--acks all --min-insync 2``;
+``followers-2``  the leader with two followers (``--acks leader``): the comparison for
+``acks-all-2``   leader and two followers, ``--acks all --min-insync 2`` (an OK waits for
+                 the faster follower's fsync) and
+``acks-all-3``   the same with ``--min-insync 3`` (an OK waits for both).
 
 Each runs ``logd bench --only-write`` with 64 KB batches of 31-byte messages, 4
 connections, one request in flight per connection (``--in-flight 1``) and pipelined
 (``--in-flight 32``).  Follower lag: one 100-byte batch at a time on the leader, then a
-READ on the follower repeated until the batch is there; the median and p99 of 200.
+READ on the follower repeated until the batch is there (capped at the leader's high
+watermark); the median and p99, idle and under the pipelined bench load on another
+topic, with one follower (``--acks leader``) and with two (``--acks all --min-insync 2``).
 """
 
 from __future__ import annotations
@@ -39,21 +44,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import REPO, logd_server
 
-SETUPS = ("alone", "follower", "acks-all")
+# set-up: (followers, --min-insync with --acks all; 0: --acks leader)
+SETUPS: dict[str, tuple[int, int]] = {"alone": (0, 0), "follower": (1, 0), "acks-all": (1, 2),
+                                      "followers-2": (2, 0), "acks-all-2": (2, 2), "acks-all-3": (2, 3)}
+LAG_SETUPS = ("follower", "acks-all-2")
 
 
 @contextlib.contextmanager
 def cluster(root: Path, setup: str) -> Iterator[tuple[int, int | None]]:
-    """The leader's port and the follower's (None when ``alone``)."""
-    acks = ("--acks", "all", "--min-insync", "2") if setup == "acks-all" else ()
-    with logd_server(root / "a", "--node-id", "a", *acks) as (leader, _):
-        if setup == "alone":
-            yield leader, None
-            return
-        with logd_server(root / "b", "--node-id", "b", "--replicate-from", f"127.0.0.1:{leader}") as (follower, _):
-            if setup == "acks-all":
-                _wait_in_sync(leader)
-            yield leader, follower
+    """The leader's port and its first follower's (None when ``alone``)."""
+    followers, insync = SETUPS[setup]
+    acks = ("--acks", "all", "--min-insync", str(insync)) if insync else ()
+    with contextlib.ExitStack() as stack:
+        leader, _ = stack.enter_context(logd_server(root / "a", "--node-id", "a", *acks))
+        ports = [stack.enter_context(logd_server(root / n, "--node-id", n, "--replicate-from",
+                                                 f"127.0.0.1:{leader}"))[0] for n in "bc"[:followers]]
+        if insync:
+            _wait_in_sync(leader)
+        yield leader, ports[0] if ports else None
 
 
 def _request(sock: socket.socket, data: bytes) -> bytes:
@@ -83,15 +91,35 @@ def _wait_in_sync(leader: int, timeout: float = 30.0) -> None:
     raise RuntimeError("the follower did not get in sync")
 
 
+def _bench_cmd(port: int, in_flight: int, duration: float) -> list[str]:
+    return [sys.executable, "-c", "import sys; from cli.main import main; sys.argv[0] = 'logd'; main()", "bench",
+            "--host", f"127.0.0.1:{port}", "--only-write", "--conns", "4", "--in-flight", str(in_flight),
+            "--duration", str(duration), "--json", "--keep"]
+
+
 def bench(port: int, in_flight: int, duration: float) -> float:
     """Batches per second of ``logd bench --only-write``."""
-    out = subprocess.run(
-        [sys.executable, "-c", "import sys; from cli.main import main; sys.argv[0] = 'logd'; main()", "bench",
-         "--host", f"127.0.0.1:{port}", "--only-write", "--conns", "4", "--in-flight", str(in_flight),
-         "--duration", str(duration), "--json"],
-        cwd=REPO, capture_output=True, check=True, timeout=duration + 60)
+    out = subprocess.run(_bench_cmd(port, in_flight, duration), cwd=REPO, capture_output=True, check=True,
+                         timeout=duration + 60)
     result = json.loads(out.stdout)
     return float(result["write"]["batches_per_s"])
+
+
+@contextlib.contextmanager
+def bench_load(port: int, duration: float) -> Iterator[None]:
+    """The pipelined bench running against ``port`` meanwhile (stopped at the end, bounded)."""
+    proc = subprocess.Popen(_bench_cmd(port, 32, duration), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # the load is on
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def follower_lag(leader: int, follower: int, n: int) -> list[float]:
@@ -150,21 +178,29 @@ def main() -> int:
                         rates.setdefault((setup, in_flight), []).append(rate)
                         print(f"round {rnd + 1} {setup:9s} in-flight {in_flight:2d}: {rate:8.1f} batches/s",
                               file=sys.stderr)
-        with cluster(Path(tmp) / "lag", "follower") as (leader, follower):
-            assert follower is not None
-            lags = sorted(follower_lag(leader, follower, args.lag_samples))
+        lags: dict[str, list[float]] = {}
+        for setup in LAG_SETUPS:
+            with cluster(Path(tmp) / f"lag-{setup}", setup) as (leader, follower):
+                assert follower is not None
+                lags[f"{setup}/idle"] = sorted(follower_lag(leader, follower, args.lag_samples))
+                with bench_load(leader, 600):
+                    lags[f"{setup}/load"] = sorted(follower_lag(leader, follower, args.lag_samples))
     results: dict[str, object] = {}
     print(f"{'set-up':10s} {'in-flight':>9s} {'batches/s':>10s} {'vs alone':>9s}")
     for in_flight in (1, 32):
         base = statistics.median(rates[("alone", in_flight)])
         for setup in SETUPS:
             rate = statistics.median(rates[(setup, in_flight)])
-            print(f"{setup:10s} {in_flight:9d} {rate:10.1f} {rate / base:8.2f}x")
+            print(f"{setup:11s} {in_flight:9d} {rate:10.1f} {rate / base:8.2f}x")
             results[f"{setup}/{in_flight}"] = {"batches_per_s": rate, "ratio": rate / base}
-    median, p99 = statistics.median(lags), lags[int(len(lags) * 0.99) - 1]
-    print(f"follower lag (OK on the leader -> readable on the follower): median {median * 1000:.2f} ms, "
-          f"p99 {p99 * 1000:.2f} ms over {len(lags)} batches")
-    results["lag_ms"] = {"median": median * 1000, "p99": p99 * 1000}
+        two, all2 = (statistics.median(rates[(s, in_flight)]) for s in ("followers-2", "acks-all-2"))
+        print(f"acks-all-2 vs followers-2 (--acks all vs --acks leader, two followers): {all2 / two:.2f}x")
+        results[f"acks-all-2-vs-leader/{in_flight}"] = all2 / two
+    for key, got in lags.items():
+        median, p99 = statistics.median(got), got[max(int(len(got) * 0.99) - 1, 0)]
+        print(f"follower lag {key} (OK on the leader -> readable on the follower): median {median * 1000:.2f} ms, "
+              f"p99 {p99 * 1000:.2f} ms over {len(got)} batches")
+        results[f"lag_ms/{key}"] = {"median": median * 1000, "p99": p99 * 1000}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -25,6 +25,8 @@ def _text(addr: str, v: dict[str, Any]) -> str:
         lines.append(f"  etcd: {health}")
     if v.get("refusal"):
         lines.append(f"  not acknowledging: {v['refusal']}")
+    if v.get("halted"):
+        lines.append(f"  replication halted: {v['halted']}")
     if "in_sync" in v:
         lines.append(f"  in sync: {', '.join(v['in_sync']) or '-'}")
     members = v.get("members") or {}

@@ -83,6 +83,9 @@ def serve(
         help="With --acks all: nodes an OK needs; fewer in sync: 'ERR not enough replicas'. Default: 1.")] = None,
     replica_lag: Annotated[str | None, typer.Option(
         help="A follower not caught up for this long leaves the in-sync set. Default: 10s.")] = None,
+    fetch_max_bytes: Annotated[int | None, typer.Option(
+        help="Frame bytes of one replication FETCH reply (a follower asks for, a leader serves at most this; "
+             "at least one batch). Default: 1048576.")] = None,
     tls_cert: Annotated[str | None, typer.Option(
         metavar="FILE", help="Certificate chain (PEM): clients must connect with TLS. Default: off (plaintext).")]
         = None,
@@ -135,6 +138,7 @@ def serve(
         "retention_time": retention_time,
         "http_host": http_host, "node_id": node_id, "replicate_from": replicate_from,
         "acks": acks, "min_insync": min_insync, "replica_lag": replica_lag,
+        "fetch_max_bytes": fetch_max_bytes,
         "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca, "auth_file": auth_file,
         "replicate_ca": replicate_ca,
         "etcd": etcd, "cluster": cluster, "lease_ttl": lease_ttl, "advertise": advertise,

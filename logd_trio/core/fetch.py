@@ -8,12 +8,15 @@ Request (one line)::
 ``offset`` is where the follower's durable log ends, which is also its
 acknowledgement of everything before it.  Reply::
 
-    FETCHED <leader_epoch> <batch_epoch> <first> <head> <offset> <nbytes> <starts>\\r\\n<nbytes bytes>
+    FETCHED <leader_epoch> <batch_epoch> <first> <head> <offset> <nbytes> <starts> <hw>\\r\\n<nbytes bytes>
 
 ``batch_epoch`` wrote every frame of the reply (a reply never crosses an
 epoch boundary); ``first``/``head`` are the leader's retained start and
 readable head; ``starts`` lists the offsets in ``[offset, offset+nbytes)``
-where the leader starts a partition (``-`` for none, else comma-separated).
+where the leader starts a partition (``-`` for none, else comma-separated);
+``hw`` is the leader's high watermark (what the in-sync set holds durably:
+a follower's readers stop there).  A reply of an older node has no ``hw``
+(its head stands for it).
 The bytes are whole stored frames.  Or ``ERR <reason>``.
 """
 
@@ -82,12 +85,18 @@ class FetchHeader:
     offset: int
     nbytes: int
     starts: tuple[int, ...] = ()
+    hw: int = -1  # the leader's high watermark (-1: not told, the head stands for it)
+
+    @property
+    def high_watermark(self) -> int:
+        return self.head if self.hw < 0 else min(self.hw, self.head)
 
 
 def encode_fetch_header(h: FetchHeader) -> bytes:
     starts = b",".join(b"%d" % s for s in h.starts) or b"-"
-    return b"FETCHED %d %d %d %d %d %d %s\r\n" % (h.leader_epoch, h.batch_epoch, h.first, h.head, h.offset,
-                                                  h.nbytes, starts)
+    line = b"FETCHED %d %d %d %d %d %d %s" % (h.leader_epoch, h.batch_epoch, h.first, h.head, h.offset,
+                                               h.nbytes, starts)
+    return line + (b" %d\r\n" % h.hw if h.hw >= 0 else b"\r\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +112,7 @@ class FetchError:
 
 def _header(line: bytes) -> FetchHeader:
     words = line.split(b" ")
-    if len(words) != 8 or words[0] != b"FETCHED":
+    if len(words) not in (8, 9) or words[0] != b"FETCHED":
         raise BadReply(f"not a FETCH reply: {line[:80]!r}")
     nums = [parse_uint(w) for w in words[1:7]]
     if any(n is None for n in nums):
@@ -117,7 +126,13 @@ def _header(line: bytes) -> FetchHeader:
         starts = tuple(int(s) for s in parsed if s is not None)
         if any(not offset <= s < offset + nbytes for s in starts) or list(starts) != sorted(set(starts)):
             raise BadReply("partition starts outside the FETCH reply's range")
-    return FetchHeader(le, be, first, head, offset, nbytes, starts)
+    hw = -1
+    if len(words) == 9:
+        told = parse_uint(words[8])
+        if told is None:
+            raise BadReply(f"bad high watermark in a FETCH reply: {words[8][:80]!r}")
+        hw = told
+    return FetchHeader(le, be, first, head, offset, nbytes, starts, hw)
 
 
 class FetchReplyParser:

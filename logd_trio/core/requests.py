@@ -132,7 +132,10 @@ class Delete:
 
 @dataclass(frozen=True, slots=True)
 class Cluster:
-    """Extension: the node's view of its cluster (``MOK`` with a JSON body)."""
+    """Extension: the node's view of its cluster (``MOK`` with a JSON body); ``CLUSTER HISTORY``
+    (``history``): only its data directory's history id, ``{"history": ID}`` (a follower's check)."""
+
+    history: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +294,8 @@ class RequestParser:
             if when is None or when > MAX_UNIX_MS:
                 raise RequestError(INVALID_REQUEST)
             return Seek(topic, when)
+        if line == b"CLUSTER HISTORY":
+            return Cluster(history=True)
         if cmd == b"EPOCHS":
             if len(words) != 2:
                 raise RequestError(INVALID_REQUEST)

@@ -114,6 +114,7 @@ async def serve(
                         await registry.open_existing()
                         await root_nursery.start(stats.run)
                         async with trio.open_nursery() as replication:  # a follower's fetchers (replica/)
+                            replication.start_soon(registry.replica.marks.run)  # high-watermark checkpoints
                             if config.replicate_from:
                                 replication.start_soon(follow, registry)
                             elif config.etcd:  # the cluster elects the leader (server/clustering.py)

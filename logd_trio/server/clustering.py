@@ -22,12 +22,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import ssl
 from pathlib import Path
 
 import trio
 
-from logd_trio.core.tls import TLSConfigError, client_context
 from logd_trio.server.blocking import run_blocking
 from logd_trio.server.cluster.election import ClusterKeys, Leadership, Member, list_members
 from logd_trio.server.cluster.etcd import EtcdClient
@@ -35,14 +33,14 @@ from logd_trio.server.cluster.etcd_wire import EtcdException, EtcdIndeterminate
 from logd_trio.server.cluster.joining import Joins
 from logd_trio.server.cluster.keys import InSync, epoch_of
 from logd_trio.server.cluster.node import ClusterNode, ClusterView
-from logd_trio.server.config import ConfigError, ServerConfig
+from logd_trio.server.cluster.tls import etcd_context
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.fetcher import Target, follow
 from logd_trio.server.replica.state import EPOCH_COUNTER, FollowerProgress, write_counter
 from logd_trio.server.storage.files import O_CLOEXEC, fsync_dir
 from logd_trio.server.storage.syscalls import current
 
-__all__ = ["CLUSTER_ID", "Clustering"]
+__all__ = ["CLUSTER_ID", "Clustering", "etcd_context"]
 
 log = logging.getLogger("logd_trio.server.clustering")
 
@@ -69,18 +67,6 @@ def _write_id(path: Path, value: str, mode: int) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def etcd_context(config: ServerConfig) -> ssl.SSLContext | None:
-    """How this node checks etcd's certificates (``etcd_ca``, else the system's trust store) and
-    the client certificate it presents (``etcd_cert``); None without either (https:// endpoints
-    are then checked against the system's store).  :class:`ConfigError` naming the file."""
-    if not (config.etcd_ca or config.etcd_cert):
-        return None
-    try:
-        return client_context(config.etcd_ca or None, config.etcd_cert or None, config.etcd_key or None)
-    except TLSConfigError as e:
-        raise ConfigError(f"etcd TLS: {e}") from None
 
 
 class Clustering:
@@ -256,7 +242,7 @@ class Clustering:
         state.followers.clear()
         self.pending = frozenset()
         self.joins = Joins(self.takeover_heads)
-        state.acked_end, state.hw_shown = {}, {}  # this leadership's own (the takeover heads cover the earlier)
+        state.acked_end = {}  # this leadership's own (the takeover heads cover the earlier)
         self.lead_start = trio.current_time()
         self.first_seen = {}
         self._publish_isr(leadership)

@@ -93,6 +93,7 @@ class ServerConfig:
     acks: str = "leader"  # leader: OK once durable on the leader; all: once durable on min_insync nodes
     min_insync: int = 1  # nodes (the leader included) an OK needs with acks=all
     replica_lag: float = 10.0  # a follower not caught up for this long leaves the in-sync set
+    fetch_max_bytes: int = MIB  # frame bytes of one FETCH reply (at least one batch): asked and served
     tls_cert: str = ""  # PEM certificate chain: clients must speak TLS (server/tls.py); "": plaintext
     tls_key: str = ""  # its private key (PEM); "": in tls_cert
     tls_client_ca: str = ""  # CA of client certificates: mutual TLS, a certificate required
@@ -139,6 +140,7 @@ class ServerConfig:
         if self.acks not in ("leader", "all"):
             raise ConfigError(f"acks: must be leader or all, got {self.acks!r}")
         _positive("min_insync", self.min_insync)
+        _positive("fetch_max_bytes", self.fetch_max_bytes)
         if self.replica_lag <= 0:
             raise ConfigError("replica_lag: must be above 0")
         if self.acks == "all" and self.fsync != "always":
@@ -224,7 +226,7 @@ _DURATIONS: Final = {"flush_interval", "timeout", "idle_timeout", "shutdown_time
                     "lease_ttl", "retention_time"}
 _INTS: Final = {"batch_size", "max_messages", "partition_size", "partitions", "flush_batches", "topics",
                 "max_connections", "max_connections_per_ip", "pipeline_depth", "min_free_space", "max_waiters",
-                "scrub_rate", "min_insync"}
+                "scrub_rate", "min_insync", "fetch_max_bytes"}
 _MODES: Final = {"file_mode", "dir_mode"}
 # LOGD_* variables the project's test suite reads (never the server): not reported.
 _OTHER_ENV: Final = ("LOGD_SHARED_DIR", "LOGD_PG_BIN", "LOGD_TEST_")

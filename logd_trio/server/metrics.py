@@ -74,6 +74,7 @@ class Snapshot:
     topics: tuple[TopicSnapshot, ...]
     ready: bool
     version: str
+    replication: dict[str, int]
 
     @classmethod
     def take(cls, c: Counters, state: ServerState | None, conns: int, ready: bool, version: str) -> Snapshot:
@@ -85,7 +86,7 @@ class Snapshot:
             h.fsync_latency.copy(), h.batches_per_fsync.copy(),
             tuple([(n, t.visible_head, t.first, t.log.head - t.first, t.fsyncs, t.failed is not None)
                    for n, t in topics.items()]),
-            ready, version)
+            ready, version, dict(c.replica_gauges()))
 
 
 def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
@@ -142,10 +143,31 @@ def families(s: Snapshot) -> Iterator[Metric]:
         fsyncs.add_metric([name], t_fsyncs)
         readonly.add_metric([name], int(t_read_only))
     yield from (head, first, size, fsyncs, readonly)
+    yield from _replication(s.replication)
     yield GaugeMetricFamily("logd_ready", "1 when /readyz answers 200.", value=int(s.ready))
     info = GaugeMetricFamily("logd_build_info", "Always 1; the version in a label.", labels=["version"])
     info.add_metric([s.version], 1)
     yield info
+
+
+# STATS' replication.<key> as metrics: (name, kind, help).  See docs/replication.md.
+_REPLICATION: Final = {
+    "bytes_fetched": ("logd_replication_fetched_bytes", "counter", "Frame bytes this follower fetched."),
+    "bytes_served": ("logd_replication_served_bytes", "counter", "Frame bytes FETCH replies carried to followers."),
+    "lag_bytes": ("logd_replication_lag_bytes", "gauge", "A follower: bytes behind the leader's heads; a "
+                  "leader: the furthest follower's bytes behind on one topic."),
+    "lag_ms": ("logd_replication_lag_seconds", "gauge", "A leader: the longest a follower has not been caught up."),
+    "insync": ("logd_replication_insync", "gauge", "A leader: nodes in the in-sync set, itself included."),
+    "acks_waiting": ("logd_replication_acks_waiting", "gauge", "BATCH replies waiting for followers (--acks all)."),
+    "halted": ("logd_replication_halted", "gauge", "1 when this follower refuses its leader's history."),
+}
+
+
+def _replication(values: dict[str, int]) -> Iterator[Metric]:
+    for key, (name, kind, doc) in _REPLICATION.items():
+        if key in values:
+            value = values[key] / 1000 if key == "lag_ms" else values[key]
+            yield (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, value=value)
 
 
 class _SnapshotCollector(Collector):

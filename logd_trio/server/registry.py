@@ -48,7 +48,7 @@ class Registry:
         self._created_by: collections.Counter[str] = collections.Counter()  # and its count, per principal
         # The duplicates READ plans may hold beyond their first partition, shared by every topic.
         self.read_fds = ReadFdPool(READ_POOL_FDS)
-        self.replica = ReplicaState(config)  # role, leader epoch, epoch files, followers' progress
+        self.replica = ReplicaState(config, counters)  # role, leader epoch, epoch files, followers' progress
 
     def get(self, name: str) -> Topic | None:
         return self.topics.get(name)

@@ -48,6 +48,14 @@ class Counters:
         self.longpoll_waiting = 0
         self.error_kinds: collections.Counter[str] = collections.Counter()  # for /metrics: logd_errors_total
         self.histograms = Histograms()
+        self.fetch_bytes_in = 0  # a follower: frame bytes its fetches received
+        self.fetch_bytes_out = 0  # a leader: frame bytes its FETCH replies carried
+        # replication's sampled numbers (lag, in-sync size, ...): ReplicaState sets it (replica/report.py)
+        self.replica_gauges: Callable[[], Mapping[str, int]] = _no_gauges
+
+
+def _no_gauges() -> Mapping[str, int]:
+    return {}
 
 
 class StatsRequest:
@@ -92,6 +100,8 @@ def format_stats(counters: Counters, topics: Mapping[str, TopicView], connection
         "errors.protocol": c.errors["protocol"],
         "auth.refused": c.error_kinds["not_allowed"],  # ERR not allowed (server/auth.py)
     }
+    for key, value in c.replica_gauges().items():
+        values[f"replication.{key}"] = value
     for cmd in COMMANDS:
         values[f"requests.{cmd}"] = c.requests[cmd]
         values[f"errors.{cmd}"] = c.errors[cmd]

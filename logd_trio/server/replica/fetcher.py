@@ -7,47 +7,80 @@ new topic.  A fetcher holds one connection to the leader, asks with
 frames of each reply through the topic's inbox (each item carries its exact
 offset; the topic task stays the only appender and fsyncs
 them in groups) and asks again once they are durable.  Lost connections are
-retried with capped exponential backoff.  A leader that is this node itself,
-or that is a follower, stops the server with :class:`ReplicationRefused`.
+retried with capped exponential backoff, and so is a topic that cannot be
+created here for now (e.g. out of file descriptors).  A leader that is this
+node itself, or that is a follower, stops the server with
+:class:`ReplicationRefused`.  A leader with another history (its data
+directory's id differs from the one this node copied: e.g. it was restarted
+with an empty directory), or whose log of a topic ends before this node's,
+*halts* replication (:func:`halt`): nothing of this node's log is cut, it
+keeps serving reads, logs once how to recover, and ``CLUSTER`` / STATS show it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
 from logd_trio.core.errors import BadReply, InvalidBatchError, LogdError, RequestError, StorageError
 from logd_trio.core.fetch import FETCH_NEED_DATA, FetchError, FetchReply, FetchReplyParser, encode_fetch
 from logd_trio.core.framing import parse_frame_header
-from logd_trio.core.replies import NEED_DATA, ErrorReply, MokReply, ReplyKind, ReplyParser
 from logd_trio.server.blocking import run_blocking
-from logd_trio.server.config import ServerConfig
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.follower_log import FollowerLog, FollowerTopic
 from logd_trio.server.replica.link import LinkRefused, open_link
-from logd_trio.server.replica.state import ReplicationRefused
-from logd_trio.server.storage.epochs import EpochFile
-from logd_trio.server.storage.replica_log import OffsetMismatch, start_at, truncate_to
+from logd_trio.server.replica.marks import write_history
+from logd_trio.server.replica.reconcile import _cut, _mok, _Retry, _start_over, divergence, reconcile
+from logd_trio.server.replica.state import ReplicaState, ReplicationRefused
 from logd_trio.server.topic import Append, Topic
 
-__all__ = ["FETCH_MAX_BYTES", "FETCH_WAIT_MS", "Target", "follow"]
+__all__ = ["FETCH_WAIT_MS", "Target", "_Retry", "divergence", "follow", "halt", "reconcile"]
 
 log = logging.getLogger("logd_trio.server.replica")
 
-FETCH_MAX_BYTES = 1 << 20  # data per FETCH reply (at least one batch)
 FETCH_WAIT_MS = 1000  # long-poll at the leader's end
 TOPICS_POLL = 1.0  # seconds between looks at the leader's topic list
+HALT_RETRY = 30.0  # seconds between looks at a halted leader's history (at most)
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
 _RECV = 256 * 1024
 
 
-class _Retry(LogdError):
-    """The leader refused this fetch for a reason worth retrying (logged, then backoff)."""
+class _Halt(LogdError):
+    """The leader's log is not this node's: copy nothing more from it (:func:`halt`)."""
+
+
+class _OtherHistory(_Halt):
+    """The leader holds another history id: copying resumes once it holds this node's again."""
+
+
+class _Halted:
+    """Set by the task that halts replication: every fetcher then stops."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.resumable = False
+
+    def set(self, e: _Halt) -> None:
+        self.resumable = self.resumable or isinstance(e, _OtherHistory)
+        self.event.set()
+
+
+def halt(state: ReplicaState, leader: str, why: str, resumable: bool = True) -> None:
+    """Stop copying from ``leader`` (the first reason is kept, logged once with how to recover)."""
+    if state.halted is not None:
+        return
+    state.halted = why
+    then = ("replication resumes by itself once the leader holds this node's history" if resumable
+            else "then restart this node")
+    log.error("replication halted: %s; nothing is cut or copied here, reads are still served. To recover, "
+              "either stop the leader %s, replace its data directory with a copy of this node's and restart it, "
+              "or restart this node with an empty data directory to take the leader's history; %s", why, leader, then)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,80 +100,106 @@ def _fatal(reason: str, target: Target) -> bool:
     """A refusal no retry can mend: the wrong leader, or a log here that the leader does not have."""
     if target.clustered:
         return "own id" in reason
-    return reason.startswith("not leader") or "own id" in reason or "beyond the leader's head" in reason
+    return reason.startswith("not leader") or "own id" in reason
 
 
-async def _mok(stream: trio.abc.Stream, request: bytes, limit: float) -> bytes:
-    """Send ``request`` (a line) and return its ``MOK`` body, within ``limit`` seconds; an ``ERR``
-    is a :class:`_Retry`, anything else a :class:`BadReply`."""
-    what = request.split(b" ", 1)[0].strip().decode("ascii", "replace")
-    with trio.fail_after(limit):
-        await stream.send_all(request)
-        parser = ReplyParser(max_reply=1 << 20)
-        while True:
-            reply = parser.next_reply(ReplyKind.MOK)
-            if isinstance(reply, MokReply):
-                return reply.body
-            if isinstance(reply, ErrorReply):
-                raise _Retry(f"{what} refused: {reply.reason}")
-            if reply is not NEED_DATA:
-                raise BadReply(f"unexpected reply to {what}: {reply!r}")
-            data = await stream.receive_some(_RECV)
-            if not data:
-                raise BadReply("the leader closed the connection")
-            parser.receive_data(data)
-
-
-async def _leader_topics(host: str, port: int, limit: float, config: ServerConfig) -> list[str]:
-    stream = await open_link(host, port, config)  # TLS and AUTH as configured (link.py)
+async def _leader_topics(state: ReplicaState, target: Target, limit: float) -> list[str]:
+    """The leader's topics (a plain follower checks the leader's history first: no topic of another
+    history is created here)."""
+    stream = await open_link(target.host, target.port, state.config)  # TLS and AUTH as configured (link.py)
     async with stream:
+        if not target.clustered:
+            await _check_history(stream, state, target, limit)
         body = await _mok(stream, b"TOPICS\r\n", limit)
     return [line.split(b":")[0].decode("ascii") for line in body.split(b"\r\n") if line]
 
 
 async def follow(registry: Registry, target: Target | None = None) -> None:
-    """Copy every topic of the leader (``target``, by default ``replicate_from``) until cancelled."""
+    """Copy every topic of the leader (``target``, by default ``replicate_from``) until cancelled.
+    A halt stops every fetcher; the leader's history is then looked at again (after 1 s, doubling up
+    to ``HALT_RETRY`` seconds) and copying resumes once it is this node's again (the leader got a
+    copy of this directory); a halt for batches the leader lacks stays until this node restarts."""
     config = registry.config
     if target is None:
         addr = config.leader_address
         assert addr is not None
         target = Target(addr[0], addr[1], config.replicate_from)
-    host, port = target.host, target.port
     state = registry.replica
     state.leader_topics, state.synced_topics = None, set()
     timeout = config.timeout or 15.0
+    pause = 1.0
+    while True:
+        if state.halted is None:
+            pause = 1.0
+            halted = _Halted()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_list_topics, registry, target, nursery, halted)
+                await halted.event.wait()
+                nursery.cancel_scope.cancel()  # every fetcher stops: nothing more is copied from it
+            if not halted.resumable:  # a leader lacking batches held here: the same id proves nothing
+                await trio.sleep_forever()
+        await trio.sleep(pause)
+        pause = min(pause * 2, HALT_RETRY)
+        with contextlib.suppress(OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry,
+                                 LinkRefused, StorageError, _Halt):
+            stream = await open_link(target.host, target.port, config)
+            async with stream:
+                await _check_history(stream, state, target, timeout)
+            log.warning("replication from %s resumes: it holds this node's history again (was: %s)",
+                        target.label, state.halted)
+            state.halted = None
+
+
+async def _list_topics(registry: Registry, target: Target, nursery: trio.Nursery, halted: _Halted) -> None:
+    """Look at the leader's topics every second and start a fetcher for each new one."""
+    state = registry.replica
+    timeout = registry.config.timeout or 15.0
     backoff = BACKOFF_MIN
     started: set[str] = set()
-    async with trio.open_nursery() as nursery:
-        while True:
-            try:
-                names = await _leader_topics(host, port, timeout, config)
-            except (OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry, LinkRefused) as e:
-                log.warning("leader %s: cannot list topics: %s; retrying in %.2fs", target.label, e, backoff)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                continue
-            backoff = BACKOFF_MIN
-            state.leader_topics = set(names)
-            for name in names:
-                if name not in started:
-                    started.add(name)
-                    nursery.start_soon(_follow_topic, registry, name, target)
-            await trio.sleep(TOPICS_POLL)
+    while True:
+        try:
+            names = await _leader_topics(state, target, timeout)
+        except _Halt as e:
+            halt(state, target.label, str(e), isinstance(e, _OtherHistory))
+            halted.set(e)
+            return
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry, LinkRefused,
+                StorageError) as e:  # StorageError: the history id could not be stored here
+            log.warning("leader %s: cannot list topics: %s; retrying in %.2fs", target.label, e, backoff)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            continue
+        backoff = BACKOFF_MIN
+        state.leader_topics = set(names)
+        for name in names:
+            if name not in started:
+                started.add(name)
+                nursery.start_soon(_follow_topic, registry, name, target, halted)
+        await trio.sleep(TOPICS_POLL)
 
 
-async def _follow_topic(registry: Registry, name: str, target: Target) -> None:
+async def _follow_topic(registry: Registry, name: str, target: Target, halted: _Halted | None = None) -> None:
     backoff = BACKOFF_MIN
     while True:
         try:
             topic = await registry.get_or_create(name)
-        except (RequestError, StorageError) as e:
-            log.error("topic %s: cannot replicate it here: %s", name, e)
+        except RequestError as e:  # a rule of this node (--topics, --topics-whitelist): no retry mends it
+            log.error("topic %s: not replicated here: %s", name, e)
             return
+        except StorageError as e:  # e.g. out of descriptors: try again
+            log.warning("topic %s: cannot create it here to replicate it: %s; retrying in %.2fs", name, e, backoff)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX * 5)
+            continue
         try:
             await _fetch_loop(registry, topic, target)
         except trio.ClosedResourceError:
             return  # shutting down: the topic's input is closed
+        except _Halt as e:
+            halt(registry.replica, target.label, str(e), isinstance(e, _OtherHistory))
+            if halted is not None:
+                halted.set(e)
+            return
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, BadReply, _Retry, StorageError,
                 LinkRefused) as e:
             log.warning("topic %s: replication from %s interrupted: %s; retrying in %.2fs", name,
@@ -151,22 +210,23 @@ async def _follow_topic(registry: Registry, name: str, target: Target) -> None:
         backoff = BACKOFF_MIN
 
 
-def _start_over(flog: FollowerLog, ef: EpochFile, start: int) -> None:
-    """Blocking: copy the whole log aside, empty it and make it start at ``start`` (the leader's first)."""
-    truncate_to(flog, flog.first)
-    ef.truncate(0)
-    start_at(flog, start)
-
-
-def _truncate(flog: FollowerLog, ef: EpochFile, end: int) -> None:
-    truncate_to(flog, end)
-    ef.truncate(end)
-
-
-async def _cut(topic: Topic, truncate: Callable[[], object]) -> None:
-    """Cut with no append of this node's last leadership pending (FollowerTopic.cut)."""
-    assert isinstance(topic, FollowerTopic)
-    await topic.cut(truncate)
+async def _check_history(stream: trio.abc.Stream, state: ReplicaState, target: Target, limit: float) -> None:
+    """A plain follower: the leader's history id (``CLUSTER``) must be the one this node copied; a
+    node with none yet takes it.  Raises :class:`_Halt` for another one.  ``CLUSTER HISTORY``: a
+    small reply, whatever the number of topics and followers."""
+    try:
+        body = json.loads(await _mok(stream, b"CLUSTER HISTORY\r\n", limit))
+    except (ValueError, RecursionError) as e:
+        raise BadReply(f"CLUSTER: not JSON: {e}") from None
+    theirs = body.get("history") if isinstance(body, dict) else None
+    if not isinstance(theirs, str) or not theirs:
+        return  # an older leader: no id to compare
+    if not state.history:
+        await run_blocking(write_history, Path(state.config.workdir), theirs, state.config.file_mode)
+        state.history = theirs
+    elif theirs != state.history:
+        raise _OtherHistory(f"the leader {target.label} holds another history (id {theirs}) than the one this node "
+                    f"copied (id {state.history}): was it restarted with an empty or other data directory?")
 
 
 def _is_empty(flog: FollowerLog) -> bool:
@@ -193,10 +253,12 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
         raise ReplicationRefused(f"topic {topic.name} is not a follower's topic")
     name = topic.name
     wait = FETCH_WAIT_MS / 1000 + (config.timeout or 15.0)
-    parser = FetchReplyParser(max_bytes=FETCH_MAX_BYTES + config.batch_size)
+    parser = FetchReplyParser(max_bytes=config.fetch_max_bytes + config.batch_size)
     stream = await open_link(target.host, target.port, config)
     async with stream:
         epoch = target.epoch
+        if not target.clustered:
+            await _check_history(stream, state, target, wait)
         if target.clustered:
             if epoch <= 0:
                 raise _Retry("no leader epoch known")  # a cluster's fetch always carries one (fencing)
@@ -210,12 +272,17 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
                 offset = leader_first  # joined after the leader's retention: start where the leader starts
             asked = trio.current_time()
             with trio.fail_after(wait):
-                await stream.send_all(encode_fetch(state.node_id, epoch, name, offset, FETCH_MAX_BYTES, wait_ms))
+                await stream.send_all(encode_fetch(state.node_id, epoch, name, offset, config.fetch_max_bytes,
+                                                 wait_ms))
                 wait_ms = FETCH_WAIT_MS
                 reply = await _receive(stream, parser)
             if isinstance(reply, FetchError):
                 if _fatal(reply.reason, target):
                     raise ReplicationRefused(f"leader {target.label}: {reply.reason}")
+                if "beyond the leader's head" in reply.reason and not target.clustered:
+                    theirs = reply.reason.rsplit(" ", 1)[-1]
+                    raise _Halt(f"the leader's log of {name} ends at {theirs}, this node's at {offset}: "
+                                "the leader lacks batches this node holds")
                 if reply.reason.startswith("fenced"):
                     log.info("topic %s: the leader moved to a new epoch (%s)", name, reply.reason)
                     if target.clustered or epoch == 0:  # reconnect (with backoff): the log is compared with
@@ -231,14 +298,19 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
                 await run_blocking(state.note_epoch, h.leader_epoch)
             epoch = h.leader_epoch
             leader_first = h.first
+            state.leader_heads[name] = h.head
+            state.counters.fetch_bytes_in += len(reply.data)
+            state.told(name, h.high_watermark)  # readers stop at min(this, what is stored here)
             if not reply.data:
                 if offset < h.first and not _is_empty(flog):
                     log.warning("topic %s: this follower's log ends at %d, before the leader's first offset %d "
                                 "(removed by retention): its partitions are copied aside (.log.corrupt-*) and "
                                 "it starts again at %d", name, offset, h.first, h.first)
                     ef = state.epochs[name]
-                    await _cut(topic, functools.partial(_start_over, flog, ef, h.first))
+                    await _cut(state, topic, functools.partial(_start_over, flog, ef, h.first))
                     continue
+                if isinstance(topic, FollowerTopic):
+                    topic.follow_first(h.first)  # an idle leader's retention reaches a restarted follower
                 if offset >= h.head:
                     state.synced_topics.add(name)  # caught up with this leader once
                 if h.first == h.head == offset and trio.current_time() - asked < FETCH_WAIT_MS / 2000:
@@ -288,70 +360,3 @@ async def _store(registry: Registry, topic: Topic, reply: FetchReply) -> None:
     failed = next((i.error for i in items if i.error is not None), None)
     if failed is not None:
         raise StorageError(str(failed))
-
-
-async def _epochs(stream: trio.abc.Stream, name: str, limit: float) -> dict[str, object]:
-    raw = await _mok(stream, b"EPOCHS %s\r\n" % name.encode(), limit)
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise BadReply(f"EPOCHS: not JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise BadReply("EPOCHS: expected an object")
-    return body
-
-
-def divergence(mine: list[tuple[int, int]], theirs: list[tuple[int, int]], their_head: int) -> int | None:
-    """Where this log stops matching the leader's (None: nowhere we know of), by the leader-epoch rule
-    (as in Kafka): take the newest leader epoch E not above this log's newest; this log matches up to
-    where E ends on the leader, and at most up to where this log's own next epoch after E starts.
-    Cut there and look again, until nothing changes."""
-    if not mine:
-        return None
-    cut: int | None = None
-    while mine:
-        latest = mine[-1][0]
-        shared: int | None = None  # E: the leader's newest epoch not above ours (None: all are newer)
-        end = theirs[0][1] if theirs else their_head
-        for i, (e, _) in enumerate(theirs):
-            if e <= latest:
-                shared, end = e, theirs[i + 1][1] if i + 1 < len(theirs) else their_head
-        own_next = next((s for e, s in mine if shared is None or e > shared), None)
-        if own_next is not None:
-            end = min(end, own_next)
-        cut = end if cut is None else min(cut, end)
-        kept = [(e, s) for e, s in mine if s < cut]
-        if kept == mine:
-            break
-        mine = kept
-    return cut
-
-
-async def reconcile(stream: trio.abc.Stream, registry: Registry, topic: Topic, limit: float) -> None:
-    """After a leader change: cut what this log holds beyond the new leader's history (copied aside,
-    ``.log.corrupt-*``): a tail no in-sync set acknowledged, written by a leader that lost its place."""
-    flog = topic.log
-    assert isinstance(flog, FollowerLog)
-    ef = registry.replica.epochs[topic.name]
-    for _ in range(4):
-        body = await _epochs(stream, topic.name, limit)
-        raw, head = body.get("epochs"), body.get("head")
-        if not isinstance(raw, list) or not isinstance(head, int):
-            raise BadReply("EPOCHS: expected epochs and head")
-        try:
-            theirs = [(int(e), int(s)) for e, s in raw]
-        except (TypeError, ValueError, OverflowError):
-            raise BadReply(f"EPOCHS: expected [epoch, start] pairs, got {raw[:3]!r}") from None
-        end = divergence(ef.entries, theirs, head)
-        if end is None or end >= flog.head:
-            return
-        log.warning("topic %s: this node's log (to %d, epoch %d) goes beyond the leader's history (epoch %d ends "
-                    "at %d there): the rest is copied aside (.log.corrupt-*) and cut", topic.name, flog.head,
-                    ef.latest, ef.epoch_at(end) if end > flog.first else 0, end)
-        try:
-            if end < flog.first:
-                raise OffsetMismatch(f"offset {end} before the log's first {flog.first}")
-            await _cut(topic, functools.partial(_truncate, flog, ef, end))
-        except OffsetMismatch as e:
-            log.warning("topic %s: cannot cut at %d (%s): the whole log is copied aside", topic.name, end, e)
-            await _cut(topic, functools.partial(_start_over, flog, ef, max(end, 0)))

@@ -29,7 +29,22 @@ __all__ = ["FollowerLog", "FollowerTopic"]
 
 
 class FollowerLog(TopicLog):
-    """A topic log that takes frames only at given offsets."""
+    """A topic log that takes frames only at given offsets.  Its retention is the leader's, whatever
+    this node's ``--partitions``: a partition goes once the leader's first offset is past it (and not
+    before), so that both directories hold the same partitions byte for byte.  While ``leads()``
+    (a cluster node that leads now) its retention is its own ``--partitions``: it is the leader."""
+
+    leader_first = 0  # the leader's first offset, as its last reply said
+    leads: Callable[[], bool] = staticmethod(lambda: False)
+
+    def _trim(self, n: int = 0) -> None:
+        if self.leads():
+            super()._trim(n)
+            return  # (age retention, ``n``, runs only while this node leads)
+        parts, upto = self._parts, min(self.acked, self.leader_first)
+        while len(parts) > 1 and parts[0].end <= upto:
+            self._doomed.append(parts.pop(0))
+        self.first = parts[0].start
 
     def append(self, frame: bytes | memoryview, count: int) -> int:
         raise StorageError(f"topic {self.topic}: this node is a follower; writes go to the leader")
@@ -41,7 +56,15 @@ class FollowerLog(TopicLog):
             start_at(self, offset)  # joined after the leader's retention: start where the leader does
         if offset != self.head:
             raise OffsetMismatch(f"topic {self.topic}: frame for offset {offset}, log ends at {self.head}")
-        return append_at(self, offset, frame, new_partition=new_partition)
+        at = append_at(self, offset, frame, new_partition=new_partition)
+        self.follow_first(first)
+        return at
+
+    def follow_first(self, first: int) -> None:
+        """The leader's first offset is ``first`` (any reply, with or without frames): its retention."""
+        if first > self.leader_first:
+            self.leader_first = first
+            self._trim()
 
 
 class FollowerTopic(Topic):
@@ -52,7 +75,7 @@ class FollowerTopic(Topic):
                  leading: Callable[[], bool] = lambda: False) -> None:
         super().__init__(name, flog, config)
         self.flog = flog
-        self.leading = leading
+        self.leading = flog.leads = leading
         self._fence: int | None = None  # while a cut is coming: nothing past it is acknowledged or shown
 
     def follows(self) -> bool:
@@ -73,6 +96,12 @@ class FollowerTopic(Topic):
                 self.visible_head = self.flog.head
         finally:
             self._fence = None
+
+    def follow_first(self, first: int) -> None:
+        """The leader's first offset (a reply without frames too): partitions it removed go here."""
+        self.flog.follow_first(first)
+        if self.flog.removal_pending:
+            self._garbage.set()
 
     async def open_read(self, offset: int, limit: int, borrow: bool = False) -> ReadPlan:
         """As a topic's, never while the log is being cut (server/cutgate.py)."""

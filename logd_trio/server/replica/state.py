@@ -12,84 +12,52 @@ files (written by the fetcher) and refuses BATCH and FETCH with
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from logd_trio.core.errors import LogdError, RequestError, StorageError
-from logd_trio.core.fetch import Fetch, FetchHeader, encode_fetch_header
-from logd_trio.core.requests import Cluster, Epochs
+from logd_trio.core.errors import LogdError, RequestError
+from logd_trio.core.fetch import Fetch
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.replica.follower_log import FollowerLog, FollowerTopic
+from logd_trio.server.replica.marks import (
+    EPOCH_COUNTER,
+    Watermarks,
+    new_history,
+    read_counter,
+    read_history,
+    write_counter,
+    write_history,
+)
+from logd_trio.server.replica.report import FollowerProgress, Reporting
+from logd_trio.server.stats import Counters
 from logd_trio.server.storage.epochs import EpochFile
-from logd_trio.server.storage.files import O_CLOEXEC, fsync_dir
-from logd_trio.server.storage.reads import ReadPlan
-from logd_trio.server.storage.replica_log import fetch_plan
-from logd_trio.server.storage.syscalls import current
-from logd_trio.server.storage.topic_log import TopicLog
 from logd_trio.server.topic import Topic
 
 __all__ = ["EPOCH_COUNTER", "FollowerProgress", "ReplicaState", "ReplicationRefused", "write_counter"]
 
 log = logging.getLogger("logd_trio.server.replica")
 
-EPOCH_COUNTER = "leader-epoch"
-
 
 class ReplicationRefused(LogdError):
     """This node cannot replicate as configured (pointed at itself, at a follower, ...); the server stops."""
 
 
-@dataclass(slots=True)
-class FollowerProgress:
-    """What one follower acknowledged of one topic (its next fetch offset), when it last fetched it,
-    and when it was last caught up with the leader's durable head (the in-sync rule)."""
-
-    offset: int
-    at: float
-    caught_up: float
-    replied_head: int = -1  # the leader's head when it last answered this follower (-1: not answered yet)
-    polling: int = 0  # long-polls of this follower waiting at the head now (it has everything meanwhile)
-
-
-def _read_counter(path: Path) -> int:
-    try:
-        text = path.read_text("ascii").strip()
-    except FileNotFoundError:
-        return 0
-    except (OSError, UnicodeDecodeError) as e:
-        raise StorageError(f"cannot read {path}: {e}") from e
-    if not text.isdigit():
-        raise StorageError(f"{path}: expected a number, got {text[:40]!r}")
-    return int(text)
-
-
-def write_counter(path: Path, value: int, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, mode)
-        try:
-            os.write(fd, b"%d\n" % value)
-            current().fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
-
-
-class ReplicaState:
+class ReplicaState(Reporting):
     """See the module docstring."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, counters: Counters | None = None) -> None:
         self.config = config
+        self.counters = counters if counters is not None else Counters()
+        self.counters.replica_gauges = self.gauges
+        self.marks = Watermarks(Path(config.workdir), config.file_mode)  # high watermarks, checkpointed
+        self.history = ""  # the data directory's history id (marks.py); a follower keeps its leader's
+        self.halted: str | None = None  # a follower that refuses its leader's history: why (CLUSTER, STATS)
+        self.leader_heads: dict[str, int] = {}  # a follower: each topic's head at the leader, as last told
+        self.acks_waiting = 0  # BATCH replies waiting for the followers now
         self.node_id = config.node_id
         self.leader = config.replicate_from  # "" on the leader
         self.epoch = 0  # the leader epoch this node serves (a leader) or last saw (a follower)
@@ -110,7 +78,6 @@ class ReplicaState:
         self.isr_needed: frozenset[str] = frozenset()
         self.isr_size = 1
         self.acked_end: dict[str, int] = {}  # a cluster leader: per topic, the end of the last batch it acknowledged
-        self.hw_shown: dict[str, int] = {}  # a cluster leader: per topic, the highest high watermark readers saw
         self.describe: Callable[[], dict[str, object]] = self._describe
         self.address = ""  # where this node listens, once bound
         self.bound = trio.Event()
@@ -143,8 +110,9 @@ class ReplicaState:
 
     def forget(self, topic: str) -> None:
         """``topic`` was deleted: nothing noted of it stays (made anew, it starts from nothing)."""
-        for noted in (self.topics, self.epochs, self.acked_end, self.hw_shown, self.held_hw):
+        for noted in (self.topics, self.epochs, self.acked_end, self.held_hw):
             noted.pop(topic, None)
+        self.marks.forget(topic)
         self.on_forget(topic)
 
     def listening(self, address: str) -> None:
@@ -162,11 +130,17 @@ class ReplicaState:
 
     def load(self) -> None:
         """Blocking: a leader takes the next epoch (durably) before its topics open."""
-        path = Path(self.config.workdir) / EPOCH_COUNTER
-        last = _read_counter(path)
+        workdir = Path(self.config.workdir)
+        path = workdir / EPOCH_COUNTER
+        last = read_counter(path)
+        self.marks.load()
+        self.history = read_history(workdir)
         if self.is_follower or self.clustered:  # a cluster node's epochs come from etcd
             self.epoch = last
             return
+        if not self.history:  # a new (or emptied) directory starts a history of its own
+            self.history = new_history()
+            write_history(workdir, self.history, self.config.file_mode)
         self.epoch = last + 1
         write_counter(path, self.epoch, self.config.file_mode)
         log.info("leader epoch %d", self.epoch)
@@ -193,8 +167,11 @@ class ReplicaState:
             raise
         self.epochs[name] = ef
         self.topics[name] = topic
-        if c.acks == "all":
+        self.marks.cut(name, topic.log.head, wake=False)  # recreated (or cut by recovery) since the checkpoint
+        if c.acks == "all" or self.is_follower:  # a follower's readers stop at its leader's high watermark
             topic.read_cap = lambda: self.high_watermark(name, topic.visible_head)
+        if self.clustered and c.acks == "all" and not self.leading:  # restarted: held until reconciled
+            self.held_hw.setdefault(name, self.marks.get(name))
         return topic
 
     def note_epoch(self, epoch: int) -> None:
@@ -224,24 +201,36 @@ class ReplicaState:
             raise RequestError("not enough replicas")
 
     def high_watermark(self, topic: str, visible: int) -> int:
-        """What is durable on enough nodes that no failover can lose it (readers stop there)."""
+        """What is durable on enough nodes that no failover can lose it (readers stop there).  Never
+        moves back (:class:`Watermarks`) on a plain leader or follower: a restarted node starts at its
+        checkpoint, a follower at what its leader told it; a leader short of followers keeps it."""
+        marks = self.marks
         if self.clustered:
-            if not self._leading:
+            if not self._leading:  # held until reconciled, then what its leader told it (never beyond)
                 held = self.held_hw.get(topic)
-                return visible if held is None else min(visible, held)
+                return min(visible, marks.get(topic) if held is None else held)
             hw = visible
             for n in self.isr_needed:
                 p = self.followers.get((n, topic))
                 hw = min(hw, p.offset if p is not None else 0)
-            # never back: a joiner waited for may hold less than readers were shown (it must reach it to join)
-            shown = self.hw_shown[topic] = max(self.hw_shown.get(topic, 0), hw)
-            return min(visible, shown)
+            # checkpointed (a restart holds its readers there: open_topic) and never back: a joiner
+            # waited for may hold less than readers were shown (it must reach it to join)
+            marks.raise_to(topic, hw)
+            return min(visible, marks.get(topic))
+        if self.is_follower:
+            return min(visible, marks.get(topic))
         need = self.config.min_insync - 1
-        if need <= 0 or self.leader:
+        if need <= 0:
             return visible
         insync = self.in_sync(trio.current_time())
         got = sorted((p.offset for (n, t), p in self.followers.items() if t == topic and n in insync), reverse=True)
-        return min(visible, got[need - 1]) if len(got) >= need else 0
+        marks.raise_to(topic, min(visible, got[need - 1]) if len(got) >= need else 0)
+        return min(visible, marks.get(topic))
+
+    def told(self, topic: str, hw: int) -> None:
+        """A follower: the leader's high watermark of ``topic`` (its readers may move up to it)."""
+        if self.marks.raise_to(topic, hw) and (t := self.topics.get(topic)) is not None:
+            t.wake_readers()
 
     def in_sync(self, now: float) -> set[str]:
         """Followers that fetched every topic they follow, caught up, within ``--replica-lag``."""
@@ -258,7 +247,8 @@ class ReplicaState:
         p = self.followers.get((node, topic))
         if p is None:  # a topic new to this follower: an in-sync follower gets --replica-lag to catch up on it
             caught = offset >= head or node in self.in_sync(now)
-            p = self.followers[(node, topic)] = FollowerProgress(offset, now, now if caught else -math.inf)
+            p = self.followers[(node, topic)] = FollowerProgress(offset, now, now if caught else -math.inf,
+                                                                 joined=now)
         else:
             p.offset, p.at = offset, now
             if offset >= head or 0 <= p.replied_head <= offset:
@@ -266,6 +256,7 @@ class ReplicaState:
         self.progressed()
         t = self.topics.get(topic)
         if t is not None and t.read_cap is not None:
+            self.high_watermark(topic, t.visible_head)  # moves the mark (checkpointed) with no reader asking
             t.wake_readers()
 
     def progressed(self) -> None:
@@ -299,8 +290,15 @@ class ReplicaState:
         leader's own copy is, when this is called).  Raises ``RequestError("not enough replicas")``
         when the in-sync set shrinks below that meanwhile; a cluster leader raises ``ERR not leader``
         at once when its leadership ``generation`` (the one the batch was stored in) ends."""
-        if self.clustered:
-            return await self._wait_isr(topic, end, generation)
+        self.acks_waiting += 1
+        try:
+            if self.clustered:
+                return await self._wait_isr(topic, end, generation)
+            return await self._wait_insync(topic, end)
+        finally:
+            self.acks_waiting -= 1
+
+    async def _wait_insync(self, topic: str, end: int) -> None:
         need = self.config.min_insync - 1
         # at most --replica-lag and one re-check (e.g. a topic no follower fetches: nobody leaves the set)
         deadline = trio.current_time() + self.config.replica_lag * 1.25
@@ -333,11 +331,39 @@ class ReplicaState:
             with trio.move_on_after(min(self.config.replica_lag / 4, max(deadline - trio.current_time(), 0))):
                 await self._progress.wait()
 
-    def answered(self, node: str, topic: str, visible: int) -> None:
-        """The leader answered ``node`` on ``topic`` with its head at ``visible``."""
+    def answered(self, node: str, topic: str, visible: int, hw: int) -> None:
+        """The leader answered ``node`` on ``topic`` with its head at ``visible`` and its high watermark."""
         progress = self.followers.get((node, topic))
         if progress is not None:
-            progress.replied_head = visible
+            progress.replied_head, progress.told_hw = visible, hw
+
+    def leader_hw(self, topic: str, visible: int, node: str = "", end: int = -1) -> int:
+        """The high watermark a FETCH reply tells (the head when readers are not capped).  A reply
+        to ``node`` carrying frames up to ``end`` tells what the high watermark will be once that
+        in-sync follower holds them (true when its readers can see them: after it stored them),
+        so that its readers need no second round trip."""
+        t = self.topics.get(topic)
+        if t is None or t.read_cap is None:
+            return visible
+        hw = self.high_watermark(topic, visible)
+        need = self.config.min_insync - 1
+        if end <= hw or not node or self.clustered or self.leader or need <= 0:
+            return hw
+        insync = self.in_sync(trio.current_time())
+        if node not in insync:
+            return hw
+        got = sorted((end if n == node else p.offset for (n, tp), p in self.followers.items()
+                      if tp == topic and n in insync), reverse=True)
+        return max(hw, min(visible, got[need - 1])) if len(got) >= need else hw
+
+    def told_hw(self, node: str, topic: str) -> int:
+        p = self.followers.get((node, topic))
+        return -1 if p is None else p.told_hw
+
+    def hw_moved(self, node: str, topic: str, visible: int) -> bool:
+        """The high watermark moved past what ``node`` was last told (its long-poll answers now)."""
+        p = self.followers.get((node, topic))
+        return p is not None and self.leader_hw(topic, visible) > p.told_hw
 
     def check_fetch(self, req: Fetch) -> None:
         """The request-level checks of a FETCH (before any wait).  Raises :class:`RequestError`."""
@@ -353,49 +379,3 @@ class ReplicaState:
             raise RequestError(f"fetch from node id {req.node}, which is this node's own id")
         if (req.epoch or self.clustered) and req.epoch != self.epoch:  # a cluster's fetch must name the epoch
             raise RequestError(f"fenced: epoch {req.epoch}, the leader's is {self.epoch}")
-
-    def extension_reply(self, req: Cluster | Epochs) -> bytes:
-        if isinstance(req, Epochs):
-            return self.epochs_reply(req.topic)
-        body = json.dumps(self.describe(), sort_keys=True).encode()
-        return b"MOK %d\r\n%s\r\n" % (len(body), body)
-
-    def epochs_reply(self, name: str) -> bytes:
-        """``EPOCHS <topic>``: the topic's leader-epoch entries and durable head (a follower compares
-        its own after a leader change, and cuts what the leader does not have)."""
-        topic, ef = self.topics.get(name), self.epochs.get(name)
-        if topic is None or ef is None:
-            return b"ERR unknown topic %s\r\n" % name.encode()
-        body = {"epochs": ef.entries, "first": topic.first, "head": topic.visible_head, "epoch": self.epoch}
-        return b"MOK %d\r\n%s\r\n" % (len(b := json.dumps(body).encode()), b)
-
-    def _describe(self) -> dict[str, object]:
-        role = "follower" if self.leader else "leader"
-        return {"node": self.node_id, "role": role, "leader": {"addr": self.leader or self.address,
-                                                               "epoch": self.epoch}, "epoch": self.epoch}
-
-    def fetch_reply(self, tlog: TopicLog, req: Fetch, visible: int) -> tuple[bytes, ReadPlan]:
-        """The reply header and the plan of its frames (the caller records the acknowledgement).
-
-        ``visible`` is the topic's readable head (a batch boundary).  An offset
-        before the leader's first gives an empty reply (the follower moves its
-        start there if it is empty).  Raises :class:`RequestError` for an offset
-        past the head or inside a batch.
-        """
-        name = req.topic
-        if req.offset > visible:
-            raise RequestError(f"offset {req.offset} beyond the leader's head {visible}")
-        ef = self.epochs.get(name)
-        starts: list[int] = []
-        if req.offset < tlog.first:
-            plan, epoch = ReadPlan(req.offset), self.epoch
-        else:
-            end = ef.end_of(req.offset) if ef is not None else None
-            stop = visible if end is None else min(end, visible)
-            epoch = ef.epoch_at(req.offset) if ef is not None else self.epoch
-            try:
-                plan, starts = fetch_plan(tlog, req.offset, req.max_bytes, stop)
-            except StorageError as e:  # an offset inside a batch: the follower's log is not the leader's
-                raise RequestError(str(e)) from e
-        header = FetchHeader(self.epoch, epoch, tlog.first, visible, req.offset, plan.nbytes, tuple(starts))
-        return encode_fetch_header(header), plan

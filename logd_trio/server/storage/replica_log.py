@@ -153,8 +153,10 @@ def _cut(p: Partition, pos: int, i: int) -> None:
         p.newest = idx.time(i - 1)
 
 
-def fetch_plan(tlog: TopicLog, offset: int, max_bytes: int, stop: int) -> tuple[ReadPlan, list[int]]:
-    """Whole batches from ``offset`` (about ``max_bytes``, at least one batch), never past ``stop``.
+def fetch_plan(tlog: TopicLog, offset: int, max_bytes: int, stop: int,
+               max_partitions: int | None = None) -> tuple[ReadPlan, list[int]]:
+    """Whole batches from ``offset`` (about ``max_bytes``, at least one batch), never past ``stop``
+    nor over ``max_partitions`` partitions (None: any number).
 
     Returns the plan (``segments`` on dup'ed fds: close it) and the partition
     starts in ``[offset, end)``.  ``offset == stop`` gives an empty plan.
@@ -192,6 +194,8 @@ def fetch_plan(tlog: TopicLog, offset: int, max_bytes: int, stop: int) -> tuple[
             budget -= end - pos
             at = p.start + end
             if at == p.end and j + 1 < len(parts):
+                if max_partitions is not None and len(plan.segments) >= max_partitions:
+                    break
                 j += 1
                 p = parts[j]
                 i = 0

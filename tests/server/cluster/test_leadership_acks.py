@@ -116,8 +116,12 @@ async def test_a_deposed_leaders_readers_stay_at_its_high_watermark_until_it_rec
     assert topic.readable_head == 120
     s.leading = False  # deposed: the tail past 120 may be cut by the reconcile
     assert topic.readable_head == 120
-    s.reconciled("t")
-    assert topic.readable_head == 300
+    s.reconciled("t")  # no longer held; a follower's readers stop at what its leader told it
+    assert topic.readable_head == 120
+    s.told("t", 250)
+    assert topic.readable_head == 250
+    s.told("t", 400)
+    assert topic.readable_head == 300  # and at what is stored here
 
 
 async def test_only_a_registered_member_joins_the_in_sync_set(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -100,6 +100,8 @@ def test_fetch_reply_with_trailing_bytes_keeps_them() -> None:
     b"FETCHED 1 1 0 0 10 5 3\r\n",  # a start outside the range
     b"FETCHED 1 1 0 0 10 5 12,11\r\n",  # not sorted
     b"FETCHED 1 1 0 0 0 99999999 -\r\n",  # over max_bytes
+    b"FETCHED 1 1 0 0 0 0 - x\r\n",  # a bad high watermark
+    b"FETCHED 1 1 0 0 0 0 - 1 2\r\n",  # a word too many
 ])
 def test_bad_fetch_replies(line: bytes) -> None:
     parser = FetchReplyParser(max_bytes=1 << 20)
@@ -112,3 +114,15 @@ def test_header_encoding() -> None:
     assert encode_fetch_header(FetchHeader(3, 2, 100, 5000, 200, 60, (200, 230))) == \
         b"FETCHED 3 2 100 5000 200 60 200,230\r\n"
     assert encode_fetch_header(FetchHeader(1, 1, 0, 0, 0, 0)) == b"FETCHED 1 1 0 0 0 0 -\r\n"
+
+
+def test_the_high_watermark_travels_in_the_reply_and_an_older_leaders_head_stands_for_it() -> None:
+    told = FetchHeader(3, 2, 100, 5000, 200, len(FRAMES), (200,), hw=4000)
+    raw = encode_fetch_header(told)
+    assert raw.endswith(b" 200 4000\r\n")
+    (reply,) = replies_from([raw + FRAMES])
+    assert isinstance(reply, FetchReply) and reply.header == told and reply.header.high_watermark == 4000
+    (old,) = replies_from([b"FETCHED 3 2 100 5000 200 0 -\r\n"])
+    assert isinstance(old, FetchReply) and old.header.hw == -1 and old.header.high_watermark == 5000
+    # a high watermark past the head is capped at it (a follower never shows what the leader does not have)
+    assert FetchHeader(1, 1, 0, 10, 0, 0, hw=99).high_watermark == 10
