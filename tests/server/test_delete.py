@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,12 +11,12 @@ import trio
 
 from logd_trio.core import requests as p
 from logd_trio.core.errors import RequestError
-from logd_trio.server.storage import syscalls
 from logd_trio.server.storage.files import DELETED_PREFIX
 from logd_trio.server.topic import INBOX_SIZE
 
 from ..harness import make_config, start_server
 from ..wire import Wire, batch_request
+from .gates import GatedSync
 
 
 def test_parser_reads_delete() -> None:
@@ -152,29 +151,6 @@ async def test_a_failed_removal_serves_the_topic_again(nursery: trio.Nursery, tm
     head, frames = await w.read_reply()
     assert head.startswith(b"OK 0 3") and len(frames) == 3
     await srv.stop()
-
-
-class GatedSync(syscalls.Layer):
-    """Once armed, every fsync and fdatasync waits for ``release`` (they run in worker threads)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.armed = False
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def _gate(self) -> None:
-        if self.armed:
-            self.entered.set()
-            self.release.wait(20)
-
-    def fsync(self, fd: int) -> None:
-        self._gate()
-        self.inner.fsync(fd)
-
-    def fdatasync(self, fd: int) -> None:
-        self._gate()
-        self.inner.fdatasync(fd)
 
 
 async def test_a_writer_waiting_on_a_full_inbox_during_delete_keeps_its_connection(

@@ -36,6 +36,7 @@ from logd_trio.server.storage.topic_log import TopicLog
 from .. import harness
 from ..harness import ServerProcess, make_config, spawn, start_server
 from ..wire import Wire, batch_request
+from .gates import GatedUnlink
 from .index_files import put_end, records
 from .test_server import capture_topics
 
@@ -682,22 +683,6 @@ def test_retention_unlinks_are_durable_at_close(
     reopened = TopicLog.open(tmp_path / "snap", "rc", partition_size=300, partitions=2)
     assert reopened.first == first
     reopened.close()
-
-
-class GatedUnlink(syscalls.Layer):
-    """Once armed, every unlink waits for ``release`` (it runs in the remover's worker thread)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.armed = False
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def unlink(self, path: Path) -> None:
-        if self.armed:
-            self.entered.set()
-            self.release.wait(20)
-        self.inner.unlink(path)
 
 
 async def test_retention_unlinks_are_made_durable_by_a_later_fsync(

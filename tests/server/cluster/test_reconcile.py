@@ -4,7 +4,6 @@ leader): its pending appends are not acknowledged past the cut; a cluster's fetc
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,37 +17,14 @@ from logd_trio.server.registry import Registry
 from logd_trio.server.replica.fetcher import Target, _fetch_loop, _Retry, reconcile
 from logd_trio.server.replica.state import ReplicaState
 from logd_trio.server.stats import Counters
-from logd_trio.server.storage.syscalls import Layer, install
+from logd_trio.server.storage.syscalls import install
 
 from ...harness import make_config, read_line, scripted_peer
+from ..gates import GatedSync
 
 
 def frame(i: int) -> bytes:
     return build_frame("t", build_body([b"batch-%d" % i]), 1)
-
-
-class HeldSync(Layer):
-    """The next fsync (once armed) waits in its worker thread until released."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.armed = False
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def _hold(self) -> None:
-        if self.armed:
-            self.armed = False
-            self.entered.set()
-            self.release.wait(10)
-
-    def fsync(self, fd: int) -> None:
-        self._hold()
-        self.inner.fsync(fd)
-
-    def fdatasync(self, fd: int) -> None:
-        self._hold()
-        self.inner.fdatasync(fd)
 
 
 async def test_a_deposed_leaders_append_in_its_fsync_is_not_acknowledged_after_the_cut(
@@ -62,7 +38,7 @@ async def test_a_deposed_leaders_append_in_its_fsync_is_not_acknowledged_after_t
     first = await topic.append(frame(0), 1)
     await first.done.wait()
     cut_at = first.end
-    with install(HeldSync()) as held:
+    with install(GatedSync(once=True)) as held:
         held.armed = True
         second = await topic.append(frame(1), 1)  # stored; its fsync is held
         await trio.to_thread.run_sync(held.entered.wait, 10)
