@@ -56,7 +56,7 @@ from typing import Final, Unpack
 import anyio
 import anyio.abc
 
-from logd_trio.client.batches import CRLF, MAX_MSG_OVERHEAD, Ack, Receipt, WriteBatch
+from logd_trio.client.batches import CRLF, Ack, Receipt, WriteBatch
 from logd_trio.client.pipeline import AckCallback, Pipeline, WriterOptions, _close
 from logd_trio.client.transport import (
     ClientLike,
@@ -179,52 +179,9 @@ class Writer(Pipeline):
         Much cheaper per message than :meth:`write`.
         """
         await self._admit("write_many()")
-        msgs = [bytes(m) for m in messages]
-        b = self._b
-        limit = b.body_limit
-        # Messages too big for the conservative limit become batches of their own (this
-        # raises MessageTooLarge for one that cannot fit at all, before anything changes).
-        alone = {i: b.alone(m) for i, m in enumerate(msgs)
-                 if len(m) + MAX_MSG_OVERHEAD > limit and len(msg_header(len(m))) + len(m) + 2 > limit}
-        # Build in locals, then commit in one step: the batch being built (``carried``, then
-        # ``parts``) and the writer's counters change together or not at all.
-        carried = b.parts
-        parts: list[bytes] = []
-        size, count, since, seq = b.size, b.count, b.since, self._seq
-        queued = 0
-        sealed: list[WriteBatch] = []
-        receipts = b.receipts
-        now = anyio.current_time()
-        for i, m in enumerate(msgs):
-            big = alone.get(i)
-            head = msg_header(len(m))
-            framed = len(head) + len(m) + 2
-            if big is not None or size + framed > limit:
-                if count:
-                    batch = b.make(carried + parts if carried else parts, count, seq)
-                    batch.receipts, receipts = receipts, None
-                    queued += len(batch.request) - size
-                    sealed.append(batch)
-                    carried, parts, size, count = [], [], 0, 0
-                if big is not None:
-                    seq += 1
-                    big.last_seq = seq
-                    queued += len(big.request)
-                    sealed.append(big)
-                    continue
-            if not count:
-                since = now
-            parts += (head, m, CRLF)
-            size += framed
-            count += 1
-            seq += 1
-            queued += framed
-        if carried:
-            carried += parts  # still the batch being built: extend it in place
-        else:
-            b.parts = parts
-        b.size, b.count, b.since, b.receipts = size, count, since, receipts
-        self._seq = seq
+        msgs = list(map(bytes, messages))
+        sealed, queued = self._b.add_many(msgs, self._seq, anyio.current_time())
+        self._seq += len(msgs)
         self._pending += len(msgs)
         self._queued_bytes += queued
         self._sealed.extend(sealed)
