@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
-import operator
 import os
 import stat
 import sys
@@ -256,12 +255,13 @@ async def _write_lines(w: Writer | FailoverWriter, input_file: Path | None, coun
                 if not chunk:
                     break
                 seen += len(chunk)
+                cr = b"\r" in chunk or rest.endswith(b"\r")  # a CRLF ending to strip (one memchr)
                 lines = chunk.split(b"\n")
                 if rest:
                     lines[0] = rest + lines[0]
                 rest = lines.pop()  # after the last newline: the start of a line
                 if lines:
-                    await _write_lines_of(w, lines, counts)
+                    await _write_lines_of(w, lines, counts, cr)
                 if len(rest) > longest:  # it can never be sent: don't buffer more of it
                     raise MessageTooLarge(f"a line of more than {longest} bytes cannot be written "
                                           f"(the batch size is {longest} bytes)")
@@ -283,10 +283,11 @@ async def _write_lines(w: Writer | FailoverWriter, input_file: Path | None, coun
             sys.stderr.write(f"\r100.0%  {counts[0]} messages\n")
 
 
-async def _write_lines_of(w: Writer | FailoverWriter, lines: list[bytes], counts: list[int]) -> None:
+async def _write_lines_of(w: Writer | FailoverWriter, lines: list[bytes], counts: list[int], cr: bool) -> None:
     """Write each non-empty one of ``lines`` (complete lines, newline removed; a CRLF ending
-    counts as one) with one ``write_many`` for the lot: C-level work per line."""
-    if any(map(_ends_in_cr, lines)):
+    counts as one; ``cr``: some line may end in CR) with one ``write_many`` for the lot:
+    C-level work per line."""
+    if cr:
         lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
     lines = list(filter(None, lines))
     try:
@@ -299,9 +300,6 @@ async def _write_lines_of(w: Writer | FailoverWriter, lines: list[bytes], counts
             counts[1] += len(line)
         raise
     counts[1] += sum(map(len, lines))
-
-
-_ends_in_cr = operator.methodcaller("endswith", b"\r")
 
 
 def register(app: typer.Typer) -> None:
