@@ -68,9 +68,10 @@ def server(tree: Path) -> Iterator[tuple[str, int]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = (WORK / "server.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--host", f"127.0.0.1:{port}", "--workdir",
                              str(data), "--idle-timeout", "0"], cwd=tree, env=_env(tree),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=log)
     try:
         end = time.monotonic() + 60
         while True:
@@ -81,6 +82,10 @@ def server(tree: Path) -> Iterator[tuple[str, int]]:
                 break
             time.sleep(0.005)
         yield f"127.0.0.1:{port}", proc.pid
+    except BaseException:
+        log.flush()
+        print("the server's log, last lines:", *(WORK / "server.log").read_text().splitlines()[-15:], sep="\n  ")
+        raise
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -88,6 +93,7 @@ def server(tree: Path) -> Iterator[tuple[str, int]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
         shutil.rmtree(data, ignore_errors=True)
 
 

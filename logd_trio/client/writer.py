@@ -253,8 +253,8 @@ class Writer(Pipeline):
         self._failed_bytes = sum(len(b.request) for b in self.failed)  # the caller may have removed some
         if self._failed_bytes >= self.max_pending:
             # Failed batches alone fill the budget: nothing the writer does will make room.
-            self._raise_failed(f"{len(self.failed)} failed batch(es) hold max_pending ({self.max_pending} bytes); "
-                               "retry_failed() or clear failed to go on")
+            self._raise_failed(f"{len(self.failed)} failed batch(es) hold max_pending ({self.max_pending} bytes; "
+                               f"first error: {self.failed[0].error}); retry_failed() or clear failed to go on")
         return queued + self._failed_bytes >= self.max_pending
 
     def _add(self, m: bytes, receipt: Receipt | None = None) -> bool:
