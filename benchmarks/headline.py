@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,22 +65,18 @@ def server(tree: Path) -> Iterator[tuple[str, int]]:
     """A fresh ``logd serve`` of ``tree`` (default durability, data in /tmp); (address, pid)."""
     data = WORK / "data"
     shutil.rmtree(data, ignore_errors=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # Port 0, then the port its log names: a port picked here could be taken by another
+    # process before the server binds it (and the connect check would find that one).
     log = (WORK / "server.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--host", f"127.0.0.1:{port}", "--workdir",
-                             str(data), "--idle-timeout", "0"], cwd=tree, env=_env(tree),
-                            stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--host", "127.0.0.1:0", "--workdir", str(data),
+                             "--idle-timeout", "0"], cwd=tree, env=_env(tree), stdout=subprocess.DEVNULL, stderr=log)
     try:
         end = time.monotonic() + 60
-        while True:
+        while not (found := re.search(r"listening on 127\.0\.0\.1:(\d+)", (WORK / "server.log").read_text())):
             if proc.poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"the server of {tree} did not start")
-            with socket.socket() as s, contextlib.suppress(OSError):
-                s.connect(("127.0.0.1", port))
-                break
             time.sleep(0.005)
+        port = int(found.group(1))
         yield f"127.0.0.1:{port}", proc.pid
     except BaseException:
         log.flush()
