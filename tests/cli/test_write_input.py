@@ -160,3 +160,25 @@ async def test_a_line_too_large_among_others_fails_after_the_ones_before_it(
             assert counts == [2, 2]
             assert await stored(c, "mixed") == [b"a", b"b"]
         await server.stop()
+
+
+async def test_lines_from_a_pipe_go_in_full_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines are framed into batches as full as the batch size allows, across reads too (not
+    one batch per read or per line, each then waiting for its own fsync)."""
+    lines = [b"%05d " % i + b"z" * 94 for i in range(5000)]  # 500 KB: several reads of the pipe
+    async with trio.open_nursery() as n:
+        server = await start_server(n, local_config(tmp_path))
+        async with open_client(server.addr) as c, stdin_pipe(monkeypatch) as w:
+            async def produce() -> None:
+                await trio.to_thread.run_sync(w.write, b"\n".join(lines) + b"\n")
+                w.close()
+
+            n.start_soon(produce)
+            counts = [0, 0]
+            acks: list[int] = []
+            async with c.writer("full", flush_interval=None, on_ack=lambda offset, count: acks.append(count)) as writer:
+                await _write_lines(writer, None, counts)
+                per_batch = writer._b.body_limit // (len(lines[0]) + len(b"MSG 100\r\n") + 2)
+            assert acks[:-1] == [per_batch] * (len(acks) - 1) and sum(acks) == len(lines)
+            assert await stored(c, "full") == lines
+        await server.stop()
