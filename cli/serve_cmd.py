@@ -103,6 +103,14 @@ def serve(
     advertise: Annotated[str | None, typer.Option(
         help="With --etcd: HOST:PORT clients and peers use to reach this node. Default: the bound address.")]
         = None,
+    etcd_ca: Annotated[str | None, typer.Option(
+        metavar="FILE", help="With https:// --etcd endpoints: CA (PEM) of etcd's certificates. Default: the "
+        "system's trust store.")] = None,
+    etcd_cert: Annotated[str | None, typer.Option(
+        metavar="FILE", help="With https:// --etcd endpoints: client certificate (PEM) presented to etcd "
+        "(etcd's --client-cert-auth).")] = None,
+    etcd_key: Annotated[str | None, typer.Option(
+        metavar="FILE", help="Private key of --etcd-cert (PEM; omit when it is in that file).")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML file of settings (keys as the flags, or under [serve]).")] = None,
     log_format: Annotated[str, typer.Option(
@@ -125,6 +133,7 @@ def serve(
         "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca, "auth_file": auth_file,
         "replicate_ca": replicate_ca,
         "etcd": etcd, "cluster": cluster, "lease_ttl": lease_ttl, "advertise": advertise,
+        "etcd_ca": etcd_ca, "etcd_cert": etcd_cert, "etcd_key": etcd_key,
     }
     if log_format not in LOG_FORMATS:
         errors.fail("serve", ValueError(f"--log-format: must be one of {', '.join(LOG_FORMATS)}, "

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
+from .tlsfiles import Certs
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 # Fast raft for tests: the minimum lease TTL is 1.5 x the election timeout (0.375 s here).
@@ -50,7 +53,9 @@ def _die_with_parent() -> None:
 
 
 class EtcdMember:
-    def __init__(self, name: str, data_dir: Path, client_port: int, peer_port: int) -> None:
+    def __init__(self, name: str, data_dir: Path, client_port: int, peer_port: int,
+                 tls: Certs | None = None) -> None:
+        self.tls = tls  # clients speak https and must present a certificate of tls.ca (peers stay http)
         self.name = name
         self.data_dir = data_dir
         self.client_port = client_port
@@ -60,7 +65,7 @@ class EtcdMember:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -74,6 +79,9 @@ class EtcdMember:
                "--initial-cluster-token", token,
                "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
                "--log-level", "warn"]
+        if self.tls is not None:
+            cmd += ["--cert-file", self.tls.server.cert, "--key-file", self.tls.server.key,
+                    "--trusted-ca-file", self.tls.ca, "--client-cert-auth"]
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -97,16 +105,19 @@ class EtcdMember:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
 
+    def _context(self) -> ssl.SSLContext | None:
+        return self.tls.context(self.tls.client) if self.tls is not None else None
+
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=0.5) as r:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=0.5, context=self._context()) as r:
                 return bool(json.loads(r.read()).get("health") == "true")
         except (OSError, ValueError):
             return False
 
     def status(self) -> dict[str, Any]:
         req = urllib.request.Request(f"{self.url}/v3/maintenance/status", data=b"{}", method="POST")
-        with urllib.request.urlopen(req, timeout=1) as r:
+        with urllib.request.urlopen(req, timeout=1, context=self._context()) as r:
             data: dict[str, Any] = json.loads(r.read())
             return data
 
@@ -118,11 +129,12 @@ class EtcdMember:
 
 
 class EtcdCluster:
-    def __init__(self, root: Path, size: int) -> None:
+    def __init__(self, root: Path, size: int, tls: Certs | None = None) -> None:
         self.root = root
         ports = free_ports(2 * size)
         self.token = f"t-{os.getpid()}-{ports[0]}"
-        self.members = [EtcdMember(f"n{i}", root / f"n{i}", ports[2 * i], ports[2 * i + 1]) for i in range(size)]
+        self.members = [EtcdMember(f"n{i}", root / f"n{i}", ports[2 * i], ports[2 * i + 1], tls)
+                        for i in range(size)]
         self.initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
     @property
@@ -170,13 +182,14 @@ class EtcdCluster:
 
 
 @contextlib.contextmanager
-def etcd_cluster(root: Path, size: int = 1) -> Iterator[EtcdCluster]:
-    """A healthy cluster of ``size`` members; every member killed on exit."""
+def etcd_cluster(root: Path, size: int = 1, tls: Certs | None = None) -> Iterator[EtcdCluster]:
+    """A healthy cluster of ``size`` members (``tls``: clients over https with certificates of
+    ``tls.ca``, a client certificate required); every member killed on exit."""
     if not os.path.exists(ETCD):
         raise RuntimeError("etcd not found: install it (Debian: apt-get install -y etcd-server)")
     last: Exception | None = None
     for attempt in range(3):  # a port taken between free_ports() and etcd's bind: try new ones
-        cluster = EtcdCluster(root / f"etcd{attempt}", size)
+        cluster = EtcdCluster(root / f"etcd{attempt}", size, tls)
         try:
             cluster.start()
             cluster.wait_healthy()

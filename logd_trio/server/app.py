@@ -35,7 +35,7 @@ from logd_trio._version import __version__
 from logd_trio.server.admin import peer_of
 from logd_trio.server.auth import Policy, load_policy
 from logd_trio.server.blocking import run_blocking
-from logd_trio.server.clustering import Clustering
+from logd_trio.server.clustering import Clustering, etcd_context
 from logd_trio.server.config import ServerConfig, join_host_port
 from logd_trio.server.connection import Connection
 from logd_trio.server.http import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
@@ -85,6 +85,8 @@ async def serve(
     root = Path(config.workdir)
     tls = server_context(config)  # ConfigError before anything starts
     leader_context(config)  # the same for a follower's link to its leader
+    if config.etcd:
+        etcd_context(config)  # and for the links to etcd
     policy = load_policy(config.auth_file) if config.auth_file else None  # a small file, read once
     log.info("logd-trio %s starting on %s: data in %s, fsync=%s", __version__, config.host, _absolute(root),
              _fsync_text(config))

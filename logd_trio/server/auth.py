@@ -46,7 +46,8 @@ TOKEN_PREFIX: Final = "sha256:"
 REPORT_EVERY: Final = 10.0  # seconds between two log lines about refusals
 ANONYMOUS: Final = "anonymous"
 _RIGHT_KEYS: Final = ("read", "write", "admin")
-_PRINCIPAL_KEYS: Final = frozenset({"token", "subject", "node", *_RIGHT_KEYS})
+_ANONYMOUS_KEYS: Final = frozenset({"max_topics", *_RIGHT_KEYS})
+_PRINCIPAL_KEYS: Final = frozenset({"token", "subject", "node", *_ANONYMOUS_KEYS})
 # The right each request needs, by request class name (so extensions added elsewhere get theirs
 # by name): "" always allowed, "any" some right on some topic, else that right on req.topic.
 # A request not listed needs admin on its topic (or on every topic, if it names none).
@@ -84,6 +85,7 @@ class Principal:
     node: bool = False  # a replication peer (FETCH)
     token_digest: str = field(default="", repr=False)  # hex SHA-256 of the token; "": none
     subject: frozenset[tuple[str, str]] = frozenset()  # certificate subject attributes; empty: none
+    max_topics: int | None = None  # topics it may create while the server runs; None: only --topics
 
     def summary(self) -> str:
         """``read public.*; write -`` for the start's log line."""
@@ -108,7 +110,7 @@ def _patterns(where: str, value: Any) -> tuple[str, ...]:
 def _principal(where: str, name: str, table: Any, *, anonymous: bool) -> Principal:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table")
-    allowed = frozenset(_RIGHT_KEYS) if anonymous else _PRINCIPAL_KEYS
+    allowed = _ANONYMOUS_KEYS if anonymous else _PRINCIPAL_KEYS
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
@@ -134,7 +136,11 @@ def _principal(where: str, name: str, table: Any, *, anonymous: bool) -> Princip
         raise ConfigError(f"{where}.node: expected true or false")
     if not anonymous and not digest and not subject:
         raise ConfigError(f"{where}: needs a token or a subject (how would a client be known as {name}?)")
-    return Principal(name, node=node, token_digest=digest, subject=subject, **rights)
+    max_topics = table.get("max_topics")
+    if max_topics is not None and (isinstance(max_topics, bool) or not isinstance(max_topics, int)
+                                   or max_topics < 0):
+        raise ConfigError(f"{where}.max_topics: expected a whole number >= 0, got {max_topics!r}")
+    return Principal(name, node=node, token_digest=digest, subject=subject, max_topics=max_topics, **rights)
 
 
 @dataclass

@@ -21,16 +21,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import ssl
 from pathlib import Path
 
 import trio
 
+from logd_trio.core.tls import TLSConfigError, client_context
 from logd_trio.server.blocking import run_blocking
 from logd_trio.server.cluster.election import ClusterKeys, Leadership, Member, list_members
 from logd_trio.server.cluster.etcd import EtcdClient
 from logd_trio.server.cluster.etcd_wire import EtcdException, EtcdIndeterminate
 from logd_trio.server.cluster.keys import InSync, epoch_of
 from logd_trio.server.cluster.node import ClusterNode, ClusterView
+from logd_trio.server.config import ConfigError, ServerConfig
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.fetcher import Target, follow
 from logd_trio.server.replica.state import EPOCH_COUNTER, write_counter
@@ -66,6 +69,18 @@ def _write_id(path: Path, value: str, mode: int) -> None:
     fsync_dir(path.parent)
 
 
+def etcd_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """How this node checks etcd's certificates (``etcd_ca``, else the system's trust store) and
+    the client certificate it presents (``etcd_cert``); None without either (https:// endpoints
+    are then checked against the system's store).  :class:`ConfigError` naming the file."""
+    if not (config.etcd_ca or config.etcd_cert):
+        return None
+    try:
+        return client_context(config.etcd_ca or None, config.etcd_cert or None, config.etcd_key or None)
+    except TLSConfigError as e:
+        raise ConfigError(f"etcd TLS: {e}") from None
+
+
 class Clustering:
     """See the module docstring.  ``run`` until cancelled (ClusterMismatch ends it: the server stops)."""
 
@@ -75,7 +90,8 @@ class Clustering:
         self.state = registry.replica
         self.config = c
         self.keys = ClusterKeys(c.cluster)
-        self.etcd = EtcdClient([u.strip() for u in c.etcd.split(",")], timeout=min(2.0, c.lease_ttl))
+        self.etcd = EtcdClient([u.strip() for u in c.etcd.split(",")], timeout=min(2.0, c.lease_ttl),
+                               ssl_context=etcd_context(c))
         self.node: ClusterNode | None = None
         self.changed = trio.Event()
         self.eligible = False

@@ -101,6 +101,9 @@ class ServerConfig:
     etcd: str = ""  # comma-separated etcd endpoints: automatic failover (server/clustering.py); "": off
     cluster: str = ""  # the cluster's name in etcd (required with etcd)
     lease_ttl: float = 2.0  # the etcd session lease (whole seconds)
+    etcd_ca: str = ""  # CA (PEM) of the etcd members' certificates (https:// endpoints); "": the system's
+    etcd_cert: str = ""  # a client certificate (PEM) this node presents to etcd; "": none
+    etcd_key: str = ""  # its private key (PEM); "": in etcd_cert
     advertise: str = ""  # HOST:PORT clients and peers use to reach this node ("": the bound address)
 
     def __post_init__(self) -> None:
@@ -155,6 +158,8 @@ class ServerConfig:
                 raise ConfigError(f"replicate_from: {self.replicate_from} is this server's own address")
         if self.etcd or self.cluster:
             _check_cluster(self)
+        elif self.etcd_ca or self.etcd_cert or self.etcd_key:
+            raise ConfigError("etcd_ca, etcd_cert and etcd_key: only with etcd (--etcd URL[,URL...])")
 
     @property
     def leader_address(self) -> tuple[str, int] | None:
@@ -198,6 +203,11 @@ def _check_cluster(c: ServerConfig) -> None:
     for url in c.etcd.split(","):
         if not re.fullmatch(r"https?://[^\s/,]+/?", url.strip()):
             raise ConfigError(f"etcd: expected http://HOST:PORT endpoints separated by commas, got {url!r}")
+        if (c.etcd_ca or c.etcd_cert) and not url.strip().startswith("https://"):
+            raise ConfigError(f"etcd: {'etcd_ca' if c.etcd_ca else 'etcd_cert'} needs https:// endpoints, "
+                              f"got {url.strip()!r}")
+    if c.etcd_key and not c.etcd_cert:
+        raise ConfigError("etcd_key: needs etcd_cert (the certificate the key belongs to)")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", c.cluster):
         raise ConfigError(f"cluster: {c.cluster!r} is not a valid name (1-64 letters, digits, '.', '_', '-')")
     if c.lease_ttl < 1 or c.lease_ttl != int(c.lease_ttl):
@@ -217,7 +227,8 @@ _INTS: Final = {"batch_size", "max_messages", "partition_size", "partitions", "f
 _MODES: Final = {"file_mode", "dir_mode"}
 # LOGD_* variables the project's test suite reads (never the server): not reported.
 _OTHER_ENV: Final = ("LOGD_SHARED_DIR", "LOGD_PG_BIN", "LOGD_TEST_")
-_SECURITY: Final = ("tls_cert", "tls_key", "tls_client_ca", "auth_file", "replicate_ca", "replicate_token")
+_SECURITY: Final = ("tls_cert", "tls_key", "tls_client_ca", "auth_file", "replicate_ca", "replicate_token",
+                     "etcd_ca", "etcd_cert", "etcd_key")
 
 
 def parse_mode(value: object, *, key: str = "mode") -> tuple[int, str]:

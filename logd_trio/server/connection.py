@@ -233,11 +233,11 @@ class Connection:
                 item = answer
             elif isinstance(req, p.Batch):
                 self.registry.replica.refuse_writes()  # a follower: ERR not leader HOST:PORT
-                topic = await self.registry.get_or_create(req.topic)
                 # No checkpoint per batch: queue all the batches of one receive, then yield once.
-                item = topic.try_append(req.frame, req.count) or await topic.append(req.frame, req.count)
+                item = await self.registry.append(req.topic, req.frame, req.count,
+                                                  self.guard.principal if self.guard is not None else None)
                 if self.registry.replica.await_acks:  # the reply waits for followers, cluster (server/replica/acks.py)
-                    item = AwaitReplicas(item, topic.name, self.registry.replica)
+                    item = AwaitReplicas(item, req.topic, self.registry.replica)
                 elif self._alone() and self.config.fsync != "always":  # (else it waits for an fsync:
                     await self._answer_now(item)  # the reader must go on reading for group commit)
                     return not self._stopping

@@ -6,6 +6,7 @@ stats task samples them.  Each topic's task runs in the nursery handed in.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import trio
 
 from logd_trio.core.errors import NotFound, RequestError, StorageError
+from logd_trio.server.auth import Principal
 from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.limits import READ_POOL_FDS, SYNC_RESERVE_FDS, ReadFdPool, TopicFds
@@ -20,7 +22,7 @@ from logd_trio.server.replica.state import ReplicaState
 from logd_trio.server.stats import Counters, TopicView
 from logd_trio.server.storage import usage
 from logd_trio.server.storage.files import list_topics, remove_deleted, remove_topic
-from logd_trio.server.topic import Topic
+from logd_trio.server.topic import Append, Topic
 
 __all__ = ["Registry"]
 
@@ -41,6 +43,8 @@ class Registry:
         self._deleting: dict[str, trio.Event] = {}  # a BATCH for one of these waits, then creates it anew
         self._ended: dict[str, trio.Event] = {}  # set when the topic's task has closed its files
         self._created = trio.Event()
+        self._creator: dict[str, str] = {}  # topic -> the principal that created it while the server runs
+        self._created_by: collections.Counter[str] = collections.Counter()  # and its count, per principal
         # The duplicates READ plans may hold beyond their first partition, shared by every topic.
         self.read_fds = ReadFdPool(READ_POOL_FDS)
         self.replica = ReplicaState(config)  # role, leader epoch, epoch files, followers' progress
@@ -52,7 +56,9 @@ class Registry:
         """Return once any new topic has been created."""
         await self._created.wait()
 
-    async def get_or_create(self, name: str) -> Topic:
+    async def get_or_create(self, name: str, creator: str = "", quota: int | None = None) -> Topic:
+        """The topic ``name``, created if new.  ``creator`` (a principal) may create at most
+        ``quota`` topics while the server runs (None: no quota of its own)."""
         topic = self.topics.get(name)
         if topic is not None:
             return topic
@@ -67,9 +73,38 @@ class Registry:
                 return topic
         if len(self.topics) + len(self._creating) >= self.config.topics:
             raise RequestError("maximum topics allowed")
-        topic = await self._start(name)
-        log.info("topic %s created", name)
+        if quota is not None and self._created_by[creator] >= quota:
+            self.counters.topics_disallowed += 1
+            raise RequestError(f"maximum topics allowed for {creator} ({quota})")
+        if creator:
+            self._creator[name] = creator
+            self._created_by[creator] += 1
+        try:
+            topic = await self._start(name)
+        except BaseException:
+            self._forget_creator(name)
+            raise
+        log.info("topic %s created%s", name, f" by {creator}" if creator else "")
         return topic
+
+    def _forget_creator(self, name: str) -> None:
+        creator = self._creator.pop(name, None)
+        if creator is not None:
+            self._created_by[creator] -= 1
+
+    async def append(self, name: str, frame: bytes, count: int, who: Principal | None = None) -> Append:
+        """Queue a BATCH on ``name`` (created if new).  A BATCH that meets the topic's deletion
+        (queued on its closed inbox, or waiting for room in it) goes to the topic created anew.
+        ``who``: the connection's principal (``--auth-file``), whose ``max_topics`` applies."""
+        while True:
+            topic = self.topics.get(name) or await self.get_or_create(name, *(
+                (who.name, who.max_topics) if who is not None else ()))
+            try:
+                return topic.try_append(frame, count) or await topic.append(frame, count)
+            except trio.ClosedResourceError:
+                if not topic.deleted:
+                    raise  # the server is shutting down
+
 
     def _busy(self, name: str) -> trio.Event:
         """The event that ends the creation or deletion of ``name`` under way."""
@@ -131,6 +166,7 @@ class Registry:
         done = self._deleting[name] = trio.Event()
         try:
             del self.topics[name]
+            self._forget_creator(name)
             topic.deleted = True
             topic.close_input()
             # Out of the server already: the deletion completes (the topic's end is bounded by its

@@ -119,6 +119,44 @@ async def test_each_right_of_a_token(nursery: trio.Nursery, tmp_path: Path,
     assert "AUTH with a token the auth file does not know" in text
 
 
+QUOTA_FILE = f"""
+[anonymous]
+write = ["anon.*"]
+max_topics = 1
+
+[principals.alice]
+token = "{hash_token(ALICE)}"
+write = ["app.*"]
+max_topics = 2
+
+[principals.ops]
+token = "{hash_token(OPS)}"
+admin = ["*"]
+"""
+
+
+async def test_max_topics_per_principal(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A principal creates at most ``max_topics`` topics; writing to existing ones (its own or
+    others') stays allowed, a deletion gives the topic back, other principals are not counted."""
+    srv = await _server(nursery, tmp_path, QUOTA_FILE)
+    alice, anon, ops = [await Wire.connect(srv.host, srv.port) for _ in range(3)]
+    with trio.fail_after(10):
+        assert await _ask(alice, b"AUTH " + ALICE.encode() + b"\r\n") == b"OK\r\n"
+        assert await _ask(ops, b"AUTH " + OPS.encode() + b"\r\n") == b"OK\r\n"
+        assert await _ask(ops, batch_request("app.ops", [b"o"])) == b"OK 0 1\r\n"  # ops: no quota
+        assert await _ask(alice, batch_request("app.1", [b"a"])) == b"OK 0 1\r\n"
+        assert await _ask(alice, batch_request("app.2", [b"a"])) == b"OK 0 1\r\n"
+        assert await _ask(alice, batch_request("app.3", [b"a"])) == b"ERR maximum topics allowed for alice (2)\r\n"
+        assert (await _ask(alice, batch_request("app.ops", [b"a"]))).startswith(b"OK ")  # exists: no new topic
+        assert (await _ask(alice, batch_request("app.1", [b"b"]))).startswith(b"OK ")
+        assert await _ask(anon, batch_request("anon.1", [b"x"])) == b"OK 0 1\r\n"
+        assert await _ask(anon, batch_request("anon.2", [b"x"])) == b"ERR maximum topics allowed for anonymous (1)\r\n"
+        assert await _ask(ops, b"DELETE app.2\r\n") == b"OK\r\n"
+        assert await _ask(alice, batch_request("app.3", [b"a"])) == b"OK 0 1\r\n"  # app.2's place
+        stats = await _stats(alice)
+    assert stats["topics.disallowed"] == "2"
+
+
 async def test_no_anonymous_table_means_no_anonymous_rights(nursery: trio.Nursery, tmp_path: Path) -> None:
     srv = await _server(nursery, tmp_path, f'[principals.alice]\ntoken = "{hash_token(ALICE)}"\nread = ["*"]\n')
     w = await Wire.connect(srv.host, srv.port)
@@ -205,6 +243,9 @@ async def test_follower_authenticates_as_a_node(nursery: trio.Nursery, tmp_path:
     ("[principals.a]\nsubject = \"CN=a\"\nrigths = []\n", r"unknown key 'rigths'"),
     ("[principals.anonymous]\nsubject = \"CN=a\"\n", r"use the top-level \[anonymous\] table"),
     ("[users]\n", r"unknown key 'users'"),
+    ("[anonymous]\nmax_topics = -1\n", r"\[anonymous\]\.max_topics: expected a whole number >= 0, got -1"),
+    ("[anonymous]\nmax_topics = \"5\"\n", r"\[anonymous\]\.max_topics: expected a whole number >= 0"),
+    ("[anonymous]\nmax_topics = true\n", r"\[anonymous\]\.max_topics: expected a whole number >= 0"),
     ("[anonymous\n", r"auth file .*auth\.toml: "),
 ])
 def test_bad_auth_files(tmp_path: Path, text: str, expected: str) -> None:

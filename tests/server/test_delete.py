@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,9 @@ import trio
 
 from logd_trio.core import requests as p
 from logd_trio.core.errors import RequestError
+from logd_trio.server.storage import syscalls
 from logd_trio.server.storage.files import DELETED_PREFIX
+from logd_trio.server.topic import INBOX_SIZE
 
 from ..harness import make_config, start_server
 from ..wire import Wire, batch_request
@@ -148,3 +152,80 @@ async def test_a_failed_removal_serves_the_topic_again(nursery: trio.Nursery, tm
     head, frames = await w.read_reply()
     assert head.startswith(b"OK 0 3") and len(frames) == 3
     await srv.stop()
+
+
+class GatedSync(syscalls.Layer):
+    """Once armed, every fsync and fdatasync waits for ``release`` (they run in worker threads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def _gate(self) -> None:
+        if self.armed:
+            self.entered.set()
+            self.release.wait(20)
+
+    def fsync(self, fd: int) -> None:
+        self._gate()
+        self.inner.fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self._gate()
+        self.inner.fdatasync(fd)
+
+
+async def test_a_writer_waiting_on_a_full_inbox_during_delete_keeps_its_connection(
+    nursery: trio.Nursery, tmp_path: Path, syscall_layer: Callable[[GatedSync], GatedSync]
+) -> None:
+    """A BATCH that waits for room in the topic's inbox when DELETE closes it goes to the topic
+    created anew: every batch is answered OK, none is lost, the connection stays open."""
+    gate = syscall_layer(GatedSync())
+    # --flush-batches 1: the topic task itself waits for an fsync after each round of appends
+    srv = await start_server(nursery, make_config(tmp_path / "d", fsync="never", flush_batches=1))
+    admin = await Wire.connect(srv.host, srv.port)
+    await _fill(admin, "t", 1)
+    with trio.fail_after(10):
+        while (await _stats(admin)).get("topic.t.fsyncs", 0) < 1:  # its fsync (after its OK) is done
+            pass
+    gate.armed = True
+    held = await Wire.connect(srv.host, srv.port)
+    await held.send(batch_request("t", [b"held"]))  # the topic task now waits in its fsync
+    writers = [await Wire.connect(srv.host, srv.port) for _ in range(INBOX_SIZE + 1)]
+    with trio.fail_after(10):
+        assert await trio.to_thread.run_sync(gate.entered.wait, 10)
+        for i, w in enumerate(writers):  # one batch each, in order: INBOX_SIZE fill the inbox,
+            await w.send(batch_request("t", [b"%04d" % i]))  # the last one waits for room
+            while (await _stats(admin))["requests.batch"] < 3 + i:
+                pass
+        await admin.send(b"DELETE t\r\n")
+        watcher = await Wire.connect(srv.host, srv.port)
+        while b"\r\nt: " in await _ask(watcher, b"TOPICS\r\n"):  # DELETE has closed the inbox
+            pass
+        gate.armed = False
+        gate.release.set()
+        assert await admin.line() == b"OK\r\n"
+        assert (await held.line()).startswith(b"OK ")
+        replies = [await w.line() for w in writers]
+    assert all(r.startswith(b"OK ") for r in replies[:-1]), replies
+    assert replies[-1] == b"OK 0 1\r\n"  # what waited for room went to the topic created anew
+    last = writers[-1]
+    await last.send(b"READ t 0 10000\r\nPING\r\n")
+    _, frames = await last.read_reply()
+    assert frames == [batch_request("t", [b"%04d" % INBOX_SIZE])]
+    assert await last.line() == b"PONG\r\n"
+    await srv.stop()
+
+
+async def _stats(w: Wire) -> dict[str, int]:
+    await w.send(b"STATS\r\n")
+    body = (await w.reply()).split(b"\r\n", 1)[1]
+    return {k: int(v) for k, v in (line.decode().split(": ", 1) for line in body.split(b"\r\n") if b": " in line)
+            if v.isdigit()}
+
+
+async def _ask(w: Wire, request: bytes) -> bytes:
+    await w.send(request)
+    return await w.reply()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -51,9 +52,12 @@ class EtcdClient:
     """Use as ``async with EtcdClient(endpoints) as etcd:``."""
 
     def __init__(self, endpoints: str | Sequence[str], *, timeout: float = 2.0,
-                 connect_timeout: float = 0.5, max_connections: int = 16) -> None:
+                 connect_timeout: float = 0.5, max_connections: int = 16,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: how https:// endpoints are checked (and which client certificate is
+        presented); None: the system's trust store."""
         self.transport = Transport(endpoints, timeout=timeout, connect_timeout=connect_timeout,
-                                   max_connections=max_connections)
+                                   max_connections=max_connections, ssl_context=ssl_context)
 
     @property
     def endpoints(self) -> list[str]:

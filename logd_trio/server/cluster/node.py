@@ -44,6 +44,7 @@ from logd_trio.server.cluster.session import Session, open_session
 __all__ = ["ClusterNode", "ClusterView"]
 
 log = logging.getLogger("logd_trio.server.cluster")
+JOIN_REPORT_EVERY = 10.0  # seconds between two log lines while etcd cannot be reached at start
 
 Role = Literal["starting", "leader", "follower", "no leader"]
 
@@ -112,6 +113,7 @@ class ClusterNode:
         """The cluster id, once etcd is known to be the one this node joined (retried
         while etcd is unreachable); ClusterMismatch if it is not."""
         backoff = 0.1
+        report_at = trio.current_time()  # the first failure is logged, then one line per JOIN_REPORT_EVERY
         while True:
             try:
                 stored = self.cluster_id
@@ -120,6 +122,9 @@ class ClusterNode:
                 break
             except EtcdUnavailable as e:
                 self._etcd_state(str(e))
+                if trio.current_time() >= report_at:
+                    log.warning("cluster %s: node %s cannot reach etcd yet: %s", self.keys.cluster, self.me.node, e)
+                    report_at = trio.current_time() + JOIN_REPORT_EVERY
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
         if stored is not None and got != stored:

@@ -13,6 +13,7 @@ EtcdIndeterminate and the caller re-reads to find out.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from logd_trio.core.tls import describe as tls_describe
 from logd_trio.server.cluster.etcd_wire import (
     CODE_UNAVAILABLE,
     EtcdBadReply,
@@ -48,7 +50,7 @@ def parse_endpoints(text: str | Sequence[str]) -> list[str]:
         url = item if "://" in item else f"http://{item}"
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-            raise ValueError(f"bad etcd endpoint {item!r}: expected http://HOST:PORT")
+            raise ValueError(f"bad etcd endpoint {item!r}: expected http://HOST:PORT or https://HOST:PORT")
         try:
             port = parts.port
         except ValueError:
@@ -66,7 +68,7 @@ class Transport:
     """The endpoints, the one HTTP client, and which endpoint answered last."""
 
     def __init__(self, endpoints: str | Sequence[str], *, timeout: float, connect_timeout: float,
-                 max_connections: int) -> None:
+                 max_connections: int, ssl_context: ssl.SSLContext | None = None) -> None:
         if not (timeout > 0 and connect_timeout > 0):
             raise ValueError("etcd timeouts must be positive")
         if max_connections < 2:
@@ -77,7 +79,7 @@ class Transport:
         self.current = 0
         self.http = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            headers=REQUIRE_LEADER, trust_env=False)
+            headers=REQUIRE_LEADER, trust_env=False, verify=ssl_context if ssl_context is not None else True)
 
     async def aclose(self) -> None:
         with trio.move_on_after(1) as scope:
@@ -178,6 +180,12 @@ def num(value: object) -> int:
 
 
 def describe(e: BaseException) -> str:
+    """One line: the error, or for a TLS failure (an https:// endpoint) why the handshake failed."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return f"TLS: {tls_describe(cause)}"
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
