@@ -18,7 +18,7 @@ import typer
 from logd_trio.client.failover import FailoverWriter, parse_hosts
 from logd_trio.client.writer import Writer
 from logd_trio.core.defaults import DEFAULT_ADDRESS
-from logd_trio.core.errors import MessageTooLarge, WriteFailed
+from logd_trio.core.errors import MessageTooLarge, Timeout, WriteFailed
 
 from .errors import run
 from .options import (
@@ -150,14 +150,18 @@ def write(
     out = _AckPrinter(sys.stdout)
 
     async def feed(w: Writer | FailoverWriter, counts: list[int]) -> None:
-        if messages:
-            for m in messages:
-                data = m.encode()
-                await w.write(data)
-                counts[0] += 1
-                counts[1] += len(data)
-        else:
-            await _write_lines(w, input_file, counts)
+        try:
+            if messages:
+                for m in messages:
+                    data = m.encode()
+                    await w.write(data)
+                    counts[0] += 1
+                    counts[1] += len(data)
+            else:
+                await _write_lines(w, input_file, counts)
+        except MessageTooLarge:
+            await w.flush()  # the messages before it are written first (leaving on an error does not flush)
+            raise
 
     async def main() -> None:
         start = trio.current_time()
@@ -180,10 +184,15 @@ def write(
                     await feed(w, counts)
         except BaseException as exc:
             out.flush()
-            failed = writers[0].failed if writers and isinstance(writers[0], Writer) else []
+            used = writers[0] if writers else None
+            failed = used.failed if isinstance(used, Writer) else []
             if failed and not isinstance(exc, WriteFailed):
                 lost = sum(b.count for b in failed)
                 typer.echo(f"logd write: {lost} message(s) were not written: {failed[0].error}", err=True)
+            elif (isinstance(used, FailoverWriter) and used.pending_messages
+                  and not isinstance(exc, WriteFailed | Timeout)):  # those say how many
+                typer.echo(f"logd write: {used.pending_messages} message(s) may not have been written: "
+                           f"{exc or type(exc).__name__}", err=True)  # their fate is unknown
             if count:  # also when interrupted: what was acknowledged by then
                 _summary(writers[0].acked_messages if writers else 0, counts, start)
             raise

@@ -182,3 +182,23 @@ async def test_lines_from_a_pipe_go_in_full_batches(tmp_path: Path, monkeypatch:
             assert acks[:-1] == [per_batch] * (len(acks) - 1) and sum(acks) == len(lines)
             assert await stored(c, "full") == lines
         await server.stop()
+
+
+async def test_a_line_too_large_with_several_hosts_fails_after_writing_the_others(tmp_path: Path) -> None:
+    """``--host a,b`` (the failover writer): every line before it is stored, then it fails."""
+    given = tmp_path / "lines"
+    lines = [b"line%05d" % i for i in range(5000)]
+    given.write_bytes(b"".join(m + b"\n" for m in lines) + b"z" * 5000 + b"\nafter\n")
+    async with trio.open_nursery() as n:
+        server = await start_server(n, local_config(tmp_path / "data"))
+        address = server.addr
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                [sys.executable, "-m", "logd_trio_cli.main", "write", "--topic", "fw", "--host", f"{address},{address}",
+                 "--batch-size", "2000", "--input", str(given), "--quiet"],
+                capture_stdout=True, capture_stderr=True, check=False)
+        assert done.returncode != 0
+        assert b"message of 5000 bytes does not fit in a batch of 2000" in done.stderr, done.stderr
+        async with open_client(server.addr) as c:
+            assert await stored(c, "fw") == lines
+        await server.stop()
