@@ -54,9 +54,11 @@ def _summary(acked: int, counts: list[int], start: float) -> None:
 
 CHUNK = 1 << 20
 # Batches in flight on the connection (the server reads ahead 128 requests): with fsync
-# always, one fsync then covers up to 8 MiB of 64 KiB batches instead of 2 MiB, and what
-# the writer holds stays bounded (max_pending: the batch size times 129).
+# always, one fsync then covers up to 8 MiB of 64 KiB batches instead of 2 MiB.  Bigger
+# batches are fewer in flight (8 MiB of them, at least one), so what the writer holds stays
+# bounded whatever the batch size (max_pending: the batch size times in flight + 1).
 IN_FLIGHT = 128
+IN_FLIGHT_BYTES = 8 << 20
 # Linux's F_SETPIPE_SZ (not in the fcntl module before Python 3.10 on every platform).
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -178,7 +180,8 @@ def write(
                 async with (
                     connect_client(host, retries, timeout, security) as client,
                     client.writer(topic, batch_size=batch_size or None, flush_interval=flush_interval,
-                                  max_in_flight=IN_FLIGHT, on_ack=None if quiet else out, ack_timeout=timeout) as w,
+                                  max_in_flight=IN_FLIGHT, max_in_flight_bytes=IN_FLIGHT_BYTES,
+                                  on_ack=None if quiet else out, ack_timeout=timeout) as w,
                 ):
                     writers.append(w)
                     await feed(w, counts)

@@ -37,6 +37,7 @@ class WriterOptions(TypedDict, total=False):
     batch_size: int | None
     flush_interval: float | None
     max_in_flight: int
+    max_in_flight_bytes: int | None
     max_pending: int | None
     on_ack: AckCallback | None
     close_timeout: float

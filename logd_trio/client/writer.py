@@ -81,7 +81,9 @@ class Writer(Pipeline):
     Options: ``batch_size`` (bytes per BATCH request, at most the server's
     maximum), ``flush_interval`` (seconds before a partial batch is sent; None:
     only when full or flushed), ``max_in_flight`` (unacknowledged batches),
-    ``max_pending`` (bytes queued before ``write`` waits), ``on_ack(offset,
+    ``max_in_flight_bytes`` (if given, ``max_in_flight`` is at most this over the batch
+    size, at least 1), ``max_pending`` (bytes queued before ``write`` waits; by default
+    the batch size times ``max_in_flight`` + 1, at least 1 MiB), ``on_ack(offset,
     count)``, ``close_timeout`` (the exit flush after an error), ``ack_timeout``
     (a batch not acknowledged within it fails), ``open_timeout`` (opening:
     asking the server its batch size), ``resend`` (a batch whose connection broke before
@@ -99,6 +101,7 @@ class Writer(Pipeline):
         batch_size: int | None = None,
         flush_interval: float | None = 0.4,
         max_in_flight: int = 32,
+        max_in_flight_bytes: int | None = None,
         max_pending: int | None = None,
         on_ack: AckCallback | None = None,
         close_timeout: float = 5.0,
@@ -119,6 +122,7 @@ class Writer(Pipeline):
                          flush_interval=math.inf if flush_interval is None else flush_interval,
                          ack_timeout=ack_timeout, on_ack=on_ack, resend=resend)
         self._requested_batch_size = batch_size
+        self._in_flight_bytes = max_in_flight_bytes
         self._max_pending_opt = max_pending
         self.close_timeout = close_timeout
         self.open_timeout = open_timeout
@@ -319,6 +323,9 @@ class Writer(Pipeline):
         size = min(self._requested_batch_size or server_max, server_max)
         self._b.set_limit(size)
         self.batch_size = size
+        if self._in_flight_bytes is not None:  # fewer batches in flight when they are big
+            self.max_in_flight = max(1, min(self.max_in_flight, self._in_flight_bytes // size))
+            self._slots = anyio.Semaphore(self.max_in_flight)  # nothing was sent yet
         self.max_pending = self._max_pending_opt or max(size * (self.max_in_flight + 1), 1 << 20)
         self._tg = tg
         self._checkpoint_if_cancelled = fast_checkpoint_if_cancelled()

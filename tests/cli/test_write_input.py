@@ -21,7 +21,7 @@ import trio.lowlevel
 import trio.testing
 
 from cli import main as cli_main
-from cli.write_cmd import CHUNK, _pipe_chunks, _write_lines
+from cli.write_cmd import CHUNK, IN_FLIGHT, IN_FLIGHT_BYTES, _pipe_chunks, _write_lines
 from logd_trio.client.client import Client, open_client
 from logd_trio.core.errors import MessageTooLarge
 
@@ -201,4 +201,18 @@ async def test_a_line_too_large_with_several_hosts_fails_after_writing_the_other
         assert b"message of 5000 bytes does not fit in a batch of 2000" in done.stderr, done.stderr
         async with open_client(server.addr) as c:
             assert await stored(c, "fw") == lines
+        await server.stop()
+
+
+async def test_what_logd_write_holds_is_bounded_whatever_the_batch_size(tmp_path: Path) -> None:
+    """128 batches of 64 KiB in flight, but 2 of 4 MiB: in flight and max_pending about 8 MiB."""
+    async with trio.open_nursery() as n:
+        server = await start_server(n, local_config(tmp_path, batch_size=16 << 20))
+        async with open_client(server.addr) as c:
+            for size, in_flight in [(64 << 10, 128), (4 << 20, 2), (16 << 20, 1)]:
+                async with c.writer("b", batch_size=size, max_in_flight=IN_FLIGHT,
+                                    max_in_flight_bytes=IN_FLIGHT_BYTES) as w:
+                    assert (w.max_in_flight, w.max_pending) == (in_flight, size * (in_flight + 1)), size
+                    await w.write_many([b"m" * 1000] * (3 * size // 1000))  # sent through the smaller window
+                assert w.acked_messages == 3 * size // 1000
         await server.stop()
