@@ -5,8 +5,7 @@ is known".  A sender task writes sealed batches to one connection without
 waiting for their replies, keeping at most ``max_in_flight`` of them
 unacknowledged; a receiver task per connection matches the ``OK``/``ERR``
 replies to them in FIFO order.  :class:`logd_trio.client.writer.Writer` adds the
-public API (building batches, backpressure, flush) on top.
-"""
+public API (building batches, backpressure, flush) on top."""
 
 from __future__ import annotations
 
