@@ -40,7 +40,21 @@ def state(b: BatchBuilder) -> tuple[bytes, int, int]:
     return b"".join(b.parts), b.size, b.count
 
 
-messages = st.lists(st.binary(max_size=300), max_size=60)
+messages = st.lists(st.binary(max_size=300) | st.integers(300, 3100).map(b"m".__mul__), max_size=60)
+
+
+def test_the_property_reaches_the_path_for_big_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generated messages are big enough, now and then, for add_many's other path."""
+    calls: list[int] = []
+    real = BatchBuilder._add_many_big
+
+    def counted(self: BatchBuilder, msgs: list[bytes], seq: int, now: float) -> tuple[list[WriteBatch], int]:
+        calls.append(len(msgs))
+        return real(self, msgs, seq, now)
+
+    monkeypatch.setattr(BatchBuilder, "_add_many_big", counted)
+    test_add_many_seals_the_batches_one_at_a_time_would()
+    assert len(calls) >= 20
 
 
 @settings(max_examples=300, deadline=None)
@@ -49,6 +63,11 @@ def test_add_many_seals_the_batches_one_at_a_time_would(batch_size: int, before:
                                                          new: list[bytes]) -> None:
     b = builder(batch_size, before)
     start = state(b)
+    if any(framed_size(len(m)) > b.body_limit for m in new):
+        with pytest.raises(MessageTooLarge):
+            b.add_many(new, len(before), 2.0)
+        assert state(b) == start  # all or nothing
+        return
     want_sealed, want_rest = model(b.body_limit, before, new)
     sealed, queued = b.add_many(new, len(before), 2.0)
     assert [s.messages() for s in sealed] == want_sealed
