@@ -418,7 +418,8 @@ def section_perrequest(args: argparse.Namespace) -> None:
                             "req/s": round(phase.requests / phase.seconds),
                             "p50/p99 ms": lat_ms(phase)}))
     shutil.rmtree(root, ignore_errors=True)
-    _piped_headline(args)
+    if "headline" not in (args.sections or SECTIONS):  # else that section runs it (once)
+        _piped_headline(args)
 
 
 def _piped_headline(args: argparse.Namespace) -> None:
