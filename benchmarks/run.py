@@ -17,6 +17,10 @@ Sections:
               on disk (/tmp) and on tmpfs (/dev/shm); the tmpfs / never runs
               also do the read phase (``logd bench``'s read figures).
 ``reads``     200k messages read to /dev/null; 16 concurrent readers.
+``headline``  ``yes "$L" | head -n 200000 | logd write`` and ``logd write`` of
+              one line, against the bench engine's pipelined line writer, same
+              server, same run (``benchmarks/headline.py``; ``--old TREE``
+              alternates rounds with another checkout).
 ``restart``   time from process start to listening, 10 MB and 1 GB of small
               batches (files generated directly in the stored frame format,
               index included; deleted afterwards).
@@ -29,8 +33,7 @@ Sections:
               ``readone`` (same pattern, no protocol).  Then the piped
               headline: ``yes "$L" | head -n 200000 | logd write``, L of
               1000 bytes, default durability (fsync always, disk), timed as a
-              whole process (median of 3), against the ``ingest`` ceiling
-              with fsync.
+              whole process (median of 3): the ``headline`` section.
 (rss)         server RSS and CPU under 16 busy connections: sampled from
               /proc during every ingest run, reported for the 16-connection ones.
 
@@ -66,12 +69,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import baseline  # noqa: E402
+import headline  # noqa: E402
 import pipeline  # noqa: E402
 
 from logd_trio.core.framing import build_body, build_frame  # noqa: E402
 from logd_trio.server.storage.index import HEADER as INDEX_HEADER  # noqa: E402
 from logd_trio.tools.bench import BenchConfig, PhaseResult, read_messages, run_bench  # noqa: E402
-from logd_trio.tools.bench_phases import topic_spans  # noqa: E402
 
 DISK = Path("/tmp/logd-bench")
 TMPFS = Path("/dev/shm/logd-bench")
@@ -420,41 +423,29 @@ def section_perrequest(args: argparse.Namespace) -> None:
                             "req/s": round(phase.requests / phase.seconds),
                             "p50/p99 ms": lat_ms(phase)}))
     shutil.rmtree(root, ignore_errors=True)
-    _piped_headline(args)
+    if "headline" not in (args.sections or SECTIONS):  # else that section runs it (once)
+        _piped_headline(args)
 
 
 def _piped_headline(args: argparse.Namespace) -> None:
     n, size = 200_000, 1000
-    print(f"perrequest: piped headline, yes | head -n {n} | logd write, {size} B lines, fsync always (disk)",
+    print(f"headline: yes | head -n {n} | logd write, {size} B lines, fsync always (disk), median of 3",
           flush=True)
-    logd = Path(sys.executable).with_name("logd")
-    cli = '"$LOGD"' if logd.exists() else '"$PY" -c "import sys; from cli.main import main; main()"'
-    script = f'yes "$L" | head -n {n} | {cli} write --host "$HOST" --topic piped'
-    bl = baseline.run("ingest", 1, args.duration, directory=DISK / "bl", fsync=True)
-    bl_msgs = bl["mib_per_s"] * 2**20 / (size + 1)  # the same bytes as lines
-    times = []
-    for _ in range(3):
-        with logd_server(DISK / "data") as (port, _):
-            env = dict(os.environ, PYTHONPATH=str(REPO), L="x" * size, HOST=f"127.0.0.1:{port}", LOGD=str(logd),
-                       PY=sys.executable)
-            t0 = time.perf_counter()
-            subprocess.run(["bash", "-c", script], env=env, cwd=REPO, check=True, timeout=300,
-                           stdout=subprocess.DEVNULL)
-            times.append(time.perf_counter() - t0)
-            spans = trio.run(topic_spans, ("127.0.0.1", port))
-            stored = spans["piped"].end - spans["piped"].start
-            assert stored >= n * (size + 8), f"only {stored} bytes stored"  # every line, framed
-    dt = statistics.median(times)
-    report(Row("perrequest", f"yes | head -n {n} | logd write (s, median of 3)", dt, "s", None, "",
-               {"all runs": [round(t, 2) for t in times]}))
-    report(Row("perrequest", "yes | head | logd write, fsync always", n / dt, "msg/s", bl_msgs,
-               "1.5 x Go's rate", {"MB/s": round(n * (size + 1) / dt / 1e6, 1),
-                                  "ceiling MiB/s": round(bl["mib_per_s"], 1)}))
-    shutil.rmtree(DISK, ignore_errors=True)
+    summary = headline.run(args.old, 3, n, size)
+    new, ceiling = summary["NEW"], summary["ceiling"]
+    report(Row("headline", f"yes | head -n {n} | logd write (s)", new["s"], "s", None, "",
+               {"pipeline CPU s": round(new["pipeline cpu"], 2), "server CPU s": round(new["server cpu"], 2)}))
+    report(Row("headline", "yes | head | logd write, fsync always", new["msg/s"], "msg/s", ceiling["msg/s"],
+               "1.5 x Go's rate", {"MB/s": round(n * (size + 1) / new["s"] / 1e6, 1)}))
+    report(Row("headline", "logd write of one line (s)", new["one line s"], "s"))
+    if "OLD" in summary:
+        old = summary["OLD"]
+        report(Row("headline", "OLD time / NEW time, piped", old["s"] / new["s"], "x", None, "~2.5"))
+        report(Row("headline", "OLD time / NEW time, one line", old["one line s"] / new["one line s"], "x"))
 
 
 SECTIONS = {"pipeline": section_pipeline, "ingest": section_ingest, "reads": section_reads,
-            "restart": section_restart, "perrequest": section_perrequest}
+            "restart": section_restart, "perrequest": section_perrequest, "headline": _piped_headline}
 
 
 def calibrate() -> float:
@@ -471,6 +462,7 @@ def main() -> None:
     ap.add_argument("sections", nargs="*", choices=[*SECTIONS, []], default=[])
     ap.add_argument("--duration", type=float, default=2.0, help="seconds per measured phase [2]")
     ap.add_argument("--json", type=Path, help="also write every row to this file")
+    ap.add_argument("--old", type=Path, help="headline: another checkout to alternate with (OLD/NEW rounds)")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, {os.uname().release}, python {sys.version.split()[0]}, "
           f"load {os.getloadavg()[0]:.2f}, calibration {calibrate():.3f} CPU-s", flush=True)

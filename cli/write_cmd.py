@@ -18,7 +18,7 @@ import typer
 from logd_trio.client.failover import FailoverWriter, parse_hosts
 from logd_trio.client.writer import Writer
 from logd_trio.core.defaults import DEFAULT_ADDRESS
-from logd_trio.core.errors import WriteFailed
+from logd_trio.core.errors import MessageTooLarge, Timeout, WriteFailed
 
 from .errors import run
 from .options import (
@@ -54,6 +54,12 @@ def _summary(acked: int, counts: list[int], start: float) -> None:
 
 
 CHUNK = 1 << 20
+# Batches in flight on the connection (the server reads ahead 128 requests): with fsync
+# always, one fsync then covers up to 8 MiB of 64 KiB batches instead of 2 MiB.  Bigger
+# batches are fewer in flight (8 MiB of them, at least one), so what the writer holds stays
+# bounded whatever the batch size (max_pending: the batch size times in flight + 1).
+IN_FLIGHT = 128
+IN_FLIGHT_BYTES = 8 << 20
 # Linux's F_SETPIPE_SZ (not in the fcntl module before Python 3.10 on every platform).
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -147,14 +153,18 @@ def write(
     out = _AckPrinter(sys.stdout)
 
     async def feed(w: Writer | FailoverWriter, counts: list[int]) -> None:
-        if messages:
-            for m in messages:
-                data = m.encode()
-                await w.write(data)
-                counts[0] += 1
-                counts[1] += len(data)
-        else:
-            await _write_lines(w, input_file, counts)
+        try:
+            if messages:
+                for m in messages:
+                    data = m.encode()
+                    await w.write(data)
+                    counts[0] += 1
+                    counts[1] += len(data)
+            else:
+                await _write_lines(w, input_file, counts)
+        except MessageTooLarge:
+            await w.flush()  # the messages before it are written first (leaving on an error does not flush)
+            raise
 
     async def main() -> None:
         start = trio.current_time()
@@ -172,16 +182,22 @@ def write(
                 async with (
                     connect_client(host, retries, timeout, security) as client,
                     client.writer(topic, batch_size=batch_size or None, flush_interval=flush_interval,
+                                  max_in_flight=IN_FLIGHT, max_in_flight_bytes=IN_FLIGHT_BYTES,
                                   on_ack=None if quiet else out, ack_timeout=timeout) as w,
                 ):
                     writers.append(w)
                     await feed(w, counts)
         except BaseException as exc:
             out.flush()
-            failed = writers[0].failed if writers and isinstance(writers[0], Writer) else []
+            used = writers[0] if writers else None
+            failed = used.failed if isinstance(used, Writer) else []
             if failed and not isinstance(exc, WriteFailed):
                 lost = sum(b.count for b in failed)
                 typer.echo(f"logd write: {lost} message(s) were not written: {failed[0].error}", err=True)
+            elif (isinstance(used, FailoverWriter) and used.pending_messages
+                  and not isinstance(exc, WriteFailed | Timeout)):  # those say how many
+                typer.echo(f"logd write: {used.pending_messages} message(s) may not have been written: "
+                           f"{exc or type(exc).__name__}", err=True)  # their fate is unknown
             if count:  # also when interrupted: what was acknowledged by then
                 _summary(writers[0].acked_messages if writers else 0, counts, start)
             raise
@@ -236,6 +252,7 @@ async def _write_lines(w: Writer | FailoverWriter, input_file: Path | None, coun
     size = os.fstat(f.fileno()).st_size if progress else 0
     seen = 0
     shown = trio.current_time()
+    longest = w.batch_size  # no message is longer
     rest = b""
     read_chunk = _chunk_reader(f)
     try:
@@ -252,15 +269,16 @@ async def _write_lines(w: Writer | FailoverWriter, input_file: Path | None, coun
                 if not chunk:
                     break
                 seen += len(chunk)
-                data = rest + chunk if rest else chunk
-                cut = data.rfind(b"\n") + 1
-                rest = data[cut:]
-                block = data[:cut]
-                if b"\r" in block:
-                    block = block.replace(b"\r\n", b"\n")
-                lines = [ln for ln in block.split(b"\n") if ln]
-                counts[0] += await w.write_many(lines)
-                counts[1] += len(block) - block.count(b"\n")  # the lines' bytes
+                cr = b"\r" in chunk or rest.endswith(b"\r")  # a CRLF ending to strip (one memchr)
+                lines = chunk.split(b"\n")
+                if rest:
+                    lines[0] = rest + lines[0]
+                rest = lines.pop()  # after the last newline: the start of a line
+                if lines:
+                    await _write_lines_of(w, lines, counts, cr)
+                if len(rest) > longest:  # it can never be sent: don't buffer more of it
+                    raise MessageTooLarge(f"a line of more than {longest} bytes cannot be written "
+                                          f"(the batch size is {longest} bytes)")
                 if progress and trio.current_time() - shown > 0.2:
                     shown = trio.current_time()
                     pct = 100 * seen / size if size else 100.0
@@ -277,6 +295,25 @@ async def _write_lines(w: Writer | FailoverWriter, input_file: Path | None, coun
             f.close()
         if progress:
             sys.stderr.write(f"\r100.0%  {counts[0]} messages\n")
+
+
+async def _write_lines_of(w: Writer | FailoverWriter, lines: list[bytes], counts: list[int], cr: bool) -> None:
+    """Write each non-empty one of ``lines`` (complete lines, newline removed; a CRLF ending
+    counts as one; ``cr``: some line may end in CR) with one ``write_many`` for the lot:
+    C-level work per line."""
+    if cr:
+        lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+    lines = list(filter(None, lines))
+    try:
+        counts[0] += await w.write_many(lines)
+    except MessageTooLarge:
+        # Nothing of these was queued: write the lines before the one too large, then fail.
+        for line in lines:
+            await w.write(line)  # raises at the first one too large
+            counts[0] += 1
+            counts[1] += len(line)
+        raise
+    counts[1] += sum(map(len, lines))
 
 
 def register(app: typer.Typer) -> None:

@@ -7,8 +7,11 @@ being built and seals it into one ``BATCH`` request (the one encoder,
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Generator
 from dataclasses import dataclass
+from itertools import accumulate, repeat
+from operator import add
 from typing import Any, Final
 
 import anyio
@@ -133,6 +136,95 @@ class BatchBuilder:
         self.size = 0
         self.count = 0
         return batch
+
+    def add_many(self, msgs: list[bytes], seq: int, now: float) -> tuple[list[WriteBatch], int]:
+        """Frame ``msgs`` (the messages after number ``seq``) into the batch being built,
+        sealing each batch that fills up, in order.  Returns the sealed batches and how many
+        bytes this adds to the queue (framing and request lines included).  All or nothing:
+        :class:`MessageTooLarge` is raised before anything changes.
+
+        The work is per batch, not per message: lengths, ``MSG`` headers and batch ends
+        are computed by C-level ``map``/``accumulate``, each batch is cut with a bisection.
+        """
+        if not msgs:
+            return [], 0
+        lengths = list(map(len, msgs))
+        limit = self.body_limit
+        if max(lengths) + MAX_MSG_OVERHEAD > limit:
+            return self._add_many_big(msgs, seq, now)
+        n = len(msgs)
+        heads = list(map(b"MSG %d\r\n".__mod__, lengths))
+        # ends[k]: where message k's framing ends, counted from the first new message
+        ends = list(accumulate(map(add, map(len, heads), map(add, lengths, repeat(2)))))
+        parts = [CRLF] * (3 * n)
+        parts[0::3] = heads
+        parts[1::3] = msgs
+        sealed: list[WriteBatch] = []
+        queued = ends[-1]
+        carried, size, count, receipts = self.parts, self.size, self.count, self.receipts
+        i = base = 0
+        while (j := bisect_right(ends, base + limit - size, i)) < n:  # messages i..j-1 fit, j does not
+            assert j > i or count, "a message that fits alone fits an empty batch"
+            body = parts[3 * i : 3 * j]
+            batch = self.make(carried + body if carried else body, count + j - i, seq + j)
+            batch.receipts, receipts = receipts, None
+            if j > i:
+                size += ends[j - 1] - base
+                base = ends[j - 1]
+            queued += len(batch.request) - size
+            sealed.append(batch)
+            carried, size, count, i = [], 0, 0, j
+        rest = parts[3 * i :]
+        if not count:
+            self.since = now
+        if carried:
+            carried += rest  # still the batch being built: extend it in place
+        else:
+            carried = rest
+        self.parts, self.receipts = carried, receipts
+        self.size, self.count = size + ends[-1] - base, count + n - i
+        return sealed, queued
+
+    def _add_many_big(self, msgs: list[bytes], seq: int, now: float) -> tuple[list[WriteBatch], int]:
+        """:meth:`add_many` when a message may be too big for the conservative limit: such a
+        message becomes a batch of its own (or raises MessageTooLarge, before any change)."""
+        limit = self.body_limit
+        alone = {i: self.alone(m) for i, m in enumerate(msgs)
+                 if len(m) + MAX_MSG_OVERHEAD > limit and len(msg_header(len(m))) + len(m) + 2 > limit}
+        # Build in locals, then commit in one step.
+        carried = self.parts
+        parts: list[bytes] = []
+        size, count, since, receipts = self.size, self.count, self.since, self.receipts
+        queued = 0
+        sealed: list[WriteBatch] = []
+        for i, m in enumerate(msgs, seq + 1):
+            big = alone.get(i - seq - 1)
+            head = msg_header(len(m))
+            framed = len(head) + len(m) + 2
+            if big is not None or size + framed > limit:
+                if count:
+                    batch = self.make(carried + parts if carried else parts, count, i - 1)
+                    batch.receipts, receipts = receipts, None
+                    queued += len(batch.request) - size
+                    sealed.append(batch)
+                    carried, parts, size, count = [], [], 0, 0
+                if big is not None:
+                    big.last_seq = i
+                    queued += len(big.request)
+                    sealed.append(big)
+                    continue
+            if not count:
+                since = now
+            parts += (head, m, CRLF)
+            size += framed
+            count += 1
+            queued += framed
+        if carried:
+            carried += parts
+        else:
+            self.parts = parts
+        self.size, self.count, self.since, self.receipts = size, count, since, receipts
+        return sealed, queued
 
     def alone(self, m: bytes) -> WriteBatch:
         """A batch of one message too big for the conservative limit (it may still fit, exactly).

@@ -30,7 +30,15 @@ import anyio
 from logd_trio.client.transport import Connection, RetryPolicy, TLSTimeout, authenticate, connect
 from logd_trio.core.addresses import AddressError, format_address, parse_address
 from logd_trio.core.defaults import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_REPLY
-from logd_trio.core.errors import BadReply, ClientError, ConnectionLost, NotAllowed, Timeout, Unsupported, WriteFailed
+from logd_trio.core.errors import (
+    BadReply,
+    ConnectionLost,
+    MessageTooLarge,
+    NotAllowed,
+    Timeout,
+    Unsupported,
+    WriteFailed,
+)
 from logd_trio.core.framing import build_body, framed_size
 from logd_trio.core.replies import ErrorReply, MokReply, OffsetReply, ReplyKind
 from logd_trio.core.requests import encode_batch
@@ -217,13 +225,17 @@ class FailoverWriter:
         await self.write_many([message])
 
     async def write_many(self, messages: Iterable[bytes]) -> int:
-        """Queue and send ``messages`` (sealing the last partial batch); returns how many."""
-        n = 0
+        """Queue and send ``messages`` (sealing the last partial batch); returns how many.
+
+        Raises :class:`MessageTooLarge`, having queued none of them, if one cannot fit in a batch."""
+        messages = messages if isinstance(messages, (list, tuple)) else list(messages)
         line = 48 + len(self.topic)  # room for "BATCH <size> <topic> <crc> <count>\r\n"
+        longest = max(map(len, messages), default=0)
+        if framed_size(longest) + line > self.batch_size:
+            raise MessageTooLarge(f"message of {longest} bytes does not fit in a batch of {self.batch_size}")
+        n = 0
         for m in messages:
             framed = framed_size(len(m))
-            if framed + line > self.batch_size:
-                raise ClientError(f"message of {len(m)} bytes does not fit in a batch of {self.batch_size}")
             if self._size + framed + line > self.batch_size:
                 await self._seal()
             self._parts.append(m)

@@ -5,8 +5,7 @@ is known".  A sender task writes sealed batches to one connection without
 waiting for their replies, keeping at most ``max_in_flight`` of them
 unacknowledged; a receiver task per connection matches the ``OK``/``ERR``
 replies to them in FIFO order.  :class:`logd_trio.client.writer.Writer` adds the
-public API (building batches, backpressure, flush) on top.
-"""
+public API (building batches, backpressure, flush) on top."""
 
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ __all__ = ["AckCallback", "Pipeline", "WriterOptions"]
 
 AckCallback = Callable[[int, int], None]
 RESEND_ATTEMPTS = 3  # with resend: a batch is sent at most this many times
+SEND_SIZE = 1 << 20  # the sender joins queued batches into one send up to this many bytes
 
 
 class WriterOptions(TypedDict, total=False):
@@ -36,6 +36,7 @@ class WriterOptions(TypedDict, total=False):
     batch_size: int | None
     flush_interval: float | None
     max_in_flight: int
+    max_in_flight_bytes: int | None
     max_pending: int | None
     on_ack: AckCallback | None
     close_timeout: float
@@ -206,12 +207,34 @@ class Pipeline:
             link.inflight.append(batch)
             batch.attempts += 1
             self._in_hand = None
+            data = self._more_for(link, batch.request)
             if link.wait is not None and link.wait.deadline == math.inf and self.ack_timeout is not None:
                 link.wait.deadline = anyio.current_time() + self.ack_timeout
             try:
-                await link.conn.send(batch.request)
+                await link.conn.send(data)
             except ConnectionLost as exc:
                 self._kill(link, exc)
+
+    def _more_for(self, link: _Link, request: bytes) -> bytes:
+        """``request`` and the requests of the batches queued behind it that have a slot, up
+        to SEND_SIZE bytes, in order: one send (and one wait) for the lot instead of one each.
+        They are in flight from here on, like the first."""
+        queue = self._ready or self._sealed
+        if not queue or self._slots.value == 0:
+            return request
+        parts = [request]
+        size = len(request)
+        while queue and self._slots.value > 0 and size < SEND_SIZE:
+            self._slots.acquire_nowait()
+            batch = queue.popleft()
+            self._queued_bytes -= len(batch.request)
+            link.inflight.append(batch)
+            batch.attempts += 1
+            parts.append(batch.request)
+            size += len(batch.request)
+            queue = self._ready or self._sealed
+        self._notify()
+        return b"".join(parts)
 
     async def _ensure_link(self) -> _Link:
         link = self._link
@@ -244,19 +267,21 @@ class Pipeline:
         timeout = self.ack_timeout
         while not link.dead:
             reply: Reply | None = None
-            with anyio.CancelScope() as wait:
-                if timeout is not None:
-                    # With batches in flight, the next reply is due within ack_timeout (the
-                    # sender arms the deadline when it sends to an idle link).
-                    link.wait = wait
-                    if link.inflight:
-                        wait.deadline = anyio.current_time() + timeout
-                try:
+            try:
+                if timeout is None:
                     reply = await conn.receive(ReplyKind.OFFSET)
-                except ConnectionLost as exc:
-                    self._kill(link, exc)
-                    return
-            link.wait = None
+                else:
+                    with anyio.CancelScope() as wait:
+                        # With batches in flight, the next reply is due within ack_timeout (the
+                        # sender arms the deadline when it sends to an idle link).
+                        link.wait = wait
+                        if link.inflight:
+                            wait.deadline = anyio.current_time() + timeout
+                        reply = await conn.receive(ReplyKind.OFFSET)
+                    link.wait = None
+            except ConnectionLost as exc:
+                self._kill(link, exc)
+                return
             if reply is None:  # the deadline passed
                 self._kill(link, Timeout(f"not acknowledged within {timeout:g} s (it may or may not be stored)"))
                 return

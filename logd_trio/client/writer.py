@@ -56,7 +56,7 @@ from typing import Final, Unpack
 import anyio
 import anyio.abc
 
-from logd_trio.client.batches import CRLF, MAX_MSG_OVERHEAD, Ack, Receipt, WriteBatch
+from logd_trio.client.batches import CRLF, Ack, Receipt, WriteBatch
 from logd_trio.client.pipeline import AckCallback, Pipeline, WriterOptions, _close
 from logd_trio.client.transport import (
     ClientLike,
@@ -81,7 +81,9 @@ class Writer(Pipeline):
     Options: ``batch_size`` (bytes per BATCH request, at most the server's
     maximum), ``flush_interval`` (seconds before a partial batch is sent; None:
     only when full or flushed), ``max_in_flight`` (unacknowledged batches),
-    ``max_pending`` (bytes queued before ``write`` waits), ``on_ack(offset,
+    ``max_in_flight_bytes`` (if given, ``max_in_flight`` is at most this over the batch
+    size, at least 1), ``max_pending`` (bytes queued before ``write`` waits; by default
+    the batch size times ``max_in_flight`` + 1, at least 1 MiB), ``on_ack(offset,
     count)``, ``close_timeout`` (the exit flush after an error), ``ack_timeout``
     (a batch not acknowledged within it fails), ``open_timeout`` (opening:
     asking the server its batch size), ``resend`` (a batch whose connection broke before
@@ -99,6 +101,7 @@ class Writer(Pipeline):
         batch_size: int | None = None,
         flush_interval: float | None = 0.4,
         max_in_flight: int = 32,
+        max_in_flight_bytes: int | None = None,
         max_pending: int | None = None,
         on_ack: AckCallback | None = None,
         close_timeout: float = 5.0,
@@ -119,6 +122,7 @@ class Writer(Pipeline):
                          flush_interval=math.inf if flush_interval is None else flush_interval,
                          ack_timeout=ack_timeout, on_ack=on_ack, resend=resend)
         self._requested_batch_size = batch_size
+        self._in_flight_bytes = max_in_flight_bytes
         self._max_pending_opt = max_pending
         self.close_timeout = close_timeout
         self.open_timeout = open_timeout
@@ -179,52 +183,9 @@ class Writer(Pipeline):
         Much cheaper per message than :meth:`write`.
         """
         await self._admit("write_many()")
-        msgs = [bytes(m) for m in messages]
-        b = self._b
-        limit = b.body_limit
-        # Messages too big for the conservative limit become batches of their own (this
-        # raises MessageTooLarge for one that cannot fit at all, before anything changes).
-        alone = {i: b.alone(m) for i, m in enumerate(msgs)
-                 if len(m) + MAX_MSG_OVERHEAD > limit and len(msg_header(len(m))) + len(m) + 2 > limit}
-        # Build in locals, then commit in one step: the batch being built (``carried``, then
-        # ``parts``) and the writer's counters change together or not at all.
-        carried = b.parts
-        parts: list[bytes] = []
-        size, count, since, seq = b.size, b.count, b.since, self._seq
-        queued = 0
-        sealed: list[WriteBatch] = []
-        receipts = b.receipts
-        now = anyio.current_time()
-        for i, m in enumerate(msgs):
-            big = alone.get(i)
-            head = msg_header(len(m))
-            framed = len(head) + len(m) + 2
-            if big is not None or size + framed > limit:
-                if count:
-                    batch = b.make(carried + parts if carried else parts, count, seq)
-                    batch.receipts, receipts = receipts, None
-                    queued += len(batch.request) - size
-                    sealed.append(batch)
-                    carried, parts, size, count = [], [], 0, 0
-                if big is not None:
-                    seq += 1
-                    big.last_seq = seq
-                    queued += len(big.request)
-                    sealed.append(big)
-                    continue
-            if not count:
-                since = now
-            parts += (head, m, CRLF)
-            size += framed
-            count += 1
-            seq += 1
-            queued += framed
-        if carried:
-            carried += parts  # still the batch being built: extend it in place
-        else:
-            b.parts = parts
-        b.size, b.count, b.since, b.receipts = size, count, since, receipts
-        self._seq = seq
+        msgs = list(map(bytes, messages))
+        sealed, queued = self._b.add_many(msgs, self._seq, anyio.current_time())
+        self._seq += len(msgs)
         self._pending += len(msgs)
         self._queued_bytes += queued
         self._sealed.extend(sealed)
@@ -296,8 +257,8 @@ class Writer(Pipeline):
         self._failed_bytes = sum(len(b.request) for b in self.failed)  # the caller may have removed some
         if self._failed_bytes >= self.max_pending:
             # Failed batches alone fill the budget: nothing the writer does will make room.
-            self._raise_failed(f"{len(self.failed)} failed batch(es) hold max_pending ({self.max_pending} bytes); "
-                               "retry_failed() or clear failed to go on")
+            self._raise_failed(f"{len(self.failed)} failed batch(es) hold max_pending ({self.max_pending} bytes; "
+                               f"first error: {self.failed[0].error}); retry_failed() or clear failed to go on")
         return queued + self._failed_bytes >= self.max_pending
 
     def _add(self, m: bytes, receipt: Receipt | None = None) -> bool:
@@ -362,6 +323,9 @@ class Writer(Pipeline):
         size = min(self._requested_batch_size or server_max, server_max)
         self._b.set_limit(size)
         self.batch_size = size
+        if self._in_flight_bytes is not None:  # fewer batches in flight when they are big
+            self.max_in_flight = max(1, min(self.max_in_flight, self._in_flight_bytes // size))
+            self._slots = anyio.Semaphore(self.max_in_flight)  # nothing was sent yet
         self.max_pending = self._max_pending_opt or max(size * (self.max_in_flight + 1), 1 << 20)
         self._tg = tg
         self._checkpoint_if_cancelled = fast_checkpoint_if_cancelled()

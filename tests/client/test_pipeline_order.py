@@ -7,10 +7,12 @@ import anyio
 import anyio.abc
 import pytest
 
-from logd_trio.client.client import RetryPolicy, open_client
+from logd_trio.client.client import Client, Connection, RetryPolicy, open_client
 from logd_trio.core.errors import InvalidBatch, Timeout, WriteFailed
+from logd_trio.core.framing import build_body, parse_frame_header
 
 from .live import read_line, scripted_peer, wait_all_tasks_blocked
+from .test_writer import read_all
 
 pytestmark = pytest.mark.anyio
 
@@ -124,3 +126,36 @@ async def test_resend_keeps_the_order(tg: anyio.abc.TaskGroup) -> None:
                     await w.write(_msg(i))
                 await w.flush()
     assert stored == [_msg(i) for i in range(5)]
+
+
+async def test_batches_queued_together_go_in_one_send_within_max_in_flight(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dozen batches sealed at once, four slots: the sender writes the first four with one
+    send, then each group that freed slots allows; every batch once, in order."""
+    sends: list[bytes] = []
+    original = Connection.send
+
+    async def send(self: Connection, data: bytes) -> None:
+        if data.startswith(b"BATCH"):
+            sends.append(data)
+        await original(self, data)
+
+    monkeypatch.setattr(Connection, "send", send)
+    msgs = [b"m%03d" % i + b"x" * 90 for i in range(100)]  # nine per batch of 1000 bytes
+    async with client.writer("grouped", batch_size=1000, max_in_flight=4, flush_interval=None) as w:
+        await w.write_many(msgs)
+    frames = []
+    per_send = []
+    for data in sends:
+        pos, count = 0, 0
+        while pos < len(data):
+            header = parse_frame_header(data, pos)
+            assert header is not None
+            frames.append(data[pos + header.header_len: pos + header.frame_len])
+            pos += header.frame_len
+            count += 1
+        per_send.append(count)
+    assert per_send[0] == 4 and max(per_send) <= 4  # never more than max_in_flight unanswered
+    assert len(sends) < len(frames)
+    assert b"".join(frames) == build_body(msgs)
+    assert await read_all(client, "grouped") == msgs
