@@ -299,7 +299,6 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
             epoch = h.leader_epoch
             leader_first = h.first
             state.leader_heads[name] = h.head
-            state.counters.fetch_bytes_in += len(reply.data)
             state.told(name, h.high_watermark)  # readers stop at min(this, what is stored here)
             if not reply.data:
                 if offset < h.first and not _is_empty(flog):
@@ -321,6 +320,7 @@ async def _fetch_loop(registry: Registry, topic: Topic, target: Target) -> None:
                 continue
             with trio.CancelScope(shield=True):  # a follower that stops (to lead) lets the reply land first
                 await _store(registry, topic, reply)
+            state.counters.fetch_bytes_in += len(reply.data)  # once stored: a retried reply counts once
             if h.offset + len(reply.data) >= h.head:
                 state.synced_topics.add(name)
 

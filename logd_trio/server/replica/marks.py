@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 from pathlib import Path
@@ -39,6 +40,9 @@ EPOCH_COUNTER: Final = "leader-epoch"
 HISTORY_FILE: Final = "history-id"
 HW_FILE: Final = "high-watermark"
 CHECKPOINT_INTERVAL: Final = 0.2  # seconds between checkpoints of moved high watermarks (at most)
+RETRY_FIRST: Final = 1.0  # seconds before the first retry of a failed checkpoint, doubled per failure
+RETRY_MAX: Final = 30.0  # ... up to this
+FAILURE_LOG_EVERY: Final = 60.0  # seconds between log lines while checkpoints keep failing
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:
@@ -114,6 +118,8 @@ class Watermarks:
         self._saved: dict[str, int] = {}
         self._dirty = trio.Event()
         self.checkpoints = 0  # written since start
+        self.failures = 0  # failed checkpoints in a row (retried with backoff)
+        self._logged_at = -math.inf  # when a failure was last logged
 
     def load(self) -> None:
         """Blocking: the last checkpoint (none: every mark at 0)."""
@@ -168,9 +174,17 @@ class Watermarks:
         try:
             await run_blocking(self.save, snapshot)
         except StorageError as e:
-            log.error("high-watermark checkpoint: %s; retried with the next move", e)
+            self.failures += 1
+            now = trio.current_time()
+            if self.failures == 1 or now - self._logged_at >= FAILURE_LOG_EVERY:
+                self._logged_at = now
+                again = f" ({self.failures} failures in a row)" if self.failures > 1 else ""
+                log.error("high-watermark checkpoint: %s%s; retried with backoff", e, again)
             self._dirty.set()
-            await trio.sleep(1.0)
+            await trio.sleep(min(RETRY_MAX, RETRY_FIRST * 2 ** (self.failures - 1)))
             return
+        if self.failures:
+            log.warning("high-watermark checkpoint written again after %d failures", self.failures)
+            self.failures = 0
         self._saved = snapshot
         self.checkpoints += 1

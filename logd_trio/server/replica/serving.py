@@ -57,7 +57,6 @@ def fetch_reply(state: ReplicaState, topic: Topic, req: Fetch, visible: int) -> 
         plan = topic.fds.hold(plan)
     hw = state.leader_hw(req.topic, visible, req.node, req.offset + plan.nbytes)
     header = FetchHeader(state.epoch, epoch, tlog.first, visible, req.offset, plan.nbytes, tuple(starts), hw)
-    state.counters.fetch_bytes_out += plan.nbytes
     return encode_fetch_header(header), plan, hw
 
 
@@ -92,6 +91,7 @@ async def serve_fetch(conn: FetchingConnection, req: Fetch, pending: bytearray) 
         return e
     await conn._send_plan(plan, pending, header)
     pending.clear()
+    state.counters.fetch_bytes_out += plan.nbytes  # once sent: a reply cut short is not counted
     return None
 
 

@@ -181,3 +181,43 @@ async def test_the_history_probe_is_small_whatever_the_topics_and_followers(tmp_
     small = s.extension_reply(Cluster(history=True))
     assert small == b'MOK 20\r\n{"history": "h-123"}\r\n'
     assert len(s.extension_reply(Cluster())) > 100_000  # what every fetch connection asked for before
+
+
+class _FullDisk(Layer):
+    """Every write fails with ENOSPC while ``full``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = True
+        self.attempts = 0
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, pos: int) -> int:
+        self.attempts += 1
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.inner.pwrite(fd, data, pos)
+
+
+async def test_a_full_disk_slows_checkpoint_retries_and_their_log_lines(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    m = Watermarks(tmp_path, 0o600)
+    disk = _FullDisk()
+    with install(disk), caplog.at_level("WARNING", logger="logd_trio.server.replica"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(m.run)
+            m.raise_to("t", 10)
+            for _ in range(600):  # ten minutes of a full disk, marks moving all the time
+                await trio.sleep(1)
+                m.raise_to("t", m.get("t") + 10)
+            # backoff 1, 2, 4, 8, 16, then every 30 s: about 25 tries in 600 s, not 500
+            assert 10 <= disk.attempts <= 30 and m.checkpoints == 0
+            errors = [r for r in caplog.records if r.levelname == "ERROR"]
+            assert 5 <= len(errors) <= 12  # the first, then one a minute (was one a try)
+            assert "No space left" in errors[0].getMessage()
+            assert "failures in a row" in errors[-1].getMessage()
+            disk.full = False
+            while m.checkpoints < 1:  # noqa: ASYNC110 (a worker thread writes; virtual time may jump)
+                await trio.sleep(1)
+            assert (tmp_path / HW_FILE).read_text() == f"t {m.get('t')}\n"
+            assert m.failures == 0 and "written again after" in caplog.records[-1].getMessage()
+            nursery.cancel_scope.cancel()
