@@ -153,7 +153,7 @@ def families(s: Snapshot) -> Iterator[Metric]:
 # STATS' replication.<key> as metrics: (name, kind, help).  See docs/replication.md.
 _REPLICATION: Final = {
     "bytes_fetched": ("logd_replication_fetched_bytes", "counter", "Frame bytes this follower fetched and stored."),
-    "bytes_served": ("logd_replication_served_bytes", "counter", "Frame bytes FETCH replies carried to followers (counted once sent)."),
+    "bytes_served": ("logd_replication_served_bytes", "counter", "Frame bytes FETCH replies sent to followers."),
     "lag_bytes": ("logd_replication_lag_bytes", "gauge", "A follower: bytes behind the leader's heads; a "
                   "leader: the furthest follower's bytes behind on one topic."),
     "lag_ms": ("logd_replication_lag_seconds", "gauge", "A leader: the longest a follower has not been caught up."),
