@@ -294,7 +294,8 @@ class Connection:
         try:
             pending = bytearray()
             if isinstance(req, Append):
-                await req.done.wait()  # the topic task answers once it is stored (and synced)
+                if not req.done.is_set():  # (set already when appended at once: Topic.append_now)
+                    await req.done.wait()  # the topic task answers once it is stored
                 pending += self._batch_reply(req)
             else:
                 await answer_read(self, req, pending)

@@ -101,7 +101,9 @@ class Registry:
             topic = self.topics.get(name) or await self.get_or_create(name, *(
                 (who.name, who.max_topics) if who is not None else ()))
             try:
-                return topic.try_append(frame, count) or await topic.append(frame, count)
+                # at once when the topic task is idle (Topic.append_now), else queued at the task
+                return (topic.append_now(frame, count) or topic.try_append(frame, count)
+                        or await topic.append(frame, count))
             except trio.ClosedResourceError:
                 if not topic.deleted:
                     raise  # the server is shutting down
