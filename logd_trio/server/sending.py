@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -30,7 +31,9 @@ from logd_trio.server.stats import Counters
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.tls import SEND_CHUNK, ServerSocket, TLSSocket, send_segments
 
-__all__ = ["SocketIO"]
+__all__ = ["Lend", "SocketIO"]
+
+Lend = Callable[[], contextlib.AbstractContextManager[None]]  # Topic.lend (server/topic_reads.py)
 
 
 class SocketIO:
@@ -88,14 +91,25 @@ class SocketIO:
             finally:
                 self.send_scope = None
 
-    async def send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None) -> None:
+    async def send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None,
+                        lend: Lend | None = None) -> None:
         """Header (after what is pending) then the frames from the files.  A borrowed plan's fds are
-        the partitions': it is made to own its fds before any wait."""
-        with plan:
+        the partitions': it is made to own its fds before any wait, or when that fails (e.g.
+        EMFILE) it keeps them, in ``lend()`` (the topic keeps its partitions open until the send
+        is done), so the reply still goes out whole."""
+        with plan, contextlib.ExitStack() as lent:
+            def own() -> None:
+                try:
+                    plan.own()
+                except OSError:
+                    if lend is None or not plan.borrowed:
+                        raise
+                    lent.enter_context(lend())
+
             pending += p.reply_read_header(plan.offset, plan.nbatches) if header is None else header
             view = memoryview(pending)
             if self.raw is None:  # TLS: bounded copies through the stream
-                plan.own()
+                own()
                 await self.send_all(view)
                 assert self.tls is not None
                 with trio.fail_after(self.send_timeout) as scope:
@@ -107,13 +121,13 @@ class SocketIO:
                 return
             n = send_now(self.raw, view)
             if n < len(view):
-                plan.own()
+                own()
                 await send_rest(self.raw, view[n:], self.send_timeout, self._on_scope)
             self.counters.bytes_out += len(view)
             k, pos, left, sent = sendfile_now(self.raw, plan.segments)
             self.counters.bytes_out += sent
             if k < len(plan.segments):  # the socket is full: wait for room, bounded per wait
-                plan.own()
+                own()
                 self.counters.bytes_out += await sendfile_rest(self.raw, plan.segments, (k, pos, left),
                                                                self.send_timeout, self._on_scope)
 

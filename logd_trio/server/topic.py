@@ -356,6 +356,7 @@ class Topic(TopicReads):
             await self._remove()
 
     async def _remove(self) -> None:
+        await self.until_returned()  # a lent plan sends from partitions retention may drop
         job = self.log.remove_job()
         if job is not None:
             log.info("topic %s: retention removes %s (first offset now %d)", self.name,
@@ -371,7 +372,7 @@ class Topic(TopicReads):
         files are then left to the OS, and recovery on the next start checks them)."""
         if self.failed is not None:
             self._fail_all(self.failed)
-            self.log.close_without_sync()
+            await self.close_files(self.config.shutdown_timeout)
             return
         with trio.move_on_after(self.config.shutdown_timeout) as scope:
             try:
@@ -385,11 +386,11 @@ class Topic(TopicReads):
             except (OSError, StorageError) as e:
                 log.critical("topic %s: final fsync failed: %s", self.name, e)
                 self._fail_all(StorageError("final fsync failed"))
-                self.log.close_without_sync()
+                await self.close_files(self.config.shutdown_timeout)
                 return
         if scope.cancelled_caught:
             log.critical("topic %s: final fsync still running after %gs: exiting without it", self.name,
                          self.config.shutdown_timeout)
             self._fail_all(StorageError("shutdown"))
             return
-        self.log.close_without_sync()  # everything is synced: closing needs no fsync
+        await self.close_files(self.config.shutdown_timeout)  # everything is synced: closing needs no fsync

@@ -4,7 +4,8 @@ state (the topic task publishes ``visible_head`` and sets ``_new_data``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -34,6 +35,36 @@ class TopicReads:
     verifier: Verifier
     read_cap: Callable[[], int] | None
     _new_data: trio.Event
+    _lent = 0  # borrowed READ plans still sending from the partitions' own fds (lend())
+    _returned: trio.Event | None = None
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[None]:
+        """While a borrowed plan sends from the partitions' own fds past a wait (its fds could
+        not be dup'ed, e.g. EMFILE): the topic neither removes nor closes partitions until then."""
+        self._lent += 1
+        try:
+            yield
+        finally:
+            self._lent -= 1
+            if not self._lent and self._returned is not None:
+                self._returned.set()
+                self._returned = None
+
+    async def until_returned(self) -> None:
+        """Return once no borrowed plan is lent out (before partitions are removed or closed)."""
+        while self._lent:
+            if self._returned is None:
+                self._returned = trio.Event()
+            await self._returned.wait()
+
+    async def close_files(self, seconds: float) -> None:
+        """Close the log's files without a sync once no lent plan sends from them (waiting at most
+        ``seconds``; else they are left open, to the OS at exit)."""
+        with trio.move_on_after(seconds):
+            await self.until_returned()
+        if not self._lent:
+            self.log.close_without_sync()
 
     @property
     def first(self) -> int:
