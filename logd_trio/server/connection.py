@@ -235,7 +235,8 @@ class Connection:
                 self.registry.replica.refuse_writes()  # a follower: ERR not leader HOST:PORT
                 # No checkpoint per batch: queue all the batches of one receive, then yield once.
                 item = await self.registry.append(req.topic, req.frame, req.count,
-                                                  self.guard.principal if self.guard is not None else None)
+                                                  self.guard.principal if self.guard is not None else None,
+                                                  direct=not self.parser.buffered)  # (else more follow)
                 if self.registry.replica.await_acks:  # the reply waits for followers, cluster (server/replica/acks.py)
                     item = AwaitReplicas(item, req.topic, self.registry.replica)
                 elif self._alone() and self.config.fsync != "always":  # (else it waits for an fsync:
