@@ -64,7 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=5000)
     args = ap.parse_args()
-    import trio.testing  # noqa: F401  (wait_all_tasks_blocked)
+    import trio.testing
     queued, direct = trio.run(appends, args.n)
     print(f"append through the topic task: {queued:.1f} µs; at once: {direct:.1f} µs ({direct / queued:.2f}x)")
     frame = batch()
