@@ -20,6 +20,7 @@ import timeit
 from pathlib import Path
 
 import trio
+import trio.testing
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,10 +37,7 @@ def batch() -> bytes:
     return build_frame("t", body, 65536 // 41)
 
 
-async def appends(n: int) -> tuple[float, float]:
-    shutil.rmtree(ROOT, ignore_errors=True)
-    ROOT.mkdir(parents=True)
-    topic = Topic.open(ROOT, "t", ServerConfig(workdir=str(ROOT), fsync="never", partition_size=1 << 30))
+async def appends(topic: Topic, n: int) -> tuple[float, float]:
     frame = build_frame("t", build_body([os.urandom(31)]), 1)
     best = {"queued": float("inf"), "direct": float("inf")}
     async with trio.open_nursery() as nursery:
@@ -56,7 +54,6 @@ async def appends(n: int) -> tuple[float, float]:
                     await item.done.wait()
                 best[way] = min(best[way], (time.perf_counter() - t0) / n * 1e6)
         topic.close_input()
-    shutil.rmtree(ROOT, ignore_errors=True)
     return best["queued"], best["direct"]
 
 
