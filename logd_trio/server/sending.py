@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -30,7 +31,9 @@ from logd_trio.server.stats import Counters
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.tls import SEND_CHUNK, ServerSocket, TLSSocket, send_segments
 
-__all__ = ["SocketIO"]
+__all__ = ["Lend", "SocketIO"]
+
+Lend = Callable[[], contextlib.AbstractContextManager[None]]  # Topic.lend (server/topic_reads.py)
 
 
 class SocketIO:
@@ -88,34 +91,48 @@ class SocketIO:
             finally:
                 self.send_scope = None
 
-    async def send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None) -> None:
+    async def send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None,
+                        lend: Lend | None = None) -> None:
         """Header (after what is pending) then the frames from the files.  A borrowed plan's fds are
-        the partitions': it is made to own its fds before any wait."""
+        the partitions': before any wait the plan is made to own its fds, or when that fails (e.g.
+        EMFILE) it keeps them, lent (``lend()``: the topic keeps its partitions open until the send
+        is done), so the reply still goes out whole."""
         with plan:
             pending += p.reply_read_header(plan.offset, plan.nbatches) if header is None else header
             view = memoryview(pending)
-            if self.raw is None:  # TLS: bounded copies through the stream
-                plan.own()
-                await self.send_all(view)
-                assert self.tls is not None
-                with trio.fail_after(self.send_timeout) as scope:
-                    self.send_scope = scope
-                    try:
-                        await send_segments(self.tls, plan.segments, scope, self.send_timeout, self.counters)
-                    finally:
-                        self.send_scope = None
-                return
-            n = send_now(self.raw, view)
-            if n < len(view):
-                plan.own()
-                await send_rest(self.raw, view[n:], self.send_timeout, self._on_scope)
-            self.counters.bytes_out += len(view)
-            k, pos, left, sent = sendfile_now(self.raw, plan.segments)
-            self.counters.bytes_out += sent
-            if k < len(plan.segments):  # the socket is full: wait for room, bounded per wait
-                plan.own()
-                self.counters.bytes_out += await sendfile_rest(self.raw, plan.segments, (k, pos, left),
-                                                               self.send_timeout, self._on_scope)
+            raw = self.raw
+            at: tuple[int, int, int] | None = None
+            if raw is not None:  # the usual case first: everything goes without a wait
+                n = send_now(raw, view)
+                if n == len(view):
+                    k, pos, left, sent = sendfile_now(raw, plan.segments)
+                    self.counters.bytes_out += n + sent
+                    if k == len(plan.segments):
+                        return
+                    view, at = view[n:], (k, pos, left)
+                else:
+                    view = view[n:]
+                    self.counters.bytes_out += n
+            with _kept(plan, lend):  # the socket is full: wait for room, bounded per wait
+                if raw is None:  # TLS: bounded copies through the stream
+                    await self.send_all(view)
+                    assert self.tls is not None
+                    with trio.fail_after(self.send_timeout) as scope:
+                        self.send_scope = scope
+                        try:
+                            await send_segments(self.tls, plan.segments, scope, self.send_timeout, self.counters)
+                        finally:
+                            self.send_scope = None
+                    return
+                if at is None:  # the header's rest, then the frames from the start
+                    await send_rest(raw, view, self.send_timeout, self._on_scope)
+                    self.counters.bytes_out += len(view)
+                    if not plan.segments:
+                        return
+                    _, first, length = plan.segments[0]
+                    at = (0, first, length)
+                self.counters.bytes_out += await sendfile_rest(raw, plan.segments, at, self.send_timeout,
+                                                               self._on_scope)
 
     async def linger_close(self) -> None:
         """Send FIN, then discard input briefly so the peer reads the last reply before the close."""
@@ -129,3 +146,17 @@ class SocketIO:
             return
         with contextlib.suppress(trio.BrokenResourceError, OSError):
             await discard_input(self.tls.recv_into)
+
+
+@contextlib.contextmanager
+def _kept(plan: ReadPlan, lend: Lend | None) -> Iterator[None]:
+    """The plan owns its fds in the block (dup'ed), or when that fails, borrowed ones lent by the topic."""
+    try:
+        plan.own()
+    except OSError:
+        if lend is None or not plan.borrowed:
+            raise
+        with lend():
+            yield
+        return
+    yield

@@ -229,3 +229,20 @@ def test_valid_topic() -> None:
     assert valid_topic(b"a" * 255)
     for bad in (b"", b".", b"..", b"a/b", b"a b", b"bad:name", b"a" * 256, b"\xff"):
         assert not valid_topic(bad)
+
+
+@pytest.mark.parametrize("size", [0, 1, 9, 31, 98])
+def test_the_uniform_walk_rejects_any_broken_framing_byte(size: int) -> None:
+    """Equal-length messages take the strided fast path: it counts them, and a change to any one
+    framing byte of any one record (header or trailing CRLF) is rejected, as the exact walk does."""
+    msgs = [bytes([65 + i % 26]) * size for i in range(7)]
+    body = build_body(msgs)
+    assert count_messages(body) == 7 and count_messages(b"xx" + body, 2) == 7
+    stride = len(body) // 7
+    header = len(b"MSG %d\r\n" % size)
+    for record in range(7):
+        for col in (*range(header), stride - 2, stride - 1):
+            broken = bytearray(body)
+            broken[record * stride + col] ^= 0x01  # e.g. "MSG" -> "LSG", "3" -> "2", CR -> FF
+            with pytest.raises(InvalidBatchError):
+                count_messages(bytes(broken))
