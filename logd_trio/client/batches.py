@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Generator
-from dataclasses import dataclass
 from itertools import accumulate, repeat
 from operator import add
 from typing import Any, Final
@@ -18,6 +17,7 @@ import anyio
 
 from logd_trio.core.errors import LogdError, MessageTooLarge
 from logd_trio.core.framing import frame_head, iter_messages, msg_header
+from logd_trio.core.records import Record
 
 __all__ = ["Ack", "BatchBuilder", "Receipt", "WriteBatch"]
 
@@ -26,8 +26,7 @@ CRLF: Final = b"\r\n"
 MAX_MSG_OVERHEAD: Final = 28
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(Record):
     """Where an acknowledged message is stored: its batch's offset and its delta in that batch."""
 
     offset: int

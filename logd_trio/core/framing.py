@@ -10,10 +10,10 @@ import importlib
 import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Final, cast
 
 from logd_trio.core.errors import InvalidBatchError
+from logd_trio.core.records import Record
 
 __all__ = [
     "FrameHeader",
@@ -197,8 +197,7 @@ def build_frame(topic: str | bytes, body: bytes, count: int) -> bytes:
     return frame_head(t, body, count) + body
 
 
-@dataclass(frozen=True, slots=True)
-class FrameHeader:
+class FrameHeader(Record):
     """The parsed first line of a stored frame."""
 
     size: int  # body size
