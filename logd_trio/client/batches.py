@@ -26,6 +26,20 @@ CRLF: Final = b"\r\n"
 MAX_MSG_OVERHEAD: Final = 28
 
 
+class _Heads(dict[int, bytes]):
+    """The ``MSG <n>`` line (CRLF included) by message length: a lookup per message instead of
+    formatting one (log lines come in few lengths); bounded, it starts afresh past 4096."""
+
+    def __missing__(self, n: int) -> bytes:
+        if len(self) >= 4096:
+            self.clear()
+        head = self[n] = msg_header(n)
+        return head
+
+
+_HEADS: Final = _Heads()
+
+
 class Ack(Record):
     """Where an acknowledged message is stored: its batch's offset and its delta in that batch."""
 
@@ -164,7 +178,7 @@ class BatchBuilder:
         if max(lengths) + MAX_MSG_OVERHEAD > limit:
             return self._add_many_big(msgs, seq, now)
         n = len(msgs)
-        heads = list(map(b"MSG %d\r\n".__mod__, lengths))
+        heads = list(map(_HEADS.__getitem__, lengths))
         # ends[k]: where message k's framing ends, counted from the first new message
         ends = list(accumulate(map(add, map(len, heads), map(add, lengths, repeat(2)))))
         parts = [CRLF] * (3 * n)

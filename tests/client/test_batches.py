@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logd_trio.client.batches import MAX_MSG_OVERHEAD, BatchBuilder, WriteBatch
+from logd_trio.client.batches import MAX_MSG_OVERHEAD, BatchBuilder, WriteBatch, _Heads
 from logd_trio.core.errors import MessageTooLarge
 from logd_trio.core.framing import build_body, build_frame, framed_size, parse_frame_header
 
@@ -142,3 +142,11 @@ def test_messages_that_fill_the_batch_exactly_share_it() -> None:
     assert framed_size(1) + framed_size(len(over)) == b.body_limit + 1
     sealed, _ = b.add_many([over], 3, 3.0)  # one byte too many with b"c": that batch is sealed
     assert [s.messages() for s in sealed] == [[b"c"]] and state(b)[2] == 1
+
+
+def test_msg_lines_come_from_a_bounded_cache() -> None:
+    heads = _Heads()
+    for n in range(5000):
+        assert heads[n] == b"MSG %d\r\n" % n
+        assert len(heads) <= 4096
+    assert heads[4999] is heads[4999]  # looked up, not formatted again
