@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from procs import stop_server  # noqa: E402
 from run import free_port, wait_listening  # noqa: E402
 
 from logd_trio.tools.bench import BenchConfig, run_bench  # noqa: E402
@@ -50,8 +50,7 @@ def measure(variant: str, msize: int, duration: float) -> float:
         assert res.write is not None
         return res.write.mib_per_s
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        stop_server(proc)
         subprocess.run(["rm", "-rf", str(workdir)], check=False)
 
 

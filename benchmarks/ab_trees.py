@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import pipeline  # noqa: E402
+from procs import stop_server  # noqa: E402
 from run import SERVER_CMD, _rss_mib, free_port, make_topic_files, wait_listening  # noqa: E402
 
 from logd_trio.tools.bench import BenchConfig, run_bench  # noqa: E402
@@ -61,12 +61,7 @@ def server(
         started = wait_listening(port, proc) - t0
         yield port, proc, started
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def bench(port: int, duration: float, conns: int, msize: int, read: bool) -> tuple[float, float | None]:

@@ -43,6 +43,9 @@ from pathlib import Path
 
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import stop_server
+
 CHUNK = 1 << 20
 RECV = 256 * 1024
 
@@ -311,8 +314,7 @@ def run(mode: str, conns: int, duration: float, *, directory: Path | None = None
             res["server_cpu_us_per_request"] = res["server_cpu_s"] / res["requests"] * 1e6
         return res
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_server(proc)
         if mode in ("ingest", "reqrep") and directory is not None:
             (directory / "data").unlink(missing_ok=True)
 

@@ -6,7 +6,8 @@ whole process; then ``logd write --topic one hello`` (start-up: one line, one ba
 ack).  With ``--old TREE`` each round runs the other tree (its own server and client) and
 this one alternately; every round also runs the ceiling: the bench engine's pipelined line
 writer (:func:`pipeline.write_lines`, 128 batches in flight like ``logd write``) against this
-tree's server, same lines, same fsync.  Prints each run, then medians and ratios.
+tree's server, same lines, same fsync.  After each piped run the topic is read back: it must
+hold exactly the lines written, each one intact.  Prints each run, then medians and ratios.
 
     python benchmarks/headline.py --old /tmp/old-tree [--rounds 3] [--lines 200000]
     python benchmarks/run.py headline          # this tree only, with the ceiling
@@ -20,7 +21,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,9 +37,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import pipeline  # noqa: E402
+from procs import stop_server  # noqa: E402
 
-from logd_trio.core.framing import framed_size  # noqa: E402
-from logd_trio.tools.bench_phases import topic_spans  # noqa: E402
+from logd_trio.client.client import open_client  # noqa: E402
+from logd_trio.core.framing import msg_header  # noqa: E402
 
 WORK = Path(tempfile.gettempdir())  # run() makes a directory of its own (concurrent runs)
 CLI = "import sys; from cli.main import main; sys.argv[0] = 'logd'; main()"
@@ -85,12 +86,7 @@ def server(tree: Path) -> Iterator[tuple[str, int]]:
         print("the server's log, last lines:", *(WORK / "server.log").read_text().splitlines()[-15:], sep="\n  ")
         raise
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         log.close()
         shutil.rmtree(data, ignore_errors=True)
 
@@ -106,11 +102,26 @@ def piped(tree: Path, lines: int, size: int) -> dict[str, float]:
                        stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
         client, srv = _children_cpu() - c0, _cpu(pid) - s0
-        address, _, port = host.rpartition(":")
-        spans = trio.run(topic_spans, (address, int(port)))
-        stored = spans["piped"].end - spans["piped"].start
-        assert stored >= lines * framed_size(size), f"only {stored} bytes stored"  # every line, framed
+        stored = trio.run(stored_messages, host, "piped", b"x" * size)
+        assert stored == lines, f"{stored} messages stored, {lines} written"
     return {"s": wall, "pipeline cpu": client, "server cpu": srv}
+
+
+async def stored_messages(host: str, topic: str, line: bytes) -> int:
+    """How many messages ``topic`` holds, read back from its first offset to its head (TOPICS);
+    AssertionError unless every one of them is ``line``."""
+    framed = msg_header(len(line)) + line + b"\r\n"
+    async with open_client(host) as client:
+        first, head = (await client.topics())[topic]
+        offset, count = first, 0
+        while offset < head:
+            reply = await client.read(topic, offset, 20_000)
+            for batch in reply.batches:
+                assert batch.body == framed * batch.count, f"batch at {batch.offset}: not {batch.count} x the line"
+                count += batch.count
+            offset = reply.next_offset
+        assert offset == head, f"read up to {offset}, the head is {head}"
+    return count
 
 
 def one_line(tree: Path, runs: int = 5) -> float:

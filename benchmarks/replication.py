@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import stop_server
 from run import REPO, logd_server
 
 # set-up: (followers, --min-insync with --acks all; 0: --acks leader)
@@ -114,12 +115,7 @@ def bench_load(port: int, duration: float) -> Iterator[None]:
         time.sleep(1.0)  # the load is on
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def follower_lag(leader: int, follower: int, n: int) -> list[float]:

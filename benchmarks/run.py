@@ -49,7 +49,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -71,6 +70,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import baseline  # noqa: E402
 import headline  # noqa: E402
 import pipeline  # noqa: E402
+from procs import stop_server  # noqa: E402
 
 from logd_trio.core.framing import build_body, build_frame  # noqa: E402
 from logd_trio.server.storage.index import HEADER as INDEX_HEADER  # noqa: E402
@@ -169,12 +169,7 @@ def logd_server(workdir: Path, *args: str, fresh: bool = True) -> Iterator[tuple
         wait_listening(port, proc)
         yield port, proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 # ---------------------------------------------------------------- results
@@ -367,8 +362,7 @@ def section_restart(args: argparse.Namespace) -> None:
             try:
                 dt = wait_listening(port, proc) - t0
             finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(60)
+                stop_server(proc)
             if i == 0:
                 first = dt
             else:

@@ -2,14 +2,13 @@
 
 Pure bookkeeping, no I/O: :class:`BatchBuilder` frames messages into the batch
 being built and seals it into one ``BATCH`` request (the one encoder,
-:func:`logd_trio.core.framing.build_frame`) when the next message would not fit.
+:func:`logd_trio.core.framing.frame_head`) when the next message would not fit.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Generator
-from dataclasses import dataclass
 from itertools import accumulate, repeat
 from operator import add
 from typing import Any, Final
@@ -17,7 +16,8 @@ from typing import Any, Final
 import anyio
 
 from logd_trio.core.errors import LogdError, MessageTooLarge
-from logd_trio.core.framing import build_frame, iter_messages, msg_header
+from logd_trio.core.framing import frame_head, iter_messages, msg_header
+from logd_trio.core.records import Record
 
 __all__ = ["Ack", "BatchBuilder", "Receipt", "WriteBatch"]
 
@@ -26,8 +26,21 @@ CRLF: Final = b"\r\n"
 MAX_MSG_OVERHEAD: Final = 28
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+class _Heads(dict[int, bytes]):
+    """The ``MSG <n>`` line (CRLF included) by message length: a lookup per message instead of
+    formatting one (log lines come in few lengths); bounded, it starts afresh past 4096."""
+
+    def __missing__(self, n: int) -> bytes:
+        if len(self) >= 4096:
+            self.clear()
+        head = self[n] = msg_header(n)
+        return head
+
+
+_HEADS: Final = _Heads()
+
+
+class Ack(Record):
     """Where an acknowledged message is stored: its batch's offset and its delta in that batch."""
 
     offset: int
@@ -67,13 +80,20 @@ class Receipt:
 
 
 class WriteBatch:
-    """A sealed batch: the encoded ``BATCH`` request and, once it failed, its ``error``."""
+    """A sealed batch: the encoded ``BATCH`` request and, once it failed, its ``error``.
 
-    __slots__ = ("attempts", "count", "error", "last_seq", "offset", "receipts", "request", "resolved", "topic")
+    The request is kept as its ``head`` (the ``BATCH`` line) and ``body`` and sent as two
+    buffers (no copy of the body into one request); ``request`` joins them, ``size`` is its
+    length."""
 
-    def __init__(self, topic: str, request: bytes, count: int, last_seq: int) -> None:
+    __slots__ = ("attempts", "body", "count", "error", "head", "last_seq", "offset", "receipts", "resolved", "size",
+                 "topic")
+
+    def __init__(self, topic: str, head: bytes, body: bytes, count: int, last_seq: int) -> None:
         self.topic = topic
-        self.request = request
+        self.head = head
+        self.body = body
+        self.size = len(head) + len(body)
         self.count = count
         self.last_seq = last_seq
         self.error: LogdError | None = None
@@ -82,10 +102,14 @@ class WriteBatch:
         self.receipts: list[Receipt] | None = None
         self.attempts = 0  # times sent
 
+    @property
+    def request(self) -> bytes:
+        """The whole ``BATCH`` request (a copy: the head and the body joined)."""
+        return self.head + self.body
+
     def messages(self) -> list[bytes]:
         """The messages of this batch, in order."""
-        start = self.request.index(CRLF) + 2
-        return [m for _, m in iter_messages(self.request, start)]
+        return [m for _, m in iter_messages(self.body)]
 
     def settle(self, error: LogdError | None, offset: int | None) -> None:
         """Record the outcome (an ``offset`` or an ``error``) and tell the receipts."""
@@ -98,7 +122,7 @@ class WriteBatch:
                 r._resolve(offset, error)
 
     def __repr__(self) -> str:
-        return f"<WriteBatch {self.topic} count={self.count} size={len(self.request)} error={self.error!r}>"
+        return f"<WriteBatch {self.topic} count={self.count} size={self.size} error={self.error!r}>"
 
 
 class BatchBuilder:
@@ -126,7 +150,8 @@ class BatchBuilder:
         self.body_limit = batch_size - (6 + digits + 1 + len(self.topic_raw) + 1 + 10 + 1 + digits + 2)
 
     def make(self, parts: list[bytes], count: int, last_seq: int) -> WriteBatch:
-        return WriteBatch(self.topic, build_frame(self.topic_raw, b"".join(parts), count), count, last_seq)
+        body = b"".join(parts)
+        return WriteBatch(self.topic, frame_head(self.topic_raw, body, count), body, count, last_seq)
 
     def seal(self, last_seq: int) -> WriteBatch:
         """The batch being built as a request; the builder starts empty again."""
@@ -153,7 +178,7 @@ class BatchBuilder:
         if max(lengths) + MAX_MSG_OVERHEAD > limit:
             return self._add_many_big(msgs, seq, now)
         n = len(msgs)
-        heads = list(map(b"MSG %d\r\n".__mod__, lengths))
+        heads = list(map(_HEADS.__getitem__, lengths))
         # ends[k]: where message k's framing ends, counted from the first new message
         ends = list(accumulate(map(add, map(len, heads), map(add, lengths, repeat(2)))))
         parts = [CRLF] * (3 * n)
@@ -171,7 +196,7 @@ class BatchBuilder:
             if j > i:
                 size += ends[j - 1] - base
                 base = ends[j - 1]
-            queued += len(batch.request) - size
+            queued += batch.size - size
             sealed.append(batch)
             carried, size, count, i = [], 0, 0, j
         rest = parts[3 * i :]
@@ -205,12 +230,12 @@ class BatchBuilder:
                 if count:
                     batch = self.make(carried + parts if carried else parts, count, i - 1)
                     batch.receipts, receipts = receipts, None
-                    queued += len(batch.request) - size
+                    queued += batch.size - size
                     sealed.append(batch)
                     carried, parts, size, count = [], [], 0, 0
                 if big is not None:
                     big.last_seq = i
-                    queued += len(big.request)
+                    queued += big.size
                     sealed.append(big)
                     continue
             if not count:
@@ -233,9 +258,9 @@ class BatchBuilder:
         ``last_seq`` and queues it.
         """
         batch = self.make([msg_header(len(m)), m, CRLF], 1, 0)
-        if len(batch.request) > self.batch_size:
+        if batch.size > self.batch_size:
             raise MessageTooLarge(
                 f"message of {len(m)} bytes does not fit in a batch of {self.batch_size} bytes "
-                f"(the BATCH line and MSG framing take {len(batch.request) - len(m)})"
+                f"(the BATCH line and MSG framing take {batch.size - len(m)})"
             )
         return batch

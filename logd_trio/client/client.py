@@ -34,7 +34,6 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
 from typing import Unpack
 
 import anyio
@@ -55,6 +54,7 @@ from logd_trio.core.addresses import format_address, parse_address
 from logd_trio.core.defaults import DEFAULT_ADDRESS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_REPLY
 from logd_trio.core.errors import BadReply, ConnectionLost, MessageTooLarge, NotFound, Unsupported
 from logd_trio.core.framing import build_body, build_frame
+from logd_trio.core.records import Record
 from logd_trio.core.replies import (
     ErrorReply,
     Message,
@@ -80,8 +80,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class ServerInfo:
+class ServerInfo(Record):
     """The server's CONFIG reply."""
 
     fields: dict[str, str]

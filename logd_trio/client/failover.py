@@ -23,7 +23,6 @@ import collections
 import json
 import ssl
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import anyio
 
@@ -40,6 +39,7 @@ from logd_trio.core.errors import (
     WriteFailed,
 )
 from logd_trio.core.framing import build_body, framed_size
+from logd_trio.core.records import Record
 from logd_trio.core.replies import ErrorReply, MokReply, OffsetReply, ReplyKind
 from logd_trio.core.requests import encode_batch
 from logd_trio.core.tls import TLSFailed
@@ -51,8 +51,7 @@ _ONE_TRY = RetryPolicy(attempts=1, initial=0.05, maximum=0.05, connect_timeout=1
 _UNREACHABLE = (OSError, ConnectionLost, BadReply, TimeoutError)
 
 
-@dataclass(frozen=True, slots=True)
-class Secure:
+class Secure(Record):
     """How to open a connection to any node of a cluster: TLS (``ssl_context``, the certificate
     checked against ``tls_hostname`` or else the address's host) and ``AUTH`` with ``token``."""
 

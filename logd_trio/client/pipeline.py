@@ -108,7 +108,7 @@ class Pipeline:
         b = self._b
         size = b.size
         batch = b.seal(self._seq)
-        self._queued_bytes += len(batch.request) - size
+        self._queued_bytes += batch.size - size
         self._sealed.append(batch)
 
     def _wake(self) -> None:
@@ -128,7 +128,7 @@ class Pipeline:
                 bisect.insort(failed, batch, key=_seq_of)
             else:
                 failed.append(batch)
-            self._failed_bytes += len(batch.request)
+            self._failed_bytes += batch.size
             if isinstance(error, ClientError) and error.permanent and self._fatal is None:
                 self._fatal = error
                 self._fail_queued(error)  # they would get the same answer
@@ -152,7 +152,7 @@ class Pipeline:
         for queue in (self._ready, self._sealed):
             while queue:
                 batch = queue.popleft()
-                self._queued_bytes -= len(batch.request)
+                self._queued_bytes -= batch.size
                 self._resolve(batch, error)
 
     # ------------------------------------------------------------ tasks
@@ -192,7 +192,7 @@ class Pipeline:
             # for a slot are taken before the ones queued after them.
             await self._slots.acquire()
             batch = self._in_hand = await self._next_batch()
-            self._queued_bytes -= len(batch.request)
+            self._queued_bytes -= batch.size
             self._notify()
             try:
                 link = await self._ensure_link()
@@ -207,34 +207,34 @@ class Pipeline:
             link.inflight.append(batch)
             batch.attempts += 1
             self._in_hand = None
-            data = self._more_for(link, batch.request)
+            parts = self._more_for(link, batch)
             if link.wait is not None and link.wait.deadline == math.inf and self.ack_timeout is not None:
                 link.wait.deadline = anyio.current_time() + self.ack_timeout
             try:
-                await link.conn.send(data)
+                await link.conn.send_many(parts)
             except ConnectionLost as exc:
                 self._kill(link, exc)
 
-    def _more_for(self, link: _Link, request: bytes) -> bytes:
-        """``request`` and the requests of the batches queued behind it that have a slot, up
-        to SEND_SIZE bytes, in order: one send (and one wait) for the lot instead of one each.
-        They are in flight from here on, like the first."""
+    def _more_for(self, link: _Link, first: WriteBatch) -> list[bytes]:
+        """The buffers of ``first`` and of the batches queued behind it that have a slot, up to
+        SEND_SIZE bytes, in order: one send (and one wait) for the lot instead of one each, with
+        no copy (each batch's head and body).  They are in flight from here on, like the first."""
+        parts = [first.head, first.body]
         queue = self._ready or self._sealed
         if not queue or self._slots.value == 0:
-            return request
-        parts = [request]
-        size = len(request)
+            return parts
+        size = first.size
         while queue and self._slots.value > 0 and size < SEND_SIZE:
             self._slots.acquire_nowait()
             batch = queue.popleft()
-            self._queued_bytes -= len(batch.request)
+            self._queued_bytes -= batch.size
             link.inflight.append(batch)
             batch.attempts += 1
-            parts.append(batch.request)
-            size += len(batch.request)
+            parts += (batch.head, batch.body)
+            size += batch.size
             queue = self._ready or self._sealed
         self._notify()
-        return b"".join(parts)
+        return parts
 
     async def _ensure_link(self) -> _Link:
         link = self._link
@@ -313,7 +313,7 @@ class Pipeline:
                 self._resolve(batch, exc)
         if again:
             self._ready.extendleft(reversed(again))  # before anything queued after them
-            self._queued_bytes += sum(len(b.request) for b in again)
+            self._queued_bytes += sum(b.size for b in again)
             self._wake()
         if link in self._links:
             self._links.remove(link)

@@ -15,12 +15,10 @@ Two boundaries, one place each:
 
 from __future__ import annotations
 
-import select
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Final, NoReturn, Protocol, TypeVar, runtime_checkable
+from typing import NoReturn, Protocol, TypeVar, runtime_checkable
 
 import anyio
 import anyio.abc
@@ -29,12 +27,13 @@ import trio.lowlevel
 from anyio.streams.tls import TLSStream
 from trio.lowlevel import enable_ki_protection
 
+from logd_trio.client.connection import Connection
 from logd_trio.core.addresses import format_address, parse_address
 from logd_trio.core.defaults import DEFAULT_MAX_REPLY
 from logd_trio.core.errors import BadReply, ConnectionLost, InvalidTopic, Timeout, Unsupported, unwrap_group
 from logd_trio.core.framing import valid_topic
-from logd_trio.core.replies import ErrorReply, Reply, ReplyKind, ReplyParser
-from logd_trio.core.requests import NEED_DATA
+from logd_trio.core.records import Record
+from logd_trio.core.replies import ErrorReply, Reply, ReplyKind
 from logd_trio.core.tls import TLSFailed, describe
 
 __all__ = [
@@ -65,12 +64,9 @@ def ki_protected(fn: _F) -> _F:
     (it never leaves a batch half built).  Inert under asyncio, whose Ctrl-C is a cancellation."""
     return enable_ki_protection(fn)
 
-RECV_SIZE: Final = 256 * 1024
-_STREAM_ERRORS: Final = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
+class RetryPolicy(Record):
     """How connecting retries: ``attempts`` tries in all, sleeping ``initial``,
     then ``initial * multiplier``, ... (at most ``maximum``) between them.  An attempt
     that takes longer than ``connect_timeout`` seconds (a host that drops the SYN) fails."""
@@ -111,88 +107,6 @@ def check_topic(topic: str) -> bytes:
     if not valid_topic(raw):
         raise InvalidTopic(f"invalid topic name {topic!r}: use 1..255 of [A-Za-z0-9._-]")
     return raw
-
-
-class Connection:
-    """One TCP connection and its reply parser.  Not safe for concurrent use.
-
-    Every transport failure surfaces here, and only here, as :class:`ConnectionLost`.
-    """
-
-    __slots__ = ("_fd", "_tls_unheard", "address", "closed", "parser", "stream")
-
-    def __init__(self, stream: anyio.abc.ByteStream, *, address: str = "", max_reply: int = DEFAULT_MAX_REPLY):
-        self.stream = stream
-        self.address = address
-        self.parser = ReplyParser(max_reply=max_reply)
-        self.closed = False
-        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-        self._fd: int = raw.fileno() if raw is not None else -1
-        # TLS and nothing received yet: a close now is the server refusing this client's certificate
-        # (with TLS 1.3 the client's handshake is over before the server has checked it).
-        self._tls_unheard = isinstance(stream, TLSStream)
-
-    def is_stale(self) -> bool:
-        """An idle connection that is readable has been closed (or sent junk): don't reuse it."""
-        if self.closed:
-            return True
-        if self._fd < 0 or self.parser.buffered or self.parser.in_reply:
-            return False
-        try:
-            poller = select.poll()
-            poller.register(self._fd, select.POLLIN)
-            return bool(poller.poll(0))
-        except (OSError, ValueError):
-            return True
-
-    def _lost(self, exc: BaseException) -> ConnectionLost:
-        self.closed = True
-        if isinstance(exc, ssl.SSLError):  # e.g. TLS 1.3: a refused client certificate shows after the handshake
-            return TLSFailed(f"connection to {self.address} lost: TLS: {describe(exc)}")
-        if self._tls_unheard:
-            return self._refused()
-        return ConnectionLost(f"connection to {self.address} lost: {exc or type(exc).__name__}")
-
-    def _refused(self) -> TLSFailed:
-        return TLSFailed(f"connection to {self.address} closed by the server right after the TLS handshake: it "
-                         "requires a client certificate (--tls-cert/--tls-key) or does not trust this one")
-
-    async def send(self, data: bytes) -> None:
-        try:
-            await self.stream.send(data)
-        except _STREAM_ERRORS as exc:
-            raise self._lost(exc) from exc
-
-    async def _fill(self) -> None:
-        try:
-            data = await self.stream.receive(RECV_SIZE)
-        except anyio.EndOfStream:
-            self.closed = True
-            if self._tls_unheard:
-                raise self._refused() from None
-            raise ConnectionLost(f"connection to {self.address} closed by the server") from None
-        except _STREAM_ERRORS as exc:
-            raise self._lost(exc) from exc
-        self._tls_unheard = False
-        self.parser.receive_data(data)
-
-    async def receive(self, kind: ReplyKind) -> Reply:
-        """Wait for the next reply, parsed as an answer to ``kind``."""
-        parser = self.parser
-        while True:
-            try:
-                reply = parser.next_reply(kind)
-            except BadReply:
-                self.closed = True
-                raise
-            if reply is not NEED_DATA:
-                return reply
-            await self._fill()
-
-    async def aclose(self) -> None:
-        """Close now (idempotent); never blocks for long, also when cancelled."""
-        self.closed = True
-        await anyio.aclose_forcefully(self.stream)
 
 
 async def connect(address: str, *, retry: RetryPolicy, max_reply: int = DEFAULT_MAX_REPLY,

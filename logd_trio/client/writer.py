@@ -220,7 +220,7 @@ class Writer(Pipeline):
         for batch in batches:
             batch.error = None
             batch.resolved = False
-            self._queued_bytes += len(batch.request)
+            self._queued_bytes += batch.size
             self._pending += batch.count
         self._ready.extend(batches)
         self._retrying = [b for b in self._retrying if not b.resolved] + batches
@@ -254,7 +254,7 @@ class Writer(Pipeline):
         queued = self._queued_bytes
         if queued + self._failed_bytes < self.max_pending:
             return False
-        self._failed_bytes = sum(len(b.request) for b in self.failed)  # the caller may have removed some
+        self._failed_bytes = sum(b.size for b in self.failed)  # the caller may have removed some
         if self._failed_bytes >= self.max_pending:
             # Failed batches alone fill the budget: nothing the writer does will make room.
             self._raise_failed(f"{len(self.failed)} failed batch(es) hold max_pending ({self.max_pending} bytes; "
@@ -291,7 +291,7 @@ class Writer(Pipeline):
         if alone is not None:
             alone.last_seq = self._seq
             alone.receipts = receipts
-            self._queued_bytes += len(alone.request)
+            self._queued_bytes += alone.size
             self._sealed.append(alone)
         else:
             b.parts = [head, m, CRLF]

@@ -22,12 +22,12 @@ The bytes are whole stored frames.  Or ``ERR <reason>``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
 from logd_trio.core.errors import BadReply, RequestError
 from logd_trio.core.framing import parse_uint, valid_topic
+from logd_trio.core.records import Record
 
 __all__ = [
     "FETCH_NEED_DATA", "Fetch", "FetchError", "FetchHeader", "FetchReply", "FetchReplyParser",
@@ -44,8 +44,7 @@ class _Need(Enum):
 FETCH_NEED_DATA: Final = _Need.NEED_DATA
 
 
-@dataclass(frozen=True, slots=True)
-class Fetch:
+class Fetch(Record):
     node: str
     epoch: int
     topic: str
@@ -76,8 +75,7 @@ def encode_fetch(node: str, epoch: int, topic: str, offset: int, max_bytes: int,
                                             max_bytes, wait_ms)
 
 
-@dataclass(frozen=True, slots=True)
-class FetchHeader:
+class FetchHeader(Record):
     leader_epoch: int
     batch_epoch: int
     first: int
@@ -99,14 +97,12 @@ def encode_fetch_header(h: FetchHeader) -> bytes:
     return line + (b" %d\r\n" % h.hw if h.hw >= 0 else b"\r\n")
 
 
-@dataclass(frozen=True, slots=True)
-class FetchReply:
+class FetchReply(Record):
     header: FetchHeader
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class FetchError:
+class FetchError(Record):
     reason: str
 
 

@@ -11,10 +11,10 @@ import importlib
 import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Final, cast
 
 from logd_trio.core.errors import InvalidBatchError
+from logd_trio.core.records import Record
 
 __all__ = [
     "FrameHeader",
@@ -23,6 +23,7 @@ __all__ = [
     "check_frame",
     "count_messages",
     "crc32",
+    "frame_head",
     "framed_size",
     "iter_messages",
     "msg_header",
@@ -188,14 +189,19 @@ def build_body(messages: Iterable[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def frame_head(topic: bytes, body: bytes, count: int) -> bytes:
+    """The ``BATCH <size> <topic> <crc32> <count>`` line (CRLF included) of a frame of ``body``:
+    sent before the body as a buffer of its own, it saves copying the body into one request."""
+    return b"BATCH %d %s %d %d\r\n" % (len(body), topic, crc32(body), count)
+
+
 def build_frame(topic: str | bytes, body: bytes, count: int) -> bytes:
     """A complete ``BATCH`` request / stored frame for ``body``."""
     t = topic.encode("ascii") if isinstance(topic, str) else topic
-    return b"BATCH %d %s %d %d\r\n" % (len(body), t, crc32(body), count) + body
+    return frame_head(t, body, count) + body
 
 
-@dataclass(frozen=True, slots=True)
-class FrameHeader:
+class FrameHeader(Record):
     """The parsed first line of a stored frame."""
 
     size: int  # body size

@@ -32,7 +32,6 @@ verified as it is parsed (:class:`~logd_trio.core.errors.ChecksumMismatch`).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
@@ -53,6 +52,7 @@ from logd_trio.core.errors import (
     TopicNotAllowed,
 )
 from logd_trio.core.framing import crc32, iter_messages, parse_frame_header, parse_uint
+from logd_trio.core.records import Record
 from logd_trio.core.requests import MAX_LINE, NEED_DATA, NeedData
 
 __all__ = [
@@ -85,15 +85,13 @@ class ReplyKind(Enum):
     PONG = "PING"
 
 
-@dataclass(frozen=True, slots=True)
-class OffsetReply:
+class OffsetReply(Record):
     """``OK <offset> 1``: where the written batch begins."""
 
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(Record):
     """One message read from a topic.
 
     ``offset`` is the offset of the batch holding it and ``delta`` the byte
@@ -107,8 +105,7 @@ class Message:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class ReadBatch:
+class ReadBatch(Record):
     """One stored batch of a READ/TAIL reply, CRC verified.
 
     ``offset`` is the batch's own offset: the reply's offset for the first batch
@@ -135,8 +132,7 @@ class ReadBatch:
         return [Message(topic, offset, delta, body) for delta, body in iter_messages(self.body)]
 
 
-@dataclass(frozen=True, slots=True)
-class ReadReply:
+class ReadReply(Record):
     """``OK <offset> <n>`` followed by ``n`` frames."""
 
     offset: int
@@ -166,8 +162,7 @@ class ReadReply:
         return self.message_count
 
 
-@dataclass(frozen=True, slots=True)
-class MokReply:
+class MokReply(Record):
     """``MOK <len>\\r\\n<body>\\r\\n``."""
 
     body: bytes
@@ -183,18 +178,15 @@ class MokReply:
         return out
 
 
-@dataclass(frozen=True, slots=True)
-class OkReply:
+class OkReply(Record):
     """``OK`` (reply to CLOSE)."""
 
 
-@dataclass(frozen=True, slots=True)
-class PongReply:
+class PongReply(Record):
     """``PONG`` (reply to the PING extension)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReply:
+class ErrorReply(Record):
     """``ERR <reason>`` (reason is ``""`` for a bare ``ERR``)."""
 
     reason: str
@@ -228,13 +220,17 @@ def error_for_reason(reason: str) -> ClientError:
     return cls(text, reason=reason)
 
 
-@dataclass(slots=True)
 class _ReadState:
-    offset: int
-    remaining: int
-    next_offset: int
-    size: int = 0
-    batches: list[ReadBatch] = field(default_factory=list)
+    """A READ reply being parsed: its batches so far."""
+
+    __slots__ = ("batches", "next_offset", "offset", "remaining", "size")
+
+    def __init__(self, offset: int, remaining: int, next_offset: int) -> None:
+        self.offset = offset
+        self.remaining = remaining
+        self.next_offset = next_offset
+        self.size = 0
+        self.batches: list[ReadBatch] = []
 
 
 class ReplyParser:

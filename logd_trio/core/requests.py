@@ -11,7 +11,6 @@ line (``max_line``) or one whole request (``max_request``) is held.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
@@ -19,6 +18,7 @@ from logd_trio.core.defaults import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGES
 from logd_trio.core.errors import RequestError
 from logd_trio.core.fetch import Fetch, parse_fetch
 from logd_trio.core.framing import body_fault, build_frame, parse_uint, valid_topic
+from logd_trio.core.records import Record
 
 __all__ = [
     "NEED_DATA",
@@ -62,8 +62,7 @@ class NeedData(Enum):
 NEED_DATA: Final = NeedData.NEED_DATA
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
+class Batch(Record):
     """``BATCH``: ``frame`` is the whole request (line + body), stored as is."""
 
     topic: str
@@ -75,22 +74,19 @@ class Batch:
         return len(self.frame)
 
 
-@dataclass(frozen=True, slots=True)
-class Read:
+class Read(Record):
     topic: str
     offset: int
     limit: int
     wait_ms: int | None = None  # Part 3 long-poll extension
 
 
-@dataclass(frozen=True, slots=True)
-class Tail:
+class Tail(Record):
     topic: str
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
-class Seek:
+class Seek(Record):
     """``SEEK <topic> <unix_ms>`` (extension): the offset of the first batch appended at or after
     ``unix_ms`` (Unix milliseconds), the head if none; answered ``OK <offset>``."""
 
@@ -98,58 +94,50 @@ class Seek:
     unix_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Stats:
+class Stats(Record):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Config:
+class Config(Record):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Close:
+class Close(Record):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Ping:
+class Ping(Record):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Topics:
+class Topics(Record):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Delete:
+class Delete(Record):
     """``DELETE <topic>`` (extension): remove the topic and its files."""
 
     topic: str
 
 
-@dataclass(frozen=True, slots=True)
-class Cluster:
+class Cluster(Record):
     """Extension: the node's view of its cluster (``MOK`` with a JSON body); ``CLUSTER HISTORY``
     (``history``): only its data directory's history id, ``{"history": ID}`` (a follower's check)."""
 
     history: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Epochs:
+class Epochs(Record):
     """Extension between logd-trio nodes: a topic's leader-epoch entries and head (``MOK``)."""
 
     topic: str
 
 
-@dataclass(frozen=True, slots=True)
-class Auth:
+class Auth(Record):
     """``AUTH <token>`` (logd-trio extension): become the token's principal on this connection."""
 
-    token: str = field(repr=False)  # never in a log line
+    _hidden = ("token",)  # never in a log line
+    token: str
 
 
 Request = (Batch | Read | Tail | Stats | Config | Close | Ping | Topics | Fetch | Delete | Auth | Cluster | Epochs

@@ -7,14 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logd_trio.client.batches import MAX_MSG_OVERHEAD, BatchBuilder, WriteBatch
+from logd_trio.client.batches import MAX_MSG_OVERHEAD, BatchBuilder, WriteBatch, _Heads
 from logd_trio.core.errors import MessageTooLarge
 from logd_trio.core.framing import build_body, build_frame, framed_size, parse_frame_header
 
 
 def model(limit: int, before: list[bytes], new: list[bytes]) -> tuple[list[list[bytes]], list[bytes]]:
     """Batches sealed while adding ``new`` after ``before`` (already in the batch being built),
-    and what is left in the batch being built."""
+    and what is left in the batch being built.  A message over the (conservative) body limit
+    that still fits a request of its own is a batch alone."""
     sealed: list[list[bytes]] = []
     current, size = list(before), sum(framed_size(len(m)) for m in before)
     for m in new:
@@ -22,9 +23,17 @@ def model(limit: int, before: list[bytes], new: list[bytes]) -> tuple[list[list[
         if size + framed > limit and current:
             sealed.append(current)
             current, size = [], 0
+        if framed > limit:
+            sealed.append([m])
+            continue
         current.append(m)
         size += framed
     return sealed, current
+
+
+def too_large(batch_size: int, m: bytes) -> bool:
+    """No request of ``m`` alone fits in ``batch_size`` bytes."""
+    return len(build_frame(b"t", build_body([m]), 1)) > batch_size
 
 
 def builder(batch_size: int, before: list[bytes]) -> BatchBuilder:
@@ -63,7 +72,7 @@ def test_add_many_seals_the_batches_one_at_a_time_would(batch_size: int, before:
                                                          new: list[bytes]) -> None:
     b = builder(batch_size, before)
     start = state(b)
-    if any(framed_size(len(m)) > b.body_limit for m in new):
+    if any(too_large(batch_size, m) for m in new):
         with pytest.raises(MessageTooLarge):
             b.add_many(new, len(before), 2.0)
         assert state(b) == start  # all or nothing
@@ -82,8 +91,8 @@ def test_add_many_seals_the_batches_one_at_a_time_would(batch_size: int, before:
     assert (body, size, count) == (build_body(want_rest), len(build_body(want_rest)), len(want_rest))
     # what the queue grew by: every sealed request plus the batch being built, less what was there
     assert queued == sum(len(s.request) for s in sealed) + size - start[1]
-    if new and (sealed or not before):
-        assert b.since == 2.0  # the batch being built started in this call
+    if count and new and (sealed or not before):
+        assert b.since == 2.0  # the batch being built started in this call (an empty one has none)
     elif before:
         assert b.since == 1.0
 
@@ -133,3 +142,11 @@ def test_messages_that_fill_the_batch_exactly_share_it() -> None:
     assert framed_size(1) + framed_size(len(over)) == b.body_limit + 1
     sealed, _ = b.add_many([over], 3, 3.0)  # one byte too many with b"c": that batch is sealed
     assert [s.messages() for s in sealed] == [[b"c"]] and state(b)[2] == 1
+
+
+def test_msg_lines_come_from_a_bounded_cache() -> None:
+    heads = _Heads()
+    for n in range(5000):
+        assert heads[n] == b"MSG %d\r\n" % n
+        assert len(heads) <= 4096
+    assert heads[4999] is heads[4999]  # looked up, not formatted again

@@ -133,14 +133,13 @@ async def test_batches_queued_together_go_in_one_send_within_max_in_flight(
     """A dozen batches sealed at once, four slots: the sender writes the first four with one
     send, then each group that freed slots allows; every batch once, in order."""
     sends: list[bytes] = []
-    original = Connection.send
+    original = Connection.send_many
 
-    async def send(self: Connection, data: bytes) -> None:
-        if data.startswith(b"BATCH"):
-            sends.append(data)
-        await original(self, data)
+    async def send_many(self: Connection, parts: list[bytes]) -> None:
+        sends.append(b"".join(parts))
+        await original(self, parts)
 
-    monkeypatch.setattr(Connection, "send", send)
+    monkeypatch.setattr(Connection, "send_many", send_many)
     msgs = [b"m%03d" % i + b"x" * 90 for i in range(100)]  # nine per batch of 1000 bytes
     async with client.writer("grouped", batch_size=1000, max_in_flight=4, flush_interval=None) as w:
         await w.write_many(msgs)

@@ -443,14 +443,14 @@ def test_ctrl_c_never_breaks_the_writer(tmp_path: Path, monkeypatch: pytest.Monk
             signal.raise_signal(signal.SIGINT)  # the handler runs right here, in this frame
 
     if where == "sender":
-        original = Connection.send
+        original = Connection.send_many
 
-        async def send(self: Connection, data: bytes) -> None:
-            if data.startswith(b"BATCH") and len(fired) == 0:
+        async def send_many(self: Connection, parts: list[bytes]) -> None:
+            if len(fired) == 0:
                 ctrl_c()
-            await original(self, data)
+            await original(self, parts)
 
-        monkeypatch.setattr(Connection, "send", send)
+        monkeypatch.setattr(Connection, "send_many", send_many)
 
     class Interrupting:
         def __bytes__(self) -> bytes:
