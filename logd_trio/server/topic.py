@@ -37,11 +37,9 @@ __all__ = ["Append", "Place", "Topic"]  # Append and Place: from server/appends.
 
 log = logging.getLogger("logd_trio.server.topic")
 
-# How many appends may queue for one topic before senders wait (backpressure).
-# Each holds at most one max-size batch, so this bounds memory per topic.
-INBOX_SIZE = 64
-# Rounds of verify-then-plan-again a read may take (one, two after an index rebuild).
-_VERIFY_ROUNDS = 4
+# How many appends may queue for one topic before senders wait (backpressure); each holds at most
+INBOX_SIZE = 64  # one max-size batch, so this bounds memory per topic
+_VERIFY_ROUNDS = 4  # rounds of verify-then-plan-again a read may take (one, two after an index rebuild)
 
 
 class Topic:
@@ -52,8 +50,7 @@ class Topic:
         self.log = tlog
         self.config = config
         self._send, self._recv = trio.open_memory_channel[Append](INBOX_SIZE)
-        # Acknowledged (readable) head: batches at or past it are not served yet.
-        self.visible_head = tlog.head
+        self.visible_head = tlog.head  # acknowledged (readable) head: batches at or past it are not served yet
         self._new_data = trio.Event()
         self._unacked: collections.deque[tuple[int, Append]] = collections.deque()
         self._dirty = trio.Event()
@@ -72,6 +69,7 @@ class Topic:
         self.histograms = Histograms()  # the server's own replace it (Registry)
         self.fds = TopicFds()  # for its fsyncs and READ plans; the server's own replaces it (Registry)
         self.read_cap: Callable[[], int] | None = None  # --acks all: readers stop at the high watermark
+        self.on_change: Callable[[Topic], None] | None = None  # --workers: see server/workers/publish.py
 
     @classmethod
     def open(cls, root: Path, name: str, config: ServerConfig, now: int | None = None) -> Topic:
@@ -112,8 +110,10 @@ class Topic:
         return item
 
     def close_input(self) -> None:
-        """No more appends: the task drains what is queued, syncs and ends."""
+        """No more appends: the task drains what is queued, syncs and ends (on_change: DELETE)."""
         self._send.close()
+        if self.on_change is not None:
+            self.on_change(self)
 
     # ------------------------------------------------------------ readers
 
@@ -167,6 +167,8 @@ class Topic:
             self.log.acknowledge(head)
             if self.log.removal_pending:
                 self._garbage.set()
+            if self.on_change is not None:  # before any OK it covers is sent
+                self.on_change(self)
 
     # ------------------------------------------------------------ the task
 
