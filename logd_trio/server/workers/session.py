@@ -23,6 +23,7 @@ import trio
 
 from logd_trio.core import requests as p
 from logd_trio.core.errors import NotFound, RequestError
+from logd_trio.core.framing import parse_uint
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.reasons import error_reply
 from logd_trio.server.sending import SocketIO
@@ -64,7 +65,7 @@ class Session:
         self.config = config
         self.io = SocketIO(sock, ctx.counters, config.timeout or math.inf)
         self.parser = p.RequestParser(max_request=config.batch_size, max_messages=config.max_messages)
-        self.raw = bytearray()  # received, not yet consumed by the parser's events (for verbatim relays)
+        self.raw = bytearray()  # received, not yet answered or relayed (requests are split in _split)
         self.up: trio.socket.SocketType | None = None
         self.owed: collections.deque[bool] = collections.deque()  # replies the owner owes (True: a READ's)
         self._drained = trio.Event()
@@ -123,27 +124,24 @@ class Session:
 
     async def _receive(self) -> bool:
         """False: the connection ends; True: the scope fired (a timeout or a stop)."""
-        parser, raw, scope = self.parser, self.raw, self._scope
+        raw, scope = self.raw, self._scope
         idle = self.config.idle_timeout or math.inf
         timeout = self.config.timeout or math.inf
         while True:
             while True:
                 try:
-                    event = parser.next_event()
-                except RequestError as e:
-                    if e.close:
-                        await self._local(error_reply(e))
-                        await self.io.linger_close()
-                        return False
-                    event = None  # relayed verbatim: the owner's parser gives the same error
+                    event, k = self._split()
+                except RequestError as e:  # one that closes the connection
+                    await self._local(error_reply(e))
+                    await self.io.linger_close()
+                    return False
                 if event is p.NEED_DATA:
                     break
-                k = len(raw) - parser.buffered
                 if not await self._dispatch(event, raw, k):
                     return False
                 del raw[:k]
                 self._started = trio.current_time()
-            partial = bool(parser.buffered)
+            partial = bool(raw)
             limit = timeout - (trio.current_time() - self._started) if partial else idle
             if limit != math.inf:
                 scope.deadline = trio.current_time() + max(limit, 0.0)
@@ -153,11 +151,41 @@ class Session:
                 return False
             if not partial:
                 self._started = trio.current_time()
-            parser.receive_data(self._view[:n])
             raw += self._view[:n]
 
+    def _split(self) -> tuple[p.Request | p.NeedData | None, int]:
+        """The next request at the start of ``raw`` and its length in bytes (NEED_DATA: incomplete).
+
+        A BATCH whose line is valid is returned as None once whole, its body unchecked: it is
+        relayed and the owner checks it.  Any other line goes through the request parser (its
+        closing errors raised; for the others the line is relayed), so it is judged exactly as the
+        owner judges it."""
+        raw = self.raw
+        nl = raw.find(b"\n", 0, p.MAX_LINE)
+        if nl < 0:
+            if len(raw) >= p.MAX_LINE:
+                self.parser.receive_data(raw[:p.MAX_LINE])
+                self.parser.next_event()  # raises: request line too long
+            return p.NEED_DATA, 0
+        if raw.startswith(b"BATCH ") and raw[nl - 1] == 0x0D:
+            words = bytes(raw[:nl - 1]).split(b" ")
+            size = parse_uint(words[1]) if len(words) == 5 else None
+            if size is not None and nl + 1 + size <= self.config.batch_size:
+                return (p.NEED_DATA, 0) if len(raw) < nl + 1 + size else (None, nl + 1 + size)
+        self.parser.receive_data(raw[:nl + 1])
+        try:
+            event = self.parser.next_event()
+        except RequestError as e:
+            if e.close:
+                raise
+            return None, nl + 1  # relayed verbatim: the owner's parser gives the same error
+        if event is p.NEED_DATA:  # a whole line always parses (a BATCH's was handled above)
+            raise RequestError(p.INVALID_REQUEST, close=True)
+        return event, nl + 1
+
     async def _dispatch(self, req: p.Request | None, raw: bytearray, k: int) -> bool:
-        """Answer or relay one request; False when the connection must end."""
+        """Answer or relay one request (None: a BATCH, or a line the owner refuses); False when the
+        connection must end."""
         if isinstance(req, p.Read | p.Tail):
             if await self._read(req):
                 return True
@@ -171,8 +199,7 @@ class Session:
         elif isinstance(req, p.Fetch):
             await self._local(FETCH_REFUSED)
             return True
-        await self._relay(bytes(raw[:k]) if not isinstance(req, p.Batch) else req.frame,
-                          isinstance(req, p.Read | p.Tail))
+        await self._relay(bytes(raw[:k]), isinstance(req, p.Read | p.Tail))
         return True
 
     async def _read(self, req: p.Read | p.Tail) -> bool:

@@ -155,7 +155,7 @@ async def test_a_killed_worker_is_restarted_and_new_clients_are_served(nursery: 
 async def test_shutdown_leaves_no_process(nursery: trio.Nursery, tmp_path: Path) -> None:
     srv = await _serve(nursery, tmp_path / "d")
     (pid,) = _worker_pids(srv)
-    await _connect_all(srv, 6)
+    await _connect_all(srv)
     await _stop(srv)
     with trio.fail_after(10):
         while not _gone(pid):  # noqa: ASYNC110 (polls /proc)
@@ -197,3 +197,29 @@ def test_workers_refuse_what_one_process_serves(option: str, value: str, why: st
         ServerConfig(workers=2, **{option: value}, **extra)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="workers: must be at least 1"):
         ServerConfig(workers=0)
+
+
+async def _all_until_closed(w: Wire) -> bytes:
+    with trio.fail_after(20):
+        assert await w.closed()
+    return bytes(w.buf)
+
+
+async def test_a_worker_gives_the_owners_replies_to_bad_requests(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d")
+    wires, on_worker = await _connect_all(srv)
+    on_w = next(w for w in wires if _port(w) in on_worker)
+    on_o = next(w for w in wires if _port(w) not in on_worker)
+    await _write(on_o, "t", b"x")
+    bad = (b"FOO\r\nREAD t\r\nREAD t 0 1\nREAD t 0 0\r\nREAD t 3 1\r\nTAIL t 1\r\n"
+           + batch_request("t", [b"y"]).replace(b"BATCH 10 t", b"BATCH 10 t/x") + b"READ t 0 1 notanumber\r\n"
+           + b"BATCH 99999999 t 1 1\r\nPING\r\n")
+    for w in (on_w, on_o):
+        await w.send(bad)
+    got_w, got_o = await _all_until_closed(on_w), await _all_until_closed(on_o)
+    assert got_w == got_o and got_w.endswith(b"ERR batch too large\r\n") and got_w.count(b"ERR ") >= 5
+    for w in wires:  # a request line that never ends
+        if w not in (on_w, on_o):
+            await w.send(b"READ " + b"x" * 5000)
+            assert await _all_until_closed(w) == b"ERR request line too long\r\n"
+    await _stop(srv)
