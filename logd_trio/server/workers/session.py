@@ -72,6 +72,7 @@ class Session:
         self._drained.set()
         self._scope = trio.CancelScope()  # the reader's waits for input
         self._stopping = False
+        self._receiving = False  # the reader waits for input (stop() may cancel that wait)
         self._nursery: trio.Nursery | None = None
         # the bound on a relayed reply's wait for progress: a long-poll may wait max_wait
         self.up_timeout = config.max_wait + (config.timeout or 15.0) + 1.0
@@ -79,7 +80,8 @@ class Session:
     def stop(self) -> None:
         """The worker is stopping: take no new request (replies owed are still forwarded)."""
         self._stopping = True
-        self._scope.cancel()
+        if self._receiving:  # else the reader stops once the request in hand is answered or relayed
+            self._scope.cancel()
 
     async def run(self) -> None:
         try:
@@ -137,7 +139,7 @@ class Session:
                     return False
                 if event is p.NEED_DATA:
                     break
-                if not await self._dispatch(event, raw, k):
+                if not await self._dispatch(event, raw, k) or self._stopping:
                     return False
                 del raw[:k]
                 self._started = trio.current_time()
@@ -145,7 +147,11 @@ class Session:
             limit = timeout - (trio.current_time() - self._started) if partial else idle
             if limit != math.inf:
                 scope.deadline = trio.current_time() + max(limit, 0.0)
-            n = await self.io.receive(self._view, True)
+            self._receiving = True
+            try:
+                n = await self.io.receive(self._view, True)
+            finally:
+                self._receiving = False
             scope.deadline = math.inf
             if n == 0:
                 return False
@@ -267,12 +273,18 @@ class Session:
         splitter = ReplySplitter()
         buf = bytearray(UP_RECV)
         view = memoryview(buf)
+        idle = (self.config.idle_timeout or math.inf) / 2
         while True:
             if self.owed:
                 with trio.fail_after(self.up_timeout):
                     n = await up.recv_into(buf)
-            else:
-                n = await up.recv_into(buf)
+            else:  # closed by us well before the owner's idle timeout would (no race with a relay)
+                with trio.move_on_after(idle) as waited:
+                    n = await up.recv_into(buf)
+                if waited.cancelled_caught:
+                    if self.owed:
+                        continue
+                    n = 0
             if n == 0:
                 if self.owed:
                     raise trio.BrokenResourceError("the owner closed the relay with replies owed")

@@ -28,7 +28,7 @@ from logd_trio.server.storage.files import O_CLOEXEC, close_quietly, index_path,
 from logd_trio.server.storage.index import REC, PartitionIndex, read_layout
 from logd_trio.server.storage.partition import Partition
 from logd_trio.server.storage.reads import ReadPlan, plan_read
-from logd_trio.server.workers.heads import Published
+from logd_trio.server.workers.heads import HeadTable, Published
 
 __all__ = ["Relay", "TopicView", "Views"]
 
@@ -56,7 +56,7 @@ class TopicView:
         self.parts = []
         self.gen = 0
 
-    def _reload(self, gen: int) -> None:
+    def reload(self, gen: int) -> None:
         """List the partition files again (a rotation, retention or a new incarnation of the topic)."""
         try:
             names = os.listdir(self.directory)
@@ -103,7 +103,7 @@ class TopicView:
         if offset < pub.base or offset >= pub.head:
             raise Relay
         if pub.gen != self.gen:
-            self._reload(pub.gen)
+            self.reload(pub.gen)
         try:
             if pub.head > self._covered:
                 self._cover(pub.head)
@@ -172,6 +172,18 @@ class Views:
             view = TopicView(self.root, topic)
         self._views[topic] = view  # most recently used last
         return view
+
+    def refresh(self, heads: HeadTable) -> None:
+        """Reload the views whose topic's partition list changed, close those of topics gone."""
+        for topic, view in list(self._views.items()):
+            pub = heads.read(topic)
+            if pub is None:
+                self.drop(topic)
+            elif pub.gen != view.gen and view.gen:
+                try:
+                    view.reload(pub.gen)
+                except Relay:
+                    self.drop(topic)
 
     def drop(self, topic: str) -> None:
         """The topic has no slot (deleted): close its files."""

@@ -35,6 +35,7 @@ log = logging.getLogger("logd_trio.server.workers.worker")
 
 REFUSAL: Final = b"ERR too many connections\r\n"
 ACCEPT_BACKOFF: Final = 0.1
+REFRESH_EVERY: Final = 1.0  # seconds between two looks at every open view's slot
 
 
 class Worker:
@@ -63,6 +64,7 @@ class Worker:
             async with trio.open_nursery() as root:
                 root.start_soon(self._watch_owner)
                 root.start_soon(self._watch_signals)
+                root.start_soon(self._refresh_views)
                 async with trio.open_nursery() as handlers:
                     async with trio.open_nursery() as accept:
                         for listener in listeners:
@@ -89,6 +91,13 @@ class Worker:
                 pass
         log.warning("worker %d: the owning process is gone: stopping", self.index)
         self.stopping.set()
+
+    async def _refresh_views(self) -> None:
+        """Close the files of partitions the owner dropped (retention, DELETE) even when no READ of
+        their topic comes: an open descriptor would keep their disk space."""
+        while True:
+            await trio.sleep(REFRESH_EVERY)
+            self.views.refresh(self.heads)
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:

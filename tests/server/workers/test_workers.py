@@ -69,6 +69,19 @@ async def _stop(srv: ServerProcess) -> None:
         assert await srv.proc.wait() == 0
 
 
+def _deleted_files(pid: int) -> list[str]:
+    """The removed files the process still holds open."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.endswith(" (deleted)") and (target.endswith(".log (deleted)") or ".index" in target):
+            out.append(target)
+    return out
+
+
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -174,6 +187,11 @@ async def test_delete_and_retention_while_workers_read(nursery: trio.Nursery, tm
             assert await w.line() == b"ERR not found\r\n"  # dropped by retention
             head, frames = await w.read_reply()
             assert head == b"OK %d 1\r\n" % offsets[-1] and b"m039" in frames[0]
+        for i in range(40):  # more partitions dropped, with no READ through the worker
+            await _write(w0, "r", b"n%03d" % i + b"x" * 500)
+        (pid,) = _worker_pids(srv)
+        while _deleted_files(pid):  # noqa: ASYNC110 (polls /proc): the worker lets their space go
+            await trio.sleep(0.1)
         await w0.send(b"DELETE r\r\n")
         assert await w0.line() == b"OK\r\n"
         for w in wires:
