@@ -116,7 +116,7 @@ class Session:
                     return
             if self._stopping:
                 return
-            partial = bool(self.parser.buffered)
+            partial = bool(self.raw)
             if not partial and self.owed:
                 self._scope = trio.CancelScope()
                 continue  # not idle: replies are still coming

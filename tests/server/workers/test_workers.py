@@ -241,3 +241,16 @@ async def test_a_worker_gives_the_owners_replies_to_bad_requests(nursery: trio.N
             await w.send(b"READ " + b"x" * 5000)
             assert await _all_until_closed(w) == b"ERR request line too long\r\n"
     await _stop(srv)
+
+
+async def test_a_worker_applies_the_request_and_idle_timeouts(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d", "--timeout", "1s", "--idle-timeout", "1s")
+    wires, on_worker = await _connect_all(srv)
+    started = trio.current_time()
+    partial = [next(w for w in wires if _port(w) in on_worker), next(w for w in wires if _port(w) not in on_worker)]
+    for w in partial:
+        await w.send(b"READ t 0")  # a request that never ends: ERR timeout, on the worker as on the owner
+    for w in wires:  # the others: closed when idle, without a word
+        assert await _all_until_closed(w) == (b"ERR timeout\r\n" if w in partial else b"")
+    assert trio.current_time() - started < 15
+    await _stop(srv)
