@@ -149,7 +149,7 @@ class Session:
                 scope.deadline = trio.current_time() + max(limit, 0.0)
             self._receiving = True
             try:
-                n = await self.io.receive(self._view, True)
+                n = await self.io.receive(self._view, not partial)  # the rest of a request: try first
             finally:
                 self._receiving = False
             scope.deadline = math.inf
