@@ -95,9 +95,12 @@ def main() -> None:
     results: dict[int, dict[str, list[float]]] = {n: {} for n in counts}
     for r in range(args.rounds):
         for n in (counts if r % 2 == 0 else counts[::-1]):
-            for case, value in one(tree, n, args).items():
+            load = os.getloadavg()[0]
+            got = one(tree, n, args)
+            for case, value in got.items():
                 results[n].setdefault(case, []).append(value)
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
+            print(f"round {r + 1}/{args.rounds} --workers {n}: load {load:.2f}, BATCH {got['BATCH req/s']:.0f}/s, "
+                  f"READ {got['READ req/s']:.0f}/s", flush=True)
     n = args.workers
     print(f"\n{args.conns} conns, {args.in_flight} in flight, medians of {args.rounds} rounds of {args.duration:g}s")
     print(f"| case | --workers 1 | --workers {n} | {n}/1 |\n|---|---|---|---|")
