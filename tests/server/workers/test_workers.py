@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ import trio
 
 from logd_trio.server.config import ConfigError, ServerConfig
 
-from ...harness import ServerProcess, spawn
+from ...harness import ServerProcess, make_config, spawn, start_server
 from ...wire import Wire, batch_request
+from ..gates import GatedSync
 
 CONNS = 20  # the kernel spreads them by hash: all on one process has odds 2 * 2**-20
 WORKER_LINE = re.compile(rb"worker 0 \(pid (\d+)\): connection from 127\.0\.0\.1:(\d+)")
@@ -254,3 +256,34 @@ async def test_a_worker_applies_the_request_and_idle_timeouts(nursery: trio.Nurs
         assert await _all_until_closed(w) == (b"ERR timeout\r\n" if w in partial else b"")
     assert trio.current_time() - started < 15
     await _stop(srv)
+
+
+async def test_a_worker_never_serves_past_the_published_head(
+    nursery: trio.Nursery, tmp_path: Path, syscall_layer: Callable[[GatedSync], GatedSync]
+) -> None:
+    """A batch in the page cache whose fsync has not finished (fsync always) is served by no
+    process: a READ from before it stops before it, a READ at it is the owner's ERR not found."""
+    gate = syscall_layer(GatedSync())
+    srv = await start_server(nursery, make_config(tmp_path / "d", workers=2))
+    wires = [await Wire.connect(srv.host, srv.port) for _ in range(CONNS)]
+    with trio.fail_after(30):
+        first = await _write(wires[0], "h", b"acked")
+        for w in wires:  # every process has the topic's files open, up to the head
+            await w.send(b"READ h %d 10\r\n" % first)
+            assert (await w.read_reply())[0] == b"OK %d 1\r\n" % first
+        gate.armed = True
+        await wires[0].send(batch_request("h", [b"held"]))
+        assert await trio.to_thread.run_sync(gate.entered.wait, 10)
+        held = first + len(batch_request("h", [b"acked"]))
+        for w in wires[1:]:
+            await w.send(b"READ h %d 10\r\nREAD h %d 10\r\n" % (first, held))
+            head, frames = await w.read_reply()
+            assert head == b"OK %d 1\r\n" % first and len(frames) == 1
+            assert await w.line() == b"ERR not found\r\n"
+        gate.armed = False
+        gate.release.set()
+        assert await wires[0].line() == b"OK %d 1\r\n" % held
+        for w in wires[1:]:
+            await w.send(b"READ h %d 10\r\n" % first)
+            assert (await w.read_reply())[0] == b"OK %d 2\r\n" % first
+    await srv.stop()
