@@ -118,6 +118,9 @@ def serve(
         "(etcd's --client-cert-auth).")] = None,
     etcd_key: Annotated[str | None, typer.Option(
         metavar="FILE", help="Private key of --etcd-cert (PEM; omit when it is in that file).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Processes serving the port: this one appends; N-1 more answer READ/TAIL from the files and relay "
+             "the rest to it (not with TLS, --auth-file or replication). Default: 1.")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML file of settings (keys as the flags, or under [serve]).")] = None,
     log_format: Annotated[str, typer.Option(
@@ -142,7 +145,7 @@ def serve(
         "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca, "auth_file": auth_file,
         "replicate_ca": replicate_ca,
         "etcd": etcd, "cluster": cluster, "lease_ttl": lease_ttl, "advertise": advertise,
-        "etcd_ca": etcd_ca, "etcd_cert": etcd_cert, "etcd_key": etcd_key,
+        "etcd_ca": etcd_ca, "etcd_cert": etcd_cert, "etcd_key": etcd_key, "workers": workers,
     }
     if log_format not in LOG_FORMATS:
         errors.fail("serve", ValueError(f"--log-format: must be one of {', '.join(LOG_FORMATS)}, "

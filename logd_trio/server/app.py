@@ -49,6 +49,8 @@ from logd_trio.server.replica.link import leader_context
 from logd_trio.server.stats import Counters, Stats
 from logd_trio.server.storage.files import make_root
 from logd_trio.server.tls import HANDSHAKE_TIMEOUT, Accepted, plain_socket, server_context
+from logd_trio.server.workers.pool import WorkerPool
+from logd_trio.server.workers.sockets import reuseport_listeners
 
 __all__ = ["run", "serve"]
 
@@ -172,7 +174,10 @@ async def _serve_connections(
 ) -> None:
     budget = _fd_budget(config, fd_limit, len(registry.topics))
     host, port = config.address
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    if config.workers > 1:  # worker processes share the port (server/workers/)
+        listeners = await reuseport_listeners(host, port)
+    else:
+        listeners = await trio.open_tcp_listeners(port, host=host)
     bound = [listener.socket.getsockname() for listener in listeners]
     first: tuple[str, int] = (bound[0][0], bound[0][1])
     for addr in exposed_addresses(b[0] for b in bound):
@@ -209,6 +214,9 @@ async def _serve_connections(
     registry.replica.listening(join_host_port(*first))
     try:
         async with trio.open_nursery() as handlers:
+            pool = WorkerPool(registry, listener) if config.workers > 1 else None
+            if pool is not None:
+                await handlers.start(pool.run, first[1], handlers)
             async with trio.open_nursery() as accept:
                 accept.start_soon(listener.serve, handlers)
                 log.info("listening on %s, data in %s, fsync=%s", join_host_port(*first), _absolute(registry.root),
@@ -223,6 +231,8 @@ async def _serve_connections(
                 log.info("shutting down: no new connections; %d open get %gs to finish",
                          len(admission), config.shutdown_timeout)
                 accept.cancel_scope.cancel()
+            if pool is not None:  # their relayed requests are answered before the owner drains
+                await pool.stop()
             await listener.close()
             with trio.move_on_after(config.shutdown_timeout):
                 await listener.drain()

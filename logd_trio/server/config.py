@@ -107,12 +107,13 @@ class ServerConfig:
     etcd_cert: str = ""  # a client certificate (PEM) this node presents to etcd; "": none
     etcd_key: str = ""  # its private key (PEM); "": in etcd_cert
     advertise: str = ""  # HOST:PORT clients and peers use to reach this node ("": the bound address)
+    workers: int = 1  # processes serving the port (server/workers/): 1, the owner alone
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workdir", Path(self.workdir))
         _ = self.address, self.http_address  # validates host and http_host
         for name in ("batch_size", "max_messages", "partition_size", "partitions", "topics",
-                     "max_connections", "pipeline_depth"):
+                     "max_connections", "pipeline_depth", "workers"):
             _positive(name, getattr(self, name))
         if self.batch_size < 64:
             raise ConfigError(f"batch_size: must be at least 64 bytes, got {self.batch_size}")
@@ -159,6 +160,8 @@ class ServerConfig:
                 raise ConfigError("replicate_from: needs node_id (each follower names itself to the leader)")
             if self.replicate_from == self.host:
                 raise ConfigError(f"replicate_from: {self.replicate_from} is this server's own address")
+        if self.workers > 1:
+            _check_workers(self)
         if self.etcd or self.cluster:
             _check_cluster(self)
         elif self.etcd_ca or self.etcd_cert or self.etcd_key:
@@ -194,6 +197,18 @@ class ServerConfig:
         return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _check_workers(c: ServerConfig) -> None:
+    refused = [(name, why) for name, why in (
+        ("tls_cert", "TLS"), ("auth_file", "an auth file"), ("replicate_from", "replication"),
+        ("etcd", "a cluster")) if getattr(c, name)]
+    if refused:
+        name, why = refused[0]
+        raise ConfigError(f"workers: {c.workers} with {name}: {why} is served by one process in this version "
+                          "(use workers = 1)")
+    if c.acks != "leader":
+        raise ConfigError("workers: more than 1 needs acks=leader in this version")
+
+
 def _check_cluster(c: ServerConfig) -> None:
     if not c.etcd or not c.cluster:
         raise ConfigError("etcd and cluster: each needs the other (--etcd URL[,URL...] --cluster NAME)")
@@ -226,7 +241,7 @@ _DURATIONS: Final = {"flush_interval", "timeout", "idle_timeout", "shutdown_time
                     "lease_ttl", "retention_time"}
 _INTS: Final = {"batch_size", "max_messages", "partition_size", "partitions", "flush_batches", "topics",
                 "max_connections", "max_connections_per_ip", "pipeline_depth", "min_free_space", "max_waiters",
-                "scrub_rate", "min_insync", "fetch_max_bytes"}
+                "scrub_rate", "min_insync", "fetch_max_bytes", "workers"}
 _MODES: Final = {"file_mode", "dir_mode"}
 # LOGD_* variables the project's test suite reads (never the server): not reported.
 _OTHER_ENV: Final = ("LOGD_SHARED_DIR", "LOGD_PG_BIN", "LOGD_TEST_")

@@ -145,6 +145,12 @@ class Listener:
         self.counters.conns_total += 1
         handlers.start_soon(served.run)
 
+    def admit_relayed(self, sock: trio.socket.SocketType, address: str, handlers: trio.Nursery) -> None:
+        """A client connection a worker process relays (``--workers``; its caps were applied there)."""
+        served = self._factory(self.accepted(sock, address, ""), self.admission.remove)
+        self.admission.add(served, address)
+        handlers.start_soon(served.run)
+
     def accepted(self, sock: ServerSocket, address: str, subject: str) -> Accepted:
         guard = None if self.policy is None else self.policy.guard(address, subject, self.counters)
         return Accepted(sock, address, subject, guard)

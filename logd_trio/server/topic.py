@@ -37,9 +37,8 @@ __all__ = ["Append", "Place", "Topic"]  # Append and Place: from server/appends.
 
 log = logging.getLogger("logd_trio.server.topic")
 
-# How many appends may queue for one topic before senders wait (backpressure).
-# Each holds at most one max-size batch, so this bounds memory per topic.
-INBOX_SIZE = 64
+# How many appends may queue for one topic before senders wait (backpressure); each holds at most
+INBOX_SIZE = 64  # one max-size batch, so this bounds memory per topic
 # Wakes the topic task for an early sync a direct append called for (Topic.append_now); never written.
 _WAKE = Append(b"", 0)
 
@@ -52,8 +51,7 @@ class Topic(TopicReads):
         self.log = tlog
         self.config = config
         self._send, self._recv = trio.open_memory_channel[Append](INBOX_SIZE)
-        # Acknowledged (readable) head: batches at or past it are not served yet.
-        self.visible_head = tlog.head
+        self.visible_head = tlog.head  # acknowledged (readable) head: batches at or past it are not served yet
         self._new_data = trio.Event()
         self._unacked: collections.deque[tuple[int, Append]] = collections.deque()
         self._dirty = trio.Event()
@@ -75,6 +73,7 @@ class Topic(TopicReads):
         self.histograms = Histograms()  # the server's own replace it (Registry)
         self.fds = TopicFds()  # for its fsyncs and READ plans; the server's own replaces it (Registry)
         self.read_cap: Callable[[], int] | None = None  # --acks all: readers stop at the high watermark
+        self.on_change: Callable[[Topic], None] | None = None  # --workers: see server/workers/publish.py
 
     @classmethod
     def open(cls, root: Path, name: str, config: ServerConfig, now: int | None = None) -> Topic:
@@ -135,9 +134,11 @@ class Topic(TopicReads):
         return item
 
     def close_input(self) -> None:
-        """No more appends: the task drains what is queued, syncs and ends."""
+        """No more appends: the task drains what is queued, syncs and ends (on_change: DELETE)."""
         self._idle = False  # (the task never sets it again: its receives end the input)
         self._send.close()
+        if self.on_change is not None:
+            self.on_change(self)
 
     def _publish(self, head: int) -> None:
         if head > self.visible_head:
@@ -147,6 +148,8 @@ class Topic(TopicReads):
             self.log.acknowledge(head)
             if self.log.removal_pending:
                 self._garbage.set()
+            if self.on_change is not None:  # before any OK it covers is sent
+                self.on_change(self)
 
     # ------------------------------------------------------------ the task
 

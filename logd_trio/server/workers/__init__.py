@@ -1,0 +1,1 @@
+"""`logd serve --workers N`: worker processes that serve reads beside the owning process."""

@@ -1,0 +1,198 @@
+"""A worker's read-only view of the topics' partition files, bounded by the published heads.
+
+Synchronous file code, no trio.  For each topic the worker opens the
+``<start>.log`` / ``<start>.index`` pairs read-only and plans READs with the
+owner's own planner (:func:`~logd_trio.server.storage.reads.plan_read`), never
+past the published head.  Index records are trusted only as far as the
+published head: the owner writes every record of a batch before it publishes
+that batch, so the records up to the head are whole; what lies beyond (being
+written) is never looked at.  Anything the view cannot answer for sure returns
+None and the worker relays the request to the owner, which answers it as it
+always does: a topic without a slot, an offset at or past the head (the owner
+knows more, or the answer is its long-poll), an offset before ``base``
+(frames of an earlier process, which the owner verifies before serving), an
+index that does not reach the head, any I/O error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from bisect import bisect_right
+from operator import attrgetter
+from pathlib import Path
+from typing import Final
+
+from logd_trio.core.errors import NotFound, StorageError
+from logd_trio.server.storage.files import O_CLOEXEC, close_quietly, index_path, log_path, parse_start
+from logd_trio.server.storage.index import REC, PartitionIndex, read_layout
+from logd_trio.server.storage.partition import Partition
+from logd_trio.server.storage.reads import ReadPlan, plan_read
+from logd_trio.server.workers.heads import HeadTable, Published
+
+__all__ = ["Relay", "TopicView", "Views"]
+
+MAX_VIEWS: Final = 4096  # topics whose files one worker keeps open (the least recently used go first)
+
+
+class Relay(Exception):
+    """The view cannot answer this for sure: relay the request to the owner."""
+
+
+class TopicView:
+    """One topic's partitions as of generation ``gen`` (high 32 bits: the topic's incarnation;
+    low: its partition-list changes)."""
+
+    def __init__(self, root: Path, topic: str) -> None:
+        self.directory = root / topic
+        self.topic = topic
+        self.gen = 0
+        self.parts: list[Partition] = []
+        self._covered = 0  # the head the indexes were extended to
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+        self.parts = []
+        self.gen = 0
+
+    def reload(self, gen: int) -> None:
+        """List the partition files again (a rotation, retention or a new incarnation of the topic)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError as e:
+            raise Relay from e
+        starts = sorted(s for n in names if (s := parse_start(n, ".log")) is not None)
+        if gen >> 32 != self.gen >> 32:  # another incarnation of the topic (DELETE, then a new BATCH)
+            self.close()
+        kept = {p.start: p for p in self.parts}
+        parts: list[Partition] = []
+        try:
+            for s in starts:
+                p = kept.pop(s, None)
+                parts.append(p if p is not None else _open(self.directory, s))
+        except OSError as e:
+            for p in parts:
+                if p.start not in kept:
+                    kept[p.start] = p
+            for p in kept.values():
+                p.close()
+            self.parts, self.gen, self._covered = [], 0, 0
+            raise Relay from e
+        for p in kept.values():
+            p.close()
+        self.parts, self.gen = parts, gen
+        self._covered = 0
+
+    def _cover(self, head: int) -> None:
+        """Extend the indexes of the partitions before ``head`` to exactly ``head``."""
+        parts = self.parts
+        for j, p in enumerate(parts):
+            if p.start >= head:
+                break
+            end = min(head, parts[j + 1].start) if j + 1 < len(parts) else head
+            if p.start + p.idx.file_end < end:
+                _extend(p, end - p.start)
+        self._covered = head
+
+    def plan(self, pub: Published, offset: int, limit: int) -> ReadPlan:
+        """A borrowed plan (see :meth:`ReadPlan.own`) of the batches from ``offset``, never past the
+        published head.  Raises :class:`NotFound` as the owner would, :class:`Relay` otherwise."""
+        if offset < pub.first:
+            raise NotFound(f"offset {offset} not in [{pub.first}, {pub.head})")
+        if offset < pub.base or offset >= pub.head:
+            raise Relay
+        if pub.gen != self.gen:
+            self.reload(pub.gen)
+        try:
+            if pub.head > self._covered:
+                self._cover(pub.head)
+            j = bisect_right(self.parts, offset, key=attrgetter("start")) - 1
+            if j < 0:
+                raise Relay
+            return plan_read(self.parts, j, offset, limit, pub.head, self.topic, None, True)
+        except (OSError, StorageError) as e:  # IndexSuspect, CorruptData, I/O: the owner decides
+            self._covered = 0
+            raise Relay from e
+
+
+def _open(directory: Path, start: int) -> Partition:
+    fd = os.open(log_path(directory, start), os.O_RDONLY | O_CLOEXEC)
+    try:
+        ifd = os.open(index_path(directory, start), os.O_RDONLY | O_CLOEXEC)
+    except OSError:
+        os.close(fd)
+        raise
+    try:
+        timed, _ = read_layout(ifd, os.fstat(ifd).st_size)
+        idx = PartitionIndex(ifd, 0, timed=timed)
+    except BaseException:
+        close_quietly([fd, ifd])
+        raise
+    return Partition(start, fd, idx, 0, 0)
+
+
+def _extend(p: Partition, end: int) -> None:
+    """Trust ``p``'s index records up to the one that ends at position ``end`` (a published batch
+    boundary); raise :class:`Relay` if the records do not reach it exactly."""
+    idx = p.idx
+    rs, n = idx.rs, idx.n_file
+    size = os.fstat(idx.fd).st_size
+    avail = (size - idx.base) // rs
+    if avail <= n:
+        raise Relay
+    data = os.pread(idx.fd, (avail - n) * rs, idx.base + n * rs)
+    last_end, last_cum = idx.file_end, idx.file_cum
+    for k in range(0, len(data) - rs + 1, rs):
+        e, c = REC.unpack_from(data, k)
+        if e <= last_end or c <= last_cum or e > end:
+            raise Relay
+        last_end, last_cum = int(e), int(c)
+        n += 1
+        if e == end:
+            idx.reset(n)
+            p.size, p.cum = last_end, last_cum
+            return
+    raise Relay
+
+
+class Views:
+    """The worker's open topic views."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._views: dict[str, TopicView] = {}
+
+    def get(self, topic: str) -> TopicView:
+        view = self._views.pop(topic, None)
+        if view is None:
+            if len(self._views) >= MAX_VIEWS:
+                oldest = next(iter(self._views))
+                self._views.pop(oldest).close()
+            view = TopicView(self.root, topic)
+        self._views[topic] = view  # most recently used last
+        return view
+
+    def refresh(self, heads: HeadTable) -> None:
+        """Reload the views whose topic's partition list changed, close those of topics gone."""
+        for topic, view in list(self._views.items()):
+            pub = heads.read(topic)
+            if pub is None:
+                self.drop(topic)
+            elif pub.gen != view.gen and view.gen:
+                try:
+                    view.reload(pub.gen)
+                except Relay:
+                    self.drop(topic)
+
+    def drop(self, topic: str) -> None:
+        """The topic has no slot (deleted): close its files."""
+        view = self._views.pop(topic, None)
+        if view is not None:
+            view.close()
+
+    def close(self) -> None:
+        for view in self._views.values():
+            with contextlib.suppress(OSError):
+                view.close()
+        self._views.clear()

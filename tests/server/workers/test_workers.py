@@ -1,0 +1,289 @@
+"""``logd serve --workers 2``: real processes, real sockets, raw-protocol clients.
+
+Which process serves a client is told by the ``-v`` log lines: the owner's
+``connection from 127.0.0.1:PORT opened``, a worker's ``worker 0 (pid N):
+connection from 127.0.0.1:PORT``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from logd_trio.server.config import ConfigError, ServerConfig
+
+from ...harness import ServerProcess, make_config, spawn, start_server
+from ...wire import Wire, batch_request
+from ..gates import GatedSync
+
+CONNS = 20  # the kernel spreads them by hash: all on one process has odds 2 * 2**-20
+WORKER_LINE = re.compile(rb"worker 0 \(pid (\d+)\): connection from 127\.0\.0\.1:(\d+)")
+READY_LINE = re.compile(rb"worker 0 \(pid (\d+)\) listening")
+
+
+async def _serve(nursery: trio.Nursery, root: Path, *args: str) -> ServerProcess:
+    return await spawn(nursery, root, "--workers", "2", "--fsync", "never", "-v", *args)
+
+
+def _worker_pids(srv: ServerProcess) -> list[int]:
+    return [int(m.group(1)) for m in READY_LINE.finditer(srv.log)]
+
+
+async def _connect_all(srv: ServerProcess, n: int = CONNS) -> tuple[list[Wire], set[int]]:
+    """``n`` connections, each answered once (PING), and the local ports a worker serves."""
+    wires = [await Wire.connect(srv.host, srv.port) for _ in range(n)]
+    for w in wires:
+        await w.send(b"PING\r\n")
+        assert await w.line() == b"PONG\r\n"
+    ports = {w.stream.socket.getsockname()[1] for w in wires}
+    with trio.fail_after(10):  # every connection logged by one of the processes
+        while True:
+            on_worker = {int(m.group(2)) for m in WORKER_LINE.finditer(srv.log)} & ports
+            on_owner = {int(m.group(1)) for m in re.finditer(rb"connection from 127\.0\.0\.1:(\d+) opened",
+                                                                srv.log)} & ports
+            if on_worker | on_owner == ports:
+                break
+            await trio.sleep(0.05)
+    assert on_worker and on_owner, "all connections reached one process"
+    return wires, on_worker
+
+
+def _port(w: Wire) -> int:
+    return int(w.stream.socket.getsockname()[1])
+
+
+async def _write(w: Wire, topic: str, msg: bytes) -> int:
+    await w.send(batch_request(topic, [msg]))
+    reply = await w.line()
+    assert reply.startswith(b"OK "), reply
+    return int(reply.split()[1])
+
+
+async def _stop(srv: ServerProcess) -> None:
+    srv.proc.send_signal(signal.SIGTERM)
+    with trio.fail_after(20):
+        assert await srv.proc.wait() == 0
+
+
+def _deleted_files(pid: int) -> list[str]:
+    """The removed files the process still holds open."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.endswith(" (deleted)") and (target.endswith(".log (deleted)") or ".index" in target):
+            out.append(target)
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+async def test_a_batch_acked_on_one_connection_is_readable_on_every_other(nursery: trio.Nursery,
+                                                                          tmp_path: Path) -> None:
+    srv = await spawn(nursery, tmp_path / "d", "--workers", "2", "-v")  # fsync always
+    wires, on_worker = await _connect_all(srv)
+    with trio.fail_after(30):
+        for rnd in range(5):
+            writer = wires[rnd * 3 % len(wires)]
+            msg = b"round %d" % rnd
+            off = await _write(writer, "t", msg)
+            for w in wires:  # at once: no wait between the OK and the READs
+                await w.send(b"READ t %d 1\r\n" % off)
+            for w in wires:
+                head, frames = await w.read_reply()
+                assert head == b"OK %d 1\r\n" % off and len(frames) == 1, (_port(w), head)
+                assert msg + b"\r\n" in frames[0]
+        owner = next(w for w in wires if _port(w) not in on_worker)
+        await owner.send(b"STATS\r\n")
+        stats = await owner.reply()
+    reads = int(re.search(rb"requests\.read: (\d+)", stats).group(1))  # type: ignore[union-attr]
+    # the owner answered its own clients' READs; the worker its clients' (the first round's perhaps
+    # relayed: the owner publishes a new topic's head from its second acknowledgement at the latest)
+    assert 5 * (len(wires) - len(on_worker)) <= reads <= 5 * len(wires) - 4 * len(on_worker)
+    await _stop(srv)
+
+
+async def test_replies_keep_their_order_on_a_pipelined_worker_connection(nursery: trio.Nursery,
+                                                                         tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d")
+    wires, on_worker = await _connect_all(srv)
+    w = next(w for w in wires if _port(w) in on_worker)
+    b1, b2 = batch_request("p", [b"one"]), batch_request("p", [b"two", b"three"])
+    with trio.fail_after(30):
+        await w.send(b1 + b"READ p 0 10\r\n" + b2 + b"READ p %d 10\r\nPING\r\nTAIL p 10\r\nTOPICS\r\n"
+                     b"READ p 999999 1\r\nREAD nope 0 1\r\nBATCH 4 p 1 1\r\nxx\r\n" % len(b1) + b"READ p 0 1\r\n")
+        assert await w.line() == b"OK 0 1\r\n"
+        head, frames = await w.read_reply()
+        assert head == b"OK 0 1\r\n" and b"one" + b"\r\n" in frames[0]
+        assert await w.line() == b"OK %d 1\r\n" % len(b1)
+        head, frames = await w.read_reply()  # the READ after the second BATCH sees it
+        assert head == b"OK %d 1\r\n" % len(b1) and b"three" + b"\r\n" in frames[0]
+        assert await w.line() == b"PONG\r\n"
+        head, frames = await w.read_reply()
+        assert head == b"OK 0 2\r\n" and len(frames) == 2
+        assert b"p: " in await w.reply()
+        assert await w.line() == b"ERR not found\r\n"  # beyond the head: the owner's answer
+        assert await w.line() == b"ERR not found\r\n"
+        bad = await w.line()
+        assert bad.startswith(b"ERR "), bad  # the owner's parser gives the same error, in order
+        head, _ = await w.read_reply()
+        assert head == b"OK 0 1\r\n"
+    await _stop(srv)
+
+
+async def test_a_killed_worker_is_restarted_and_new_clients_are_served(nursery: trio.Nursery,
+                                                                       tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d")
+    w0 = await Wire.connect(srv.host, srv.port)
+    off = await _write(w0, "k", b"kept")
+    (old,) = _worker_pids(srv)
+    os.kill(old, signal.SIGKILL)
+    with trio.fail_after(20):
+        while len(_worker_pids(srv)) < 2:  # noqa: ASYNC110 (polls another process's log)
+            await trio.sleep(0.05)
+    new = _worker_pids(srv)[1]
+    assert new != old and b"worker 0 (pid %d) exited with signal 9" % old in srv.log
+    wires, on_worker = await _connect_all(srv)
+    assert {int(m.group(1)) for m in WORKER_LINE.finditer(srv.log) if int(m.group(2)) in on_worker} == {new}
+    with trio.fail_after(20):
+        for w in wires:
+            await w.send(b"READ k %d 1\r\n" % off)
+            head, frames = await w.read_reply()
+            assert head == b"OK %d 1\r\n" % off and b"kept" + b"\r\n" in frames[0]
+    await _stop(srv)
+
+
+async def test_shutdown_leaves_no_process(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d")
+    (pid,) = _worker_pids(srv)
+    await _connect_all(srv)
+    await _stop(srv)
+    with trio.fail_after(10):
+        while not _gone(pid):  # noqa: ASYNC110 (polls /proc)
+            await trio.sleep(0.05)
+    assert b"worker 0 (pid %d) stopped" % pid in srv.log
+
+
+async def test_delete_and_retention_while_workers_read(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d", "--partition-size", "4096", "--partitions", "2")
+    wires, _ = await _connect_all(srv)
+    w0 = wires[0]
+    with trio.fail_after(60):
+        offsets = [await _write(w0, "r", b"m%03d" % i + b"x" * 500) for i in range(40)]  # many rotations
+        for w in wires:
+            await w.send(b"READ r %d 1\r\nREAD r %d 1\r\n" % (offsets[0], offsets[-1]))
+            assert await w.line() == b"ERR not found\r\n"  # dropped by retention
+            head, frames = await w.read_reply()
+            assert head == b"OK %d 1\r\n" % offsets[-1] and b"m039" in frames[0]
+        for i in range(40):  # more partitions dropped, with no READ through the worker
+            await _write(w0, "r", b"n%03d" % i + b"x" * 500)
+        (pid,) = _worker_pids(srv)
+        while _deleted_files(pid):  # noqa: ASYNC110 (polls /proc): the worker lets their space go
+            await trio.sleep(0.1)
+        await w0.send(b"DELETE r\r\n")
+        assert await w0.line() == b"OK\r\n"
+        for w in wires:
+            await w.send(b"READ r %d 1\r\n" % offsets[-1])
+            assert await w.line() == b"ERR not found\r\n"
+        assert await _write(w0, "r", b"anew") == 0  # a new incarnation, from offset 0
+        for w in wires:
+            await w.send(b"READ r 0 5\r\n")
+            head, frames = await w.read_reply()
+            assert head == b"OK 0 1\r\n" and b"anew" + b"\r\n" in frames[0], head
+    await _stop(srv)
+
+
+@pytest.mark.parametrize(("option", "value", "why"), [
+    ("tls_cert", "c.pem", "TLS"), ("auth_file", "a.toml", "an auth file"),
+    ("replicate_from", "127.0.0.1:1", "replication"),
+])
+def test_workers_refuse_what_one_process_serves(option: str, value: str, why: str) -> None:
+    extra = {"node_id": "n1"} if option == "replicate_from" else {}
+    with pytest.raises(ConfigError, match=f"workers: 2 with {option}: {why} is served by one process"):
+        ServerConfig(workers=2, **{option: value}, **extra)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="workers: must be at least 1"):
+        ServerConfig(workers=0)
+
+
+async def _all_until_closed(w: Wire) -> bytes:
+    with trio.fail_after(20):
+        assert await w.closed()
+    return bytes(w.buf)
+
+
+async def test_a_worker_gives_the_owners_replies_to_bad_requests(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d")
+    wires, on_worker = await _connect_all(srv)
+    on_w = next(w for w in wires if _port(w) in on_worker)
+    on_o = next(w for w in wires if _port(w) not in on_worker)
+    await _write(on_o, "t", b"x")
+    bad = (b"FOO\r\nREAD t\r\nREAD t 0 1\nREAD t 0 0\r\nREAD t 3 1\r\nTAIL t 1\r\n"
+           + batch_request("t", [b"y"]).replace(b"BATCH 10 t", b"BATCH 10 t/x") + b"READ t 0 1 notanumber\r\n"
+           + b"BATCH 99999999 t 1 1\r\nPING\r\n")
+    for w in (on_w, on_o):
+        await w.send(bad)
+    got_w, got_o = await _all_until_closed(on_w), await _all_until_closed(on_o)
+    assert got_w == got_o and got_w.endswith(b"ERR batch too large\r\n") and got_w.count(b"ERR ") >= 5
+    for w in wires:  # a request line that never ends
+        if w not in (on_w, on_o):
+            await w.send(b"READ " + b"x" * 5000)
+            assert await _all_until_closed(w) == b"ERR request line too long\r\n"
+    await _stop(srv)
+
+
+async def test_a_worker_applies_the_request_and_idle_timeouts(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d", "--timeout", "1s", "--idle-timeout", "1s")
+    wires, on_worker = await _connect_all(srv)
+    started = trio.current_time()
+    partial = [next(w for w in wires if _port(w) in on_worker), next(w for w in wires if _port(w) not in on_worker)]
+    for w in partial:
+        await w.send(b"READ t 0")  # a request that never ends: ERR timeout, on the worker as on the owner
+    for w in wires:  # the others: closed when idle, without a word
+        assert await _all_until_closed(w) == (b"ERR timeout\r\n" if w in partial else b"")
+    assert trio.current_time() - started < 15
+    await _stop(srv)
+
+
+async def test_a_worker_never_serves_past_the_published_head(
+    nursery: trio.Nursery, tmp_path: Path, syscall_layer: Callable[[GatedSync], GatedSync]
+) -> None:
+    """A batch in the page cache whose fsync has not finished (fsync always) is served by no
+    process: a READ from before it stops before it, a READ at it is the owner's ERR not found."""
+    gate = syscall_layer(GatedSync())
+    srv = await start_server(nursery, make_config(tmp_path / "d", workers=2))
+    wires = [await Wire.connect(srv.host, srv.port) for _ in range(CONNS)]
+    with trio.fail_after(30):
+        first = await _write(wires[0], "h", b"acked")
+        for w in wires:  # every process has the topic's files open, up to the head
+            await w.send(b"READ h %d 10\r\n" % first)
+            assert (await w.read_reply())[0] == b"OK %d 1\r\n" % first
+        gate.armed = True
+        await wires[0].send(batch_request("h", [b"held"]))
+        assert await trio.to_thread.run_sync(gate.entered.wait, 10)
+        held = first + len(batch_request("h", [b"acked"]))
+        for w in wires[1:]:
+            await w.send(b"READ h %d 10\r\nREAD h %d 10\r\n" % (first, held))
+            head, frames = await w.read_reply()
+            assert head == b"OK %d 1\r\n" % first and len(frames) == 1
+            assert await w.line() == b"ERR not found\r\n"
+        gate.armed = False
+        gate.release.set()
+        assert await wires[0].line() == b"OK %d 1\r\n" % held
+        for w in wires[1:]:
+            await w.send(b"READ h %d 10\r\n" % first)
+            assert (await w.read_reply())[0] == b"OK %d 2\r\n" % first
+    await srv.stop()
