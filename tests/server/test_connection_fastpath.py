@@ -194,7 +194,8 @@ async def test_a_read_whose_fds_cannot_be_duplicated_is_still_answered_whole(
         nursery: trio.Nursery, tmp_path: Path) -> None:
     """The reply of a READ answered from the partitions' own fds fills the socket and its fds
     cannot be dup'ed (EMFILE): it goes on from the partitions' fds, whole, and retention leaves
-    those partitions in place (open) until the send is done, then removes them."""
+    those partitions in place (open) while they are lent (the reader reads nothing until the dup
+    works again: the lend ends at the next wait, see test_lent_reads.py), then removes them."""
     size = 1 << 20
     srv = await start_server(nursery, make_config(tmp_path / "d", fsync="never", partition_size=4 * size,
                                                   partitions=4, idle_timeout=0, batch_size=2 * size))
