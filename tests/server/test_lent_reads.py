@@ -5,6 +5,7 @@ follower's cut never closes fds under it."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -19,12 +20,24 @@ from logd_trio.server.replica.follower_log import FollowerTopic
 from logd_trio.server.stats import Counters
 from logd_trio.server.storage import syscalls
 from logd_trio.server.storage.replica_log import truncate_to
+from logd_trio.server.storage.syscalls import Layer
 
 from ..harness import make_config, start_server
 from ..wire import Wire
-from .test_connection_fastpath import FailingDup, _frame, _written
+from .test_connection_fastpath import _frame, _written
 
 MiB = 1 << 20
+
+
+class FailingDup(Layer):
+    """``dup`` fails with EMFILE while ``armed`` (the descriptor table is full)."""
+
+    armed = False
+
+    def dup(self, fd: int) -> int:
+        if self.armed:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.inner.dup(fd)
 
 
 def _open_under(path: Path) -> list[str]:
@@ -52,7 +65,8 @@ async def _lent_read(srv_host: str, srv_port: int, failing: FailingDup) -> Wire:
 
 
 async def test_a_lend_lasts_only_while_the_dup_fails(nursery: trio.Nursery, tmp_path: Path) -> None:
-    """While the dup fails retention leaves the lent partitions (open, in place); once a dup
+    """The reply goes on from the partitions' own fds, whole.  While the dup fails retention
+    leaves the lent partitions (open, in place); once a dup
     works again the next wait for room takes fds of its own and gives the lend back: retention
     goes on while the reply is still being sent, and the reply is whole."""
     srv = await start_server(nursery, make_config(tmp_path / "d", fsync="never", partition_size=4 * MiB,
