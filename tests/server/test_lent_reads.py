@@ -23,8 +23,9 @@ from logd_trio.server.storage.replica_log import truncate_to
 from logd_trio.server.storage.syscalls import Layer
 
 from ..harness import make_config, start_server
+from ..tlsfiles import Certs, make_certs
 from ..wire import Wire
-from .test_connection_fastpath import _frame, _written
+from .test_connection_fastpath import _frame
 
 MiB = 1 << 20
 
@@ -40,6 +41,15 @@ class FailingDup(Layer):
         return self.inner.dup(fd)
 
 
+async def _written(host: str, port: int, frames: list[bytes], tls: Certs | None = None) -> None:
+    stream = await trio.open_tcp_stream(host, port)
+    w = Wire(stream if tls is None else trio.SSLStream(stream, tls.context(), server_hostname=host))  # type: ignore[arg-type]
+    await w.send(b"".join(frames))  # a BATCH request is the frame stored
+    for _ in frames:
+        assert (await w.line()).startswith(b"OK ")
+    await w.aclose()
+
+
 def _open_under(path: Path) -> list[str]:
     """What this process's fds point to under ``path`` (directories and files)."""
     out = []
@@ -53,10 +63,14 @@ def _open_under(path: Path) -> list[str]:
     return out
 
 
-async def _lent_read(srv_host: str, srv_port: int, failing: FailingDup) -> Wire:
+async def _lent_read(srv_host: str, srv_port: int, failing: FailingDup, tls: Certs | None = None) -> Wire:
     """A connection whose ``READ t 0 8`` (~8 MiB) has begun and waits for room, lent: its
     partitions' fds could not be dup'ed."""
-    slow = await Wire.connect(srv_host, srv_port)
+    if tls is None:
+        slow = await Wire.connect(srv_host, srv_port)
+    else:
+        stream = await trio.open_tcp_stream(srv_host, srv_port)
+        slow = Wire(trio.SSLStream(stream, tls.context(), server_hostname=srv_host))  # type: ignore[arg-type]
     failing.armed = True
     await slow.send(b"READ t 0 8\r\n")  # more than the socket buffers hold
     with trio.fail_after(10):
@@ -64,19 +78,28 @@ async def _lent_read(srv_host: str, srv_port: int, failing: FailingDup) -> Wire:
     return slow
 
 
-async def test_a_lend_lasts_only_while_the_dup_fails(nursery: trio.Nursery, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+async def test_a_lend_lasts_only_while_the_dup_fails(nursery: trio.Nursery, tmp_path: Path, certs: Certs,
+                                                     tls: bool) -> None:
     """The reply goes on from the partitions' own fds, whole.  While the dup fails retention
     leaves the lent partitions (open, in place); once a dup
     works again the next wait for room takes fds of its own and gives the lend back: retention
     goes on while the reply is still being sent, and the reply is whole."""
+    keys = {"tls_cert": certs.server.cert, "tls_key": certs.server.key} if tls else {}
     srv = await start_server(nursery, make_config(tmp_path / "d", fsync="never", partition_size=4 * MiB,
-                                                  partitions=4, idle_timeout=0, batch_size=2 * MiB))
+                                                  partitions=4, idle_timeout=0, batch_size=2 * MiB, **keys))
     frames = [_frame(i, MiB) for i in range(24)]
-    await _written(srv.host, srv.port, frames[:8])
+    await _written(srv.host, srv.port, frames[:8], certs if tls else None)
     part = tmp_path / "d" / "t"
     with syscalls.install(FailingDup()) as failing:
-        slow = await _lent_read(srv.host, srv.port, failing)
-        await _written(srv.host, srv.port, frames[8:])  # retention would now drop the first partitions
+        slow = await _lent_read(srv.host, srv.port, failing, certs if tls else None)
+        # retention would now drop the first partitions
+        await _written(srv.host, srv.port, frames[8:], certs if tls else None)
         taken = await slow.exactly(MiB)  # room: the send goes on, and waits again, the dup still failing
         await trio.testing.wait_all_tasks_blocked(0.05)
         assert (part / "0.log").exists()  # kept while the reply sends from it
