@@ -112,8 +112,19 @@ def _count_uniform(buf: bytes, start: int, end: int) -> int:
     n, rem = divmod(end - start, stride)
     if rem or n < 2:
         return 0
-    columns = [buf[start + j : end : stride] for j in (*range(h), stride - 2, stride - 1)]
-    return n if b"".join(columns) == _uniform_columns(buf[start : start + h], n) else 0
+    at = (*range(h), stride - 2, stride - 1)
+    if (h + 2) * n <= _COLUMNS_CACHED:
+        columns = [buf[start + j : end : stride] for j in at]
+        return n if b"".join(columns) == _uniform_columns(buf[start : start + h], n) else 0
+    for j, c in zip(at, buf[start : start + h] + b"\r\n", strict=True):  # a big body: nothing kept
+        if buf[start + j : end : stride].count(c) != n:
+            return 0
+    return n
+
+
+# The expected columns are kept for bodies whose columns take at most this many bytes (so the
+# cache of 32 holds at most 2 MiB); a bigger body is counted column by column instead.
+_COLUMNS_CACHED = 64 * 1024
 
 
 @functools.lru_cache(maxsize=32)

@@ -31,7 +31,7 @@ from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.acks import AwaitReplicas
 from logd_trio.server.replica.serving import serve_fetch
-from logd_trio.server.sending import Lend, SocketIO
+from logd_trio.server.sending import Lender, SocketIO
 from logd_trio.server.stats import Counters, StatsRequest
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.tls import Accepted, ServerSocket, plain_socket
@@ -382,5 +382,5 @@ class Connection:
         await self.io.send_all(data)
 
     async def _send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None,
-                         lend: Lend | None = None) -> None:
+                         lend: Lender | None = None) -> None:
         await self.io.send_plan(plan, pending, header, lend)

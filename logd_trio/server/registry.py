@@ -149,6 +149,7 @@ class Registry:
         finally:
             topic.fds.close()  # the sync reserve, once the topic's last fsync is done
             ended.set()
+        await topic.release_files()  # what a READ still sending from the partitions' own fds kept open
 
     async def delete(self, name: str, *, by: str = "") -> int:
         """``DELETE``: the topic leaves the server and its files are removed; returns the bytes freed.

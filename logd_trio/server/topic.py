@@ -359,7 +359,8 @@ class Topic(TopicReads):
             await self._remove()
 
     async def _remove(self) -> None:
-        await self.until_returned()  # a lent plan sends from partitions retention may drop
+        if self._lent:  # a lent plan sends from partitions it may drop: postponed until give_back()
+            return
         job = self.log.remove_job()
         if job is not None:
             log.info("topic %s: retention removes %s (first offset now %d)", self.name,
@@ -372,10 +373,11 @@ class Topic(TopicReads):
     async def _final_sync(self) -> None:
         """Shutdown: everything appended is made durable (in a worker thread), then files close.
         Shielded; bounded by ``shutdown_timeout`` so a hung disk cannot hang the exit (the
-        files are then left to the OS, and recovery on the next start checks them)."""
+        files are then left to the OS, and recovery on the next start checks them).  It never waits
+        for a READ sending from the partitions' own fds (lent): Registry closes them once it is back."""
         if self.failed is not None:
             self._fail_all(self.failed)
-            await self.close_files(self.config.shutdown_timeout)
+            self.close_files()
             return
         with trio.move_on_after(self.config.shutdown_timeout) as scope:
             try:
@@ -389,11 +391,11 @@ class Topic(TopicReads):
             except (OSError, StorageError) as e:
                 log.critical("topic %s: final fsync failed: %s", self.name, e)
                 self._fail_all(StorageError("final fsync failed"))
-                await self.close_files(self.config.shutdown_timeout)
+                self.close_files()
                 return
         if scope.cancelled_caught:
             log.critical("topic %s: final fsync still running after %gs: exiting without it", self.name,
                          self.config.shutdown_timeout)
             self._fail_all(StorageError("shutdown"))
             return
-        await self.close_files(self.config.shutdown_timeout)  # everything is synced: closing needs no fsync
+        self.close_files()  # everything is synced: closing needs no fsync

@@ -4,12 +4,12 @@ state (the topic task publishes ``visible_head`` and sets ``_new_data``)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import trio
 
 from logd_trio.core.errors import NotFound, StorageError
+from logd_trio.server.blocking import run_blocking
 from logd_trio.server.limits import TopicFds
 from logd_trio.server.reasons import TopicDeleted
 from logd_trio.server.storage.reads import ReadPlan
@@ -35,36 +35,54 @@ class TopicReads:
     verifier: Verifier
     read_cap: Callable[[], int] | None
     _new_data: trio.Event
+    _garbage: trio.Event  # wakes the remover (Topic._remove)
     _lent = 0  # borrowed READ plans still sending from the partitions' own fds (lend())
     _returned: trio.Event | None = None
+    _close_pending = False  # the task ended while a plan was lent: release_files() closes the files
 
-    @contextlib.contextmanager
-    def lend(self) -> Iterator[None]:
-        """While a borrowed plan sends from the partitions' own fds past a wait (its fds could
-        not be dup'ed, e.g. EMFILE): the topic neither removes nor closes partitions until then."""
+    def lend(self) -> None:
+        """A borrowed plan goes on sending from the partitions' own fds past a wait (they could not
+        be dup'ed, e.g. EMFILE): until :meth:`give_back` no partition is removed, cut or closed
+        (the sender retries the dup at each wait, so a lend lasts only while the dup fails)."""
         self._lent += 1
-        try:
-            yield
-        finally:
-            self._lent -= 1
-            if not self._lent and self._returned is not None:
+
+    def give_back(self) -> None:
+        self._lent -= 1
+        if not self._lent:
+            if self._returned is not None:
                 self._returned.set()
                 self._returned = None
+            if self.log.removal_pending:
+                self._garbage.set()  # the removal postponed while lent (Topic._remove)
 
     async def until_returned(self) -> None:
-        """Return once no borrowed plan is lent out (before partitions are removed or closed)."""
+        """Return once no borrowed plan is lent out (no checkpoint when none is)."""
         while self._lent:
             if self._returned is None:
                 self._returned = trio.Event()
             await self._returned.wait()
 
-    async def close_files(self, seconds: float) -> None:
-        """Close the log's files without a sync once no lent plan sends from them (waiting at most
-        ``seconds``; else they are left open, to the OS at exit)."""
-        with trio.move_on_after(seconds):
-            await self.until_returned()
-        if not self._lent:
+    def close_files(self) -> None:
+        """Close the log's files without a sync; while a plan is lent, :meth:`release_files` does it
+        once the last one is back (the topic's end never waits for a reader's send)."""
+        if self._lent:
+            self._close_pending = True
+        else:
             self.log.close_without_sync()
+
+    async def release_files(self) -> None:
+        """After the topic's task ended (its owner calls it): once no plan is lent any more, the
+        removal retention postponed while lent, then the close.  Not for a deleted topic's removal:
+        its directory is gone, and its paths may name the files of the topic created anew."""
+        while self._close_pending:
+            await self.until_returned()
+            job = None if self.deleted else self.log.remove_job()
+            if job is None:
+                self._close_pending = False
+                self.log.close_without_sync()  # (no checkpoint since none was lent)
+                return
+            with trio.CancelScope(shield=True):  # out of the log already: a removal always completes
+                await run_blocking(job.run)
 
     @property
     def first(self) -> int:
