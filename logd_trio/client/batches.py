@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Generator
+from dataclasses import dataclass
 from itertools import accumulate, repeat
 from operator import add
 from typing import Any, Final
@@ -17,7 +18,6 @@ import anyio
 
 from logd_trio.core.errors import LogdError, MessageTooLarge
 from logd_trio.core.framing import frame_head, iter_messages, msg_header
-from logd_trio.core.records import Record
 
 __all__ = ["Ack", "BatchBuilder", "Receipt", "WriteBatch"]
 
@@ -40,7 +40,8 @@ class _Heads(dict[int, bytes]):
 _HEADS: Final = _Heads()
 
 
-class Ack(Record):
+@dataclass(frozen=True, slots=True)
+class Ack:
     """Where an acknowledged message is stored: its batch's offset and its delta in that batch."""
 
     offset: int
