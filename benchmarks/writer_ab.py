@@ -1,8 +1,9 @@
-"""The writer alone, two trees alternated against one server: CPU of the ``logd write`` process.
+"""The writer alone, two trees alternated: CPU of the ``logd write`` process.
 
 ``yes "$L" | head -n 200000 | logd write --topic piped -q`` (L = 1000 bytes) and ``logd write
---topic one hello``, each tree's client in turn against one fresh ``logd serve`` of this tree
-(default durability).  The figure is the writer's own CPU (user + system, from ``wait4``):
+--topic one hello``, each tree's client in turn (the other tree first on odd rounds), each
+run against a fresh ``logd serve`` of this tree on an empty data directory (default
+durability).  The figure is the writer's own CPU (user + system, from ``wait4``):
 on a loaded machine it moves much less than the wall time, and it leaves out ``yes``,
 ``head`` and the server.  Prints each round, then medians and OLD/NEW ratios.
 
@@ -69,11 +70,15 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}", flush=True)
     headline.WORK = Path(headline.tempfile.mkdtemp(prefix="logd-writer-ab-"))
     try:
-        with headline.server(REPO) as (host, _):
-            for tree in trees.values():  # warm-up: compiled modules cached
+        for tree in trees.values():  # warm-up: compiled modules cached
+            with headline.server(REPO) as (host, _):
                 piped(tree, host, min(args.lines, 20_000), args.size)
-            for r in range(args.rounds):
-                for name, tree in trees.items():
+        for r in range(args.rounds):
+            order = list(trees.items())
+            if r % 2:  # the other tree first on odd rounds: no order bias
+                order.reverse()
+            for name, tree in order:
+                with headline.server(REPO) as (host, _):  # a fresh server on an empty data directory
                     wall, user, sys_ = piped(tree, host, args.lines, args.size)
                     g = got[name]
                     g["wall"].append(wall)
@@ -84,8 +89,8 @@ def main() -> None:
                         ow, oc = one_line(tree, host)
                         g["one wall"].append(ow)
                         g["one cpu"].append(oc)
-                    print(f"round {r + 1} {name}: writer CPU {user:.2f} user + {sys_:.2f} sys, wall {wall:.2f} s; "
-                          f"one line CPU {statistics.median(g['one cpu'][-3:]):.3f} s", flush=True)
+                print(f"round {r + 1} {name}: writer CPU {user:.2f} user + {sys_:.2f} sys, wall {wall:.2f} s; "
+                      f"one line CPU {statistics.median(g['one cpu'][-3:]):.3f} s", flush=True)
     finally:
         headline.shutil.rmtree(headline.WORK, ignore_errors=True)
     med = {n: {k: statistics.median(v) for k, v in g.items()} for n, g in got.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Generator
+from dataclasses import dataclass
 from itertools import accumulate, repeat
 from operator import add
 from typing import Any, Final
@@ -17,7 +18,6 @@ import anyio
 
 from logd_trio.core.errors import LogdError, MessageTooLarge
 from logd_trio.core.framing import frame_head, iter_messages, msg_header
-from logd_trio.core.records import Record
 
 __all__ = ["Ack", "BatchBuilder", "Receipt", "WriteBatch"]
 
@@ -26,21 +26,45 @@ CRLF: Final = b"\r\n"
 MAX_MSG_OVERHEAD: Final = 28
 
 
-class _Heads(dict[int, bytes]):
-    """The ``MSG <n>`` line (CRLF included) by message length: a lookup per message instead of
-    formatting one (log lines come in few lengths); bounded, it starts afresh past 4096."""
+_MSG_LINE: Final = b"MSG %d\r\n".__mod__
 
-    def __missing__(self, n: int) -> bytes:
-        if len(self) >= 4096:
-            self.clear()
-        head = self[n] = msg_header(n)
-        return head
+
+class _Heads:
+    """The ``MSG <n>`` lines (CRLF included) of messages by length: looked up in a table (log
+    lines come in few lengths) instead of formatted one by one.
+
+    The table holds the line of every length below its size.  It only grows, up to
+    ``bound``, and only by as many lines as messages were formatted since it last grew (a
+    one-line write formats its one line): filling it costs at most ``bound`` formats in a
+    process's life.  A call with a message at or past the bound formats its lines, as
+    without the table (no clearing, no misses).  The table is replaced, never changed in
+    place, so a caller in another thread keeps a consistent one."""
+
+    __slots__ = ("bound", "credit", "table")
+
+    def __init__(self, bound: int = 8192) -> None:
+        self.bound = bound  # lengths kept: about 0.4 MB at most
+        self.table: list[bytes] = []
+        self.credit = 0  # messages formatted since the table last grew
+
+    def lines(self, lengths: list[int], longest: int) -> list[bytes]:
+        """The MSG lines for ``lengths`` (``longest`` is their maximum)."""
+        table = self.table
+        if longest >= len(table):
+            grow = longest + 1 - len(table)
+            if longest >= self.bound or grow > self.credit + len(lengths):
+                self.credit += len(lengths)
+                return list(map(_MSG_LINE, lengths))
+            table = table + list(map(_MSG_LINE, range(len(table), longest + 1)))
+            self.table, self.credit = table, 0
+        return list(map(table.__getitem__, lengths))
 
 
 _HEADS: Final = _Heads()
 
 
-class Ack(Record):
+@dataclass(frozen=True, slots=True)
+class Ack:
     """Where an acknowledged message is stored: its batch's offset and its delta in that batch."""
 
     offset: int
@@ -175,10 +199,11 @@ class BatchBuilder:
             return [], 0
         lengths = list(map(len, msgs))
         limit = self.body_limit
-        if max(lengths) + MAX_MSG_OVERHEAD > limit:
+        longest = max(lengths)
+        if longest + MAX_MSG_OVERHEAD > limit:
             return self._add_many_big(msgs, seq, now)
         n = len(msgs)
-        heads = list(map(_HEADS.__getitem__, lengths))
+        heads = _HEADS.lines(lengths, longest)
         # ends[k]: where message k's framing ends, counted from the first new message
         ends = list(accumulate(map(add, map(len, heads), map(add, lengths, repeat(2)))))
         parts = [CRLF] * (3 * n)

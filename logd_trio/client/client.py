@@ -34,6 +34,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Unpack
 
 import anyio
@@ -54,7 +55,6 @@ from logd_trio.core.addresses import format_address, parse_address
 from logd_trio.core.defaults import DEFAULT_ADDRESS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_REPLY
 from logd_trio.core.errors import BadReply, ConnectionLost, MessageTooLarge, NotFound, Unsupported
 from logd_trio.core.framing import build_body, build_frame
-from logd_trio.core.records import Record
 from logd_trio.core.replies import (
     ErrorReply,
     Message,
@@ -80,7 +80,8 @@ __all__ = [
 ]
 
 
-class ServerInfo(Record):
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
     """The server's CONFIG reply."""
 
     fields: dict[str, str]

@@ -69,7 +69,7 @@ class Connection:
             return TLSFailed(f"connection to {self.address} lost: TLS: {describe(exc)}")
         if self._tls_unheard:
             return self._refused()
-        return ConnectionLost(f"connection to {self.address} lost: {exc or type(exc).__name__}")
+        return ConnectionLost(f"connection to {self.address} lost: {str(exc) or type(exc).__name__}")
 
     def _refused(self) -> TLSFailed:
         return TLSFailed(f"connection to {self.address} closed by the server right after the TLS handshake: it "
@@ -99,7 +99,11 @@ class Connection:
                     sent = sock.sendmsg([first, *parts[i + 1 : i + IOV_BATCH]])
                 except BlockingIOError:
                     waited = True
-                    await trio.lowlevel.wait_writable(sock)
+                    try:
+                        await trio.lowlevel.wait_writable(sock)
+                    except trio.ClosedResourceError:  # closed by another task (the writer's receiver)
+                        self.closed = True
+                        raise ConnectionLost(f"connection to {self.address} closed while sending") from None
                     continue
                 # skip what went out: whole buffers, then the start of a partly sent one
                 while i < n and sent >= len(first):

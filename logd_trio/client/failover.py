@@ -23,6 +23,7 @@ import collections
 import json
 import ssl
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import anyio
 
@@ -39,7 +40,6 @@ from logd_trio.core.errors import (
     WriteFailed,
 )
 from logd_trio.core.framing import build_body, framed_size
-from logd_trio.core.records import Record
 from logd_trio.core.replies import ErrorReply, MokReply, OffsetReply, ReplyKind
 from logd_trio.core.requests import encode_batch
 from logd_trio.core.tls import TLSFailed
@@ -51,12 +51,13 @@ _ONE_TRY = RetryPolicy(attempts=1, initial=0.05, maximum=0.05, connect_timeout=1
 _UNREACHABLE = (OSError, ConnectionLost, BadReply, TimeoutError)
 
 
-class Secure(Record):
+@dataclass(frozen=True, slots=True)
+class Secure:
     """How to open a connection to any node of a cluster: TLS (``ssl_context``, the certificate
     checked against ``tls_hostname`` or else the address's host) and ``AUTH`` with ``token``."""
 
     ssl_context: ssl.SSLContext | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret
     tls_hostname: str | None = None
 
     def __post_init__(self) -> None:  # a malformed token is said once, not taken for unreachable nodes

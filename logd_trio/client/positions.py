@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Final, Literal
 
 from logd_trio.client.checkpoint import Position
 from logd_trio.core.errors import NotFound
-from logd_trio.core.records import Record
 from logd_trio.core.replies import ErrorReply, ReadReply
 
 __all__ = ["END", "OLDEST", "Last", "StartAt", "find_end", "find_last", "parse_start"]
@@ -24,7 +24,8 @@ OLDEST: Final = "oldest"
 END: Final = "end"
 
 
-class Last(Record):
+@dataclass(frozen=True, slots=True)
+class Last:
     """Start at the last ``n`` messages of the topic (all of them if it has fewer)."""
 
     n: int

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import NoReturn, Protocol, TypeVar, runtime_checkable
 
 import anyio
@@ -32,7 +33,6 @@ from logd_trio.core.addresses import format_address, parse_address
 from logd_trio.core.defaults import DEFAULT_MAX_REPLY
 from logd_trio.core.errors import BadReply, ConnectionLost, InvalidTopic, Timeout, Unsupported, unwrap_group
 from logd_trio.core.framing import valid_topic
-from logd_trio.core.records import Record
 from logd_trio.core.replies import ErrorReply, Reply, ReplyKind
 from logd_trio.core.tls import TLSFailed, describe
 
@@ -66,7 +66,8 @@ def ki_protected(fn: _F) -> _F:
 
 
 
-class RetryPolicy(Record):
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
     """How connecting retries: ``attempts`` tries in all, sleeping ``initial``,
     then ``initial * multiplier``, ... (at most ``maximum``) between them.  An attempt
     that takes longer than ``connect_timeout`` seconds (a host that drops the SYN) fails."""

@@ -10,14 +10,21 @@ is compiled, once per class), equality and hash by class and field values,
 deletion raising ``dataclasses.FrozenInstanceError``, ``__match_args__``, copy and pickle,
 and ``__post_init__`` called when the class has one.
 Type checkers see it as a frozen dataclass (``dataclass_transform``).
+
+What it does not do is refused with a TypeError when the class is created, never dropped
+silently: subclassing a record that has fields, ``InitVar``/``KW_ONLY``, ``field()`` and
+mutable (unhashable) defaults, ``_hidden`` naming no field.  Every annotation except a
+``ClassVar`` is a field, with or without ``from __future__ import annotations``.
+For the core's internal protocol classes; public classes stay dataclasses.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import FrozenInstanceError
+from dataclasses import KW_ONLY, Field, FrozenInstanceError, InitVar
 from operator import attrgetter
-from typing import Any, ClassVar, dataclass_transform
+from typing import Any, ClassVar, Final, dataclass_transform, get_origin
 
 __all__ = ["Record"]
 
@@ -48,14 +55,52 @@ def _values_of(fields: tuple[str, ...]) -> Callable[[object], tuple[Any, ...]]:
     return lambda record: ()
 
 
+_CLASSVAR: Final = re.compile(r"\s*(?:typing\.|t\.)?ClassVar\s*(?:\[|$)")
+_UNSUPPORTED: Final = re.compile(r"\s*(?:dataclasses\.)?(?:InitVar|KW_ONLY)\b")
+_RESERVED: Final = frozenset({"_fields", "_hidden", "_get", "_values"})
+
+
+def _is_field(cls_name: str, name: str, kind: object) -> bool:
+    """Whether the annotation ``kind`` of ``name`` declares a field (a ``ClassVar`` does not);
+    TypeError for what a Record cannot do as a dataclass would (``InitVar``, ``KW_ONLY``)."""
+    if isinstance(kind, str):  # ``from __future__ import annotations``: the source text
+        if _CLASSVAR.match(kind):
+            return False
+        unsupported = _UNSUPPORTED.match(kind) is not None
+    else:
+        if kind is ClassVar or get_origin(kind) is ClassVar:
+            return False
+        unsupported = kind is KW_ONLY or isinstance(kind, InitVar) or kind is InitVar
+    if unsupported:
+        raise TypeError(f"{cls_name}.{name}: a Record has no InitVar or KW_ONLY fields (use a dataclass)")
+    if name in _RESERVED:
+        raise TypeError(f"{cls_name}.{name}: the name is Record's own")
+    return True
+
+
+def _check_default(cls_name: str, name: str, value: object) -> None:
+    if isinstance(value, Field):
+        raise TypeError(f"{cls_name}.{name}: a Record takes plain defaults, not dataclasses.field()")
+    if type(value).__hash__ is None:  # list, dict, set...: one object shared by every instance
+        raise TypeError(f"{cls_name}.{name}: mutable default {type(value).__name__} (use an immutable value)")
+
+
 @dataclass_transform(frozen_default=True)
 class _RecordMeta(type):
     def __new__(mcls, name: str, bases: tuple[type, ...], ns: dict[str, Any], **kwargs: Any) -> _RecordMeta:
+        for base in bases:
+            if getattr(base, "_fields", ()):
+                raise TypeError(f"{name}: a Record with fields ({base.__qualname__}) cannot be subclassed")
         annotations = ns.get("__annotations__", {})
-        fields = tuple(f for f, kind in annotations.items() if not str(kind).startswith(("ClassVar", "typing.")))
+        fields = tuple(f for f, kind in annotations.items() if _is_field(name, f, kind))
         defaults = {f: ns.pop(f) for f in fields if f in ns}
+        for f, value in defaults.items():
+            _check_default(name, f, value)
         if defaults and list(defaults) != list(fields[len(fields) - len(defaults):]):
             raise TypeError(f"{name}: a field without a default follows one with a default")
+        hidden = ns.get("_hidden", ())
+        if not set(hidden) <= set(fields):
+            raise TypeError(f"{name}._hidden names no field: {sorted(set(hidden) - set(fields))}")
         ns["__slots__"] = fields
         cls = super().__new__(mcls, name, bases, ns, **kwargs)
         if bases:  # a record class, not Record itself

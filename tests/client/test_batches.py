@@ -3,6 +3,8 @@ batches, in order, as framing one message at a time and sealing when the next do
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -144,9 +146,26 @@ def test_messages_that_fill_the_batch_exactly_share_it() -> None:
     assert [s.messages() for s in sealed] == [[b"c"]] and state(b)[2] == 1
 
 
-def test_msg_lines_come_from_a_bounded_cache() -> None:
+def test_msg_lines_come_from_a_bounded_table() -> None:
+    heads = _Heads(bound=100)
+    rng = random.Random(7)
+    seen = 0
+    for _ in range(300):  # lengths below and past the bound, calls of 1 to 20 messages
+        lengths = [rng.randrange(130) for _ in range(rng.randrange(1, 21))]
+        assert heads.lines(lengths, max(lengths)) == [b"MSG %d\r\n" % n for n in lengths]
+        seen += len(lengths)
+        assert len(heads.table) <= min(100, seen)  # never past the bound, nor ahead of the work
+    assert heads.table == [b"MSG %d\r\n" % n for n in range(len(heads.table))]
+    table = heads.table
+    assert len(table) > 60  # it grew, and stays: past the bound it formats and keeps the table
+    heads.lines([150] * 50, 150)
+    assert heads.table is table and heads.lines([5], 5)[0] is table[5]
+
+
+def test_a_one_line_write_formats_one_line() -> None:
     heads = _Heads()
-    for n in range(5000):
-        assert heads[n] == b"MSG %d\r\n" % n
-        assert len(heads) <= 4096
-    assert heads[4999] is heads[4999]  # looked up, not formatted again
+    assert heads.lines([1000], 1000) == [b"MSG 1000\r\n"] and heads.table == []
+    assert heads.lines([1000] * 500, 1000)[0] == b"MSG 1000\r\n" and heads.table == []  # 501 < 1001
+    heads.lines([1000] * 500, 1000)
+    assert len(heads.table) == 1001  # paid for by the 1001 lines formatted
+    assert heads.lines([3, 1000], 1000) == [b"MSG 3\r\n", b"MSG 1000\r\n"]

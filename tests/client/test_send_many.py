@@ -16,7 +16,7 @@ from logd_trio.client.transport import connect
 from logd_trio.core.errors import ConnectionLost
 
 from ..harness import FAST_RETRY
-from .live import scripted_peer
+from .live import scripted_peer, wait_all_tasks_blocked
 
 pytestmark = pytest.mark.anyio
 
@@ -62,3 +62,45 @@ async def test_send_many_on_a_closed_peer_is_connection_lost(tg: anyio.abc.TaskG
     finally:
         await conn.aclose()
     assert conn.closed
+
+
+async def test_send_many_closed_by_another_task_is_connection_lost(tg: anyio.abc.TaskGroup) -> None:
+    # the writer's receiver closes the link (ack timeout, EOF) while its sender waits for room
+    async def never_reads(stream: anyio.abc.SocketStream) -> None:
+        await anyio.sleep_forever()
+
+    address = await scripted_peer(tg, never_reads)
+    conn = await connect(address, retry=FAST_RETRY)
+    raw = conn.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    outcome: list[BaseException] = []
+
+    async def sender() -> None:
+        try:
+            await conn.send_many([b"x" * (4 << 20), b"y"])
+        except Exception as exc:  # what it raised is the test's subject
+            outcome.append(exc)
+
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(sender)
+                await wait_all_tasks_blocked()  # the sender waits for the socket to be writable
+                await conn.aclose()
+    finally:
+        await conn.aclose()
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionLost), outcome
+    assert f"connection to {address}" in str(outcome[0]) and conn.closed
+
+
+async def test_a_transport_error_without_text_is_named(tg: anyio.abc.TaskGroup) -> None:
+    # anyio's ClosedResourceError and BrokenResourceError have an empty str
+    async def idle(stream: anyio.abc.SocketStream) -> None:
+        await anyio.sleep_forever()
+
+    address = await scripted_peer(tg, idle)
+    conn = await connect(address, retry=FAST_RETRY)
+    await conn.aclose()
+    with pytest.raises(ConnectionLost) as info:
+        await conn.send(b"PING\r\n")
+    assert str(info.value) == f"connection to {address} lost: ClosedResourceError"
