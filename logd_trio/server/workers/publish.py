@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import trio
-
 from logd_trio.server.registry import Registry
 from logd_trio.server.storage.topic_log import TopicLog
 from logd_trio.server.topic import Topic
@@ -58,6 +56,7 @@ class Publisher:
         self._incarnations = 0
         self._gens: dict[int, tuple[int, int, int]] = {}  # id(topic) -> (incarnation, changes, key)
         self._keys: dict[int, tuple[int, int]] = {}
+        self._closed = False
 
     def attach_all(self) -> None:
         for topic in list(self.registry.topics.values()):
@@ -75,6 +74,8 @@ class Publisher:
 
     def changed(self, topic: Topic) -> None:
         """Called by the topic (its task, or DELETE) after its head, first or partitions moved."""
+        if self._closed:  # (a topic that missed the detach in close: nothing to publish to)
+            return
         key = id(topic)
         if topic.deleted:
             if self.registry.topics.get(topic.name) in (None, topic):
@@ -96,13 +97,9 @@ class Publisher:
                            trusted_from(tl))
 
     def close(self) -> None:
+        self._closed = True
         for topic in self.registry.topics.values():
             if topic.on_change == self.changed:
                 topic.on_change = None
         self.table.close()
 
-
-async def run_publisher(publisher: Publisher, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    publisher.attach_all()
-    task_status.started()
-    await publisher.run()
