@@ -325,7 +325,7 @@ class RequestParser:
         if len(self._buf) < start + total:
             return NEED_DATA
         buf = self._buf
-        frame = bytes(buf[start : start + total])
+        frame = bytes(memoryview(buf)[start : start + total])  # one copy (a bytearray slice is another)
         self._pos = start + total
         # The extent is known from here on: errors keep the connection open.
         topic = _topic(words[2])

@@ -31,7 +31,7 @@ from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.acks import AwaitReplicas
 from logd_trio.server.replica.serving import serve_fetch
-from logd_trio.server.sending import SocketIO
+from logd_trio.server.sending import Lender, SocketIO
 from logd_trio.server.stats import Counters, StatsRequest
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.tls import Accepted, ServerSocket, plain_socket
@@ -235,7 +235,8 @@ class Connection:
                 self.registry.replica.refuse_writes()  # a follower: ERR not leader HOST:PORT
                 # No checkpoint per batch: queue all the batches of one receive, then yield once.
                 item = await self.registry.append(req.topic, req.frame, req.count,
-                                                  self.guard.principal if self.guard is not None else None)
+                                                  self.guard.principal if self.guard is not None else None,
+                                                  direct=not self.parser.buffered)  # (else more follow)
                 if self.registry.replica.await_acks:  # the reply waits for followers, cluster (server/replica/acks.py)
                     item = AwaitReplicas(item, req.topic, self.registry.replica)
                 elif self._alone() and self.config.fsync != "always":  # (else it waits for an fsync:
@@ -294,7 +295,8 @@ class Connection:
         try:
             pending = bytearray()
             if isinstance(req, Append):
-                await req.done.wait()  # the topic task answers once it is stored (and synced)
+                if not req.done.is_set():  # (set already when appended at once: Topic.append_now)
+                    await req.done.wait()  # the topic task answers once it is stored
                 pending += self._batch_reply(req)
             else:
                 await answer_read(self, req, pending)
@@ -379,5 +381,6 @@ class Connection:
     async def _send_all(self, data: bytes | bytearray) -> None:
         await self.io.send_all(data)
 
-    async def _send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None) -> None:
-        await self.io.send_plan(plan, pending, header)
+    async def _send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None,
+                         lend: Lender | None = None) -> None:
+        await self.io.send_plan(plan, pending, header, lend)

@@ -16,6 +16,7 @@ from logd_trio.core.errors import NotFound, StorageError
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
+from logd_trio.server.sending import Lender
 from logd_trio.server.stats import Counters
 from logd_trio.server.storage.reads import ReadPlan
 
@@ -33,7 +34,8 @@ class ReadingConnection(Protocol):
 
     async def _send_all(self, data: bytes | bytearray) -> None: ...
 
-    async def _send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None) -> None: ...
+    async def _send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None,
+                         lend: Lender | None = None) -> None: ...
 
 
 def polls(conn: ReadingConnection, req: p.Read | p.Tail) -> bool:
@@ -87,6 +89,6 @@ async def answer_read(conn: ReadingConnection, req: p.Read | p.Tail, pending: by
         conn.counters.error_kinds[error_kind(e)] += 1
         pending += error_reply(e)
         return
-    await conn._send_plan(plan, pending)
+    await conn._send_plan(plan, pending, lend=topic)  # (lends its fds when they cannot be dup'ed)
     pending.clear()
     conn.counters.histograms.read_latency.observe(time.perf_counter() - t0)

@@ -93,15 +93,20 @@ class Registry:
         if creator is not None:
             self._created_by[creator] -= 1
 
-    async def append(self, name: str, frame: bytes, count: int, who: Principal | None = None) -> Append:
+    async def append(self, name: str, frame: bytes, count: int, who: Principal | None = None,
+                     direct: bool = True) -> Append:
         """Queue a BATCH on ``name`` (created if new).  A BATCH that meets the topic's deletion
         (queued on its closed inbox, or waiting for room in it) goes to the topic created anew.
-        ``who``: the connection's principal (``--auth-file``), whose ``max_topics`` applies."""
+        ``who``: the connection's principal (``--auth-file``), whose ``max_topics`` applies.
+        ``direct``: appended at once if the topic task is idle (False: more batches follow, so
+        the task takes them all in one wake-up and acknowledges them together)."""
         while True:
             topic = self.topics.get(name) or await self.get_or_create(name, *(
                 (who.name, who.max_topics) if who is not None else ()))
             try:
-                return topic.try_append(frame, count) or await topic.append(frame, count)
+                # at once when the topic task is idle (Topic.append_now), else queued at the task
+                return ((direct and topic.append_now(frame, count)) or topic.try_append(frame, count)
+                        or await topic.append(frame, count))
             except trio.ClosedResourceError:
                 if not topic.deleted:
                     raise  # the server is shutting down
@@ -144,6 +149,7 @@ class Registry:
         finally:
             topic.fds.close()  # the sync reserve, once the topic's last fsync is done
             ended.set()
+        await topic.release_files()  # what a READ still sending from the partitions' own fds kept open
 
     async def delete(self, name: str, *, by: str = "") -> int:
         """``DELETE``: the topic leaves the server and its files are removed; returns the bytes freed.

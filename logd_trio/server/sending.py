@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from typing import Protocol
 
 import trio
 
 from logd_trio.core import requests as p
 from logd_trio.server.sockio import (
+    Segments,
     discard_input,
     linger_close,
     raw_socket,
@@ -30,7 +32,15 @@ from logd_trio.server.stats import Counters
 from logd_trio.server.storage.reads import ReadPlan
 from logd_trio.server.tls import SEND_CHUNK, ServerSocket, TLSSocket, send_segments
 
-__all__ = ["SocketIO"]
+__all__ = ["Lender", "SocketIO"]
+
+
+class Lender(Protocol):
+    """Who lends a borrowed plan's fds past a wait: its topic (server/topic_reads.py)."""
+
+    def lend(self) -> None: ...
+
+    def give_back(self) -> None: ...
 
 
 class SocketIO:
@@ -88,34 +98,64 @@ class SocketIO:
             finally:
                 self.send_scope = None
 
-    async def send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None) -> None:
+    async def send_plan(self, plan: ReadPlan, pending: bytearray, header: bytes | None = None,
+                        lend: Lender | None = None) -> None:
         """Header (after what is pending) then the frames from the files.  A borrowed plan's fds are
-        the partitions': it is made to own its fds before any wait."""
+        the partitions': before any wait the plan is made to own its fds, or while that fails (e.g.
+        EMFILE) it keeps them, lent by ``lend`` (the topic keeps its partitions until they are given
+        back), so the reply still goes out whole; the dup is tried again before each wait."""
         with plan:
             pending += p.reply_read_header(plan.offset, plan.nbatches) if header is None else header
             view = memoryview(pending)
-            if self.raw is None:  # TLS: bounded copies through the stream
-                plan.own()
-                await self.send_all(view)
-                assert self.tls is not None
-                with trio.fail_after(self.send_timeout) as scope:
-                    self.send_scope = scope
-                    try:
-                        await send_segments(self.tls, plan.segments, scope, self.send_timeout, self.counters)
-                    finally:
-                        self.send_scope = None
-                return
-            n = send_now(self.raw, view)
-            if n < len(view):
-                plan.own()
-                await send_rest(self.raw, view[n:], self.send_timeout, self._on_scope)
-            self.counters.bytes_out += len(view)
-            k, pos, left, sent = sendfile_now(self.raw, plan.segments)
-            self.counters.bytes_out += sent
-            if k < len(plan.segments):  # the socket is full: wait for room, bounded per wait
-                plan.own()
-                self.counters.bytes_out += await sendfile_rest(self.raw, plan.segments, (k, pos, left),
-                                                               self.send_timeout, self._on_scope)
+            raw = self.raw
+            at: tuple[int, int, int] | None = None
+            if raw is not None:  # the usual case first: everything goes without a wait
+                n = send_now(raw, view)
+                if n == len(view):
+                    k, pos, left, sent = sendfile_now(raw, plan.segments)
+                    self.counters.bytes_out += n + sent
+                    if k == len(plan.segments):
+                        return
+                    view, at = view[n:], (k, pos, left)
+                else:
+                    view = view[n:]
+                    self.counters.bytes_out += n
+            kept = _Kept(plan, lend)  # the socket is full: wait for room, bounded per wait
+            try:
+                if raw is None:  # TLS: bounded copies through the stream
+                    await self._tls_plan(view, kept)
+                    return
+                if at is None:  # the header's rest, then the frames from the start
+                    await send_rest(raw, view, self.send_timeout, self._on_scope, kept.segments)
+                    self.counters.bytes_out += len(view)
+                    if not plan.segments:
+                        return
+                    _, first, length = plan.segments[0]
+                    at = (0, first, length)
+                self.counters.bytes_out += await sendfile_rest(raw, plan.segments, at, self.send_timeout,
+                                                               self._on_scope, kept.segments)
+            finally:
+                kept.give_back()
+
+    async def _tls_plan(self, view: memoryview, kept: _Kept) -> None:
+        await self.send_all(view)
+        assert self.tls is not None
+        with trio.fail_after(self.send_timeout) as scope:
+            self.send_scope = scope
+            try:
+                if kept.lender is None:
+                    await send_segments(self.tls, kept.plan.segments, scope, self.send_timeout, self.counters)
+                    return
+                for k in range(len(kept.plan.segments)):  # lent: one chunk at a time, the dup tried before each
+                    _, pos, length = kept.plan.segments[k]
+                    while length:
+                        n = min(length, SEND_CHUNK)
+                        await send_segments(self.tls, [(kept.segments()[k][0], pos, n)], scope, self.send_timeout,
+                                            self.counters)
+                        pos += n
+                        length -= n
+            finally:
+                self.send_scope = None
 
     async def linger_close(self) -> None:
         """Send FIN, then discard input briefly so the peer reads the last reply before the close."""
@@ -129,3 +169,37 @@ class SocketIO:
             return
         with contextlib.suppress(trio.BrokenResourceError, OSError):
             await discard_input(self.tls.recv_into)
+
+
+class _Kept:
+    """A borrowed plan past a wait: it owns its fds (dup'ed), or while that fails, keeps the
+    partitions' own, lent; :meth:`segments` (before each wait) tries the dup again and gives the
+    lend back once it works, so a lend lasts only while the dup fails (e.g. EMFILE)."""
+
+    __slots__ = ("lender", "plan")
+
+    def __init__(self, plan: ReadPlan, lender: Lender | None) -> None:
+        self.plan = plan
+        self.lender: Lender | None = None
+        try:
+            plan.own()
+        except OSError:
+            if lender is None or not plan.borrowed:
+                raise
+            lender.lend()
+            self.lender = lender
+
+    def segments(self) -> Segments:
+        if self.lender is not None:
+            try:
+                self.plan.own()
+            except OSError:
+                pass
+            else:
+                self.give_back()
+        return self.plan.segments
+
+    def give_back(self) -> None:
+        lender, self.lender = self.lender, None
+        if lender is not None:
+            lender.give_back()

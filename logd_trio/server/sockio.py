@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-__all__ = ["discard_input", "linger_close", "raw_socket", "receive", "send_now", "send_rest", "sendfile_now",
-           "sendfile_rest"]
+__all__ = ["Segments", "discard_input", "linger_close", "raw_socket", "receive", "send_now", "send_rest",
+           "sendfile_now", "sendfile_rest"]
 
 SENDFILE_CHUNK = 1 << 20
 LINGER_SECONDS = 1.0
@@ -74,14 +74,17 @@ def send_now(raw: socket.socket, view: memoryview) -> int:
 
 
 async def send_rest(raw: socket.socket, view: memoryview, progress: float,
-                    on_scope: Callable[[trio.CancelScope | None], None]) -> None:
+                    on_scope: Callable[[trio.CancelScope | None], None],
+                    before_wait: Callable[[], object] | None = None) -> None:
     """Send all of ``view``, waiting for room; ``progress`` seconds bound each wait for progress
     (``trio.TooSlowError``).  ``on_scope`` gets the scope bounding the waits (a caller may
-    shorten its deadline), then None."""
+    shorten its deadline), then None; ``before_wait`` is called before each wait."""
     with trio.fail_after(progress) as scope:
         on_scope(scope)
         try:
             while view:
+                if before_wait is not None:
+                    before_wait()
                 await trio.lowlevel.wait_writable(raw)
                 n = send_now(raw, view)
                 if n:
@@ -114,9 +117,11 @@ def sendfile_now(raw: socket.socket, segments: Segments) -> tuple[int, int, int,
 
 
 async def sendfile_rest(raw: socket.socket, segments: Segments, at: tuple[int, int, int], progress: float,
-                        on_scope: Callable[[trio.CancelScope | None], None]) -> int:
+                        on_scope: Callable[[trio.CancelScope | None], None],
+                        before_wait: Callable[[], Segments] | None = None) -> int:
     """Send the segments from ``at`` (as :func:`sendfile_now` stopped), waiting for room, each wait
-    for progress bounded as in :func:`send_rest`; the bytes sent."""
+    for progress bounded as in :func:`send_rest`; the bytes sent.  ``before_wait`` is called
+    before each wait and gives the segments to go on with (the same ranges, perhaps other fds)."""
     k, pos, length = at
     out_fd = raw.fileno()
     sent = 0
@@ -128,6 +133,8 @@ async def sendfile_rest(raw: socket.socket, segments: Segments, at: tuple[int, i
                     try:
                         n = os.sendfile(out_fd, segments[k][0], pos, min(length, SENDFILE_CHUNK))
                     except BlockingIOError:
+                        if before_wait is not None:
+                            segments = before_wait()
                         await trio.lowlevel.wait_writable(raw)
                         continue
                     if n == 0:

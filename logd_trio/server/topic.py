@@ -3,9 +3,11 @@
 Connections send :class:`Append` items over the topic's bounded channel.  The topic task writes
 them to the page cache at once and, with ``fsync=always``, a *syncer* task fsyncs in a worker
 thread while appends keep arriving; every batch a finished fsync covers is then acknowledged
-together (group commit).  Reads and long-polls are served from the connection tasks through
-:meth:`Topic.open_read`, which never shows a batch before it is acknowledged nor a frame before
-it is verified.  Errors travel as exception objects (``Append.error``, raised by ``open_read``)."""
+together (group commit); while the task waits on an empty inbox, a connection makes the task's
+write itself (:meth:`Topic.append_now`).  Reads and long-polls are served from the connection
+tasks through :meth:`Topic.open_read` (server/topic_reads.py), which never shows a batch before
+it is acknowledged nor a frame before it is verified.  Errors travel as exception objects
+(``Append.error``, raised by ``open_read``)."""
 
 from __future__ import annotations
 
@@ -17,19 +19,17 @@ from pathlib import Path
 
 import trio
 
-from logd_trio.core.errors import NotFound, StorageError
+from logd_trio.core.errors import StorageError
 from logd_trio.server.appends import Append, Place
 from logd_trio.server.blocking import run_blocking
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.histogram import Histograms
 from logd_trio.server.limits import TopicFds
-from logd_trio.server.reasons import TopicDeleted
 from logd_trio.server.retention import expire_by_age
 from logd_trio.server.storage.jobs import FilesGone, SyncJob
-from logd_trio.server.storage.reads import ReadPlan
-from logd_trio.server.storage.rebuild import IndexSuspect
 from logd_trio.server.storage.space import FreeSpace
 from logd_trio.server.storage.topic_log import TopicLog
+from logd_trio.server.topic_reads import TopicReads
 from logd_trio.server.verifier import Verifier
 from logd_trio.server.wallclock import now_ms
 
@@ -39,10 +39,10 @@ log = logging.getLogger("logd_trio.server.topic")
 
 # How many appends may queue for one topic before senders wait (backpressure); each holds at most
 INBOX_SIZE = 64  # one max-size batch, so this bounds memory per topic
-_VERIFY_ROUNDS = 4  # rounds of verify-then-plan-again a read may take (one, two after an index rebuild)
+_WAKE = Append(b"", 0)  # wakes the task for an early sync a direct append called for (append_now); never written
 
 
-class Topic:
+class Topic(TopicReads):
     """A topic's state shared by its task and by the connections that read it."""
 
     def __init__(self, name: str, tlog: TopicLog, config: ServerConfig) -> None:
@@ -56,6 +56,9 @@ class Topic:
         self._dirty = trio.Event()
         self._garbage = trio.Event()  # retention dropped partitions: the remover unlinks them
         self._sync_lock = trio.Lock()
+        self._idle = False  # the task waits on an empty inbox: append_now may write (every send clears it)
+        self._direct = type(self) is Topic  # a follower's topic (replication) always takes the task
+        self._sync_due = False  # a direct append wants an early sync: the task makes it (fsync never / interval)
         self._batches_since_sync = 0
         self._partitions_seen = tlog.rotations
         self.synced_batches = 0
@@ -82,17 +85,36 @@ class Topic:
     def fsyncs(self) -> int:
         return self.log.fsync_count
 
-    @property
-    def first(self) -> int:
-        return self.log.first
-
     # ------------------------------------------------------------ producers
 
     async def append(self, frame: bytes, count: int, place: Place | None = None) -> Append:
         """Queue one batch (a replicated frame: at ``place``); the caller awaits ``item.done`` for its
         answer.  Cancelled while waiting for room in the inbox: nothing was queued."""
         item = Append(frame, count, place)
+        self._idle = False
         await self._send.send(item)
+        return item
+
+    def append_now(self, frame: bytes, count: int) -> Append | None:
+        """The append made at once, while the topic task waits on an empty inbox (else None: nothing
+        done); answered on return, or with ``fsync=always`` once an fsync covers it (``item.done``).
+
+        The task stays the partitions' only owner in effect: every send clears ``_idle`` (a batch
+        queued ahead is written first), and this is the task's own synchronous step with no
+        checkpoint in it, so appends serialize exactly as by the task.  An early sync it calls for
+        is the task's (woken by :data:`_WAKE`, as after a wake-up of its own)."""
+        if not self._idle:
+            return None
+        item = Append(frame, count)
+        self.log.tick(now_ms())
+        self._write(item)
+        if self.config.fsync == "always":
+            self._dirty.set()
+        else:
+            self._ack_upto(self.log.head)
+            if self._needs_early_sync():
+                self._sync_due, self._idle = True, False
+                self._send.send_nowait(_WAKE)  # (the inbox is empty)
         return item
 
     def try_append(self, frame: bytes, count: int) -> Append | None:
@@ -103,6 +125,7 @@ class Topic:
         together.  Raises ``trio.ClosedResourceError`` once the input is closed.
         """
         item = Append(frame, count)
+        self._idle = False
         try:
             self._send.send_nowait(item)
         except trio.WouldBlock:
@@ -111,53 +134,10 @@ class Topic:
 
     def close_input(self) -> None:
         """No more appends: the task drains what is queued, syncs and ends (on_change: DELETE)."""
+        self._idle = False  # (the task never sets it again: its receives end the input)
         self._send.close()
         if self.on_change is not None:
             self.on_change(self)
-
-    # ------------------------------------------------------------ readers
-
-    async def open_read(self, offset: int, limit: int, borrow: bool = False) -> ReadPlan:
-        """The acknowledged batches from ``offset`` (message sum below ``limit``), every frame verified:
-        frames the scrub has not reached yet are verified first (worker thread), then planned again;
-        the plan stops before a corrupt batch.  Raises :class:`NotFound`, ``CorruptData`` (at
-        ``offset``) or :class:`StorageError`.  The caller closes the plan; cancelled: nothing to close.
-        ``borrow``: a borrowed plan (``ReadPlan.own``), returned at once when nothing needs verifying."""
-        if self.deleted:
-            raise TopicDeleted(self.name)
-        for _ in range(_VERIFY_ROUNDS):
-            readable = self.readable_head
-            if offset >= readable:
-                raise NotFound(offset)
-            try:
-                plan = self.log.read_plan(offset, limit, end=readable,
-                                          max_partitions=self.fds.max_partitions(), borrow=borrow)
-                if not plan.checks:
-                    return self.fds.hold(plan)
-                await self.verifier.check(plan)
-            except IndexSuspect as e:  # the log and its index disagree: rebuild it, plan again
-                await self.verifier.rebuild(e)
-        raise StorageError(f"topic {self.name}: could not verify the read at {offset}")
-
-    def seek(self, when_ms: int) -> int:
-        """Offset of the first readable batch appended at or after ``when_ms`` (Unix ms); the readable
-        head if none.  Raises :class:`TopicDeleted` or :class:`StorageError`."""
-        if self.deleted:
-            raise TopicDeleted(self.name)
-        return max(self.first, self.log.seek(when_ms, self.readable_head))
-
-    @property
-    def readable_head(self) -> int:  # the acknowledged head, capped at the high watermark (replication)
-        return self.visible_head if self.read_cap is None else max(self.first, min(self.visible_head, self.read_cap()))
-
-    def wake_readers(self) -> None:  # the cap moved: waiting readers look again
-        self._new_data.set()
-        self._new_data = trio.Event()
-
-    async def wait_for_data(self, offset: int, *, capped: bool = True) -> None:
-        """Return once the readable (``capped``) or acknowledged head moves past ``offset`` (caller bounds the wait)."""
-        while (self.readable_head if capped else self.visible_head) <= offset and not self.closed:
-            await self._new_data.wait()
 
     def _publish(self, head: int) -> None:
         if head > self.visible_head:
@@ -186,7 +166,7 @@ class Topic:
                     nursery.start_soon(expire_by_age, self.log, self.config.retention_time, self._garbage_out,
                                        self.follows)
                 task_status.started()
-                async for item in self._recv:
+                while (item := await self._next()) is not None:
                     self.log.tick(now_ms())  # the time of this wake-up's batches (docs/storage.md)
                     self._write(item)
                     while True:  # take everything already queued before yielding
@@ -199,7 +179,8 @@ class Topic:
                         self._dirty.set()
                     else:
                         self._ack_upto(self.log.head)
-                        if self._needs_early_sync():
+                        if self._needs_early_sync() or self._sync_due:
+                            self._sync_due = False
                             await self._sync()
                 # Input closed: wait for the syncer to cover everything, then stop it.
                 if self._unacked:
@@ -211,7 +192,23 @@ class Topic:
             with trio.CancelScope(shield=True):
                 await self._final_sync()
 
+    async def _next(self) -> Append | None:
+        """The next queued item, None once the input is closed and drained; while it waits on an
+        empty inbox, :meth:`append_now` may write."""
+        try:
+            try:
+                return self._recv.receive_nowait()
+            except trio.WouldBlock:
+                self._idle = self._direct
+                return await self._recv.receive()
+        except trio.EndOfChannel:
+            return None
+        finally:
+            self._idle = False
+
     def _write(self, item: Append) -> None:
+        if item is _WAKE:
+            return
         try:
             if self.failed is not None:
                 raise StorageError(str(self.failed))
@@ -361,6 +358,8 @@ class Topic:
             await self._remove()
 
     async def _remove(self) -> None:
+        if self._lent:  # a lent plan sends from partitions it may drop: postponed until give_back()
+            return
         job = self.log.remove_job()
         if job is not None:
             log.info("topic %s: retention removes %s (first offset now %d)", self.name,
@@ -373,10 +372,11 @@ class Topic:
     async def _final_sync(self) -> None:
         """Shutdown: everything appended is made durable (in a worker thread), then files close.
         Shielded; bounded by ``shutdown_timeout`` so a hung disk cannot hang the exit (the
-        files are then left to the OS, and recovery on the next start checks them)."""
+        files are then left to the OS, and recovery on the next start checks them).  It never waits
+        for a READ sending from the partitions' own fds (lent): Registry closes them once it is back."""
         if self.failed is not None:
             self._fail_all(self.failed)
-            self.log.close_without_sync()
+            self.close_files()
             return
         with trio.move_on_after(self.config.shutdown_timeout) as scope:
             try:
@@ -390,11 +390,11 @@ class Topic:
             except (OSError, StorageError) as e:
                 log.critical("topic %s: final fsync failed: %s", self.name, e)
                 self._fail_all(StorageError("final fsync failed"))
-                self.log.close_without_sync()
+                self.close_files()
                 return
         if scope.cancelled_caught:
             log.critical("topic %s: final fsync still running after %gs: exiting without it", self.name,
                          self.config.shutdown_timeout)
             self._fail_all(StorageError("shutdown"))
             return
-        self.log.close_without_sync()  # everything is synced: closing needs no fsync
+        self.close_files()  # everything is synced: closing needs no fsync

@@ -3,6 +3,8 @@ trailing bytes (h11's three ways); hypothesis round trips; bounded buffering."""
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 import zlib
 from collections.abc import Iterator
 
@@ -229,3 +231,54 @@ def test_valid_topic() -> None:
     assert valid_topic(b"a" * 255)
     for bad in (b"", b".", b"..", b"a/b", b"a b", b"bad:name", b"a" * 256, b"\xff"):
         assert not valid_topic(bad)
+
+
+@pytest.mark.parametrize("size", [0, 1, 9, 31, 98])
+def test_the_uniform_walk_rejects_any_broken_framing_byte(size: int) -> None:
+    """Equal-length messages take the strided fast path: it counts them, and a change to any one
+    framing byte of any one record (header or trailing CRLF) is rejected, as the exact walk does."""
+    msgs = [bytes([65 + i % 26]) * size for i in range(7)]
+    body = build_body(msgs)
+    assert count_messages(body) == 7 and count_messages(b"xx" + body, 2) == 7
+    stride = len(body) // 7
+    header = len(b"MSG %d\r\n" % size)
+    for record in range(7):
+        for col in (*range(header), stride - 2, stride - 1):
+            broken = bytearray(body)
+            broken[record * stride + col] ^= 0x01  # e.g. "MSG" -> "LSG", "3" -> "2", CR -> FF
+            with pytest.raises(InvalidBatchError):
+                count_messages(bytes(broken))
+
+
+def test_the_uniform_walk_keeps_nothing_body_sized() -> None:
+    """The walk of equal-length messages may keep what it compares columns with for small bodies
+    only: 40 distinct big bodies leave (almost) nothing allocated behind them."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(40):  # 40 distinct (header, count) keys, each body ~512 KiB of records of 0-9 bytes
+            size, n = i % 10, (1 << 19) // (i % 10 + 9) - i
+            body = (b"MSG %d\r\n" % size + b"x" * size + b"\r\n") * n  # (as build_body makes it)
+            assert count_messages(body) == n
+            del body
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 4 << 20, f"{kept} bytes kept"
+
+
+@pytest.mark.parametrize("size", [0, 5])
+def test_a_big_uniform_body_is_checked_as_exactly(size: int) -> None:
+    """Bodies past the cached size take the count per column: every framing byte still matters."""
+    n = 20000
+    body = build_body([b"y" * size] * n)
+    assert count_messages(body) == n and count_messages(b"ab" + body, 2) == n
+    stride = len(body) // n
+    for record in (0, 1, n // 2, n - 1):
+        for col in (*range(stride - size - 2), stride - 2, stride - 1):
+            broken = bytearray(body)
+            broken[record * stride + col] ^= 0x01
+            with pytest.raises(InvalidBatchError):
+                count_messages(bytes(broken))

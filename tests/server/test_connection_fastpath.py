@@ -4,6 +4,7 @@ wait, and a graceful shutdown that lets such a reply finish."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import trio
 import trio.testing
 
 from logd_trio.server.sockio import raw_socket
+from logd_trio.server.storage import syscalls
+from logd_trio.server.storage.syscalls import Layer
 from logd_trio.server.storage.topic_log import TopicLog
 
 from ..harness import make_config, start_server
@@ -174,3 +177,46 @@ async def test_a_request_arriving_as_the_idle_deadline_fires_is_answered_and_the
     assert header == b"OK 0 1\r\n" and frames == [frame]
     await w.send(b"PING\r\n")
     assert await w.reply() == b"PONG\r\n"
+
+
+class FailingDup(Layer):
+    """``dup`` fails with EMFILE while ``armed`` (the descriptor table is full)."""
+
+    armed = False
+
+    def dup(self, fd: int) -> int:
+        if self.armed:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.inner.dup(fd)
+
+
+async def test_a_read_whose_fds_cannot_be_duplicated_is_still_answered_whole(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The reply of a READ answered from the partitions' own fds fills the socket and its fds
+    cannot be dup'ed (EMFILE): it goes on from the partitions' fds, whole, and retention leaves
+    those partitions in place (open) while they are lent (the reader reads nothing until the dup
+    works again: the lend ends at the next wait, see test_lent_reads.py), then removes them."""
+    size = 1 << 20
+    srv = await start_server(nursery, make_config(tmp_path / "d", fsync="never", partition_size=4 * size,
+                                                  partitions=4, idle_timeout=0, batch_size=2 * size))
+    frames = [_frame(i, size) for i in range(24)]
+    await _written(srv.host, srv.port, frames[:8])
+    part = tmp_path / "d" / "t"
+    with syscalls.install(FailingDup()) as failing:
+        slow = await Wire.connect(srv.host, srv.port)
+        failing.armed = True
+        await slow.send(b"READ t 0 8\r\n")  # ~8 MiB: more than the socket buffers hold
+        with trio.fail_after(10):
+            await slow.fill()  # the reply has begun and waits for room: its fds could not be dup'ed
+        failing.armed = False
+    await _written(srv.host, srv.port, frames[8:])  # retention would now drop the first partitions
+    await trio.testing.wait_all_tasks_blocked(0.05)
+    assert (part / "0.log").exists()  # kept while the reply sends from it
+    with trio.fail_after(20):
+        head, got = await slow.read_reply()
+    assert head == b"OK 0 8\r\n" and got == frames[:8]
+    with trio.fail_after(10):  # the send is done: retention goes on
+        while (part / "0.log").exists():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    await slow.send(b"PING\r\n")  # the connection is still served
+    assert await slow.line() == b"PONG\r\n"

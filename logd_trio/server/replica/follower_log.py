@@ -92,10 +92,15 @@ class FollowerTopic(Topic):
             async with self._sync_lock:  # the syncer is not inside an fsync while the files are cut
                 self._fail_beyond(self._fence)
                 with trio.CancelScope(shield=True):  # a cut, once started, completes; no read or scrub meanwhile
-                    await self.verifier.cuts.cut(functools.partial(run_blocking, truncate))
+                    await self.verifier.cuts.cut(functools.partial(self._cut_alone, truncate))
                 self.visible_head = self.flog.head
         finally:
             self._fence = None
+
+    async def _cut_alone(self, truncate: Callable[[], object]) -> None:
+        # No new plan is made inside the cut gate; a lent one sends from fds the cut may close.
+        await self.until_returned()
+        await run_blocking(truncate)
 
     def follow_first(self, first: int) -> None:
         """The leader's first offset (a reply without frames too): partitions it removed go here."""
