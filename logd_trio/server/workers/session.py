@@ -9,7 +9,8 @@ code.  A forwarder task copies the owner's replies back, counting them off
 (:mod:`.replies`).  Order: a reply of the worker's own waits until every
 relayed reply before it was forwarded, so replies keep request order, and a
 READ after a relayed BATCH is planned only once that BATCH's OK came back (the
-owner publishes the head before it sends an OK), so it sees it.
+owner publishes the head before it sends an OK), so it sees it; a request after a
+relayed READ is relayed only once that READ was answered, so the READ never sees it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Session:
         self.raw = bytearray()  # received, not yet answered or relayed (requests are split in _split)
         self.up: trio.socket.SocketType | None = None
         self.owed: collections.deque[bool] = collections.deque()  # replies the owner owes (True: a READ's)
+        self._reads_owed = 0  # how many of them are READs' (or TAILs')
         self._drained = trio.Event()
         self._drained.set()
         self._scope = trio.CancelScope()  # the reader's waits for input
@@ -205,7 +207,10 @@ class Session:
         elif isinstance(req, p.Fetch):
             await self._local(FETCH_REFUSED)
             return True
-        await self._relay(bytes(raw[:k]), isinstance(req, p.Read | p.Tail))
+        read = isinstance(req, p.Read | p.Tail)
+        if not read and self._reads_owed:  # it must not take effect before a READ ahead is planned
+            await self._wait_drained()
+        await self._relay(bytes(raw[:k]), read)
         return True
 
     async def _read(self, req: p.Read | p.Tail) -> bool:
@@ -245,6 +250,7 @@ class Session:
             await self._open_upstream()
         assert self.up is not None
         self.owed.append(read)
+        self._reads_owed += read
         if self._drained.is_set():
             self._drained = trio.Event()
         view = memoryview(data)
@@ -298,6 +304,6 @@ class Session:
                 raise trio.BrokenResourceError("the owner sent more than the replies owed")
             await self.io.send_all(data)
             for _ in range(done):
-                self.owed.popleft()
+                self._reads_owed -= self.owed.popleft()
             if not self.owed:
                 self._drained.set()

@@ -28,7 +28,11 @@ READY_LINE = re.compile(rb"worker 0 \(pid (\d+)\) listening")
 
 
 async def _serve(nursery: trio.Nursery, root: Path, *args: str) -> ServerProcess:
-    return await spawn(nursery, root, "--workers", "2", "--fsync", "never", "-v", *args)
+    srv = await spawn(nursery, root, "--workers", "2", "--fsync", "never", "-v", *args)
+    with trio.fail_after(20):  # the worker's ready line (it may come after the owner's)
+        while not READY_LINE.search(srv.log):  # noqa: ASYNC110 (polls another process's log)
+            await trio.sleep(0.05)
+    return srv
 
 
 def _worker_pids(srv: ServerProcess) -> list[int]:
