@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -291,3 +293,13 @@ async def test_a_worker_never_serves_past_the_published_head(
             await w.send(b"READ h %d 10\r\n" % first)
             assert (await w.read_reply())[0] == b"OK %d 2\r\n" % first
     await srv.stop()
+
+
+async def test_a_second_server_with_workers_cannot_share_the_port(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d")
+    cmd = [sys.executable, "-m", "logd_trio_cli.main", "serve", "--host", f"127.0.0.1:{srv.port}", "--workdir",
+           str(tmp_path / "other"), "--workers", "2", "--fsync", "never"]
+    with trio.fail_after(30):  # it must fail at once; still running after that: it shares the port
+        done = await trio.run_process(cmd, check=False, capture_stderr=True, stdin=subprocess.DEVNULL)
+    assert done.returncode != 0 and b"Address already in use" in done.stderr, done.stderr[-300:]
+    await _stop(srv)
