@@ -56,13 +56,15 @@ class TopicView:
         self.parts = []
         self.gen = 0
 
-    def reload(self, gen: int) -> None:
-        """List the partition files again (a rotation, retention or a new incarnation of the topic)."""
+    def reload(self, gen: int, first: int) -> None:
+        """List the partition files again (a rotation, retention or a new incarnation of the topic);
+        those wholly below ``first`` are left to be removed (never opened or kept)."""
         try:
             names = os.listdir(self.directory)
         except OSError as e:
             raise Relay from e
         starts = sorted(s for n in names if (s := parse_start(n, ".log")) is not None)
+        starts = [s for s, nxt in zip(starts, [*starts[1:], None], strict=True) if nxt is None or nxt > first]
         if gen >> 32 != self.gen >> 32:  # another incarnation of the topic (DELETE, then a new BATCH)
             self.close()
         kept = {p.start: p for p in self.parts}
@@ -103,7 +105,7 @@ class TopicView:
         if offset < pub.base or offset >= pub.head:
             raise Relay
         if pub.gen != self.gen:
-            self.reload(pub.gen)
+            self.reload(pub.gen, pub.first)
         try:
             if pub.head > self._covered:
                 self._cover(pub.head)
@@ -181,7 +183,7 @@ class Views:
                 self.drop(topic)
             elif pub.gen != view.gen and view.gen:
                 try:
-                    view.reload(pub.gen)
+                    view.reload(pub.gen, pub.first)
                 except Relay:
                     self.drop(topic)
 

@@ -90,6 +90,16 @@ def _deleted_files(pid: int) -> list[str]:
     return out
 
 
+def _open_data_files(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -302,4 +312,79 @@ async def test_a_second_server_with_workers_cannot_share_the_port(nursery: trio.
     with trio.fail_after(30):  # it must fail at once; still running after that: it shares the port
         done = await trio.run_process(cmd, check=False, capture_stderr=True, stdin=subprocess.DEVNULL)
     assert done.returncode != 0 and b"Address already in use" in done.stderr, done.stderr[-300:]
+    await _stop(srv)
+
+
+async def _reads_counted_by_owner(owner: Wire, wires: list[Wire], request: bytes) -> int:
+    """How many of ``request`` sent once on each of ``wires`` the owner served (STATS before and after)."""
+    async def count() -> int:
+        await owner.send(b"STATS\r\n")
+        return int(re.search(rb"requests\.read: (\d+)", await owner.reply()).group(1))  # type: ignore[union-attr]
+    before = await count()
+    for w in wires:
+        await w.send(request)
+        head, _ = await w.read_reply()
+        assert head.startswith(b"OK "), head
+    return await count() - before
+
+
+async def _until(check: Callable[[], bool], what: str, limit: float = 15) -> None:
+    with trio.move_on_after(limit):
+        while not check():  # noqa: ASYNC110 (polls another process)
+            await trio.sleep(0.05)
+    assert check(), what
+
+
+async def test_retention_by_age_is_published_to_the_workers(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d", "--partition-size", "4096", "--retention-time", "2s")
+    wires, on_worker = await _connect_all(srv)
+    (pid,) = _worker_pids(srv)
+    with trio.fail_after(60):
+        offsets = [await _write(wires[0], "a", b"m%03d" % i + b"x" * 500) for i in range(20)]
+        for _ in range(2):  # (the first round's READs on the worker may be relayed)
+            await _reads_counted_by_owner(wires[0], wires, b"READ a %d 1\r\n" % offsets[0])
+        assert any(p.endswith(".log") for p in _open_data_files(pid)), "the worker has the topic open"
+        await _until(lambda: b"retention removes" in srv.log, "retention by age ran")
+        for w in wires:  # the idle topic's first moved: no process serves what retention dropped
+            await w.send(b"READ a %d 1\r\n" % offsets[0])
+            assert await w.line() == b"ERR not found\r\n", _port(w) in on_worker
+        await _until(lambda: not _deleted_files(pid), "the worker closes the removed files")
+    await _stop(srv)
+
+
+async def test_retention_by_count_leaves_no_removed_file_open_on_a_worker(nursery: trio.Nursery,
+                                                                         tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d", "--partition-size", "4096", "--partitions", "2")
+    wires, on_worker = await _connect_all(srv)
+    owner = next(w for w in wires if _port(w) not in on_worker)
+    (pid,) = _worker_pids(srv)
+    with trio.fail_after(60):
+        for i in range(60):  # READs on the worker right after each OK: it reloads between publish and unlink
+            off = await _write(owner, "c", b"m%03d" % i + b"x" * 500)
+            for w in wires:
+                if _port(w) in on_worker:
+                    await w.send(b"READ c %d 1\r\n" % off)
+                    head, _ = await w.read_reply()
+                    assert head == b"OK %d 1\r\n" % off
+        await _until(lambda: not _deleted_files(pid), "the worker closes the removed files (idle topic)", 5)
+    await _stop(srv)
+
+
+async def test_after_a_restart_the_scrub_lets_the_workers_serve_old_batches(nursery: trio.Nursery,
+                                                                         tmp_path: Path) -> None:
+    args = ("--partition-size", "1MiB", "--partitions", "100", "--scrub-rate", "32MiB")
+    srv = await _serve(nursery, tmp_path / "d", *args)
+    w0 = await Wire.connect(srv.host, srv.port)
+    with trio.fail_after(60):
+        for _ in range(50):
+            await _write(w0, "b", b"y" * 60000)
+    await _stop(srv)
+    srv = await _serve(nursery, tmp_path / "d", *args)
+    wires, on_worker = await _connect_all(srv)
+    owner = next(w for w in wires if _port(w) not in on_worker)
+    with trio.fail_after(60):
+        await _until(lambda: b"scrub done" in srv.log, "the scrub finished")
+        await _reads_counted_by_owner(owner, wires, b"READ b 0 1\r\n")  # (the worker opens the files)
+        served = await _reads_counted_by_owner(owner, wires, b"READ b 0 1\r\n")
+    assert served == len(wires) - len(on_worker), "the worker serves the verified batches itself"
     await _stop(srv)
