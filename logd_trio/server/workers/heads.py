@@ -5,9 +5,10 @@ read-only.  One fixed-size slot per topic, guarded by a *seqlock*: the writer
 makes the slot's sequence number odd, writes the fields, then makes it even
 again; a reader copies the fields between two reads of the sequence number and
 retries while it was odd or changed.  One writer (the owner's Trio thread), so
-the writer needs no lock; x86-64 and arm64 keep the stores of one ``memcpy``
-in order for this purpose (the mapping is shared, and each store is a plain
-store to it; no reader ever writes).
+the writer needs no lock.  The accesses are plain loads and stores to the
+shared mapping, with no barrier: correct only where the CPU keeps stores in
+order and loads in order (x86-64), so ``--workers`` above 1 is refused on
+other machines (``config._check_workers``); no reader ever writes.
 
 A header count of slot assignments (bumped after the slot is written) lets a
 worker remember that a topic has no slot without scanning again per read.

@@ -388,3 +388,11 @@ async def test_after_a_restart_the_scrub_lets_the_workers_serve_old_batches(nurs
         served = await _reads_counted_by_owner(owner, wires, b"READ b 0 1\r\n")
     assert served == len(wires) - len(on_worker), "the worker serves the verified batches itself"
     await _stop(srv)
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "arm64", "ppc64le"])
+def test_workers_are_refused_off_x86_64(machine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("platform.machine", lambda: machine)  # the machine, not the code under test
+    with pytest.raises(ConfigError, match=f"workers: more than 1 needs an x86-64 machine .*this one is {machine}"):
+        ServerConfig(workers=2)
+    assert ServerConfig(workers=1).workers == 1
