@@ -220,7 +220,8 @@ class Session:
             await self._wait_drained()
         pub = ctx.heads.read(req.topic)
         if pub is None:
-            ctx.views.drop(req.topic)
+            if not ctx.heads.unstable:  # no slot (deleted, unknown); unstable: relay once, keep the view
+                ctx.views.drop(req.topic)
             return False
         offset = req.offset if isinstance(req, p.Read) else pub.first
         try:

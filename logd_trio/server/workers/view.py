@@ -136,26 +136,40 @@ def _open(directory: Path, start: int) -> Partition:
 
 def _extend(p: Partition, end: int) -> None:
     """Trust ``p``'s index records up to the one that ends at position ``end`` (a published batch
-    boundary); raise :class:`Relay` if the records do not reach it exactly."""
+    boundary); raise :class:`Relay` if the records do not reach it exactly.
+
+    The owner writes every record of a batch before it publishes it, so the records up to
+    ``end`` are whole and their ends increase: the one ending at ``end`` is found by bisection
+    (a few small preads however long the index), then checked against its predecessor and the
+    last record already trusted; a record being written beyond it is never trusted."""
     idx = p.idx
     rs, n = idx.rs, idx.n_file
-    size = os.fstat(idx.fd).st_size
-    avail = (size - idx.base) // rs
+    avail = (os.fstat(idx.fd).st_size - idx.base) // rs
     if avail <= n:
         raise Relay
-    data = os.pread(idx.fd, (avail - n) * rs, idx.base + n * rs)
-    last_end, last_cum = idx.file_end, idx.file_cum
-    for k in range(0, len(data) - rs + 1, rs):
-        e, c = REC.unpack_from(data, k)
-        if e <= last_end or c <= last_cum or e > end:
+
+    def rec(k: int) -> tuple[int, int]:  # record k (k >= n); k == n - 1: the last trusted one
+        if k < n:
+            return idx.file_end, idx.file_cum
+        data = os.pread(idx.fd, rs, idx.base + k * rs)
+        if len(data) < rs:
             raise Relay
-        last_end, last_cum = int(e), int(c)
-        n += 1
-        if e == end:
-            idx.reset(n)
-            p.size, p.cum = last_end, last_cum
-            return
-    raise Relay
+        e, c = REC.unpack_from(data)
+        return int(e), int(c)
+
+    lo, hi = n, avail - 1  # the first record whose end is at least ``end``
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if rec(mid)[0] < end:
+            lo = mid + 1
+        else:
+            hi = mid
+    e, c = rec(lo)
+    prev_end, prev_cum = rec(lo - 1)
+    if e != end or prev_end >= end or c <= prev_cum or lo + 1 - n > c - idx.file_cum:
+        raise Relay  # (each batch holds at least one message: the cumulative count grows by one or more)
+    idx.reset(lo + 1)
+    p.size, p.cum = e, c
 
 
 class Views:
@@ -180,7 +194,8 @@ class Views:
         for topic, view in list(self._views.items()):
             pub = heads.read(topic)
             if pub is None:
-                self.drop(topic)
+                if not heads.unstable:
+                    self.drop(topic)
             elif pub.gen != view.gen and view.gen:
                 try:
                     view.reload(pub.gen, pub.first)
