@@ -291,6 +291,8 @@ async def test_a_worker_never_serves_past_the_published_head(
         await wires[0].send(batch_request("h", [b"held"]))
         assert await trio.to_thread.run_sync(gate.entered.wait, 10)
         held = first + len(batch_request("h", [b"acked"]))
+        by_owner = await _reads_counted_by_owner(wires[1], wires[1:], b"READ h %d 10\r\n" % first)
+        assert by_owner < len(wires) - 1, "no READ was served by the worker"  # (STATS counts the owner's)
         for w in wires[1:]:
             await w.send(b"READ h %d 10\r\nREAD h %d 10\r\n" % (first, held))
             head, frames = await w.read_reply()
