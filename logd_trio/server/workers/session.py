@@ -41,6 +41,7 @@ RECV_SIZE: Final = 256 * 1024
 UP_RECV: Final = 256 * 1024
 PREAMBLE_SIZE: Final = 64  # the client's address, padded: the first bytes on an upstream connection
 CONNECT_TIMEOUT: Final = 5.0
+UNREACHABLE: Final = p.reply_err("unavailable: this worker process cannot reach the server now")
 FETCH_REFUSED: Final = p.reply_err("not supported: FETCH on a worker process (replicate from a server "
                                    "without --workers)")
 
@@ -210,8 +211,7 @@ class Session:
         read = isinstance(req, p.Read | p.Tail)
         if not read and self._reads_owed:  # it must not take effect before a READ ahead is planned
             await self._wait_drained()
-        await self._relay(bytes(raw[:k]), read)
-        return True
+        return await self._relay(bytes(raw[:k]), read)
 
     async def _read(self, req: p.Read | p.Tail) -> bool:
         """Answer from the files; False: the owner must (relay)."""
@@ -246,9 +246,17 @@ class Session:
 
     # ------------------------------------------------------------ relay
 
-    async def _relay(self, data: bytes, read: bool) -> None:
+    async def _relay(self, data: bytes, read: bool) -> bool:
+        """False: the owner cannot be reached (answered with one ERR line; the connection ends)."""
         if self.up is None:
-            await self._open_upstream()
+            try:
+                await self._open_upstream()
+            except (OSError, trio.TooSlowError) as e:
+                log.warning("connection from %s: cannot reach the server process: %s", self.address,
+                            getattr(e, "strerror", None) or type(e).__name__)
+                await self._local(UNREACHABLE)
+                await self.io.linger_close()
+                return False
         assert self.up is not None
         self.owed.append(read)
         self._reads_owed += read
@@ -259,6 +267,7 @@ class Session:
             while view:
                 n = await self.up.send(view)
                 view = view[n:]
+        return True
 
     async def _open_upstream(self) -> None:
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)

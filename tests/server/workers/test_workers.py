@@ -398,3 +398,18 @@ def test_workers_are_refused_off_x86_64(machine: str, monkeypatch: pytest.Monkey
     with pytest.raises(ConfigError, match=f"workers: more than 1 needs an x86-64 machine .*this one is {machine}"):
         ServerConfig(workers=2)
     assert ServerConfig(workers=1).workers == 1
+
+
+async def test_a_worker_out_of_descriptors_warns_once_not_per_retry(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await spawn(nursery, tmp_path / "d", "--workers", "2", "--fsync", "never", "-v", ulimit="-n 120")
+    await _until(lambda: READY_LINE.search(srv.log) is not None, "the worker started")
+    wires: list[trio.SocketStream] = []
+    with trio.fail_after(30):
+        while srv.log.count(b"worker 0: accept failed") == 0:  # the worker's descriptors run out
+            assert len(wires) < 400, "the worker never ran out of descriptors"
+            wires.append(await trio.open_tcp_stream(srv.host, srv.port))
+        await trio.sleep(1.0)  # ten retries of its accept at 0.1 s, still failing
+    assert srv.log.count(b"worker 0: accept failed") == 1
+    for w in wires:
+        await w.aclose()
+    await _stop(srv)
