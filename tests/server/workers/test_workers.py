@@ -413,3 +413,22 @@ async def test_a_worker_out_of_descriptors_warns_once_not_per_retry(nursery: tri
     for w in wires:
         await w.aclose()
     await _stop(srv)
+
+
+async def test_the_owner_refuses_relays_beyond_its_connection_cap(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d", "--max-connections", "3")
+    wires = [await Wire.connect(srv.host, srv.port) for _ in range(CONNS)]
+    admitted = []
+    with trio.fail_after(30):
+        for w in wires:
+            await w.send(b"PING\r\n")
+            if await w.line() == b"PONG\r\n":  # else refused by the process it reached (3 each)
+                admitted.append(w)
+        await _until(lambda: len(WORKER_LINE.findall(srv.log)) >= 3, "the worker logged its connections")
+        on_worker = {int(m.group(2)) for m in WORKER_LINE.finditer(srv.log)}
+        relayed = [w for w in admitted if _port(w) in on_worker]
+        assert relayed and len(admitted) - len(relayed) == 3, "the owner is full with its own clients"
+        for w in relayed:  # TOPICS is relayed: the owner has no room for another connection
+            await w.send(b"TOPICS\r\n")
+            assert await w.line() == b"ERR too many connections\r\n"
+    await _stop(srv)
