@@ -42,6 +42,7 @@ class Verifier:
         self._rebuilding = trio.Lock()
         self.cuts = CutGate()  # the scrub (and a follower's reads) never run during a cut of the log
         self.on_verified: Callable[[], None] = lambda: None  # --workers: frames trusted from a lower offset
+        self.rebuilds = 0  # indexes swapped for a rebuilt file (--workers: a new generation of the files)
 
     async def check(self, plan: ReadPlan) -> None:
         """Verify ``plan.checks`` (closes ``plan``).  Raises :class:`IndexSuspect` when a batch
@@ -76,6 +77,8 @@ class Verifier:
                 raise StorageError(f"topic {self.name}: cannot rebuild an index: {e.strerror}") from e
             finally:
                 self.log.apply_rebuild(job)  # (a failed job only unfreezes the old index)
+                self.rebuilds += 1
+                self.on_verified()
 
     async def _scrub_step(self) -> VerifyJob | None:
         job = self.log.scrub_job(SCRUB_CHUNK)

@@ -64,7 +64,7 @@ class Publisher:
         self.table = HeadWriter(path, registry.config.topics + 16)
         self._incarnations = 0
         self._gens: dict[int, tuple[int, int, int]] = {}  # id(topic) -> (incarnation, changes, key)
-        self._keys: dict[int, tuple[int, int, bool]] = {}
+        self._keys: dict[int, tuple[int, int, bool, int]] = {}
         self._closed = False
 
     def attach_all(self) -> None:
@@ -99,7 +99,7 @@ class Publisher:
         incarnation, changes, _ = self._gens.get(key, (0, 0, 0))
         if not incarnation:
             return
-        shape = (tl.first, tl.rotations, tl.removal_pending)
+        shape = (tl.first, tl.rotations, tl.removal_pending, topic.verifier.rebuilds)
         if self._keys.get(key) != shape:
             self._keys[key] = shape
             changes += 1

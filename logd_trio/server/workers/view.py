@@ -72,6 +72,9 @@ class TopicView:
         try:
             for s in starts:
                 p = kept.pop(s, None)
+                if p is not None and os.stat(index_path(self.directory, s)).st_ino != os.fstat(p.idx.fd).st_ino:
+                    p.close()  # the owner rebuilt this index: the new file, from its first record
+                    p = None
                 parts.append(p if p is not None else _open(self.directory, s))
         except OSError as e:
             for p in parts:

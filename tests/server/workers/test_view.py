@@ -94,3 +94,23 @@ def test_a_slot_read_unstable_keeps_the_view_and_no_slot_drops_it(tmp_path: Path
         writer.close()
         table.close()
         tl.close()
+
+
+def test_a_reload_after_an_index_was_replaced_reads_the_new_file(tmp_path: Path) -> None:
+    tl, offsets = _written(tmp_path)
+    view = TopicView(tmp_path, "v")
+    try:
+        view.plan(Published(1 << 32, tl.head, 0, 0), offsets[0], 1).close()
+        assert len(view.parts) == 1
+        index = tmp_path / "v" / "0.index"
+        copy = index.with_suffix(".new")
+        copy.write_bytes(index.read_bytes())
+        os.replace(copy, index)  # as a rebuild puts its file in place
+        view.reload((1 << 32) + 1, 0)
+        assert os.fstat(view.parts[0].idx.fd).st_ino == os.stat(index).st_ino, "kept the old index file"
+        plan = view.plan(Published((1 << 32) + 1, tl.head, 0, 0), offsets[-2], 10)
+        assert [seg[2] for seg in plan.segments] == [tl.head - offsets[-2]]
+        plan.close()
+    finally:
+        view.close()
+        tl.close()
