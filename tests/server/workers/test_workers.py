@@ -432,3 +432,19 @@ async def test_the_owner_refuses_relays_beyond_its_connection_cap(nursery: trio.
             await w.send(b"TOPICS\r\n")
             assert await w.line() == b"ERR too many connections\r\n"
     await _stop(srv)
+
+
+async def test_the_directory_of_an_owner_killed_earlier_is_removed_at_start(nursery: trio.Nursery, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))  # where this server makes its private directory
+    dead, alive = tmp / "logd-workers-999999999-abc", tmp / "logd-workers-1-abc"
+    for d in (dead, alive):
+        d.mkdir()
+        (d / "heads").write_bytes(b"x")
+    srv = await start_server(nursery, make_config(tmp_path / "d", workers=2))
+    assert not dead.exists() and alive.exists()  # (pid 1 runs: its directory may be in use)
+    assert [p.name.startswith(f"logd-workers-{os.getpid()}-") for p in tmp.iterdir() if p != alive] == [True]
+    await srv.stop()
+    assert sorted(tmp.iterdir()) == [alive]
