@@ -175,7 +175,7 @@ async def _serve_connections(
     budget = _fd_budget(config, fd_limit, len(registry.topics))
     host, port = config.address
     if config.workers > 1:  # worker processes share the port (server/workers/)
-        listeners = await reuseport_listeners(host, port)
+        listeners = await reuseport_listeners(host, port, first=True)
     else:
         listeners = await trio.open_tcp_listeners(port, host=host)
     bound = [listener.socket.getsockname() for listener in listeners]

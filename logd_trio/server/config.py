@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import platform
 import re
 import tomllib
 from collections.abc import Mapping
@@ -207,6 +208,8 @@ def _check_workers(c: ServerConfig) -> None:
                           "(use workers = 1)")
     if c.acks != "leader":
         raise ConfigError("workers: more than 1 needs acks=leader in this version")
+    if (machine := platform.machine()) not in ("x86_64", "AMD64"):  # the head table's seqlock (workers/heads.py)
+        raise ConfigError(f"workers: more than 1 needs an x86-64 machine in this version (this one is {machine})")
 
 
 def _check_cluster(c: ServerConfig) -> None:

@@ -146,7 +146,19 @@ class Listener:
         handlers.start_soon(served.run)
 
     def admit_relayed(self, sock: trio.socket.SocketType, address: str, handlers: trio.Nursery) -> None:
-        """A client connection a worker process relays (``--workers``; its caps were applied there)."""
+        """A client connection a worker process relays (``--workers``): it counts against this
+        process's caps as a client of its own, and one beyond them gets the same refusal (the
+        worker forwards it as the reply to the request relayed)."""
+        reason = self.admission.refusal(address)
+        if reason is not None:
+            self.counters.conns_refused += 1
+            self._report_refused("refused a relayed connection from %s: %s", address, reason)
+            if self._refusing < REFUSING_MAX:  # lingers: closing a Unix socket unread resets it
+                self._refusing += 1
+                handlers.start_soon(self._refuse, sock)
+            else:
+                self._refuse_now(sock)
+            return
         served = self._factory(self.accepted(sock, address, ""), self.admission.remove)
         self.admission.add(served, address)
         handlers.start_soon(served.run)

@@ -39,8 +39,7 @@ log = logging.getLogger("logd_trio.server.topic")
 
 # How many appends may queue for one topic before senders wait (backpressure); each holds at most
 INBOX_SIZE = 64  # one max-size batch, so this bounds memory per topic
-# Wakes the topic task for an early sync a direct append called for (Topic.append_now); never written.
-_WAKE = Append(b"", 0)
+_WAKE = Append(b"", 0)  # wakes the task for an early sync a direct append called for (append_now); never written
 
 
 class Topic(TopicReads):
@@ -73,7 +72,7 @@ class Topic(TopicReads):
         self.histograms = Histograms()  # the server's own replace it (Registry)
         self.fds = TopicFds()  # for its fsyncs and READ plans; the server's own replaces it (Registry)
         self.read_cap: Callable[[], int] | None = None  # --acks all: readers stop at the high watermark
-        self.on_change: Callable[[Topic], None] | None = None  # --workers: see server/workers/publish.py
+        self.on_change: Callable[[Topic], None] = lambda _topic: None  # --workers: server/workers/publish.py
 
     @classmethod
     def open(cls, root: Path, name: str, config: ServerConfig, now: int | None = None) -> Topic:
@@ -137,8 +136,7 @@ class Topic(TopicReads):
         """No more appends: the task drains what is queued, syncs and ends (on_change: DELETE)."""
         self._idle = False  # (the task never sets it again: its receives end the input)
         self._send.close()
-        if self.on_change is not None:
-            self.on_change(self)
+        self.on_change(self)
 
     def _publish(self, head: int) -> None:
         if head > self.visible_head:
@@ -148,8 +146,7 @@ class Topic(TopicReads):
             self.log.acknowledge(head)
             if self.log.removal_pending:
                 self._garbage.set()
-            if self.on_change is not None:  # before any OK it covers is sent
-                self.on_change(self)
+            self.on_change(self)  # before any OK it covers is sent
 
     # ------------------------------------------------------------ the task
 
@@ -348,8 +345,9 @@ class Topic(TopicReads):
         """Whether this node follows a leader for this topic now (then the leader decides retention)."""
         return False
 
-    def _garbage_out(self) -> None:  # retention dropped partitions: the remover unlinks them
+    def _garbage_out(self) -> None:  # retention by age dropped partitions (published): the remover unlinks them
         self._garbage.set()
+        self.on_change(self)
 
     async def _remover(self) -> None:
         """Unlink (and close) the partitions retention dropped, in a worker thread, oldest first."""
@@ -368,6 +366,7 @@ class Topic(TopicReads):
             with trio.CancelScope(shield=True):  # the partitions left the log: a removal always completes
                 await run_blocking(job.run)
             self.log.removed()
+            self.on_change(self)  # (workers close their descriptors of the removed files)
             self._dirty.set()  # with --fsync always, the syncer makes the unlinks durable
 
     async def _final_sync(self) -> None:

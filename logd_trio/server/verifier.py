@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -40,6 +41,8 @@ class Verifier:
         self.scrub_rate = scrub_rate
         self._rebuilding = trio.Lock()
         self.cuts = CutGate()  # the scrub (and a follower's reads) never run during a cut of the log
+        self.on_verified: Callable[[], None] = lambda: None  # --workers: frames trusted from a lower offset
+        self.rebuilds = 0  # indexes swapped for a rebuilt file (--workers: a new generation of the files)
 
     async def check(self, plan: ReadPlan) -> None:
         """Verify ``plan.checks`` (closes ``plan``).  Raises :class:`IndexSuspect` when a batch
@@ -60,6 +63,7 @@ class Verifier:
         finally:
             job.close()
         self.log.apply_verification(job)
+        self.on_verified()
 
     async def rebuild(self, suspect: IndexSuspect) -> None:
         """Rebuild the index ``suspect`` names from its log (once, however many readers ask)."""
@@ -73,6 +77,8 @@ class Verifier:
                 raise StorageError(f"topic {self.name}: cannot rebuild an index: {e.strerror}") from e
             finally:
                 self.log.apply_rebuild(job)  # (a failed job only unfreezes the old index)
+                self.rebuilds += 1
+                self.on_verified()
 
     async def _scrub_step(self) -> VerifyJob | None:
         job = self.log.scrub_job(SCRUB_CHUNK)

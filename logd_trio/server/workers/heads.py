@@ -5,9 +5,10 @@ read-only.  One fixed-size slot per topic, guarded by a *seqlock*: the writer
 makes the slot's sequence number odd, writes the fields, then makes it even
 again; a reader copies the fields between two reads of the sequence number and
 retries while it was odd or changed.  One writer (the owner's Trio thread), so
-the writer needs no lock; x86-64 and arm64 keep the stores of one ``memcpy``
-in order for this purpose (the mapping is shared, and each store is a plain
-store to it; no reader ever writes).
+the writer needs no lock.  The accesses are plain loads and stores to the
+shared mapping, with no barrier: correct only where the CPU keeps stores in
+order and loads in order (x86-64), so ``--workers`` above 1 is refused on
+other machines (``config._check_workers``); no reader ever writes.
 
 A header count of slot assignments (bumped after the slot is written) lets a
 worker remember that a topic has no slot without scanning again per read.
@@ -153,17 +154,20 @@ class HeadTable:
         self.slots: int = slots
         self._where: dict[str, int] = {}  # topic -> slot last found in (checked on every read)
         self._missing: dict[str, int] = {}  # topic -> the change count when a scan did not find it
+        self.unstable = False  # the last read returned None for a slot never stable (not: no slot)
 
     def read(self, topic: str) -> Published | None:
         """The topic's published state, or None if the owner publishes none for it (unknown,
         deleted, or a slot never stable within the retries: the caller relays)."""
         name = topic.encode("utf-8", "surrogateescape")
+        self.unstable = False
         i = self._where.get(topic)
         if i is not None:
             got = self._read_slot(i, name)
             if isinstance(got, Published):
                 return got
             if got is None:  # being written for too long: relay this once, keep the slot
+                self.unstable = True
                 return None
             del self._where[topic]
         changes = _CHANGES.unpack_from(self._mm, _CHANGES_AT)[0]
@@ -177,6 +181,7 @@ class HeadTable:
                 self._missing.pop(topic, None)
                 return got
             unstable = unstable or got is None
+        self.unstable = unstable
         if not unstable:  # (a slot being written may be this topic's: scan again next time)
             if len(self._missing) >= 4096:
                 self._missing.clear()

@@ -16,6 +16,8 @@ pool kills its workers too.  Every process it starts it stops.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +57,31 @@ def _log_spec() -> tuple[str, bool]:
     return fmt, logging.getLogger("logd_trio").isEnabledFor(logging.DEBUG)
 
 
+def _remove_leftovers(tmp: Path) -> None:
+    """Remove the private directories of owners that died without removing theirs (SIGKILL);
+    the owner's pid is in the name, and a directory whose owner runs is left alone."""
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        m = re.fullmatch(r"logd-workers-(\d+)-\w+", name)
+        if m is None or _runs(int(m.group(1))):
+            continue
+        log.info("removing %s, left by a server that is gone", tmp / name)
+        shutil.rmtree(tmp / name, ignore_errors=True)
+
+
+def _runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's; (not a pid: never removed)
+        return True
+    return True
+
+
 class WorkerPool:
     """N-1 worker processes beside the owner; see the module docstring."""
 
@@ -65,7 +92,8 @@ class WorkerPool:
         self.count = self.config.workers - 1
         self.pids: list[int | None] = [None] * self.count  # the running processes (tests look)
         self.restarts = 0
-        self._dir = Path(tempfile.mkdtemp(prefix="logd-workers-"))
+        _remove_leftovers(Path(tempfile.gettempdir()))
+        self._dir = Path(tempfile.mkdtemp(prefix=f"logd-workers-{os.getpid()}-"))
         self.upstream_path = str(self._dir / "relay")
         self.publisher = Publisher(registry, self._dir / "heads")
         self._procs: list[trio.Process | None] = [None] * self.count

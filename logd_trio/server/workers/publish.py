@@ -10,10 +10,9 @@ slower).
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
-
-import trio
 
 from logd_trio.server.registry import Registry
 from logd_trio.server.storage.topic_log import TopicLog
@@ -49,6 +48,14 @@ def trusted_from(tl: TopicLog) -> int:
     return base
 
 
+def _unwatched(topic: Topic) -> None:
+    pass
+
+
+def _nothing() -> None:
+    pass
+
+
 class Publisher:
     """Attaches to the registry's topics and keeps their slots."""
 
@@ -57,14 +64,16 @@ class Publisher:
         self.table = HeadWriter(path, registry.config.topics + 16)
         self._incarnations = 0
         self._gens: dict[int, tuple[int, int, int]] = {}  # id(topic) -> (incarnation, changes, key)
-        self._keys: dict[int, tuple[int, int]] = {}
+        self._keys: dict[int, tuple[int, int, bool, int]] = {}
+        self._closed = False
 
     def attach_all(self) -> None:
         for topic in list(self.registry.topics.values()):
-            if topic.on_change is None:
+            if topic.on_change != self.changed:
                 self._incarnations += 1
                 self._gens[id(topic)] = (self._incarnations, 0, 0)
                 topic.on_change = self.changed
+                topic.verifier.on_verified = functools.partial(self.changed, topic)  # base moves down
                 self.changed(topic)
 
     async def run(self) -> None:
@@ -74,7 +83,10 @@ class Publisher:
             await self.registry.wait_created()
 
     def changed(self, topic: Topic) -> None:
-        """Called by the topic (its task, or DELETE) after its head, first or partitions moved."""
+        """Called by the topic (its task, or DELETE) after its head, first or partitions moved (also
+        after retention removed files: workers then reload and close them), and after a verification."""
+        if self._closed:  # (a topic that missed the detach in close: nothing to publish to)
+            return
         key = id(topic)
         if topic.deleted:
             if self.registry.topics.get(topic.name) in (None, topic):
@@ -87,7 +99,7 @@ class Publisher:
         incarnation, changes, _ = self._gens.get(key, (0, 0, 0))
         if not incarnation:
             return
-        shape = (tl.first, tl.rotations)
+        shape = (tl.first, tl.rotations, tl.removal_pending, topic.verifier.rebuilds)
         if self._keys.get(key) != shape:
             self._keys[key] = shape
             changes += 1
@@ -96,13 +108,10 @@ class Publisher:
                            trusted_from(tl))
 
     def close(self) -> None:
+        self._closed = True
         for topic in self.registry.topics.values():
             if topic.on_change == self.changed:
-                topic.on_change = None
+                topic.on_change = _unwatched
+                topic.verifier.on_verified = _nothing
         self.table.close()
 
-
-async def run_publisher(publisher: Publisher, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    publisher.attach_all()
-    task_status.started()
-    await publisher.run()

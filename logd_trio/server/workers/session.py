@@ -9,7 +9,8 @@ code.  A forwarder task copies the owner's replies back, counting them off
 (:mod:`.replies`).  Order: a reply of the worker's own waits until every
 relayed reply before it was forwarded, so replies keep request order, and a
 READ after a relayed BATCH is planned only once that BATCH's OK came back (the
-owner publishes the head before it sends an OK), so it sees it.
+owner publishes the head before it sends an OK), so it sees it; a request after a
+relayed READ is relayed only once that READ was answered, so the READ never sees it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ RECV_SIZE: Final = 256 * 1024
 UP_RECV: Final = 256 * 1024
 PREAMBLE_SIZE: Final = 64  # the client's address, padded: the first bytes on an upstream connection
 CONNECT_TIMEOUT: Final = 5.0
+UNREACHABLE: Final = p.reply_err("unavailable: this worker process cannot reach the server now")
 FETCH_REFUSED: Final = p.reply_err("not supported: FETCH on a worker process (replicate from a server "
                                    "without --workers)")
 
@@ -68,6 +70,7 @@ class Session:
         self.raw = bytearray()  # received, not yet answered or relayed (requests are split in _split)
         self.up: trio.socket.SocketType | None = None
         self.owed: collections.deque[bool] = collections.deque()  # replies the owner owes (True: a READ's)
+        self._reads_owed = 0  # how many of them are READs' (or TAILs')
         self._drained = trio.Event()
         self._drained.set()
         self._scope = trio.CancelScope()  # the reader's waits for input
@@ -205,8 +208,10 @@ class Session:
         elif isinstance(req, p.Fetch):
             await self._local(FETCH_REFUSED)
             return True
-        await self._relay(bytes(raw[:k]), isinstance(req, p.Read | p.Tail))
-        return True
+        read = isinstance(req, p.Read | p.Tail)
+        if not read and self._reads_owed:  # it must not take effect before a READ ahead is planned
+            await self._wait_drained()
+        return await self._relay(bytes(raw[:k]), read)
 
     async def _read(self, req: p.Read | p.Tail) -> bool:
         """Answer from the files; False: the owner must (relay)."""
@@ -215,7 +220,8 @@ class Session:
             await self._wait_drained()
         pub = ctx.heads.read(req.topic)
         if pub is None:
-            ctx.views.drop(req.topic)
+            if not ctx.heads.unstable:  # no slot (deleted, unknown); unstable: relay once, keep the view
+                ctx.views.drop(req.topic)
             return False
         offset = req.offset if isinstance(req, p.Read) else pub.first
         try:
@@ -240,11 +246,20 @@ class Session:
 
     # ------------------------------------------------------------ relay
 
-    async def _relay(self, data: bytes, read: bool) -> None:
+    async def _relay(self, data: bytes, read: bool) -> bool:
+        """False: the owner cannot be reached (answered with one ERR line; the connection ends)."""
         if self.up is None:
-            await self._open_upstream()
+            try:
+                await self._open_upstream()
+            except (OSError, trio.TooSlowError) as e:
+                log.warning("connection from %s: cannot reach the server process: %s", self.address,
+                            getattr(e, "strerror", None) or type(e).__name__)
+                await self._local(UNREACHABLE)
+                await self.io.linger_close()
+                return False
         assert self.up is not None
         self.owed.append(read)
+        self._reads_owed += read
         if self._drained.is_set():
             self._drained = trio.Event()
         view = memoryview(data)
@@ -252,6 +267,7 @@ class Session:
             while view:
                 n = await self.up.send(view)
                 view = view[n:]
+        return True
 
     async def _open_upstream(self) -> None:
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -298,6 +314,6 @@ class Session:
                 raise trio.BrokenResourceError("the owner sent more than the replies owed")
             await self.io.send_all(data)
             for _ in range(done):
-                self.owed.popleft()
+                self._reads_owed -= self.owed.popleft()
             if not self.owed:
                 self._drained.set()

@@ -18,13 +18,19 @@ __all__ = ["config_from_json", "config_to_json", "reuseport_listeners"]
 BACKLOG: Final = 4096
 
 
-async def reuseport_listeners(host: str, port: int) -> list[trio.SocketListener]:
+async def reuseport_listeners(host: str, port: int, *, first: bool = False) -> list[trio.SocketListener]:
     """Listeners on every address of ``host`` (as ``trio.open_tcp_listeners``), each with
-    ``SO_REUSEPORT``; port 0: the first bound address's port for all."""
+    ``SO_REUSEPORT``; port 0: the first bound address's port for all.
+
+    ``first`` (the owner): each address is first bound without ``SO_REUSEPORT``, which fails
+    ("Address already in use") when anything holds the port, another server of these too: else
+    the kernel would spread the clients over both servers."""
     infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     listeners: list[trio.SocketListener] = []
     try:
         for family, kind, proto, _, addr in infos:
+            if first and port != 0:
+                await _probe(family, kind, proto, addr)
             sock = trio.socket.socket(family, kind, proto)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -44,6 +50,14 @@ async def reuseport_listeners(host: str, port: int) -> list[trio.SocketListener]
             listener.socket.close()
         raise
     return listeners
+
+
+async def _probe(family: int, kind: int, proto: int, addr: Any) -> None:
+    with trio.socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await probe.bind(addr)  # and closed: the listener binds next
 
 
 def config_to_json(config: ServerConfig) -> dict[str, Any]:

@@ -56,13 +56,15 @@ class TopicView:
         self.parts = []
         self.gen = 0
 
-    def reload(self, gen: int) -> None:
-        """List the partition files again (a rotation, retention or a new incarnation of the topic)."""
+    def reload(self, gen: int, first: int) -> None:
+        """List the partition files again (a rotation, retention or a new incarnation of the topic);
+        those wholly below ``first`` are left to be removed (never opened or kept)."""
         try:
             names = os.listdir(self.directory)
         except OSError as e:
             raise Relay from e
         starts = sorted(s for n in names if (s := parse_start(n, ".log")) is not None)
+        starts = [s for s, nxt in zip(starts, [*starts[1:], None], strict=True) if nxt is None or nxt > first]
         if gen >> 32 != self.gen >> 32:  # another incarnation of the topic (DELETE, then a new BATCH)
             self.close()
         kept = {p.start: p for p in self.parts}
@@ -70,6 +72,9 @@ class TopicView:
         try:
             for s in starts:
                 p = kept.pop(s, None)
+                if p is not None and os.stat(index_path(self.directory, s)).st_ino != os.fstat(p.idx.fd).st_ino:
+                    p.close()  # the owner rebuilt this index: the new file, from its first record
+                    p = None
                 parts.append(p if p is not None else _open(self.directory, s))
         except OSError as e:
             for p in parts:
@@ -103,7 +108,7 @@ class TopicView:
         if offset < pub.base or offset >= pub.head:
             raise Relay
         if pub.gen != self.gen:
-            self.reload(pub.gen)
+            self.reload(pub.gen, pub.first)
         try:
             if pub.head > self._covered:
                 self._cover(pub.head)
@@ -134,26 +139,40 @@ def _open(directory: Path, start: int) -> Partition:
 
 def _extend(p: Partition, end: int) -> None:
     """Trust ``p``'s index records up to the one that ends at position ``end`` (a published batch
-    boundary); raise :class:`Relay` if the records do not reach it exactly."""
+    boundary); raise :class:`Relay` if the records do not reach it exactly.
+
+    The owner writes every record of a batch before it publishes it, so the records up to
+    ``end`` are whole and their ends increase: the one ending at ``end`` is found by bisection
+    (a few small preads however long the index), then checked against its predecessor and the
+    last record already trusted; a record being written beyond it is never trusted."""
     idx = p.idx
     rs, n = idx.rs, idx.n_file
-    size = os.fstat(idx.fd).st_size
-    avail = (size - idx.base) // rs
+    avail = (os.fstat(idx.fd).st_size - idx.base) // rs
     if avail <= n:
         raise Relay
-    data = os.pread(idx.fd, (avail - n) * rs, idx.base + n * rs)
-    last_end, last_cum = idx.file_end, idx.file_cum
-    for k in range(0, len(data) - rs + 1, rs):
-        e, c = REC.unpack_from(data, k)
-        if e <= last_end or c <= last_cum or e > end:
+
+    def rec(k: int) -> tuple[int, int]:  # record k (k >= n); k == n - 1: the last trusted one
+        if k < n:
+            return idx.file_end, idx.file_cum
+        data = os.pread(idx.fd, rs, idx.base + k * rs)
+        if len(data) < rs:
             raise Relay
-        last_end, last_cum = int(e), int(c)
-        n += 1
-        if e == end:
-            idx.reset(n)
-            p.size, p.cum = last_end, last_cum
-            return
-    raise Relay
+        e, c = REC.unpack_from(data)
+        return int(e), int(c)
+
+    lo, hi = n, avail - 1  # the first record whose end is at least ``end``
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if rec(mid)[0] < end:
+            lo = mid + 1
+        else:
+            hi = mid
+    e, c = rec(lo)
+    prev_end, prev_cum = rec(lo - 1)
+    if e != end or prev_end >= end or c <= prev_cum or lo + 1 - n > c - idx.file_cum:
+        raise Relay  # (each batch holds at least one message: the cumulative count grows by one or more)
+    idx.reset(lo + 1)
+    p.size, p.cum = e, c
 
 
 class Views:
@@ -178,10 +197,11 @@ class Views:
         for topic, view in list(self._views.items()):
             pub = heads.read(topic)
             if pub is None:
-                self.drop(topic)
+                if not heads.unstable:
+                    self.drop(topic)
             elif pub.gen != view.gen and view.gen:
                 try:
-                    view.reload(pub.gen)
+                    view.reload(pub.gen, pub.first)
                 except Relay:
                     self.drop(topic)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -35,6 +36,7 @@ log = logging.getLogger("logd_trio.server.workers.worker")
 
 REFUSAL: Final = b"ERR too many connections\r\n"
 ACCEPT_BACKOFF: Final = 0.1
+ACCEPT_WARN_EVERY: Final = 10.0  # seconds between two warnings of a failing accept
 REFRESH_EVERY: Final = 1.0  # seconds between two looks at every open view's slot
 
 
@@ -52,6 +54,7 @@ class Worker:
         self.sessions: set[Session] = set()
         self.stopping = trio.Event()
         self._empty = trio.Event()  # set when the last session ends
+        self._accept_warned = -math.inf
         self._empty.set()
 
     async def serve(self) -> None:
@@ -108,8 +111,12 @@ class Worker:
         while True:
             try:
                 conn, addr = await sock.accept()
-            except OSError as e:
-                log.warning("worker %d: accept failed: %s", self.index, os.strerror(e.errno or 0))
+            except OSError as e:  # EMFILE and the like: warned once per ACCEPT_WARN_EVERY, retried
+                now = trio.current_time()
+                if now >= self._accept_warned + ACCEPT_WARN_EVERY:
+                    self._accept_warned = now
+                    log.warning("worker %d: accept failed: %s (retried every %gs; next warning in %gs at the "
+                                "earliest)", self.index, os.strerror(e.errno or 0), ACCEPT_BACKOFF, ACCEPT_WARN_EVERY)
                 await trio.sleep(ACCEPT_BACKOFF)
                 continue
             address = str(addr[0]) if isinstance(addr, tuple) else "?"

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +32,11 @@ READY_LINE = re.compile(rb"worker 0 \(pid (\d+)\) listening")
 
 
 async def _serve(nursery: trio.Nursery, root: Path, *args: str) -> ServerProcess:
-    return await spawn(nursery, root, "--workers", "2", "--fsync", "never", "-v", *args)
+    srv = await spawn(nursery, root, "--workers", "2", "--fsync", "never", "-v", *args)
+    with trio.fail_after(20):  # the worker's ready line (it may come after the owner's)
+        while not READY_LINE.search(srv.log):  # noqa: ASYNC110 (polls another process's log)
+            await trio.sleep(0.05)
+    return srv
 
 
 def _worker_pids(srv: ServerProcess) -> list[int]:
@@ -81,6 +89,16 @@ def _deleted_files(pid: int) -> list[str]:
             continue
         if target.endswith(" (deleted)") and (target.endswith(".log (deleted)") or ".index" in target):
             out.append(target)
+    return out
+
+
+def _open_data_files(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue
     return out
 
 
@@ -275,6 +293,8 @@ async def test_a_worker_never_serves_past_the_published_head(
         await wires[0].send(batch_request("h", [b"held"]))
         assert await trio.to_thread.run_sync(gate.entered.wait, 10)
         held = first + len(batch_request("h", [b"acked"]))
+        by_owner = await _reads_counted_by_owner(wires[1], wires[1:], b"READ h %d 10\r\n" % first)
+        assert by_owner < len(wires) - 1, "no READ was served by the worker"  # (STATS counts the owner's)
         for w in wires[1:]:
             await w.send(b"READ h %d 10\r\nREAD h %d 10\r\n" % (first, held))
             head, frames = await w.read_reply()
@@ -287,3 +307,148 @@ async def test_a_worker_never_serves_past_the_published_head(
             await w.send(b"READ h %d 10\r\n" % first)
             assert (await w.read_reply())[0] == b"OK %d 2\r\n" % first
     await srv.stop()
+
+
+async def test_a_second_server_with_workers_cannot_share_the_port(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d")
+    cmd = [sys.executable, "-m", "logd_trio_cli.main", "serve", "--host", f"127.0.0.1:{srv.port}", "--workdir",
+           str(tmp_path / "other"), "--workers", "2", "--fsync", "never"]
+    with trio.fail_after(30):  # it must fail at once; still running after that: it shares the port
+        done = await trio.run_process(cmd, check=False, capture_stderr=True, stdin=subprocess.DEVNULL)
+    assert done.returncode != 0 and b"Address already in use" in done.stderr, done.stderr[-300:]
+    await _stop(srv)
+
+
+async def _reads_counted_by_owner(owner: Wire, wires: list[Wire], request: bytes) -> int:
+    """How many of ``request`` sent once on each of ``wires`` the owner served (STATS before and after)."""
+    async def count() -> int:
+        await owner.send(b"STATS\r\n")
+        return int(re.search(rb"requests\.read: (\d+)", await owner.reply()).group(1))  # type: ignore[union-attr]
+    before = await count()
+    for w in wires:
+        await w.send(request)
+        head, _ = await w.read_reply()
+        assert head.startswith(b"OK "), head
+    return await count() - before
+
+
+async def _until(check: Callable[[], bool], what: str, limit: float = 15) -> None:
+    with trio.move_on_after(limit):
+        while not check():  # noqa: ASYNC110 (polls another process)
+            await trio.sleep(0.05)
+    assert check(), what
+
+
+async def test_retention_by_age_is_published_to_the_workers(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d", "--partition-size", "4096", "--retention-time", "2s")
+    wires, on_worker = await _connect_all(srv)
+    (pid,) = _worker_pids(srv)
+    with trio.fail_after(60):
+        offsets = [await _write(wires[0], "a", b"m%03d" % i + b"x" * 500) for i in range(20)]
+        for _ in range(2):  # (the first round's READs on the worker may be relayed)
+            await _reads_counted_by_owner(wires[0], wires, b"READ a %d 1\r\n" % offsets[0])
+        assert any(p.endswith(".log") for p in _open_data_files(pid)), "the worker has the topic open"
+        await _until(lambda: b"retention removes" in srv.log, "retention by age ran")
+        for w in wires:  # the idle topic's first moved: no process serves what retention dropped
+            await w.send(b"READ a %d 1\r\n" % offsets[0])
+            assert await w.line() == b"ERR not found\r\n", _port(w) in on_worker
+        await _until(lambda: not _deleted_files(pid), "the worker closes the removed files")
+    await _stop(srv)
+
+
+async def test_retention_by_count_leaves_no_removed_file_open_on_a_worker(nursery: trio.Nursery,
+                                                                         tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d", "--partition-size", "4096", "--partitions", "2")
+    wires, on_worker = await _connect_all(srv)
+    owner = next(w for w in wires if _port(w) not in on_worker)
+    (pid,) = _worker_pids(srv)
+    with trio.fail_after(60):
+        for i in range(60):  # READs on the worker right after each OK: it reloads between publish and unlink
+            off = await _write(owner, "c", b"m%03d" % i + b"x" * 500)
+            for w in wires:
+                if _port(w) in on_worker:
+                    await w.send(b"READ c %d 1\r\n" % off)
+                    head, _ = await w.read_reply()
+                    assert head == b"OK %d 1\r\n" % off
+        await _until(lambda: not _deleted_files(pid), "the worker closes the removed files (idle topic)", 5)
+    await _stop(srv)
+
+
+async def test_after_a_restart_the_scrub_lets_the_workers_serve_old_batches(nursery: trio.Nursery,
+                                                                         tmp_path: Path) -> None:
+    args = ("--partition-size", "1MiB", "--partitions", "100", "--scrub-rate", "32MiB")
+    srv = await _serve(nursery, tmp_path / "d", *args)
+    w0 = await Wire.connect(srv.host, srv.port)
+    with trio.fail_after(60):
+        for _ in range(50):
+            await _write(w0, "b", b"y" * 60000)
+    await _stop(srv)
+    srv = await _serve(nursery, tmp_path / "d", *args)
+    wires, on_worker = await _connect_all(srv)
+    owner = next(w for w in wires if _port(w) not in on_worker)
+    with trio.fail_after(60):
+        await _until(lambda: b"scrub done" in srv.log, "the scrub finished")
+        await _reads_counted_by_owner(owner, wires, b"READ b 0 1\r\n")  # (the worker opens the files)
+        served = await _reads_counted_by_owner(owner, wires, b"READ b 0 1\r\n")
+    assert served == len(wires) - len(on_worker), "the worker serves the verified batches itself"
+    await _stop(srv)
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "arm64", "ppc64le"])
+def test_workers_are_refused_off_x86_64(machine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("platform.machine", lambda: machine)  # the machine, not the code under test
+    with pytest.raises(ConfigError, match=f"workers: more than 1 needs an x86-64 machine .*this one is {machine}"):
+        ServerConfig(workers=2)
+    assert ServerConfig(workers=1).workers == 1
+
+
+async def test_a_worker_out_of_descriptors_warns_once_not_per_retry(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await spawn(nursery, tmp_path / "d", "--workers", "2", "--fsync", "never", "-v", ulimit="-n 120")
+    await _until(lambda: READY_LINE.search(srv.log) is not None, "the worker started")
+    wires: list[trio.SocketStream] = []
+    with trio.fail_after(30):
+        while srv.log.count(b"worker 0: accept failed") == 0:  # the worker's descriptors run out
+            assert len(wires) < 400, "the worker never ran out of descriptors"
+            wires.append(await trio.open_tcp_stream(srv.host, srv.port))
+        await trio.sleep(1.0)  # ten retries of its accept at 0.1 s, still failing
+    assert srv.log.count(b"worker 0: accept failed") == 1
+    for w in wires:
+        await w.aclose()
+    await _stop(srv)
+
+
+async def test_the_owner_refuses_relays_beyond_its_connection_cap(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await _serve(nursery, tmp_path / "d", "--max-connections", "3")
+    wires = [await Wire.connect(srv.host, srv.port) for _ in range(CONNS)]
+    admitted = []
+    with trio.fail_after(30):
+        for w in wires:
+            await w.send(b"PING\r\n")
+            if await w.line() == b"PONG\r\n":  # else refused by the process it reached (3 each)
+                admitted.append(w)
+        await _until(lambda: len(WORKER_LINE.findall(srv.log)) >= 3, "the worker logged its connections")
+        on_worker = {int(m.group(2)) for m in WORKER_LINE.finditer(srv.log)}
+        relayed = [w for w in admitted if _port(w) in on_worker]
+        assert relayed and len(admitted) - len(relayed) == 3, "the owner is full with its own clients"
+        for w in relayed:  # TOPICS is relayed: the owner has no room for another connection
+            await w.send(b"TOPICS\r\n")
+            assert await w.line() == b"ERR too many connections\r\n"
+    await _stop(srv)
+
+
+async def test_the_directory_of_an_owner_killed_earlier_is_removed_at_start(nursery: trio.Nursery, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="lw", dir="/tmp"))  # short: the relay socket's path has a length limit
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))  # where this server makes its private directory
+    dead, alive = tmp / "logd-workers-999999999-abc", tmp / "logd-workers-1-abc"
+    for d in (dead, alive):
+        d.mkdir()
+        (d / "heads").write_bytes(b"x")
+    srv = await start_server(nursery, make_config(tmp_path / "d", workers=2))
+    assert not dead.exists() and alive.exists()  # (pid 1 runs: its directory may be in use)
+    assert [n.startswith(f"logd-workers-{os.getpid()}-") for n in os.listdir(tmp) if n != alive.name] == [True]
+    await srv.stop()
+    try:
+        assert os.listdir(tmp) == [alive.name]
+    finally:
+        shutil.rmtree(tmp)
