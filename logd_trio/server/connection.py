@@ -26,7 +26,7 @@ from logd_trio.core import requests as p
 from logd_trio.core.errors import NotFound, RequestError, StorageError
 from logd_trio.server.admin import AdminRequest, peer_of, report_refusal
 from logd_trio.server.auth import check_request
-from logd_trio.server.reading import answer_read, answer_seek, polls
+from logd_trio.server.reading import QueuedRead, answer_read, answer_seek, polls
 from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
 from logd_trio.server.replica.acks import AwaitReplicas
@@ -63,7 +63,7 @@ class _Closing:
         self.reply = reply
 
 
-_Item = bytes | Append | AwaitReplicas | StatsRequest | AdminRequest | p.Read | p.Tail | p.Fetch | _Closing
+_Item = bytes | Append | AwaitReplicas | StatsRequest | AdminRequest | QueuedRead | p.Fetch | _Closing
 
 _CMD_NAMES: Final[dict[type, str]] = {
     p.Batch: "batch", p.Read: "read", p.Tail: "tail", p.Stats: "stats", p.Config: "config",
@@ -95,6 +95,7 @@ class Connection:
         self._answering = False  # the reader is answering a READ itself (see _answer_now)
         self._writer_parked = False  # the writer waits for an item, with nothing unsent
         self.inflight = 0
+        self._queued_reads: list[QueuedRead] = []  # READs / TAILs queued for the writer, not answered yet
         self._on_close = on_close
         # Set when the peer stops sending (EOF): long-polls then answer at
         # once instead of holding a connection whose client has gone.
@@ -237,6 +238,9 @@ class Connection:
                 item = await self.registry.append(req.topic, req.frame, req.count,
                                                   self.guard.principal if self.guard is not None else None,
                                                   direct=not self.parser.buffered)  # (else more follow)
+                for queued in self._queued_reads:  # READs ahead of it stop before it (QueuedRead)
+                    if queued.after is None and queued.req.topic == req.topic:
+                        queued.after = item
                 if self.registry.replica.await_acks:  # the reply waits for followers, cluster (server/replica/acks.py)
                     item = AwaitReplicas(item, req.topic, self.registry.replica)
                 elif self._alone() and self.config.fsync != "always":  # (else it waits for an fsync:
@@ -246,9 +250,11 @@ class Connection:
                 if self._alone() and not isinstance(req, p.Fetch) and not polls(self, req):
                     await self._answer_now(req)
                     return not self._stopping
-                # Resolved by the writer, in order: a READ pipelined after a
-                # BATCH on this connection sees that batch.
-                item = req
+                # Resolved by the writer, in order: a READ pipelined after a BATCH on this
+                # connection sees that batch, and none sent after it (QueuedRead).
+                item = req if isinstance(req, p.Fetch) else QueuedRead(req)
+                if not isinstance(item, p.Fetch):
+                    self._queued_reads.append(item)
             elif isinstance(req, p.Seek):  # answered now: what is readable now (server/reading.py)
                 item = answer_seek(self.registry, req)
             elif isinstance(req, p.Cluster | p.Epochs):  # replication extensions (server/replica/state.py)
@@ -352,8 +358,9 @@ class Connection:
                             await self._send_all(pending)
                             pending.clear()
                         pending += await item.answer(error_reply)
-                    elif isinstance(item, p.Read | p.Tail):
-                        await answer_read(self, item, pending)
+                    elif isinstance(item, QueuedRead):
+                        self._queued_reads.remove(item)  # (it is the oldest: a few at most)
+                        await answer_read(self, item.req, pending, item.upto)
                     elif isinstance(item, p.Fetch):  # replication (server/replica/serving.py)
                         if (e := await serve_fetch(self, item, pending)) is not None:
                             pending += error_reply(e)

@@ -13,6 +13,7 @@ import trio
 
 from logd_trio.core import requests as p
 from logd_trio.core.errors import NotFound, StorageError
+from logd_trio.server.appends import Append
 from logd_trio.server.config import ServerConfig
 from logd_trio.server.reasons import error_kind, error_reply
 from logd_trio.server.registry import Registry
@@ -56,8 +57,28 @@ def answer_seek(registry: Registry, req: p.Seek) -> bytes:
     return p.reply_seek(topic.seek(req.unix_ms))
 
 
-async def answer_read(conn: ReadingConnection, req: p.Read | p.Tail, pending: bytearray) -> None:
-    """Answer READ/TAIL (and the long-poll READ) into ``pending`` / the socket."""
+class QueuedRead:
+    """A READ/TAIL queued behind other replies.  ``after`` is the first BATCH to the same topic
+    that its connection sent after it: the answer stops at that batch's offset once it is stored
+    (the topic may store it before the writer gets to this READ), so a READ never shows a batch
+    sent after it, while it does show every earlier one (the writer answers those first)."""
+
+    __slots__ = ("after", "req")
+
+    def __init__(self, req: p.Read | p.Tail) -> None:
+        self.req = req
+        self.after: Append | None = None
+
+    @property
+    def upto(self) -> int | None:
+        after = self.after
+        return after.offset if after is not None and after.offset >= 0 else None
+
+
+async def answer_read(conn: ReadingConnection, req: p.Read | p.Tail, pending: bytearray,
+                      upto: int | None = None) -> None:
+    """Answer READ/TAIL (and the long-poll READ) into ``pending`` / the socket; ``upto``: see
+    :class:`QueuedRead`."""
     registry = conn.registry
     topic = registry.get(req.topic)
     if isinstance(req, p.Read) and req.wait_ms is not None and polls(conn, req):
@@ -83,7 +104,7 @@ async def answer_read(conn: ReadingConnection, req: p.Read | p.Tail, pending: by
             raise NotFound(req.topic)
         # borrowed: the partitions' own fds, no dup/close unless the send must wait (_send_plan)
         plan = await topic.open_read(req.offset if isinstance(req, p.Read) else topic.first, req.limit,
-                                     borrow=True)
+                                     borrow=True, upto=upto)
     except (NotFound, StorageError) as e:
         conn.counters.errors["read" if isinstance(req, p.Read) else "tail"] += 1
         conn.counters.error_kinds[error_kind(e)] += 1

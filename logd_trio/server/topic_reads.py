@@ -88,16 +88,17 @@ class TopicReads:
     def first(self) -> int:
         return self.log.first
 
-    async def open_read(self, offset: int, limit: int, borrow: bool = False) -> ReadPlan:
+    async def open_read(self, offset: int, limit: int, borrow: bool = False, upto: int | None = None) -> ReadPlan:
         """The acknowledged batches from ``offset`` (message sum below ``limit``), every frame verified:
         frames the scrub has not reached yet are verified first (worker thread), then planned again;
         the plan stops before a corrupt batch.  Raises :class:`NotFound`, ``CorruptData`` (at
         ``offset``) or :class:`StorageError`.  The caller closes the plan; cancelled: nothing to close.
-        ``borrow``: a borrowed plan (``ReadPlan.own``), returned at once when nothing needs verifying."""
+        ``borrow``: a borrowed plan (``ReadPlan.own``), returned at once when nothing needs verifying.
+        ``upto``: stop there too (a pipelined READ sees no batch its connection sent after it)."""
         if self.deleted:
             raise TopicDeleted(self.name)
         for _ in range(_VERIFY_ROUNDS):
-            readable = self.readable_head
+            readable = self.readable_head if upto is None else min(upto, self.readable_head)
             if offset >= readable:
                 raise NotFound(offset)
             try:

@@ -175,3 +175,21 @@ async def test_a_request_arriving_as_the_idle_deadline_fires_is_answered_and_the
     await w.send(b"PING\r\n")
     assert await w.reply() == b"PONG\r\n"
 
+
+
+async def test_a_pipelined_read_shows_earlier_batches_of_its_connection_and_no_later_one(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """READ between two BATCHes of one send: the topic may store the later batch before the
+    writer gets to the READ (fsync never; before, about every second READ showed it)."""
+    srv = await start_server(nursery, make_config(tmp_path / "d", fsync="never", idle_timeout=0))
+    w = await Wire.connect(srv.host, srv.port)
+    for i in range(20):
+        t = f"t{i}"
+        one, two, three = (batch_request(t, [m]) for m in (b"one", b"two", b"three"))
+        await w.send(one + b"READ %s 0 10\r\n" % t.encode() + two + b"TAIL %s 10\r\n" % t.encode() + three)
+        assert await w.reply() == b"OK 0 1\r\n"
+        assert await w.reply() == b"OK 0 1\r\n" and await w.exactly(len(one)) == one  # READ: "one" only
+        assert await w.reply() == b"OK %d 1\r\n" % len(one)
+        assert await w.reply() == b"OK 0 2\r\n" and await w.exactly(len(one) + len(two)) == one + two  # TAIL
+        assert await w.reply() == b"OK %d 1\r\n" % (len(one) + len(two))
+    await w.aclose()

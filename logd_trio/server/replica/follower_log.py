@@ -108,9 +108,9 @@ class FollowerTopic(Topic):
         if self.flog.removal_pending:
             self._garbage.set()
 
-    async def open_read(self, offset: int, limit: int, borrow: bool = False) -> ReadPlan:
+    async def open_read(self, offset: int, limit: int, borrow: bool = False, upto: int | None = None) -> ReadPlan:
         """As a topic's, never while the log is being cut (server/cutgate.py)."""
-        return await self.verifier.cuts.use(functools.partial(super().open_read, offset, limit, borrow))
+        return await self.verifier.cuts.use(functools.partial(super().open_read, offset, limit, borrow, upto))
 
     def _fail_beyond(self, fence: int) -> None:
         kept = [(end, item) for end, item in self._unacked if end <= fence]
