@@ -207,7 +207,7 @@ async def test_a_full_disk_slows_checkpoint_retries_and_their_log_lines(
             nursery.start_soon(m.run)
             m.raise_to("t", 10)
             start = trio.current_time()
-            while m.failures < 8:  # noqa: ASYNC110 (marks keep moving while the disk is full)
+            while m.failures < 8:  # marks keep moving while the disk is full
                 await trio.sleep(1)
                 m.raise_to("t", m.get("t") + 10)
             elapsed = trio.current_time() - start
