@@ -252,9 +252,12 @@ class Connection:
                     return not self._stopping
                 # Resolved by the writer, in order: a READ pipelined after a BATCH on this
                 # connection sees that batch, and none sent after it (QueuedRead).
-                item = req if isinstance(req, p.Fetch) else QueuedRead(req)
-                if not isinstance(item, p.Fetch):
-                    self._queued_reads.append(item)
+                if isinstance(req, p.Fetch):
+                    item = req
+                else:
+                    item = QueuedRead(req)
+                    if not (isinstance(req, p.Read) and req.wait_ms is not None):  # (a long-poll: QueuedRead)
+                        self._queued_reads.append(item)
             elif isinstance(req, p.Seek):  # answered now: what is readable now (server/reading.py)
                 item = answer_seek(self.registry, req)
             elif isinstance(req, p.Cluster | p.Epochs):  # replication extensions (server/replica/state.py)
@@ -359,7 +362,8 @@ class Connection:
                             pending.clear()
                         pending += await item.answer(error_reply)
                     elif isinstance(item, QueuedRead):
-                        self._queued_reads.remove(item)  # (it is the oldest: a few at most)
+                        if self._queued_reads and self._queued_reads[0] is item:  # (the oldest tracked)
+                            self._queued_reads.pop(0)
                         await answer_read(self, item.req, pending, item.upto)
                     elif isinstance(item, p.Fetch):  # replication (server/replica/serving.py)
                         if (e := await serve_fetch(self, item, pending)) is not None:

@@ -61,7 +61,9 @@ class QueuedRead:
     """A READ/TAIL queued behind other replies.  ``after`` is the first BATCH to the same topic
     that its connection sent after it: the answer stops at that batch's offset once it is stored
     (the topic may store it before the writer gets to this READ), so a READ never shows a batch
-    sent after it, while it does show every earlier one (the writer answers those first)."""
+    sent after it, while it does show every earlier one (the writer answers those first).  A
+    long-poll READ is not capped (the connection does not track it): a later batch of its own
+    may be what it waits for."""
 
     __slots__ = ("after", "req")
 

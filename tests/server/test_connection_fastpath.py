@@ -193,3 +193,15 @@ async def test_a_pipelined_read_shows_earlier_batches_of_its_connection_and_no_l
         assert await w.reply() == b"OK 0 2\r\n" and await w.exactly(len(one) + len(two)) == one + two  # TAIL
         assert await w.reply() == b"OK %d 1\r\n" % (len(one) + len(two))
     await w.aclose()
+
+
+async def test_a_pipelined_long_poll_gets_the_later_batch_it_waited_for(nursery: trio.Nursery, tmp_path: Path) -> None:
+    srv = await start_server(nursery, make_config(tmp_path / "d", fsync="never", idle_timeout=0))
+    w = await Wire.connect(srv.host, srv.port)
+    one, two = batch_request("t", [b"one"]), batch_request("t", [b"two"])
+    await w.send(one)
+    assert await w.reply() == b"OK 0 1\r\n"
+    await w.send(b"READ t %d 10 30000\r\n" % len(one) + two)  # a long-poll at the head, then a BATCH
+    assert await w.reply() == b"OK %d 1\r\n" % len(one) and await w.exactly(len(two)) == two
+    assert await w.reply() == b"OK %d 1\r\n" % len(one)
+    await w.aclose()
