@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import anyio
 
 from logd_trio.client.client import Client
-from logd_trio.client.failover import PLAIN, Secure, ask_cluster, find_leader, find_member
+from logd_trio.client.failover import _UNREACHABLE, PLAIN, Secure, ask_cluster, find_leader, find_member
 from logd_trio.client.transport import Connection, RetryPolicy, Session, TLSTimeout
 from logd_trio.core.defaults import DEFAULT_MAX_REPLY
 from logd_trio.core.errors import BadReply, ConnectionLost
@@ -31,7 +31,6 @@ from logd_trio.core.tls import TLSFailed
 __all__ = ["REQUEST_TIMEOUT", "ClusterClient"]
 
 REQUEST_TIMEOUT = 15.0  # seconds: a request's deadline when the caller gives none (an --acks all batch waits <= 10 s)
-_UNREACHABLE = (OSError, ConnectionLost, BadReply, TimeoutError)
 
 
 class ClusterClient(Client):

@@ -35,7 +35,8 @@ from logd_trio._version import __version__
 from logd_trio.server.admin import peer_of
 from logd_trio.server.auth import Policy, load_policy
 from logd_trio.server.blocking import run_blocking
-from logd_trio.server.clustering import Clustering, etcd_context
+from logd_trio.server.cluster.tls import etcd_context
+from logd_trio.server.clustering import Clustering
 from logd_trio.server.config import ServerConfig, join_host_port
 from logd_trio.server.connection import Connection
 from logd_trio.server.http import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS

@@ -40,7 +40,7 @@ from logd_trio.server.replica.state import EPOCH_COUNTER, FollowerProgress, writ
 from logd_trio.server.storage.files import O_CLOEXEC, fsync_dir
 from logd_trio.server.storage.syscalls import current
 
-__all__ = ["CLUSTER_ID", "Clustering", "etcd_context"]
+__all__ = ["CLUSTER_ID", "Clustering"]
 
 log = logging.getLogger("logd_trio.server.clustering")
 

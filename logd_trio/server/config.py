@@ -199,13 +199,11 @@ class ServerConfig:
 
 
 def _check_workers(c: ServerConfig) -> None:
-    refused = [(name, why) for name, why in (
-        ("tls_cert", "TLS"), ("auth_file", "an auth file"), ("replicate_from", "replication"),
-        ("etcd", "a cluster")) if getattr(c, name)]
-    if refused:
-        name, why = refused[0]
-        raise ConfigError(f"workers: {c.workers} with {name}: {why} is served by one process in this version "
-                          "(use workers = 1)")
+    for name, why in (("tls_cert", "TLS"), ("auth_file", "an auth file"), ("replicate_from", "replication"),
+                      ("etcd", "a cluster")):
+        if getattr(c, name):
+            raise ConfigError(f"workers: {c.workers} with {name}: {why} is served by one process in this "
+                              "version (use workers = 1)")
     if c.acks != "leader":
         raise ConfigError("workers: more than 1 needs acks=leader in this version")
     if (machine := platform.machine()) not in ("x86_64", "AMD64"):  # the head table's seqlock (workers/heads.py)

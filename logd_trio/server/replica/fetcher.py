@@ -36,11 +36,11 @@ from logd_trio.server.registry import Registry
 from logd_trio.server.replica.follower_log import FollowerLog, FollowerTopic
 from logd_trio.server.replica.link import LinkRefused, open_link
 from logd_trio.server.replica.marks import write_history
-from logd_trio.server.replica.reconcile import _cut, _mok, _Retry, _start_over, divergence, reconcile
+from logd_trio.server.replica.reconcile import _RECV, _cut, _mok, _Retry, _start_over, reconcile
 from logd_trio.server.replica.state import ReplicaState, ReplicationRefused
 from logd_trio.server.topic import Append, Topic
 
-__all__ = ["FETCH_WAIT_MS", "Target", "_Retry", "divergence", "follow", "halt", "reconcile"]
+__all__ = ["FETCH_WAIT_MS", "Target", "follow", "halt"]
 
 log = logging.getLogger("logd_trio.server.replica")
 
@@ -48,7 +48,6 @@ FETCH_WAIT_MS = 1000  # long-poll at the leader's end
 TOPICS_POLL = 1.0  # seconds between looks at the leader's topic list
 HALT_RETRY = 30.0  # seconds between looks at a halted leader's history (at most)
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
-_RECV = 256 * 1024
 
 
 class _Halt(LogdError):

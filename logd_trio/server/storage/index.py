@@ -42,11 +42,13 @@ from logd_trio.core.errors import InvalidBatchError, StorageError
 from logd_trio.core.framing import parse_frame_header
 from logd_trio.server.storage.syscalls import current
 
-__all__ = ["HEADER", "HEADER_SIZE", "PENDING_FLUSH", "REC", "REC_SIZE", "REC_V2", "IndexDamaged", "PartitionIndex",
-           "read_layout", "validate", "write_header"]
+__all__ = ["HEADER", "HEADER_SIZE", "INDEX_SYNC_BYTES", "PENDING_FLUSH", "REC", "REC_SIZE", "REC_V2", "IndexDamaged",
+           "PartitionIndex", "read_layout", "validate", "write_header"]
 
 # Pending records are written to the page cache once they reach this size.
 PENDING_FLUSH = 64 * 1024
+# The head partition's index is fsynced when this many bytes of it are unsynced (TopicLog).
+INDEX_SYNC_BYTES = 256 * 1024
 # ``(end, cum)``: a whole v1 record, the first 16 bytes of a v2 record.
 REC = struct.Struct("<QQ")
 REC_SIZE = REC.size  # of a v1 record

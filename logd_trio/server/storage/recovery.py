@@ -33,6 +33,7 @@ from logd_trio.server.storage.files import (
 )
 from logd_trio.server.storage.index import (
     HEADER_SIZE,
+    INDEX_SYNC_BYTES,
     PENDING_FLUSH,
     REC_SIZE,
     REC_V2,
@@ -61,7 +62,7 @@ MTIME_SLACK_MS = 20
 # At open the times of the last this-many records of an index are checked (trusted_times): of the
 # newest partitions, as many as an unsynced index tail may hold (a sealed one's is synced soon after
 # its rotation, the head's every 256 KiB), of the others a few pages.
-TIME_TAIL_NEW = (256 << 10) // 24 + 1
+TIME_TAIL_NEW = INDEX_SYNC_BYTES // REC_V2.size + 1
 TIME_TAIL = 512
 NEW_PARTITIONS = 4
 

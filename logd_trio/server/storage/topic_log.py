@@ -33,7 +33,7 @@ from logd_trio.core.errors import NotFound, StorageError
 from logd_trio.core.framing import valid_topic
 from logd_trio.server.storage import rebuild, timeline, verify
 from logd_trio.server.storage.files import close_quietly, log_path, open_topic_dir, write_all
-from logd_trio.server.storage.index import PENDING_FLUSH, IndexDamaged
+from logd_trio.server.storage.index import INDEX_SYNC_BYTES, PENDING_FLUSH, IndexDamaged
 from logd_trio.server.storage.jobs import FilesGone, RemoveJob, SyncJob, capture
 from logd_trio.server.storage.partition import Partition
 from logd_trio.server.storage.reads import ReadPlan, plan_read
@@ -43,9 +43,6 @@ from logd_trio.server.storage.syscalls import current
 from logd_trio.server.storage.verify import VerifyJob
 
 __all__ = ["TopicLog"]
-
-# fsync the head partition's index when this many bytes of it are unsynced.
-_INDEX_SYNC_BYTES = 256 * 1024
 
 
 def _why(e: OSError) -> str:
@@ -258,7 +255,7 @@ class TopicLog:
         """Capture everything appended and not yet covered by a job (None if nothing).
 
         ``final`` also covers the head partition's index (which is otherwise
-        synced only every ``_INDEX_SYNC_BYTES``), as before closing.  Call on
+        synced only every ``INDEX_SYNC_BYTES``), as before closing.  Call on
         the owning thread; run the job anywhere (it owns dup'ed fds).
         """
         if self._closed:
@@ -272,7 +269,7 @@ class TopicLog:
             if p.size > p.synced_size:
                 data.append(p)
             unsynced = p.idx.n_file - p.idx.synced_n
-            if unsynced > 0 and (p is not hp or final or unsynced * p.idx.rs >= _INDEX_SYNC_BYTES):
+            if unsynced > 0 and (p is not hp or final or unsynced * p.idx.rs >= INDEX_SYNC_BYTES):
                 index.append(p)
         if not data and not index and not self._dir_dirty:
             return None

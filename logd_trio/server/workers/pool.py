@@ -90,8 +90,6 @@ class WorkerPool:
         self.config = registry.config
         self.listener = listener
         self.count = self.config.workers - 1
-        self.pids: list[int | None] = [None] * self.count  # the running processes (tests look)
-        self.restarts = 0
         _remove_leftovers(Path(tempfile.gettempdir()))
         self._dir = Path(tempfile.mkdtemp(prefix=f"logd-workers-{os.getpid()}-"))
         self.upstream_path = str(self._dir / "relay")
@@ -153,13 +151,11 @@ class WorkerPool:
                 await self._run_one(i, port, task_status if not started else None)
             finally:
                 self._procs[i] = None
-                self.pids[i] = None
             started = True
             if self._stopping:
                 return
             if trio.current_time() - t0 >= STABLE:
                 backoff = RESTART_MIN
-            self.restarts += 1
             log.warning("worker %d: restarting in %gs", i, backoff)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_MAX)
@@ -187,7 +183,6 @@ class WorkerPool:
                 if task_status is not None:
                     task_status.started()
                 return
-            self.pids[i] = proc.pid
             if task_status is not None:
                 task_status.started()
             code = await proc.wait()

@@ -39,6 +39,8 @@ class ReplySplitter:
     def feed(self, data: bytes | bytearray | memoryview, owed: Sequence[bool]) -> int:
         """How many replies end in ``data``; ``owed[i]`` tells if the ``i``-th reply from the one in
         progress answers a READ/TAIL.  -1: ``data`` goes past the replies owed."""
+        if isinstance(data, memoryview):
+            data = bytes(data)  # one copy per chunk, so each line is found in place
         done = 0
         pos, n = 0, len(data)
         while pos < n:
@@ -55,8 +57,10 @@ class ReplySplitter:
                         self._mode = _LINE
                         done += 1
                 continue
-            nl = bytes(data[pos:pos + MAX_LINE]).find(b"\n")
-            if nl < 0:
+            nl = data.find(b"\n", pos, min(n, pos + MAX_LINE))
+            if nl >= 0:
+                nl -= pos
+            else:
                 self._line += data[pos:n]
                 pos = n
                 if len(self._line) > MAX_LINE:

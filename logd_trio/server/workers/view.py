@@ -71,16 +71,14 @@ class TopicView:
         parts: list[Partition] = []
         try:
             for s in starts:
-                p = kept.pop(s, None)
+                p = kept.get(s)  # (still in kept if the stat fails: closed below)
                 if p is not None and os.stat(index_path(self.directory, s)).st_ino != os.fstat(p.idx.fd).st_ino:
                     p.close()  # the owner rebuilt this index: the new file, from its first record
                     p = None
+                kept.pop(s, None)
                 parts.append(p if p is not None else _open(self.directory, s))
         except OSError as e:
-            for p in parts:
-                if p.start not in kept:
-                    kept[p.start] = p
-            for p in kept.values():
+            for p in [*parts, *kept.values()]:
                 p.close()
             self.parts, self.gen, self._covered = [], 0, 0
             raise Relay from e

@@ -12,7 +12,7 @@ import trio
 
 from logd_trio.server.cluster.etcd import EtcdClient
 from logd_trio.server.cluster.etcd_wire import EtcdUnavailable
-from logd_trio.server.clustering import etcd_context
+from logd_trio.server.cluster.tls import etcd_context
 from logd_trio.server.config import ConfigError, ServerConfig
 
 from ...etcd_harness import EtcdCluster, etcd_cluster

@@ -14,7 +14,8 @@ from logd_trio.core.errors import BadReply, RequestError
 from logd_trio.core.fetch import Fetch
 from logd_trio.core.framing import build_body, build_frame
 from logd_trio.server.registry import Registry
-from logd_trio.server.replica.fetcher import Target, _fetch_loop, _Retry, reconcile
+from logd_trio.server.replica.fetcher import Target, _fetch_loop
+from logd_trio.server.replica.reconcile import _Retry, reconcile
 from logd_trio.server.replica.state import ReplicaState
 from logd_trio.server.stats import Counters
 from logd_trio.server.storage.syscalls import install

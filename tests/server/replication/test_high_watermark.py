@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from logd_trio.server.replica.fetcher import divergence
+from logd_trio.server.replica.reconcile import divergence
 
 from ...harness import spawn
 from ...wire import Wire, batch_request
